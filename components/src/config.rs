@@ -1,0 +1,272 @@
+//! Engine configuration: every knob the systems read, with the defaults a production room uses.
+//!
+//! All durations are in milliseconds (as people write them); the systems convert to
+//! microseconds once. A scenario header or a server configuration may override any key;
+//! unknown keys are an error, so a typo never silently falls back to a default.
+
+use bevy_ecs::prelude::Resource;
+use serde::{Deserialize, Serialize};
+
+/// The whole engine configuration. One per room.
+#[derive(Resource, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Length of one tick.
+    pub tick_ms: u64,
+    /// Cap on the recorded buffer, in bytes (payload plus per-packet bookkeeping), held at
+    /// the end of every tick.
+    pub buffer_max_bytes: u64,
+    /// Longest utterance; a longer talk continues as the speaker's next utterance.
+    pub max_utterance_ms: u64,
+    /// Audio kept from before the first voiced packet, so the first syllable is not clipped.
+    pub preroll_ms: u64,
+    /// Seed of the engine's random source (initial SSRCs, sequence numbers and timestamps
+    /// of outgoing streams).
+    pub seed: u64,
+    pub vad: VadConfig,
+    pub recommender: RecommenderConfig,
+    pub limits: LimitsConfig,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            tick_ms: 10,
+            buffer_max_bytes: 1_000_000_000,
+            max_utterance_ms: 15_000,
+            preroll_ms: 200,
+            seed: 0,
+            vad: VadConfig::default(),
+            recommender: RecommenderConfig::default(),
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+/// Voice activity detection from the RFC 6464 audio level (0 is loudest, 127 silence).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VadConfig {
+    /// Voiced packets needed, back to back, before an utterance opens.
+    pub onset_ms: u64,
+    /// Time without a voiced packet after which the utterance closes.
+    pub hangover_ms: u64,
+    /// A packet at this level or louder (a number at most this) is voiced.
+    pub level_threshold: u8,
+    /// With the V flag set by the sender, a packet at this level or louder is voiced.
+    /// Senders that never set V (aiortc) are judged by `level_threshold` alone.
+    pub voice_flag_level_threshold: u8,
+    /// Without the audio-level extension: a payload larger than this is voiced (Opus DTX
+    /// and comfort-noise packets are 1 to 3 bytes).
+    pub dtx_max_bytes: usize,
+}
+
+impl Default for VadConfig {
+    fn default() -> Self {
+        VadConfig {
+            onset_ms: 40,
+            hangover_ms: 400,
+            level_threshold: 50,
+            voice_flag_level_threshold: 70,
+            dtx_max_bytes: 3,
+        }
+    }
+}
+
+/// The rules-based recommender: a score is a sum of named integer terms.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RecommenderConfig {
+    /// Every candidate starts here.
+    pub base: i64,
+    /// Added when the listener follows the speaker.
+    pub follow: i64,
+    /// Affinity gained per like of one of the speaker's utterances.
+    pub like: i64,
+    /// Affinity lost per skip (a positive number, subtracted).
+    pub skip: i64,
+    /// Affinity is clamped to plus or minus this.
+    pub affinity_limit: i64,
+    /// Added while the speaker is still talking (the utterance is open).
+    pub live: i64,
+    /// Lost per second the listener would be behind live when starting the utterance now.
+    pub lag_per_s: i64,
+    /// Lost per second since the utterance ended.
+    pub freshness_per_s: i64,
+    /// A finished utterance shorter than this is a blip.
+    pub blip_ms: u64,
+    /// Lost by a blip (a positive number, subtracted).
+    pub blip: i64,
+    /// Lowest score an idle listener accepts.
+    pub accept_min: i64,
+    /// A busy listener switches mid-utterance only to a candidate scoring at least this much
+    /// more than what it plays.
+    pub switch_margin: i64,
+    /// Only utterances that started within this window are candidates.
+    pub window_ms: u64,
+    /// At most this many of the newest utterances are scored per decision.
+    pub max_candidates: usize,
+}
+
+impl Default for RecommenderConfig {
+    fn default() -> Self {
+        RecommenderConfig {
+            base: 1000,
+            follow: 1000,
+            like: 300,
+            skip: 400,
+            affinity_limit: 1200,
+            live: 300,
+            lag_per_s: 40,
+            freshness_per_s: 20,
+            blip_ms: 600,
+            blip: 500,
+            accept_min: 0,
+            switch_margin: 800,
+            window_ms: 120_000,
+            max_candidates: 256,
+        }
+    }
+}
+
+/// Bounds that keep one misbehaving peer from hurting the others.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest RTP payload accepted.
+    pub max_payload_bytes: usize,
+    /// RTP packets accepted per track per tick; the rest are dropped as a flood.
+    pub max_packets_per_track_per_tick: u32,
+    /// How far behind the newest sequence number a packet may arrive and still be kept.
+    pub reorder_window: u16,
+    /// Sent packets remembered per outgoing stream for NACKs.
+    pub nack_history: u16,
+    /// Least time between two key-frame requests sent to one video track.
+    pub keyframe_interval_ms: u64,
+    /// Sequence numbers one NACK may name.
+    pub max_nack_seqs: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_payload_bytes: 1500,
+            max_packets_per_track_per_tick: 64,
+            reorder_window: 512,
+            nack_history: 512,
+            keyframe_interval_ms: 500,
+            max_nack_seqs: 256,
+        }
+    }
+}
+
+/// A configuration that cannot run, naming the key at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid engine configuration: `{key}` {problem}")]
+pub struct ConfigError {
+    pub key: &'static str,
+    pub problem: String,
+}
+
+impl EngineConfig {
+    /// Checks the values that would make the engine misbehave rather than merely behave
+    /// differently.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn fail(key: &'static str, problem: impl Into<String>) -> Result<(), ConfigError> {
+            Err(ConfigError { key, problem: problem.into() })
+        }
+        if self.tick_ms == 0 || self.tick_ms > 1000 {
+            return fail("tick_ms", format!("must be between 1 and 1000, got {}", self.tick_ms));
+        }
+        if self.max_utterance_ms < self.tick_ms.max(100) {
+            return fail(
+                "max_utterance_ms",
+                format!("must be at least 100 and at least one tick, got {}", self.max_utterance_ms),
+            );
+        }
+        if self.max_utterance_ms > 600_000 {
+            return fail("max_utterance_ms", format!("must be at most 600000, got {}", self.max_utterance_ms));
+        }
+        if self.preroll_ms > 2_000 {
+            return fail("preroll_ms", format!("must be at most 2000, got {}", self.preroll_ms));
+        }
+        if self.vad.hangover_ms == 0 || self.vad.hangover_ms > 10_000 {
+            return fail("vad.hangover_ms", format!("must be between 1 and 10000, got {}", self.vad.hangover_ms));
+        }
+        if self.vad.onset_ms > 2_000 {
+            return fail("vad.onset_ms", format!("must be at most 2000, got {}", self.vad.onset_ms));
+        }
+        if self.vad.level_threshold > 127 || self.vad.voice_flag_level_threshold > 127 {
+            return fail("vad.level_threshold", "levels are 0 (loudest) to 127 (silence)");
+        }
+        let r = &self.recommender;
+        if r.skip < 0 || r.blip < 0 || r.lag_per_s < 0 || r.freshness_per_s < 0 || r.affinity_limit < 0 {
+            return fail(
+                "recommender",
+                "skip, blip, lag_per_s, freshness_per_s and affinity_limit are magnitudes and must not be negative",
+            );
+        }
+        if r.switch_margin < 0 {
+            return fail("recommender.switch_margin", "must not be negative");
+        }
+        if r.max_candidates == 0 {
+            return fail("recommender.max_candidates", "must be at least 1");
+        }
+        if self.limits.max_payload_bytes == 0 || self.limits.max_payload_bytes > 65_535 {
+            return fail("limits.max_payload_bytes", "must be between 1 and 65535");
+        }
+        if self.limits.max_packets_per_track_per_tick == 0 {
+            return fail("limits.max_packets_per_track_per_tick", "must be at least 1");
+        }
+        if self.limits.reorder_window == 0 || self.limits.reorder_window > 4096 {
+            return fail("limits.reorder_window", "must be between 1 and 4096");
+        }
+        if self.limits.nack_history == 0 || self.limits.nack_history > 8192 {
+            return fail("limits.nack_history", "must be between 1 and 8192");
+        }
+        Ok(())
+    }
+
+    pub fn tick_us(&self) -> u64 {
+        self.tick_ms * 1000
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_match_the_documented_values() {
+        let config = EngineConfig::default();
+        config.validate().unwrap();
+        assert_eq!(config.tick_us(), 10_000);
+        assert_eq!(config.buffer_max_bytes, 1_000_000_000);
+        assert_eq!(config.max_utterance_ms, 15_000);
+        assert_eq!(config.preroll_ms, 200);
+        assert_eq!((config.vad.onset_ms, config.vad.hangover_ms), (40, 400));
+    }
+
+    #[test]
+    fn partial_json_overrides_only_what_it_names() {
+        let config: EngineConfig =
+            serde_json::from_str(r#"{"buffer_max_bytes": 5000, "vad": {"hangover_ms": 300}}"#).unwrap();
+        assert_eq!(config.buffer_max_bytes, 5000);
+        assert_eq!(config.vad.hangover_ms, 300);
+        assert_eq!(config.vad.onset_ms, 40);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_by_name() {
+        let err = serde_json::from_str::<EngineConfig>(r#"{"buffer_max_byte": 5}"#).unwrap_err();
+        assert!(err.to_string().contains("buffer_max_byte"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let config = EngineConfig { tick_ms: 0, ..EngineConfig::default() };
+        assert_eq!(config.validate().unwrap_err().key, "tick_ms");
+        let config = EngineConfig { max_utterance_ms: 5, ..EngineConfig::default() };
+        assert_eq!(config.validate().unwrap_err().key, "max_utterance_ms");
+    }
+}

@@ -1,0 +1,224 @@
+//! What the engine produces each tick: decisions (the trace events) and packets to send.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::ids::{MediaKind, Name, PeerKey, UtteranceId};
+
+/// Everything one tick produced. The engine reuses the vectors from tick to tick.
+#[derive(Clone, Debug, Default)]
+pub struct TickOutput {
+    pub tick: u64,
+    pub now_us: u64,
+    /// Decisions, in the order they were made.
+    pub events: Vec<Event>,
+    /// Packets for listeners, in play-out order (by listener key, then media, then time).
+    pub packets: Vec<SendPacket>,
+}
+
+/// One packet for one listener's personal stream, its header already rewritten.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SendPacket {
+    pub listener: PeerKey,
+    pub media: MediaKind,
+    pub utterance: UtteranceId,
+    /// Sequence number the publisher gave it.
+    pub src_seq: u16,
+    pub seq: u16,
+    pub ts: u32,
+    pub ssrc: u32,
+    pub marker: bool,
+    /// A retransmission answering a NACK (same header as the first time).
+    pub retransmit: bool,
+    pub keyframe: bool,
+    pub audio_level: Option<u8>,
+    pub payload: Arc<[u8]>,
+}
+
+/// Why an utterance closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// The speaker fell silent for the hang-over time.
+    Silence,
+    /// It reached the maximum length; the talk continues as the speaker's next utterance.
+    MaxDuration,
+    /// Its track was unpublished.
+    Unpublished,
+    /// Its speaker left the room.
+    Left,
+}
+
+/// Why a listener's route changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteReason {
+    /// An idle listener starts an utterance in the tick it opens.
+    NewUtterance,
+    /// A busy listener leaves its utterance for a much better new one.
+    Switch,
+    /// The listener just subscribed.
+    Subscribed,
+    /// The listener finished its utterance.
+    Finished,
+    /// The listener skipped its utterance.
+    Skip,
+    /// The listener's utterance was evicted from the buffer.
+    Evicted,
+    /// The listener muted the speaker it was hearing.
+    Muted,
+    /// The listener changed its preferences while idle.
+    Prefs,
+    /// The listener gave feedback while idle.
+    Feedback,
+    /// The listener stopped listening or left.
+    Unsubscribed,
+}
+
+/// The named terms of a score; the score is their sum.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ScoreTerms {
+    pub base: i64,
+    pub follow: i64,
+    pub affinity: i64,
+    pub live: i64,
+    pub lag: i64,
+    pub freshness: i64,
+    pub blip: i64,
+}
+
+impl ScoreTerms {
+    pub fn total(&self) -> i64 {
+        self.base + self.follow + self.affinity + self.live + self.lag + self.freshness + self.blip
+    }
+}
+
+/// Why a key frame was asked of a publisher.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyframeReason {
+    /// The speaker's utterance opened; its video joins from a key frame.
+    Onset,
+    /// A listener of the live utterance asked (PLI).
+    Listener,
+}
+
+/// Inputs dropped, by cause. `dropped` in the stats is their sum.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DropCounts {
+    pub unknown_peer: u64,
+    pub unknown_track: u64,
+    pub unknown_utterance: u64,
+    pub duplicate_peer: u64,
+    pub duplicate_track: u64,
+    pub forbidden: u64,
+    pub invalid: u64,
+    pub oversize: u64,
+    pub flood: u64,
+    pub duplicate_packet: u64,
+    pub too_late: u64,
+    pub not_listening: u64,
+}
+
+impl DropCounts {
+    pub fn total(&self) -> u64 {
+        self.unknown_peer
+            + self.unknown_track
+            + self.unknown_utterance
+            + self.duplicate_peer
+            + self.duplicate_track
+            + self.forbidden
+            + self.invalid
+            + self.oversize
+            + self.flood
+            + self.duplicate_packet
+            + self.too_late
+            + self.not_listening
+    }
+}
+
+/// The periodic stats line, once per second of engine time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    pub buffer_bytes: u64,
+    /// Largest `buffer_bytes` at the end of a tick since the previous stats.
+    pub buffer_peak_bytes: u64,
+    pub buffer_cap_bytes: u64,
+    /// Utterances in the buffer, open or finished.
+    pub utterances: u64,
+    pub open_utterances: u64,
+    pub listeners: u64,
+    /// Listeners playing an utterance right now.
+    pub playing: u64,
+    /// Inputs dropped since the start (sum of `drops`).
+    pub dropped: u64,
+    pub drops: DropCounts,
+    /// Packets sent to listeners since the start (retransmissions excluded).
+    pub sent: u64,
+    pub retransmitted: u64,
+    /// NACKed packets that could not be served (no longer remembered or evicted).
+    pub nack_unserved: u64,
+    /// Video packets of a speaker that no utterance took (before a key frame, or in silence).
+    pub video_unbuffered: u64,
+    pub evicted_utterances: u64,
+    pub evicted_bytes: u64,
+    /// Packets removed from the front of open utterances under buffer pressure.
+    pub trimmed_packets: u64,
+}
+
+/// A decision of the engine: the trace records these.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Event {
+    UtteranceStart {
+        utterance: UtteranceId,
+        speaker: Name,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        uid: Option<String>,
+        track: Name,
+        /// Arrival time of its first (pre-roll) packet.
+        started_us: u64,
+        /// The utterance this one continues, when the previous reached the maximum length.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        continues: Option<UtteranceId>,
+    },
+    UtteranceEnd {
+        utterance: UtteranceId,
+        duration_us: u64,
+        bytes: u64,
+        packets: u64,
+        reason: EndReason,
+    },
+    Evict {
+        utterance: UtteranceId,
+        /// Bytes released.
+        bytes: u64,
+        /// Buffer bytes after the eviction.
+        buffer_bytes: u64,
+        /// Whole utterance (`true`) or its oldest packets (`false`, an open utterance).
+        whole: bool,
+        packets: u64,
+        /// Listeners that were playing it.
+        listeners: u64,
+    },
+    Route {
+        listener: Name,
+        from: Option<UtteranceId>,
+        to: Option<UtteranceId>,
+        reason: RouteReason,
+        /// The chosen candidate's score (absent when the listener goes idle).
+        score: Option<i64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        terms: Option<ScoreTerms>,
+        /// How far behind live the listener hears `to`: its start time minus the
+        /// utterance's start time.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        lag_us: Option<u64>,
+    },
+    Stats(Stats),
+    KeyframeRequest {
+        track: Name,
+        reason: KeyframeReason,
+    },
+}

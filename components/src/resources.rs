@@ -1,0 +1,161 @@
+//! Engine-wide resources: the clock, the queues between systems, the directory of stable
+//! ids, the buffer ledger and the counters.
+
+use std::collections::{BTreeMap, HashMap};
+
+use bevy_ecs::prelude::{Entity, Resource};
+
+use crate::ids::{Name, PeerKey, UtteranceId, UtteranceOrd};
+use crate::input::Input;
+use crate::output::{DropCounts, EndReason, RouteReason, TickOutput};
+
+/// Engine time: the tick number times the tick length. Nothing else in the engine tells time.
+#[derive(Resource, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Clock {
+    pub tick: u64,
+    pub now_us: u64,
+    pub tick_us: u64,
+}
+
+/// An input with its arrival time and its place in the push order.
+#[derive(Clone, Debug)]
+pub struct TimedInput {
+    pub at_us: u64,
+    pub order: u64,
+    pub input: Input,
+}
+
+/// Inputs pushed since the last tick.
+#[derive(Resource, Debug, Default)]
+pub struct PendingInputs {
+    pub items: Vec<TimedInput>,
+    pub next_order: u64,
+}
+
+/// Stable ids to entities. The `HashMap`s are for lookups only and are never iterated; what
+/// is iterated is ordered by our own ids.
+#[derive(Resource, Debug, Default)]
+pub struct Directory {
+    pub peers: HashMap<Name, Entity>,
+    /// Every peer name ever seen, indexed by its key (keys are never reused).
+    pub peer_names: Vec<Name>,
+    /// Live tracks by name (ordered: segmentation walks them in name order).
+    pub tracks: BTreeMap<Name, Entity>,
+    /// Listening peers, in key order.
+    pub viewers: BTreeMap<PeerKey, Entity>,
+    /// Utterances in the buffer, in the order they opened.
+    pub utterances: BTreeMap<UtteranceOrd, Entity>,
+    pub utterance_ids: HashMap<UtteranceId, UtteranceOrd>,
+    /// Utterances each speaker name has opened so far (the n of `<speaker>#<n>`).
+    pub utterance_counts: BTreeMap<Name, u32>,
+    pub next_utterance_ord: u64,
+}
+
+/// The buffer's accounted bytes, held under `cap` at the end of every tick.
+#[derive(Resource, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BufferLedger {
+    pub bytes: u64,
+    pub cap: u64,
+    /// Largest `bytes` at a tick's end since the last stats line.
+    pub peak_since_stats: u64,
+    pub next_stats_us: u64,
+}
+
+#[derive(Resource, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub drops: DropCounts,
+    pub sent: u64,
+    pub retransmitted: u64,
+    pub nack_unserved: u64,
+    pub video_unbuffered: u64,
+    pub evicted_utterances: u64,
+    pub evicted_bytes: u64,
+    pub trimmed_packets: u64,
+}
+
+/// Utterances opened this tick, in opening order.
+#[derive(Resource, Debug, Default)]
+pub struct NewUtterances {
+    pub opened: Vec<(UtteranceOrd, Entity)>,
+}
+
+/// Why a listener needs a full decision this tick, and what it played before.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DecisionNeed {
+    pub reason: RouteReason,
+    pub from: Option<UtteranceId>,
+}
+
+/// Listeners that need a full decision this tick, in key order.
+#[derive(Resource, Debug, Default)]
+pub struct DecisionQueue {
+    pub needs: BTreeMap<PeerKey, DecisionNeed>,
+}
+
+/// Tracks whose utterance must close this tick for a reason other than silence.
+#[derive(Resource, Debug, Default)]
+pub struct Departures {
+    pub tracks: Vec<(Name, Entity, EndReason)>,
+}
+
+/// What this tick produced so far.
+#[derive(Resource, Debug, Default)]
+pub struct Outputs {
+    pub out: TickOutput,
+}
+
+/// The engine's one source of randomness: SplitMix64 from the configured seed.
+#[derive(Resource, Clone, Debug, PartialEq, Eq)]
+pub struct EngineRng {
+    pub state: u64,
+}
+
+impl EngineRng {
+    pub fn new(seed: u64) -> Self {
+        EngineRng { state: seed }
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// What a decision is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecisionKind {
+    /// All candidates were scored, for this reason.
+    Full(RouteReason),
+    /// Only the utterances that opened this tick were scored; a busy listener switches to
+    /// the choice only past the hysteresis margin.
+    NewUtterance,
+}
+
+/// The recommender's pick for a listener.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Choice {
+    pub utterance: Entity,
+    pub ord: UtteranceOrd,
+    pub id: UtteranceId,
+    pub score: i64,
+    pub terms: crate::output::ScoreTerms,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub viewer: Entity,
+    pub listener: PeerKey,
+    pub kind: DecisionKind,
+    /// What the listener played before, when something took it off already (eviction).
+    pub from: Option<UtteranceId>,
+    pub choice: Option<Choice>,
+}
+
+/// Decisions of this tick, from the recommender to the router, in listener key order.
+#[derive(Resource, Debug, Default)]
+pub struct Decisions {
+    pub list: Vec<Decision>,
+}

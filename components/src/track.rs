@@ -1,0 +1,113 @@
+//! The Track entity: one per published audio or video track.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bevy_ecs::prelude::{Component, Entity};
+
+use crate::ids::{MediaKind, Name, PeerKey};
+use crate::output::EndReason;
+
+#[derive(Component, Clone, Debug)]
+pub struct Track {
+    pub name: Name,
+    pub peer: Entity,
+    pub peer_key: PeerKey,
+    pub speaker: Name,
+    /// The speaker's Firebase uid, copied here so it outlives the peer's entity.
+    pub uid: Option<String>,
+    pub media: MediaKind,
+    pub codec: String,
+    pub clock_rate: u32,
+    pub ssrc: u32,
+}
+
+/// Where the track's sequence numbers and timestamps stand, for unwrapping them to 64 bits
+/// and for telling duplicates and late packets from new ones.
+#[derive(Component, Clone, Debug, Default)]
+pub struct RtpState {
+    pub highest_ext_seq: Option<u64>,
+    /// Extended timestamp of the packet with the highest sequence number.
+    pub highest_ext_ts: u64,
+    /// Bit i set: extended sequence number `highest_ext_seq - i` was received.
+    pub received: Vec<u64>,
+    /// Packets accepted in the current tick (flood limit).
+    pub packets_this_tick: u32,
+    pub counted_tick: u64,
+}
+
+/// A packet accepted from the network and not yet placed in an utterance.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StagedPacket {
+    pub ext_seq: u64,
+    pub ext_ts: u64,
+    pub seq: u16,
+    pub ts: u32,
+    pub arrival_us: u64,
+    pub marker: bool,
+    pub keyframe: bool,
+    pub audio_level: Option<u8>,
+    pub voice: Option<bool>,
+    pub payload: Arc<[u8]>,
+}
+
+/// A change of voice activity, placed between the packets of a tick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VoiceChange {
+    /// Speech started: an utterance opens after packet `after` (an index into
+    /// `Incoming::packets`), its pre-roll counted back from `run_start_us`.
+    Onset { after: usize, run_start_us: u64 },
+    /// Speech ended at `at_us`: the utterance closes before packet `before` (the packet
+    /// count when it ended after this tick's packets).
+    Offset { before: usize, at_us: u64 },
+}
+
+/// Packets of this tick, in arrival order, waiting for voice detection and segmentation,
+/// and the voice changes the voice system found among them.
+#[derive(Component, Clone, Debug, Default)]
+pub struct Incoming {
+    pub packets: Vec<StagedPacket>,
+    pub changes: Vec<VoiceChange>,
+}
+
+/// Voice activity of an audio track.
+#[derive(Component, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Voice {
+    pub speaking: bool,
+    /// Arrival time of the first packet of the current run of voiced packets (while silent).
+    pub run_start_us: Option<u64>,
+    /// Arrival time of the newest voiced packet.
+    pub last_voiced_us: Option<u64>,
+    /// Arrival time of the newest packet, voiced or not.
+    pub last_packet_us: Option<u64>,
+}
+
+/// The most recent packets of an audio track while no utterance is open: the pre-roll an
+/// utterance starts with.
+#[derive(Component, Clone, Debug, Default)]
+pub struct PreRoll {
+    pub packets: VecDeque<StagedPacket>,
+    /// Accounted bytes of `packets` (part of the buffer's byte count).
+    pub bytes: u64,
+}
+
+/// The utterance an audio track is recording into, if any.
+#[derive(Component, Clone, Debug, Default)]
+pub struct Recording {
+    pub utterance: Option<Entity>,
+    /// The previous utterance reached the maximum length while the speaker still talks: the
+    /// next packet opens its continuation without waiting for a new onset.
+    pub continues: Option<(crate::ids::UtteranceId, u64)>,
+}
+
+/// The track is going away this tick; segmentation closes its utterance and despawns it.
+#[derive(Component, Clone, Copy, Debug)]
+pub struct Ending {
+    pub reason: EndReason,
+}
+
+/// Throttle of key-frame requests to a video track.
+#[derive(Component, Clone, Debug, Default)]
+pub struct KeyframeThrottle {
+    pub last_request_us: Option<u64>,
+}

@@ -1,0 +1,116 @@
+//! The ViewerSession entity: a listening peer's personal stream.
+
+use std::collections::BTreeSet;
+
+use bevy_ecs::prelude::{Component, Entity};
+
+use crate::ids::{MediaKind, Name, PeerKey, UtteranceId, UtteranceOrd};
+use crate::output::ScoreTerms;
+
+#[derive(Component, Clone, Debug)]
+pub struct ViewerSession {
+    pub listener: PeerKey,
+    pub name: Name,
+    pub peer: Entity,
+}
+
+/// Where a media stands in the utterance being played: the next packet to consider.
+/// `last_ext_seq` is authoritative (packets can be inserted before `next` when a late one
+/// arrives, or removed from the front by eviction); `next` is a hint checked against it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cursor {
+    pub next: usize,
+    pub last_ext_seq: Option<u64>,
+}
+
+/// The utterance a listener plays, and how.
+#[derive(Clone, Debug)]
+pub struct Playing {
+    pub utterance: Entity,
+    pub id: UtteranceId,
+    pub ord: UtteranceOrd,
+    pub speaker: PeerKey,
+    pub speaker_name: Name,
+    /// Engine time at which the packet with media time `origin_media_us` is due.
+    pub start_us: u64,
+    pub origin_media_us: u64,
+    pub score: i64,
+    pub terms: ScoreTerms,
+    pub audio: Cursor,
+    pub video: Cursor,
+    /// The video stream waits for a key frame (after a cut-over inside the utterance).
+    pub video_needs_keyframe: bool,
+}
+
+#[derive(Component, Clone, Debug, Default)]
+pub struct Route {
+    pub playing: Option<Playing>,
+}
+
+/// A sent packet, remembered to answer NACKs with the same header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SentRecord {
+    pub seq: u16,
+    pub ts: u32,
+    pub marker: bool,
+    pub utterance: Entity,
+    pub ord: UtteranceOrd,
+    pub ext_seq: u64,
+}
+
+/// One outgoing stream (per listener and media): a stable SSRC and the rewriting state that
+/// makes every source look like one continuous stream.
+#[derive(Clone, Debug)]
+pub struct OutStream {
+    pub media: MediaKind,
+    pub ssrc: u32,
+    pub clock_rate: u32,
+    /// Sequence number and timestamp of the last packet sent (or the random start, minus
+    /// one sequence number, before the first).
+    pub last_seq: u16,
+    pub last_ts: u32,
+    pub last_send_us: Option<u64>,
+    /// Added to a source timestamp (wrapping) to get the outgoing one.
+    pub ts_offset: u32,
+    /// The utterance the offset was computed for; another source means a switch.
+    pub source: Option<UtteranceOrd>,
+    /// The next packet starts a new segment (switch or cut-over): new offset, marker bit.
+    pub rebase: bool,
+    pub sent: u64,
+    /// Ring of recent sent packets, indexed by `seq % len`.
+    pub history: Vec<Option<SentRecord>>,
+}
+
+#[derive(Component, Clone, Debug)]
+pub struct OutStreams {
+    pub audio: OutStream,
+    pub video: OutStream,
+}
+
+impl OutStreams {
+    pub fn get_mut(&mut self, media: MediaKind) -> &mut OutStream {
+        match media {
+            MediaKind::Audio => &mut self.audio,
+            MediaKind::Video => &mut self.video,
+        }
+    }
+
+    pub fn get(&self, media: MediaKind) -> &OutStream {
+        match media {
+            MediaKind::Audio => &self.audio,
+            MediaKind::Video => &self.video,
+        }
+    }
+}
+
+/// Utterances the listener has been routed to (or skipped): never offered again.
+#[derive(Component, Clone, Debug, Default)]
+pub struct History {
+    pub heard: BTreeSet<UtteranceOrd>,
+}
+
+/// NACKed outgoing sequence numbers waiting for the retransmit system.
+#[derive(Component, Clone, Debug, Default)]
+pub struct PendingNacks {
+    pub seqs: Vec<(MediaKind, u16)>,
+}

@@ -1,0 +1,308 @@
+//! The `Engine` facade: push inputs, tick, read outputs.
+
+use bevy_ecs::prelude::World;
+use bevy_ecs::schedule::Schedule;
+
+use encore_components::config::{ConfigError, EngineConfig};
+use encore_components::ids::{MediaKind, Name, PeerKey, UtteranceId};
+use encore_components::input::Input;
+use encore_components::output::TickOutput;
+use encore_components::peer::{Peer, Prefs};
+use encore_components::resources::{
+    BufferLedger, Clock, Counters, DecisionQueue, Decisions, Departures, Directory, EngineRng, NewUtterances,
+    Outputs, PendingInputs, TimedInput,
+};
+use encore_components::track::{PreRoll, Track};
+use encore_components::utterance::{Audience, PacketBuffer, Utterance};
+use encore_components::viewer::{Route, ViewerSession};
+
+use crate::accounting::buffer_bytes;
+use crate::schedule::build_schedule;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("the engine schedule does not build: {0}")]
+    Schedule(String),
+}
+
+/// One room's engine. Not thread-safe by design: one worker owns it.
+pub struct Engine {
+    pub(crate) world: World,
+    schedule: Schedule,
+    next_tick: u64,
+    tick_us: u64,
+}
+
+/// A read-only picture of the room, for APIs and tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoomView {
+    pub now_us: u64,
+    pub buffer_bytes: u64,
+    pub buffer_cap_bytes: u64,
+    pub peers: Vec<PeerView>,
+    pub tracks: Vec<TrackView>,
+    pub utterances: Vec<UtteranceView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerView {
+    pub name: Name,
+    pub uid: Option<String>,
+    pub roles: Vec<String>,
+    pub listening: bool,
+    pub playing: Option<UtteranceId>,
+    /// How far behind live the listener hears what it plays.
+    pub lag_us: Option<u64>,
+    pub follow: Vec<Name>,
+    pub mute: Vec<Name>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrackView {
+    pub name: Name,
+    pub peer: Name,
+    pub media: MediaKind,
+    pub codec: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UtteranceView {
+    pub id: UtteranceId,
+    pub uid: Option<String>,
+    pub started_us: u64,
+    pub ended_us: Option<u64>,
+    pub bytes: u64,
+    pub playing: u32,
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig) -> Result<Self, EngineError> {
+        config.validate()?;
+        let tick_us = config.tick_us();
+        let mut world = World::new();
+        world.insert_resource(Clock { tick: 0, now_us: 0, tick_us });
+        world.insert_resource(BufferLedger {
+            bytes: 0,
+            cap: config.buffer_max_bytes,
+            peak_since_stats: 0,
+            next_stats_us: crate::stats::STATS_INTERVAL_US,
+        });
+        world.insert_resource(EngineRng::new(config.seed));
+        world.insert_resource(config);
+        world.init_resource::<PendingInputs>();
+        world.init_resource::<Directory>();
+        world.init_resource::<Counters>();
+        world.init_resource::<DecisionQueue>();
+        world.init_resource::<Decisions>();
+        world.init_resource::<Departures>();
+        world.init_resource::<NewUtterances>();
+        world.init_resource::<Outputs>();
+        let mut schedule = build_schedule();
+        schedule.initialize(&mut world).map_err(|e| EngineError::Schedule(e.to_string(schedule.graph(), &world)))?;
+        Ok(Engine { world, schedule, next_tick: 0, tick_us })
+    }
+
+    /// Queues an input for the next tick. `at_us` is when it arrived; the tick applies its
+    /// inputs in order of `at_us`, then of pushing.
+    pub fn push(&mut self, at_us: u64, input: Input) {
+        let mut pending = self.world.resource_mut::<PendingInputs>();
+        let order = pending.next_order;
+        pending.next_order += 1;
+        pending.items.push(TimedInput { at_us, order, input });
+    }
+
+    /// Runs one tick at time `next_tick() * tick_us` and returns what it produced. The
+    /// vectors are reused by the next tick: take what you keep.
+    pub fn tick(&mut self) -> &mut TickOutput {
+        let tick = self.next_tick;
+        let now_us = tick * self.tick_us;
+        *self.world.resource_mut::<Clock>() = Clock { tick, now_us, tick_us: self.tick_us };
+        self.world.resource_mut::<NewUtterances>().opened.clear();
+        {
+            let mut outputs = self.world.resource_mut::<Outputs>();
+            outputs.out.tick = tick;
+            outputs.out.now_us = now_us;
+            outputs.out.events.clear();
+            outputs.out.packets.clear();
+        }
+        self.schedule.run(&mut self.world);
+        self.next_tick += 1;
+        &mut self.world.resource_mut::<Outputs>().into_inner().out
+    }
+
+    /// The number of the tick the next call to [`Engine::tick`] runs.
+    pub fn next_tick(&self) -> u64 {
+        self.next_tick
+    }
+
+    /// Engine time of the next tick.
+    pub fn next_tick_us(&self) -> u64 {
+        self.next_tick * self.tick_us
+    }
+
+    pub fn tick_us(&self) -> u64 {
+        self.tick_us
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        self.world.resource::<EngineConfig>()
+    }
+
+    pub fn buffer_bytes(&self) -> u64 {
+        self.world.resource::<BufferLedger>().bytes
+    }
+
+    pub fn buffer_cap(&self) -> u64 {
+        self.world.resource::<BufferLedger>().cap
+    }
+
+    pub fn counters(&self) -> Counters {
+        *self.world.resource::<Counters>()
+    }
+
+    /// The name of a peer key (keys are never reused, so this works after it left).
+    pub fn peer_name(&self, key: PeerKey) -> Option<&Name> {
+        self.world.resource::<Directory>().peer_names.get(key.0 as usize)
+    }
+
+    /// The key of a peer in the room.
+    pub fn peer_key(&self, name: &str) -> Option<PeerKey> {
+        let entity = self.world.resource::<Directory>().peers.get(name)?;
+        Some(self.world.get::<Peer>(*entity)?.key)
+    }
+
+    /// Nothing left to do: no input waiting, no utterance open, nobody playing.
+    pub fn is_quiet(&mut self) -> bool {
+        if !self.world.resource::<PendingInputs>().items.is_empty() {
+            return false;
+        }
+        let open = self.world.query::<&Utterance>().iter(&self.world).any(|u| u.is_open());
+        let playing = self.world.query::<&Route>().iter(&self.world).any(|r| r.playing.is_some());
+        !open && !playing
+    }
+
+    /// Recomputes the buffer's bytes from every utterance and pre-roll ring, for checking
+    /// the ledger.
+    pub fn audit_buffer_bytes(&mut self) -> u64 {
+        let utterances: u64 = self.world.query::<&PacketBuffer>().iter(&self.world).map(buffer_bytes).sum();
+        let rings: u64 =
+            self.world.query::<&PreRoll>().iter(&self.world).map(crate::accounting::preroll_bytes).sum();
+        utterances + rings
+    }
+
+    /// The room as it stands, every list in a stable order.
+    pub fn view(&mut self) -> RoomView {
+        let world = &self.world;
+        let directory = world.resource::<Directory>();
+        let mut peers: Vec<PeerView> = directory
+            .peers
+            .values()
+            .filter_map(|entity| {
+                let peer = world.get::<Peer>(*entity)?;
+                let prefs = world.get::<Prefs>(*entity);
+                let viewer = peer.viewer.and_then(|v| Some((world.get::<ViewerSession>(v)?, world.get::<Route>(v)?)));
+                let playing = viewer.and_then(|(_, route)| route.playing.as_ref());
+                let lag_us = playing.and_then(|p| {
+                    let started = world.get::<Utterance>(p.utterance)?.started_us;
+                    Some(p.start_us.saturating_sub(started))
+                });
+                Some(PeerView {
+                    name: peer.name.clone(),
+                    uid: peer.uid.clone(),
+                    roles: peer.roles.iter().map(|r| r.as_str().to_owned()).collect(),
+                    listening: viewer.is_some(),
+                    playing: playing.map(|p| p.id.clone()),
+                    lag_us,
+                    follow: prefs.map(|p| p.follow.iter().cloned().collect()).unwrap_or_default(),
+                    mute: prefs.map(|p| p.mute.iter().cloned().collect()).unwrap_or_default(),
+                })
+            })
+            .collect();
+        peers.sort_by(|a, b| a.name.cmp(&b.name));
+        let tracks = directory
+            .tracks
+            .values()
+            .filter_map(|entity| {
+                let track = world.get::<Track>(*entity)?;
+                Some(TrackView {
+                    name: track.name.clone(),
+                    peer: track.speaker.clone(),
+                    media: track.media,
+                    codec: track.codec.clone(),
+                })
+            })
+            .collect();
+        let utterances = directory
+            .utterances
+            .values()
+            .filter_map(|entity| {
+                let utterance = world.get::<Utterance>(*entity)?;
+                Some(UtteranceView {
+                    id: utterance.id.clone(),
+                    uid: utterance.uid.clone(),
+                    started_us: utterance.started_us,
+                    ended_us: utterance.ended_us,
+                    bytes: world.get::<PacketBuffer>(*entity)?.bytes,
+                    playing: world.get::<Audience>(*entity)?.playing,
+                })
+            })
+            .collect();
+        let ledger = world.resource::<BufferLedger>();
+        RoomView {
+            now_us: self.next_tick.saturating_sub(1) * self.tick_us,
+            buffer_bytes: ledger.bytes,
+            buffer_cap_bytes: ledger.cap,
+            peers,
+            tracks,
+            utterances,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schedule_builds_with_ambiguity_detection_as_an_error() {
+        let engine = Engine::new(EngineConfig::default());
+        assert!(engine.is_ok());
+    }
+
+    #[test]
+    fn an_invalid_configuration_is_refused_with_its_key() {
+        let err = Engine::new(EngineConfig { tick_ms: 0, ..EngineConfig::default() }).err().unwrap();
+        assert!(err.to_string().contains("tick_ms"), "{err}");
+    }
+
+    #[test]
+    fn two_unordered_systems_touching_the_same_data_are_an_error() {
+        use bevy_ecs::prelude::ResMut;
+        use bevy_ecs::schedule::{LogLevel, ScheduleBuildSettings};
+        fn a(mut c: ResMut<Counters>) {
+            c.sent += 1;
+        }
+        fn b(mut c: ResMut<Counters>) {
+            c.sent += 2;
+        }
+        let mut world = World::new();
+        world.init_resource::<Counters>();
+        let mut schedule = Schedule::default();
+        schedule.set_build_settings(ScheduleBuildSettings {
+            ambiguity_detection: LogLevel::Error,
+            ..ScheduleBuildSettings::default()
+        });
+        schedule.add_systems((a, b));
+        assert!(schedule.initialize(&mut world).is_err());
+    }
+
+    #[test]
+    fn time_advances_by_the_tick_and_nothing_else() {
+        let mut engine = Engine::new(EngineConfig::default()).unwrap();
+        assert_eq!(engine.tick().now_us, 0);
+        assert_eq!(engine.tick().now_us, 10_000);
+        assert_eq!(engine.next_tick(), 2);
+    }
+}

@@ -1,0 +1,348 @@
+//! System 4, evict: holds the buffer's accounted bytes at or under the cap at the end of
+//! every tick, whatever arrived.
+//!
+//! Order, cheapest loss first:
+//! 1. finished utterances nobody is playing, by predicted value (listeners that have not
+//!    heard it; zero once it is older than the recommender's window), then age, then ordinal;
+//! 2. finished utterances being played, by listeners playing, value, age, ordinal (their
+//!    listeners are rerouted with reason `evicted`);
+//! 3. the oldest packets of the largest open utterance (its listeners that had not reached
+//!    the cut start again from the new first packet: a clean cut-over, video from a key
+//!    frame), again until under the cap;
+//! 4. the pre-roll rings of silent tracks;
+//! 5. open utterances whole (a speaker still talking continues in a new utterance).
+//!
+//! Whole-utterance eviction goes down to [`headroom`] under the cap so it runs in bursts,
+//! not every tick; trimming stops at the cap. Everything evicted is traced and counted.
+
+use std::mem::size_of;
+
+use bevy_ecs::prelude::{Entity, World};
+
+use encore_components::config::EngineConfig;
+use encore_components::ids::UtteranceOrd;
+use encore_components::output::{Event, RouteReason};
+use encore_components::resources::{BufferLedger, Clock, Counters, DecisionNeed, DecisionQueue, Directory};
+use encore_components::track::{PreRoll, Recording, Voice};
+use encore_components::utterance::{Audience, BufferedPacket, PacketBuffer, Utterance};
+use encore_components::viewer::{Route, ViewerSession};
+
+use crate::accounting::{buffer_bytes, payload_bytes};
+use crate::shared::{emit, stop_playing};
+
+/// How far under the cap whole-utterance eviction goes: 1/64 of the cap, at most 4 MiB.
+pub fn headroom(cap: u64) -> u64 {
+    (cap / 64).min(4 << 20)
+}
+
+struct Candidate {
+    entity: Entity,
+    ord: UtteranceOrd,
+    open: bool,
+    playing: u32,
+    value: u64,
+    started_us: u64,
+    bytes: u64,
+}
+
+pub fn evict(world: &mut World) {
+    let ledger = *world.resource::<BufferLedger>();
+    if ledger.bytes <= ledger.cap {
+        return;
+    }
+    let config = world.resource::<EngineConfig>().clone();
+    let clock = *world.resource::<Clock>();
+    let target = ledger.cap - headroom(ledger.cap);
+    let mut candidates = candidates(world, &config, &clock);
+
+    // 1 and 2: finished utterances, unplayed before played.
+    let mut finished: Vec<&Candidate> = candidates.iter().filter(|c| !c.open).collect();
+    finished.sort_by_key(|c| (c.playing > 0, c.playing, c.value, c.started_us, c.ord));
+    for candidate in finished {
+        if bytes(world) <= target {
+            return;
+        }
+        evict_whole(world, candidate.entity);
+    }
+    if bytes(world) <= ledger.cap {
+        return;
+    }
+
+    // 3: trim open utterances, largest first.
+    candidates.retain(|c| c.open);
+    loop {
+        let over = bytes(world).saturating_sub(ledger.cap);
+        if over == 0 {
+            return;
+        }
+        for candidate in candidates.iter_mut() {
+            candidate.bytes = world.get::<PacketBuffer>(candidate.entity).map_or(0, |b| b.bytes);
+        }
+        let Some(largest) = candidates
+            .iter()
+            .filter(|c| world.get::<PacketBuffer>(c.entity).is_some_and(|b| !b.audio.packets.is_empty() || !b.video.packets.is_empty()))
+            .max_by_key(|c| (c.bytes, std::cmp::Reverse(c.ord)))
+        else {
+            break;
+        };
+        trim(world, &clock, largest.entity, over);
+    }
+
+    // 4: pre-roll rings, in track name order.
+    let tracks: Vec<Entity> = world.resource::<Directory>().tracks.values().copied().collect();
+    for track in tracks {
+        if bytes(world) <= ledger.cap {
+            return;
+        }
+        clear_preroll(world, track);
+    }
+
+    // 5: open utterances whole, oldest first.
+    for candidate in candidates {
+        if bytes(world) <= ledger.cap {
+            return;
+        }
+        evict_whole(world, candidate.entity);
+    }
+}
+
+fn bytes(world: &World) -> u64 {
+    world.resource::<BufferLedger>().bytes
+}
+
+fn candidates(world: &World, config: &EngineConfig, clock: &Clock) -> Vec<Candidate> {
+    let directory = world.resource::<Directory>();
+    let listeners = directory.viewers.len() as u64;
+    let window_us = config.recommender.window_ms * 1000;
+    directory
+        .utterances
+        .iter()
+        .filter_map(|(ord, entity)| {
+            let utterance = world.get::<Utterance>(*entity)?;
+            let audience = world.get::<Audience>(*entity).copied().unwrap_or_default();
+            let bytes = world.get::<PacketBuffer>(*entity)?.bytes;
+            let in_window = utterance.started_us + window_us >= clock.now_us;
+            Some(Candidate {
+                entity: *entity,
+                ord: *ord,
+                open: utterance.is_open(),
+                playing: audience.playing,
+                value: if in_window { listeners.saturating_sub(audience.heard as u64) } else { 0 },
+                started_us: utterance.started_us,
+                bytes,
+            })
+        })
+        .collect()
+}
+
+/// Listeners playing `utterance`, in key order.
+fn listeners_of(world: &World, utterance: Entity) -> Vec<Entity> {
+    if world.get::<Audience>(utterance).is_none_or(|a| a.playing == 0) {
+        return Vec::new();
+    }
+    world
+        .resource::<Directory>()
+        .viewers
+        .values()
+        .copied()
+        .filter(|viewer| {
+            world
+                .get::<Route>(*viewer)
+                .and_then(|r| r.playing.as_ref())
+                .is_some_and(|p| p.utterance == utterance)
+        })
+        .collect()
+}
+
+fn evict_whole(world: &mut World, entity: Entity) {
+    let Some(utterance) = world.get::<Utterance>(entity).cloned() else { return };
+    let (freed, packets) = world
+        .get::<PacketBuffer>(entity)
+        .map_or((0, 0), |b| (b.bytes, (b.audio.packets.len() + b.video.packets.len()) as u64));
+    let listeners = listeners_of(world, entity);
+    for viewer in listeners.iter().copied() {
+        let Some(key) = world.get::<ViewerSession>(viewer).map(|s| s.listener) else { continue };
+        let from = stop_playing(world, viewer);
+        world
+            .resource_mut::<DecisionQueue>()
+            .needs
+            .insert(key, DecisionNeed { reason: RouteReason::Evicted, from });
+    }
+    if utterance.is_open()
+        && let Some(mut recording) = world.get_mut::<Recording>(utterance.track)
+        && recording.utterance == Some(entity)
+    {
+        recording.utterance = None;
+        let speaking = world.get::<Voice>(utterance.track).is_some_and(|v| v.speaking);
+        if speaking {
+            let now = world.resource::<Clock>().now_us;
+            if let Some(mut recording) = world.get_mut::<Recording>(utterance.track) {
+                recording.continues = Some((utterance.id.clone(), now));
+            }
+        }
+    }
+    let mut directory = world.resource_mut::<Directory>();
+    directory.utterances.remove(&utterance.ord);
+    directory.utterance_ids.remove(&utterance.id);
+    let mut ledger = world.resource_mut::<BufferLedger>();
+    ledger.bytes -= freed;
+    let buffer_bytes = ledger.bytes;
+    let mut counters = world.resource_mut::<Counters>();
+    counters.evicted_utterances += 1;
+    counters.evicted_bytes += freed;
+    emit(
+        world,
+        Event::Evict {
+            utterance: utterance.id,
+            bytes: freed,
+            buffer_bytes,
+            whole: true,
+            packets,
+            listeners: listeners.len() as u64,
+        },
+    );
+    world.despawn(entity);
+}
+
+/// Removes the oldest packets of an open utterance, enough to free `need` bytes, and cuts
+/// its listeners over to the new first packet.
+fn trim(world: &mut World, clock: &Clock, entity: Entity, need: u64) {
+    let Some(mut buffer) = world.get_mut::<PacketBuffer>(entity) else { return };
+    let before = buffer.bytes;
+    let per_packet = size_of::<BufferedPacket>() as u64;
+    let mut freed = 0;
+    let mut audio_cut = 0;
+    while freed < need && audio_cut < buffer.audio.packets.len() {
+        freed += payload_bytes(buffer.audio.packets[audio_cut].payload.len()) + per_packet;
+        audio_cut += 1;
+    }
+    let cut_media_us = buffer.audio.packets.get(audio_cut).map_or(u64::MAX, |p| p.media_us);
+    let video = &buffer.video.packets;
+    let mut video_cut = video.partition_point(|p| p.media_us < cut_media_us);
+    // Video must start at a key frame: drop up to the next one.
+    while video_cut < video.len() && !video[video_cut].keyframe {
+        video_cut += 1;
+    }
+    let removed = (audio_cut + video_cut) as u64;
+    let audio_front = drain_front(&mut buffer.audio, audio_cut);
+    let video_front = drain_front(&mut buffer.video, video_cut);
+    buffer.bytes = buffer_bytes(&buffer);
+    let after = buffer.bytes;
+    let new_origin = [buffer.audio.packets.first(), buffer.video.packets.first()]
+        .into_iter()
+        .flatten()
+        .map(|p| p.media_us)
+        .min();
+    let id = world.get::<Utterance>(entity).map(|u| u.id.clone());
+
+    let mut cut_over = 0;
+    for viewer in listeners_of(world, entity) {
+        let Some(mut route) = world.get_mut::<Route>(viewer) else { continue };
+        let Some(playing) = route.playing.as_mut() else { continue };
+        let behind = |last: Option<u64>, front: Option<u64>| match (last, front) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(last), Some(front)) => last < front,
+        };
+        let audio_behind = behind(playing.audio.last_ext_seq, audio_front);
+        if behind(playing.video.last_ext_seq, video_front) {
+            playing.video_needs_keyframe = true;
+        }
+        if audio_behind && let Some(origin) = new_origin {
+            playing.start_us = clock.now_us;
+            playing.origin_media_us = origin;
+            playing.audio = Default::default();
+            playing.video = Default::default();
+            playing.video_needs_keyframe = true;
+            cut_over += 1;
+            if let Some(mut streams) = world.get_mut::<encore_components::viewer::OutStreams>(viewer) {
+                streams.audio.rebase = true;
+                streams.video.rebase = true;
+            }
+        }
+    }
+    let mut ledger = world.resource_mut::<BufferLedger>();
+    ledger.bytes = ledger.bytes + after - before;
+    let buffer_bytes = ledger.bytes;
+    world.resource_mut::<Counters>().trimmed_packets += removed;
+    if let Some(id) = id {
+        emit(
+            world,
+            Event::Evict {
+                utterance: id,
+                bytes: before.saturating_sub(after),
+                buffer_bytes,
+                whole: false,
+                packets: removed,
+                listeners: cut_over,
+            },
+        );
+    }
+}
+
+/// Drops the first `count` packets, gives the memory back, and returns the new first
+/// packet's extended sequence number.
+fn drain_front(media: &mut encore_components::utterance::MediaBuffer, count: usize) -> Option<u64> {
+    if count > 0 {
+        let freed: u64 = media.packets[..count].iter().map(|p| payload_bytes(p.payload.len())).sum();
+        media.payload_bytes -= freed;
+        media.packets.drain(..count);
+        media.packets.shrink_to_fit();
+    }
+    media.packets.first().map(|p| p.ext_seq)
+}
+
+fn clear_preroll(world: &mut World, track: Entity) {
+    let Some(mut ring) = world.get_mut::<PreRoll>(track) else { return };
+    let freed = ring.bytes;
+    let packets = ring.packets.len() as u64;
+    *ring = PreRoll::default();
+    world.resource_mut::<BufferLedger>().bytes -= freed;
+    world.resource_mut::<Counters>().trimmed_packets += packets;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::Room;
+
+    fn small_cap(bytes: u64) -> EngineConfig {
+        EngineConfig { buffer_max_bytes: bytes, ..EngineConfig::default() }
+    }
+
+    #[test]
+    fn headroom_is_a_sixty_fourth_capped_at_four_mib() {
+        assert_eq!(headroom(64_000), 1_000);
+        assert_eq!(headroom(1_000_000_000), 4 << 20);
+    }
+
+    #[test]
+    fn finished_utterances_go_first_and_the_cap_holds_every_tick() {
+        let mut room = Room::new(small_cap(100_000));
+        room.speaker("alice", "a1");
+        room.listener("lena");
+        for i in 0..8u64 {
+            room.talk("a1", i * 2_000_000, i * 2_000_000 + 1_200_000);
+        }
+        let trace = room.run_until(17_000_000);
+        assert!(room.max_buffer_bytes <= 100_000, "peak {}", room.max_buffer_bytes);
+        let evictions: Vec<_> = trace.iter().filter(|l| l.contains(r#""kind":"evict""#)).collect();
+        assert!(!evictions.is_empty());
+        assert!(evictions.iter().all(|l| l.contains(r#""whole":true"#)), "{evictions:?}");
+        assert_eq!(room.engine.buffer_bytes(), room.engine.audit_buffer_bytes());
+    }
+
+    #[test]
+    fn an_open_utterance_over_the_cap_is_trimmed_from_the_front() {
+        // A 10 s monologue (about 500 packets of 160 bytes) into a 60 kB buffer.
+        let mut room = Room::new(small_cap(60_000));
+        room.speaker("bob", "b1");
+        room.talk("b1", 0, 10_000_000);
+        let trace = room.run_until(11_000_000);
+        assert!(room.max_buffer_bytes <= 60_000);
+        assert!(trace.iter().any(|l| l.contains(r#""kind":"evict""#) && l.contains(r#""whole":false"#)));
+        let end = trace.iter().find(|l| l.contains("utterance_end")).unwrap();
+        assert!(end.contains("silence"), "the utterance survives its trimming: {end}");
+        assert_eq!(room.engine.buffer_bytes(), room.engine.audit_buffer_bytes());
+    }
+}

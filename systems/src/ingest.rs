@@ -1,0 +1,482 @@
+//! System 1, ingest: applies the tick's inputs in their total order (arrival time, then push
+//! order), spawning and despawning peers, tracks and viewer sessions, and staging RTP
+//! packets on their tracks. Input that names something unknown, breaks a rule or floods is
+//! dropped and counted, never a panic.
+
+use std::collections::btree_map::Entry;
+use std::mem;
+
+use bevy_ecs::prelude::{Entity, World};
+use smallvec::SmallVec;
+
+use encore_components::config::EngineConfig;
+use encore_components::ids::{MediaKind, Name, PeerKey, Role, UtteranceId};
+use encore_components::input::{FeedbackSignal, Input, RtpIn};
+use encore_components::output::{DropCounts, Event, KeyframeReason, RouteReason};
+use encore_components::peer::{Affinity, Peer, Prefs};
+use encore_components::resources::{
+    Clock, Counters, DecisionNeed, DecisionQueue, Departures, Directory, EngineRng, PendingInputs, TimedInput,
+};
+use encore_components::track::{
+    Ending, Incoming, KeyframeThrottle, PreRoll, Recording, RtpState, StagedPacket, Track, Voice,
+};
+use encore_components::output::EndReason;
+use encore_components::utterance::{Audience, Utterance};
+use encore_components::viewer::{History, OutStream, OutStreams, PendingNacks, Route, ViewerSession};
+
+use crate::rtp::{FIRST_SEQ_CYCLE, FIRST_TS_CYCLE, unwrap_seq, unwrap_ts};
+use crate::shared::{emit, request_keyframe, stop_playing};
+
+pub fn ingest(world: &mut World) {
+    let mut items = mem::take(&mut world.resource_mut::<PendingInputs>().items);
+    // Arrival time first, push order second: a total order, whatever order the network
+    // tasks pushed in.
+    items.sort_unstable_by_key(|item| (item.at_us, item.order));
+    let config = world.resource::<EngineConfig>().clone();
+    let clock = *world.resource::<Clock>();
+    for TimedInput { at_us, input, .. } in items.drain(..) {
+        // An input can never arrive after the tick that consumes it.
+        let at_us = at_us.min(clock.now_us);
+        apply(world, &config, &clock, at_us, input);
+    }
+    // Hand the emptied vector back so its capacity is reused.
+    let mut pending = world.resource_mut::<PendingInputs>();
+    if pending.items.is_empty() {
+        pending.items = items;
+    }
+}
+
+fn drop_input(world: &mut World, count: impl FnOnce(&mut DropCounts) -> &mut u64) {
+    *count(&mut world.resource_mut::<Counters>().drops) += 1;
+}
+
+fn apply(world: &mut World, config: &EngineConfig, clock: &Clock, at_us: u64, input: Input) {
+    match input {
+        Input::Rtp { track, packet } => rtp(world, config, clock, at_us, &track, packet),
+        Input::Join { peer, uid, roles } => join(world, peer, uid, roles),
+        Input::Leave { peer } => leave(world, &peer),
+        Input::Publish { peer, track, media, codec, clock_rate, ssrc } => {
+            publish(world, config, &peer, track, media, codec, clock_rate, ssrc)
+        }
+        Input::Unpublish { track } => unpublish(world, &track),
+        Input::Subscribe { peer } => subscribe(world, config, &peer),
+        Input::Unsubscribe { peer } => unsubscribe(world, &peer),
+        Input::Prefs { peer, follow, mute } => prefs(world, &peer, follow, mute),
+        Input::Feedback { peer, utterance, signal } => feedback(world, config, &peer, utterance, signal),
+        Input::Nack { peer, media, seqs } => nack(world, config, &peer, media, seqs),
+        Input::KeyframeRequest { peer } => listener_keyframe_request(world, config, clock, &peer),
+    }
+}
+
+fn peer_entity(world: &World, name: &str) -> Option<Entity> {
+    world.resource::<Directory>().peers.get(name).copied()
+}
+
+fn join(world: &mut World, name: Name, uid: Option<String>, roles: Vec<Role>) {
+    if name.as_str().is_empty() || peer_entity(world, name.as_str()).is_some() {
+        let invalid = name.as_str().is_empty();
+        return drop_input(world, |d| if invalid { &mut d.invalid } else { &mut d.duplicate_peer });
+    }
+    let mut roles: SmallVec<[Role; 2]> = roles.into_iter().collect();
+    roles.sort_unstable();
+    roles.dedup();
+    if roles.is_empty() {
+        roles.push(Role::Listener);
+    }
+    let key = PeerKey(world.resource::<Directory>().peer_names.len() as u32);
+    let peer = Peer { key, name: name.clone(), uid, roles, tracks: SmallVec::new(), viewer: None };
+    let entity = world.spawn((peer, Prefs::default(), Affinity::default())).id();
+    let mut directory = world.resource_mut::<Directory>();
+    directory.peer_names.push(name.clone());
+    directory.peers.insert(name, entity);
+}
+
+fn leave(world: &mut World, name: &str) {
+    let Some(entity) = peer_entity(world, name) else {
+        return drop_input(world, |d| &mut d.unknown_peer);
+    };
+    let Some(peer) = world.get::<Peer>(entity).cloned() else { return };
+    for track in peer.tracks.iter().copied() {
+        end_track(world, track, EndReason::Left);
+    }
+    if let Some(viewer) = peer.viewer {
+        end_viewer(world, viewer);
+    }
+    world.resource_mut::<Directory>().peers.remove(name);
+    world.despawn(entity);
+}
+
+/// Takes a track out of the directory and marks it for segmentation to close and despawn.
+fn end_track(world: &mut World, track: Entity, reason: EndReason) {
+    let Some(name) = world.get::<Track>(track).map(|t| t.name.clone()) else { return };
+    world.resource_mut::<Directory>().tracks.remove(name.as_str());
+    world.entity_mut(track).insert(Ending { reason });
+    world.resource_mut::<Departures>().tracks.push((name, track, reason));
+}
+
+#[allow(clippy::too_many_arguments)]
+fn publish(
+    world: &mut World,
+    config: &EngineConfig,
+    peer_name: &str,
+    name: Name,
+    media: MediaKind,
+    codec: String,
+    clock_rate: u32,
+    ssrc: u32,
+) {
+    let Some(peer_entity) = peer_entity(world, peer_name) else {
+        return drop_input(world, |d| &mut d.unknown_peer);
+    };
+    let Some(peer) = world.get::<Peer>(peer_entity) else { return };
+    if !peer.may_publish() {
+        return drop_input(world, |d| &mut d.forbidden);
+    }
+    if clock_rate == 0 || name.as_str().is_empty() {
+        return drop_input(world, |d| &mut d.invalid);
+    }
+    if world.resource::<Directory>().tracks.contains_key(name.as_str()) {
+        return drop_input(world, |d| &mut d.duplicate_track);
+    }
+    let track = Track {
+        name: name.clone(),
+        peer: peer_entity,
+        peer_key: peer.key,
+        speaker: peer.name.clone(),
+        uid: peer.uid.clone(),
+        media,
+        codec,
+        clock_rate,
+        ssrc,
+    };
+    let window_words = (config.limits.reorder_window as usize).div_ceil(64);
+    let rtp_state = RtpState { received: vec![0; window_words], ..RtpState::default() };
+    let mut spawned = world.spawn((track, rtp_state, Incoming::default()));
+    match media {
+        MediaKind::Audio => spawned.insert((Voice::default(), PreRoll::default(), Recording::default())),
+        MediaKind::Video => spawned.insert(KeyframeThrottle::default()),
+    };
+    let entity = spawned.id();
+    if let Some(mut peer) = world.get_mut::<Peer>(peer_entity) {
+        peer.tracks.push(entity);
+    }
+    world.resource_mut::<Directory>().tracks.insert(name, entity);
+}
+
+fn unpublish(world: &mut World, name: &str) {
+    let Some(track) = world.resource::<Directory>().tracks.get(name).copied() else {
+        return drop_input(world, |d| &mut d.unknown_track);
+    };
+    if let Some(peer) = world.get::<Track>(track).map(|t| t.peer)
+        && let Some(mut peer) = world.get_mut::<Peer>(peer)
+    {
+        peer.tracks.retain(|t| *t != track);
+    }
+    end_track(world, track, EndReason::Unpublished);
+}
+
+fn new_stream(rng: &mut EngineRng, media: MediaKind, history: u16) -> OutStream {
+    let ssrc = (rng.next_u64() as u32).max(1);
+    let bits = rng.next_u64();
+    OutStream {
+        media,
+        ssrc,
+        clock_rate: match media {
+            MediaKind::Audio => 48_000,
+            MediaKind::Video => 90_000,
+        },
+        last_seq: bits as u16,
+        last_ts: (bits >> 16) as u32,
+        last_send_us: None,
+        ts_offset: 0,
+        source: None,
+        rebase: true,
+        sent: 0,
+        history: match media {
+            MediaKind::Audio => vec![None; history as usize],
+            // Allocated when the first video packet goes out: most listeners get none.
+            MediaKind::Video => Vec::new(),
+        },
+    }
+}
+
+fn subscribe(world: &mut World, config: &EngineConfig, name: &str) {
+    let Some(peer_entity) = peer_entity(world, name) else {
+        return drop_input(world, |d| &mut d.unknown_peer);
+    };
+    let Some(peer) = world.get::<Peer>(peer_entity) else { return };
+    if peer.viewer.is_some() {
+        return drop_input(world, |d| &mut d.invalid);
+    }
+    if !peer.may_listen() {
+        return drop_input(world, |d| &mut d.forbidden);
+    }
+    let session = ViewerSession { listener: peer.key, name: peer.name.clone(), peer: peer_entity };
+    let key = peer.key;
+    let mut rng = world.resource_mut::<EngineRng>();
+    let streams = OutStreams {
+        audio: new_stream(&mut rng, MediaKind::Audio, config.limits.nack_history),
+        video: new_stream(&mut rng, MediaKind::Video, config.limits.nack_history),
+    };
+    let viewer = world
+        .spawn((session, Route::default(), streams, History::default(), PendingNacks::default()))
+        .id();
+    if let Some(mut peer) = world.get_mut::<Peer>(peer_entity) {
+        peer.viewer = Some(viewer);
+    }
+    world.resource_mut::<Directory>().viewers.insert(key, viewer);
+    world
+        .resource_mut::<DecisionQueue>()
+        .needs
+        .insert(key, DecisionNeed { reason: RouteReason::Subscribed, from: None });
+}
+
+fn unsubscribe(world: &mut World, name: &str) {
+    let Some(peer_entity) = peer_entity(world, name) else {
+        return drop_input(world, |d| &mut d.unknown_peer);
+    };
+    match world.get::<Peer>(peer_entity).and_then(|p| p.viewer) {
+        Some(viewer) => end_viewer(world, viewer),
+        None => drop_input(world, |d| &mut d.not_listening),
+    }
+}
+
+/// Ends a viewer session: the listener's route goes idle (traced) and the entity goes.
+fn end_viewer(world: &mut World, viewer: Entity) {
+    let Some(session) = world.get::<ViewerSession>(viewer).cloned() else { return };
+    if let Some(from) = stop_playing(world, viewer) {
+        emit(
+            world,
+            Event::Route {
+                listener: session.name.clone(),
+                from: Some(from),
+                to: None,
+                reason: RouteReason::Unsubscribed,
+                score: None,
+                terms: None,
+                lag_us: None,
+            },
+        );
+    }
+    if let Some(mut peer) = world.get_mut::<Peer>(session.peer) {
+        peer.viewer = None;
+    }
+    world.resource_mut::<Directory>().viewers.remove(&session.listener);
+    world.resource_mut::<DecisionQueue>().needs.remove(&session.listener);
+    world.despawn(viewer);
+}
+
+fn viewer_of(world: &World, peer_entity: Entity) -> Option<(Entity, PeerKey)> {
+    let peer = world.get::<Peer>(peer_entity)?;
+    Some((peer.viewer?, peer.key))
+}
+
+/// Queues a full decision, keeping the first reason given this tick.
+fn need_decision(world: &mut World, key: PeerKey, need: DecisionNeed) {
+    if let Entry::Vacant(slot) = world.resource_mut::<DecisionQueue>().needs.entry(key) {
+        slot.insert(need);
+    }
+}
+
+fn playing_id(world: &World, viewer: Entity) -> Option<(UtteranceId, Name)> {
+    let playing = world.get::<Route>(viewer)?.playing.as_ref()?;
+    Some((playing.id.clone(), playing.speaker_name.clone()))
+}
+
+fn prefs(world: &mut World, name: &str, follow: Vec<Name>, mute: Vec<Name>) {
+    let Some(peer_entity) = peer_entity(world, name) else {
+        return drop_input(world, |d| &mut d.unknown_peer);
+    };
+    let prefs = Prefs { follow: follow.into_iter().collect(), mute: mute.into_iter().collect() };
+    let Some((viewer, key)) = viewer_of(world, peer_entity) else {
+        world.entity_mut(peer_entity).insert(prefs);
+        return;
+    };
+    match playing_id(world, viewer) {
+        // A listener never hears a speaker it muted: reroute now.
+        Some((id, speaker)) if prefs.mute.contains(&speaker) => {
+            need_decision(world, key, DecisionNeed { reason: RouteReason::Muted, from: Some(id) })
+        }
+        Some(_) => {}
+        None => need_decision(world, key, DecisionNeed { reason: RouteReason::Prefs, from: None }),
+    }
+    world.entity_mut(peer_entity).insert(prefs);
+}
+
+fn feedback(world: &mut World, config: &EngineConfig, name: &str, utterance: Option<UtteranceId>, signal: FeedbackSignal) {
+    let Some(peer_entity) = peer_entity(world, name) else {
+        return drop_input(world, |d| &mut d.unknown_peer);
+    };
+    let Some((viewer, key)) = viewer_of(world, peer_entity) else {
+        return drop_input(world, |d| &mut d.not_listening);
+    };
+    let current = playing_id(world, viewer);
+    let Some(id) = utterance.or_else(|| current.as_ref().map(|(id, _)| id.clone())) else {
+        return drop_input(world, |d| &mut d.unknown_utterance);
+    };
+    let directory = world.resource::<Directory>();
+    let known = directory.utterance_ids.get(&id).and_then(|ord| Some((*ord, *directory.utterances.get(ord)?)));
+    let counted = directory.utterance_counts.get(id.speaker.as_str()).is_some_and(|n| id.n <= *n);
+    if !counted {
+        // Never existed: the speaker's counter never reached it.
+        return drop_input(world, |d| &mut d.unknown_utterance);
+    }
+    // Feedback on an evicted utterance still teaches the affinity to its speaker.
+    let limit = config.recommender.affinity_limit;
+    let delta = match signal {
+        FeedbackSignal::Skip => -config.recommender.skip,
+        FeedbackSignal::Like => config.recommender.like,
+    };
+    if let Some(mut affinity) = world.get_mut::<Affinity>(peer_entity) {
+        let value = affinity.by_speaker.entry(id.speaker.clone()).or_insert(0);
+        *value = (*value + delta).clamp(-limit, limit);
+    }
+    if signal != FeedbackSignal::Skip {
+        return;
+    }
+    if let Some((ord, utterance_entity)) = known
+        && let Some(mut history) = world.get_mut::<History>(viewer)
+        && history.heard.insert(ord)
+        && let Some(mut audience) = world.get_mut::<Audience>(utterance_entity)
+    {
+        audience.heard += 1;
+    }
+    match current {
+        Some((current_id, _)) if current_id == id => {
+            need_decision(world, key, DecisionNeed { reason: RouteReason::Skip, from: Some(id) })
+        }
+        Some(_) => {}
+        None => need_decision(world, key, DecisionNeed { reason: RouteReason::Feedback, from: None }),
+    }
+}
+
+fn nack(world: &mut World, config: &EngineConfig, name: &str, media: MediaKind, seqs: Vec<u16>) {
+    let Some(peer_entity) = peer_entity(world, name) else {
+        return drop_input(world, |d| &mut d.unknown_peer);
+    };
+    let Some((viewer, _)) = viewer_of(world, peer_entity) else {
+        return drop_input(world, |d| &mut d.not_listening);
+    };
+    if seqs.is_empty() || seqs.len() > config.limits.max_nack_seqs {
+        return drop_input(world, |d| &mut d.invalid);
+    }
+    if let Some(mut pending) = world.get_mut::<PendingNacks>(viewer) {
+        let room = (config.limits.max_nack_seqs * 4).saturating_sub(pending.seqs.len());
+        if room < seqs.len() {
+            return drop_input(world, |d| &mut d.flood);
+        }
+        pending.seqs.extend(seqs.into_iter().map(|seq| (media, seq)));
+    }
+}
+
+/// A listener's PLI: only a live utterance can answer it with a fresh key frame.
+fn listener_keyframe_request(world: &mut World, config: &EngineConfig, clock: &Clock, name: &str) {
+    let Some(peer_entity) = peer_entity(world, name) else {
+        return drop_input(world, |d| &mut d.unknown_peer);
+    };
+    let Some((viewer, _)) = viewer_of(world, peer_entity) else {
+        return drop_input(world, |d| &mut d.not_listening);
+    };
+    let Some(utterance) = world.get::<Route>(viewer).and_then(|r| r.playing.as_ref()).map(|p| p.utterance) else {
+        return;
+    };
+    let Some(speaker) = world.get::<Utterance>(utterance).filter(|u| u.is_open()).map(|u| u.speaker_name.clone())
+    else {
+        return;
+    };
+    request_keyframe(world, config, clock, &speaker, KeyframeReason::Listener);
+}
+
+fn rtp(world: &mut World, config: &EngineConfig, clock: &Clock, at_us: u64, name: &str, packet: RtpIn) {
+    let Some(track) = world.resource::<Directory>().tracks.get(name).copied() else {
+        return drop_input(world, |d| &mut d.unknown_track);
+    };
+    if packet.payload.len() > config.limits.max_payload_bytes {
+        return drop_input(world, |d| &mut d.oversize);
+    }
+    if packet.audio_level.is_some_and(|level| level > 127) {
+        return drop_input(world, |d| &mut d.invalid);
+    }
+    let Some(mut state) = world.get_mut::<RtpState>(track) else { return };
+    if state.counted_tick != clock.tick {
+        state.counted_tick = clock.tick;
+        state.packets_this_tick = 0;
+    }
+    if state.packets_this_tick >= config.limits.max_packets_per_track_per_tick {
+        return drop_input(world, |d| &mut d.flood);
+    }
+    let window = config.limits.reorder_window as u64;
+    let (ext_seq, ext_ts) = match state.highest_ext_seq {
+        None => {
+            let ext_seq = FIRST_SEQ_CYCLE + packet.seq as u64;
+            let ext_ts = FIRST_TS_CYCLE + packet.ts as u64;
+            state.highest_ext_seq = Some(ext_seq);
+            state.highest_ext_ts = ext_ts;
+            mark_received(&mut state.received, ext_seq);
+            (ext_seq, ext_ts)
+        }
+        Some(highest) => {
+            let Some(ext_seq) = unwrap_seq(highest, packet.seq) else {
+                return drop_input(world, |d| &mut d.too_late);
+            };
+            let ext_ts = unwrap_ts(state.highest_ext_ts, packet.ts);
+            if ext_seq > highest {
+                let bits = state.received.len() as u64 * 64;
+                if ext_seq - highest >= bits {
+                    state.received.fill(0);
+                } else {
+                    for gone in highest + 1..ext_seq {
+                        clear_received(&mut state.received, gone);
+                    }
+                }
+                mark_received(&mut state.received, ext_seq);
+                state.highest_ext_seq = Some(ext_seq);
+                state.highest_ext_ts = ext_ts;
+            } else if highest - ext_seq >= window {
+                return drop_input(world, |d| &mut d.too_late);
+            } else if is_received(&state.received, ext_seq) {
+                return drop_input(world, |d| &mut d.duplicate_packet);
+            } else {
+                mark_received(&mut state.received, ext_seq);
+            }
+            (ext_seq, ext_ts)
+        }
+    };
+    state.packets_this_tick += 1;
+    let staged = StagedPacket {
+        ext_seq,
+        ext_ts,
+        seq: packet.seq,
+        ts: packet.ts,
+        arrival_us: at_us,
+        marker: packet.marker,
+        keyframe: packet.keyframe,
+        audio_level: packet.audio_level,
+        voice: packet.voice,
+        payload: packet.payload,
+    };
+    if let Some(mut incoming) = world.get_mut::<Incoming>(track) {
+        incoming.packets.push(staged);
+    }
+}
+
+fn bit(received: &[u64], ext_seq: u64) -> (usize, u64) {
+    let bits = received.len() as u64 * 64;
+    let index = ext_seq % bits;
+    ((index / 64) as usize, 1 << (index % 64))
+}
+
+fn mark_received(received: &mut [u64], ext_seq: u64) {
+    let (word, mask) = bit(received, ext_seq);
+    received[word] |= mask;
+}
+
+fn clear_received(received: &mut [u64], ext_seq: u64) {
+    let (word, mask) = bit(received, ext_seq);
+    received[word] &= !mask;
+}
+
+fn is_received(received: &[u64], ext_seq: u64) -> bool {
+    let (word, mask) = bit(received, ext_seq);
+    received[word] & mask != 0
+}

@@ -1,0 +1,98 @@
+//! System 6, route: applies the recommender's decisions.
+//!
+//! An idle listener takes its choice at once: for an utterance that opened this tick that
+//! is the same tick, so it hears the speaker from the first (pre-roll) packet. A busy
+//! listener leaves its utterance for a new one only when the new score beats the one it
+//! plays by `switch_margin` (hysteresis); otherwise it hears the new one later, from the
+//! buffer. A full decision (finished, skip, evicted, muted, ...) always takes the listener
+//! off what it played. Every change is a `route` event with its reason and score.
+
+use bevy_ecs::prelude::{Query, Res, ResMut};
+
+use encore_components::config::EngineConfig;
+use encore_components::output::{Event, RouteReason};
+use encore_components::resources::{Clock, DecisionKind, Decisions, Outputs};
+use encore_components::utterance::{Audience, PacketBuffer, Utterance};
+use encore_components::viewer::{Cursor, History, OutStreams, Playing, Route, ViewerSession};
+
+#[allow(clippy::type_complexity)]
+pub fn route(
+    config: Res<EngineConfig>,
+    clock: Res<Clock>,
+    mut decisions: ResMut<Decisions>,
+    mut outputs: ResMut<Outputs>,
+    mut viewers: Query<(&ViewerSession, &mut Route, &mut OutStreams, &mut History)>,
+    mut utterances: Query<(&Utterance, &PacketBuffer, &mut Audience)>,
+) {
+    for decision in decisions.list.drain(..) {
+        let Ok((session, mut route, mut streams, mut history)) = viewers.get_mut(decision.viewer) else { continue };
+        let current = route.playing.as_ref().map(|p| (p.utterance, p.id.clone(), p.score));
+        let reason = match decision.kind {
+            DecisionKind::NewUtterance => match (&current, &decision.choice) {
+                (None, _) => RouteReason::NewUtterance,
+                (Some((_, _, playing_score)), Some(choice))
+                    if choice.score >= playing_score + config.recommender.switch_margin =>
+                {
+                    RouteReason::Switch
+                }
+                _ => continue,
+            },
+            DecisionKind::Full(reason) => reason,
+        };
+        let from = match current {
+            Some((entity, id, _)) => {
+                route.playing = None;
+                if let Ok((_, _, mut audience)) = utterances.get_mut(entity) {
+                    audience.playing = audience.playing.saturating_sub(1);
+                }
+                Some(id)
+            }
+            None => decision.from,
+        };
+        let mut lag_us = None;
+        if let Some(choice) = &decision.choice
+            && let Ok((utterance, buffer, mut audience)) = utterances.get_mut(choice.utterance)
+        {
+            let origin_media_us = [buffer.audio.packets.first(), buffer.video.packets.first()]
+                .into_iter()
+                .flatten()
+                .map(|p| p.media_us)
+                .min()
+                .unwrap_or(utterance.started_us);
+            audience.playing += 1;
+            if history.heard.insert(choice.ord) {
+                audience.heard += 1;
+            }
+            lag_us = Some(clock.now_us.saturating_sub(utterance.started_us));
+            route.playing = Some(Playing {
+                utterance: choice.utterance,
+                id: choice.id.clone(),
+                ord: choice.ord,
+                speaker: utterance.speaker,
+                speaker_name: utterance.speaker_name.clone(),
+                start_us: clock.now_us,
+                origin_media_us,
+                score: choice.score,
+                terms: choice.terms,
+                audio: Cursor::default(),
+                video: Cursor::default(),
+                video_needs_keyframe: true,
+            });
+            streams.audio.rebase = true;
+            streams.video.rebase = true;
+        }
+        let to = route.playing.as_ref().map(|p| p.id.clone());
+        if from.is_none() && to.is_none() {
+            continue;
+        }
+        outputs.out.events.push(Event::Route {
+            listener: session.name.clone(),
+            from,
+            to,
+            reason,
+            score: decision.choice.as_ref().map(|c| c.score),
+            terms: decision.choice.as_ref().map(|c| c.terms),
+            lag_us,
+        });
+    }
+}

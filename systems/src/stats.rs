@@ -1,0 +1,50 @@
+//! System 9, stats: the bookkeeping at the end of a tick. Tracks the buffer's peak at tick
+//! ends and, once per second of engine time, emits the `stats` line.
+
+use bevy_ecs::prelude::{Query, Res, ResMut};
+
+use encore_components::output::{Event, Stats};
+use encore_components::resources::{BufferLedger, Clock, Counters, Directory, Outputs};
+use encore_components::utterance::Utterance;
+use encore_components::viewer::Route;
+
+pub const STATS_INTERVAL_US: u64 = 1_000_000;
+
+pub fn stats(
+    clock: Res<Clock>,
+    directory: Res<Directory>,
+    counters: Res<Counters>,
+    mut ledger: ResMut<BufferLedger>,
+    mut outputs: ResMut<Outputs>,
+    routes: Query<&Route>,
+    utterances: Query<&Utterance>,
+) {
+    ledger.peak_since_stats = ledger.peak_since_stats.max(ledger.bytes);
+    if clock.now_us < ledger.next_stats_us {
+        return;
+    }
+    while ledger.next_stats_us <= clock.now_us {
+        ledger.next_stats_us += STATS_INTERVAL_US;
+    }
+    let open_utterances = utterances.iter().filter(|u| u.is_open()).count() as u64;
+    let playing = routes.iter().filter(|r| r.playing.is_some()).count() as u64;
+    outputs.out.events.push(Event::Stats(Stats {
+        buffer_bytes: ledger.bytes,
+        buffer_peak_bytes: ledger.peak_since_stats,
+        buffer_cap_bytes: ledger.cap,
+        utterances: directory.utterances.len() as u64,
+        open_utterances,
+        listeners: directory.viewers.len() as u64,
+        playing,
+        dropped: counters.drops.total(),
+        drops: counters.drops,
+        sent: counters.sent,
+        retransmitted: counters.retransmitted,
+        nack_unserved: counters.nack_unserved,
+        video_unbuffered: counters.video_unbuffered,
+        evicted_utterances: counters.evicted_utterances,
+        evicted_bytes: counters.evicted_bytes,
+        trimmed_packets: counters.trimmed_packets,
+    }));
+    ledger.peak_since_stats = 0;
+}

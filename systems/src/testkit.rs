@@ -1,0 +1,149 @@
+//! A virtual-time room for the systems' tests: scripted peers, synthetic RTP, and the
+//! engine ticked up to a time, collecting the trace and every sent packet.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use encore_components::config::EngineConfig;
+use encore_components::ids::{MediaKind, Name, Role, UtteranceId};
+use encore_components::input::{Input, RtpIn};
+use encore_components::output::SendPacket;
+use encore_components::resources::Directory;
+use encore_components::utterance::PacketBuffer;
+
+use crate::Engine;
+
+pub struct Room {
+    pub engine: Engine,
+    inputs: Vec<(u64, Input)>,
+    next_seq: BTreeMap<String, u16>,
+    pub trace: Vec<String>,
+    /// Every packet sent, with the engine time of the tick that sent it.
+    pub sent: Vec<(u64, SendPacket)>,
+    /// Largest buffer byte count seen at the end of a tick.
+    pub max_buffer_bytes: u64,
+}
+
+impl Room {
+    pub fn new(config: EngineConfig) -> Self {
+        Room {
+            engine: Engine::new(config).expect("valid config"),
+            inputs: Vec::new(),
+            next_seq: BTreeMap::new(),
+            trace: Vec::new(),
+            sent: Vec::new(),
+            max_buffer_bytes: 0,
+        }
+    }
+
+    pub fn push(&mut self, at_us: u64, input: Input) {
+        self.inputs.push((at_us, input));
+    }
+
+    pub fn speaker(&mut self, peer: &str, track: &str) {
+        self.push(0, Input::Join { peer: Name::new(peer), uid: None, roles: vec![Role::Speaker] });
+        self.push(
+            0,
+            Input::Publish {
+                peer: Name::new(peer),
+                track: Name::new(track),
+                media: MediaKind::Audio,
+                codec: "opus".into(),
+                clock_rate: 48_000,
+                ssrc: 1,
+            },
+        );
+    }
+
+    pub fn video(&mut self, peer: &str, track: &str) {
+        self.push(
+            0,
+            Input::Publish {
+                peer: Name::new(peer),
+                track: Name::new(track),
+                media: MediaKind::Video,
+                codec: "vp8".into(),
+                clock_rate: 90_000,
+                ssrc: 2,
+            },
+        );
+    }
+
+    pub fn listener(&mut self, peer: &str) {
+        self.push(0, Input::Join { peer: Name::new(peer), uid: None, roles: vec![Role::Listener] });
+        self.push(0, Input::Subscribe { peer: Name::new(peer) });
+    }
+
+    fn packet(&mut self, track: &str, at_us: u64, clock_rate: u64, level: Option<u8>, size: usize, keyframe: bool) {
+        let seq = self.next_seq.entry(track.to_owned()).or_insert(1000);
+        *seq = seq.wrapping_add(1);
+        let packet = RtpIn {
+            seq: *seq,
+            ts: (at_us * clock_rate / 1_000_000) as u32,
+            marker: false,
+            payload: Arc::from(vec![(*seq % 251) as u8; size]),
+            audio_level: level,
+            voice: None,
+            keyframe,
+        };
+        self.push(at_us, Input::Rtp { track: Name::new(track), packet });
+    }
+
+    /// Voiced 20 ms Opus packets of 160 bytes from `from_us` until before `to_us`.
+    pub fn talk(&mut self, track: &str, from_us: u64, to_us: u64) {
+        for at in (from_us..to_us).step_by(20_000) {
+            self.packet(track, at, 48_000, Some(30), 160, false);
+        }
+    }
+
+    /// Silent 20 ms packets (level 100).
+    pub fn silence(&mut self, track: &str, from_us: u64, to_us: u64) {
+        for at in (from_us..to_us).step_by(20_000) {
+            self.packet(track, at, 48_000, Some(100), 40, false);
+        }
+    }
+
+    /// One packet per 30 fps frame; the first frame at or after `keyframe_at_us` is a key
+    /// frame.
+    pub fn video_frames(&mut self, track: &str, from_us: u64, to_us: u64, keyframe_at_us: u64) {
+        let mut key_sent = false;
+        for at in (from_us..to_us).step_by(33_333) {
+            let keyframe = !key_sent && at >= keyframe_at_us;
+            key_sent |= keyframe;
+            self.packet(track, at, 90_000, None, 900, keyframe);
+        }
+    }
+
+    /// Ticks until the engine time passes `until_us`, feeding each input in the first tick
+    /// at or after its arrival. Returns the whole trace so far.
+    pub fn run_until(&mut self, until_us: u64) -> Vec<String> {
+        self.inputs.sort_by_key(|(at, _)| *at);
+        let mut rest = std::mem::take(&mut self.inputs).into_iter().peekable();
+        while self.engine.next_tick_us() <= until_us {
+            let now = self.engine.next_tick_us();
+            while let Some((at, input)) = rest.next_if(|(at, _)| *at <= now) {
+                self.engine.push(at, input);
+            }
+            let out = self.engine.tick();
+            let now = out.now_us;
+            let tick = out.tick;
+            for event in &out.events {
+                let json = serde_json::to_string(event).unwrap();
+                self.trace.push(format!(r#"{{"tick":{tick},{}"#, &json[1..]));
+            }
+            self.sent.extend(out.packets.drain(..).map(|p| (now, p)));
+            self.max_buffer_bytes = self.max_buffer_bytes.max(self.engine.buffer_bytes());
+            assert!(self.engine.buffer_bytes() <= self.engine.buffer_cap(), "cap broken at {now}");
+        }
+        self.inputs = rest.collect();
+        self.trace.clone()
+    }
+
+    pub fn buffer_of(&mut self, id: &str) -> PacketBuffer {
+        let id: UtteranceId = id.parse().unwrap();
+        let world = &self.engine.world;
+        let directory = world.resource::<Directory>();
+        let ord = directory.utterance_ids[&id];
+        world.get::<PacketBuffer>(directory.utterances[&ord]).unwrap().clone()
+    }
+}
