@@ -132,6 +132,11 @@ impl Engine {
         &mut self.world.resource_mut::<Outputs>().into_inner().out
     }
 
+    /// What the last tick produced (the same vectors [`Engine::tick`] returned).
+    pub fn last_output(&mut self) -> &mut TickOutput {
+        &mut self.world.resource_mut::<Outputs>().into_inner().out
+    }
+
     /// The number of the tick the next call to [`Engine::tick`] runs.
     pub fn next_tick(&self) -> u64 {
         self.next_tick
