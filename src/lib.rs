@@ -1,8 +1,13 @@
-//! Encore: the edges around the engine. Scenario and trace I/O, the synthetic room
-//! generator, and (in later modules) the server, transport and auth.
+//! Encore: a WebRTC SFU that records every utterance and lets a recommender choose what each
+//! listener hears next.
+//!
+//! The engine (crates `encore-components` and `encore-systems`) is deterministic and
+//! sans-I/O; this crate is its edges: scenario and trace files, headless replay, the
+//! synthetic room generator, and the command line.
 
+pub mod generate;
+pub mod replay;
 pub mod scenario;
 pub mod trace;
-pub mod generate;
 
-pub use encore_systems::{components, Engine};
+pub use encore_systems::{Engine, EngineError, components};
