@@ -1,13 +1,43 @@
 //! Headless replay: a scenario through the engine as fast as it goes.
 
-use std::io::{BufRead, Write};
+use std::io::{self, BufRead, Write};
 use std::time::{Duration, Instant};
 
+use encore_systems::components::TickOutput;
 use encore_systems::components::output::Event;
 use encore_systems::{Engine, EngineError};
 
-use crate::scenario::{ScenarioError, ScenarioHeader, ScenarioReader};
+use crate::scenario::{ScenarioError, ScenarioEvent, ScenarioHeader, ScenarioReader};
 use crate::trace::TraceWriter;
+use encore_systems::stats::STATS_INTERVAL_US;
+
+/// Sees a replay go by: every input as it is pushed, every tick's output.
+pub trait ReplayObserver {
+    fn input(&mut self, _event: &ScenarioEvent) {}
+    fn tick(&mut self, engine: &Engine, output: &TickOutput) -> io::Result<()>;
+    fn finish(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Watches nothing.
+pub struct NoObserver;
+
+impl ReplayObserver for NoObserver {
+    fn tick(&mut self, _: &Engine, _: &TickOutput) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<W: Write> ReplayObserver for TraceWriter<W> {
+    fn tick(&mut self, engine: &Engine, output: &TickOutput) -> io::Result<()> {
+        TraceWriter::tick(self, engine, output)
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        self.flush()
+    }
+}
 
 /// How long replay goes on after the last input, at most, waiting for the room to go quiet.
 pub const DEFAULT_DRAIN_US: u64 = 60_000_000;
@@ -60,13 +90,26 @@ impl std::fmt::Display for ReplaySummary {
 }
 
 /// Runs every event of `reader` through a fresh engine, writing the trace to `trace`.
-/// Replay ends after the last input once the room is quiet (no open utterance, nobody
-/// playing), at the header's `end_us` if it has one, and at most `drain_us` after the last
-/// input.
+/// After the last input, replay ends at the first stats tick (a whole second) at which the
+/// room is quiet (no open utterance, nobody playing), at the header's `end_us` if it has
+/// one, and at most `drain_us` after the last input.
 pub fn replay<R: BufRead, W: Write>(
     header: &ScenarioHeader,
     reader: &mut ScenarioReader<R>,
-    mut trace: Option<&mut TraceWriter<W>>,
+    trace: Option<&mut TraceWriter<W>>,
+    drain_us: u64,
+) -> Result<ReplaySummary, ReplayError> {
+    match trace {
+        Some(trace) => replay_observed(header, reader, trace, drain_us),
+        None => replay_observed(header, reader, &mut NoObserver, drain_us),
+    }
+}
+
+/// [`replay`], with an observer of every input and tick.
+pub fn replay_observed<R: BufRead>(
+    header: &ScenarioHeader,
+    reader: &mut ScenarioReader<R>,
+    observer: &mut impl ReplayObserver,
     drain_us: u64,
 ) -> Result<ReplaySummary, ReplayError> {
     let started = Instant::now();
@@ -80,6 +123,7 @@ pub fn replay<R: BufRead, W: Write>(
         while let Some(event) = next.take_if(|event| event.tick_for(tick_us) <= tick) {
             last_input_us = event.at_us;
             summary.inputs += 1;
+            observer.input(&event);
             engine.push(event.at_us, event.input);
             next = reader.next_event().transpose()?;
         }
@@ -101,9 +145,7 @@ pub fn replay<R: BufRead, W: Write>(
             }
         }
         let output = std::mem::take(output);
-        if let Some(trace) = trace.as_deref_mut() {
-            trace.tick(&engine, &output)?;
-        }
+        observer.tick(&engine, &output)?;
         // Give the vectors back so the next tick reuses them.
         *engine.last_output() = output;
         summary.peak_buffer_bytes = summary.peak_buffer_bytes.max(engine.buffer_bytes());
@@ -112,7 +154,12 @@ pub fn replay<R: BufRead, W: Write>(
         if next.is_none() {
             let ended = match header.end_us {
                 Some(end_us) => now_us >= end_us,
-                None => now_us >= last_input_us + drain_us || engine.is_quiet(),
+                // Quiet rooms end on a stats tick, so the trace's last stats line counts
+                // everything.
+                None => {
+                    now_us >= last_input_us + drain_us
+                        || (now_us % STATS_INTERVAL_US == 0 && engine.is_quiet())
+                }
             };
             if ended {
                 break;
@@ -121,8 +168,6 @@ pub fn replay<R: BufRead, W: Write>(
     }
     summary.dropped = engine.counters().drops.total();
     summary.wall = started.elapsed();
-    if let Some(trace) = trace {
-        trace.flush()?;
-    }
+    observer.finish()?;
     Ok(summary)
 }

@@ -38,7 +38,7 @@ pub fn event_line(tick: u64, at_us: u64, event: &Event) -> String {
 pub fn send_line(out: &mut String, tick: u64, at_us: u64, listener: &str, packet: &SendPacket) {
     let _ = write!(
         out,
-        r#"{{"tick":{tick},"at_us":{at_us},"kind":"send","listener":{},"media":"{}","utterance":{},"src_seq":{},"seq":{},"ts":{},"ssrc":{},"marker":{},"retransmit":{}}}"#,
+        r#"{{"tick":{tick},"at_us":{at_us},"kind":"send","listener":{},"media":"{}","utterance":{},"src_seq":{},"seq":{},"ts":{},"ssrc":{},"marker":{},"keyframe":{},"retransmit":{}}}"#,
         Value::from(listener),
         packet.media.as_str(),
         Value::from(packet.utterance.to_string()),
@@ -47,6 +47,7 @@ pub fn send_line(out: &mut String, tick: u64, at_us: u64, listener: &str, packet
         packet.ts,
         packet.ssrc,
         packet.marker,
+        packet.keyframe,
         packet.retransmit,
     );
 }

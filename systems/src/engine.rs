@@ -188,12 +188,18 @@ impl Engine {
         !open && !playing
     }
 
-    /// Recomputes the buffer's bytes from every utterance and pre-roll ring, for checking
-    /// the ledger.
-    pub fn audit_buffer_bytes(&mut self) -> u64 {
-        let utterances: u64 = self.world.query::<&PacketBuffer>().iter(&self.world).map(buffer_bytes).sum();
-        let rings: u64 =
-            self.world.query::<&PreRoll>().iter(&self.world).map(crate::accounting::preroll_bytes).sum();
+    /// Recomputes the buffer's bytes from every utterance and pre-roll ring in the
+    /// directory, for checking the ledger.
+    pub fn audit_buffer_bytes(&self) -> u64 {
+        let directory = self.world.resource::<Directory>();
+        let utterances: u64 =
+            directory.utterances.values().filter_map(|e| self.world.get::<PacketBuffer>(*e)).map(buffer_bytes).sum();
+        let rings: u64 = directory
+            .tracks
+            .values()
+            .filter_map(|e| self.world.get::<PreRoll>(*e))
+            .map(crate::accounting::preroll_bytes)
+            .sum();
         utterances + rings
     }
 

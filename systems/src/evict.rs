@@ -1,21 +1,24 @@
 //! System 4, evict: holds the buffer's accounted bytes at or under the cap at the end of
 //! every tick, whatever arrived.
 //!
-//! Order, cheapest loss first:
+//! Order, cheapest loss first, each step only while still over:
 //! 1. finished utterances nobody is playing, by predicted value (listeners that have not
 //!    heard it; zero once it is older than the recommender's window), then age, then ordinal;
-//! 2. finished utterances being played, by listeners playing, value, age, ordinal (their
+//! 2. the oldest packets of open utterances nobody is playing, largest first;
+//! 3. the packets of played utterances that every one of their listeners has passed,
+//!    largest first (nobody hears the difference now);
+//! 4. finished utterances being played, by listeners playing, value, age, ordinal (their
 //!    listeners are rerouted with reason `evicted`);
-//! 3. the oldest packets of the largest open utterance (its listeners that had not reached
-//!    the cut start again from the new first packet: a clean cut-over, video from a key
-//!    frame), again until under the cap;
-//! 4. the pre-roll rings of silent tracks;
-//! 5. open utterances whole (a speaker still talking continues in a new utterance).
+//! 5. the oldest packets of open utterances being played, largest first (a listener that
+//!    had not reached the cut starts again from the new first packet: a clean cut-over,
+//!    video from a key frame);
+//! 6. the pre-roll rings of silent tracks;
+//! 7. open utterances whole (a speaker still talking continues in a new utterance).
 //!
-//! Whole-utterance eviction goes down to [`headroom`] under the cap so it runs in bursts,
-//! not every tick; trimming stops at the cap. Everything evicted is traced and counted.
-
-use std::mem::size_of;
+//! Steps 1, 2 and 4 go down to [`headroom`] under the cap so they run in bursts, not every
+//! tick; the others stop at the cap. A trimmed utterance gives back its vector's spare
+//! capacity only when three quarters of it are unused, so a steady trim does not reallocate
+//! every tick. Everything evicted is traced and counted.
 
 use bevy_ecs::prelude::{Entity, World};
 
@@ -24,7 +27,7 @@ use encore_components::ids::UtteranceOrd;
 use encore_components::output::{Event, RouteReason};
 use encore_components::resources::{BufferLedger, Clock, Counters, DecisionNeed, DecisionQueue, Directory};
 use encore_components::track::{PreRoll, Recording, Voice};
-use encore_components::utterance::{Audience, BufferedPacket, PacketBuffer, Utterance};
+use encore_components::utterance::{Audience, PacketBuffer, Utterance};
 use encore_components::viewer::{Route, ViewerSession};
 
 use crate::accounting::{buffer_bytes, payload_bytes};
@@ -42,7 +45,8 @@ struct Candidate {
     playing: u32,
     value: u64,
     started_us: u64,
-    bytes: u64,
+    /// Opened this tick.
+    fresh: bool,
 }
 
 pub fn evict(world: &mut World) {
@@ -53,42 +57,26 @@ pub fn evict(world: &mut World) {
     let config = world.resource::<EngineConfig>().clone();
     let clock = *world.resource::<Clock>();
     let target = ledger.cap - headroom(ledger.cap);
-    let mut candidates = candidates(world, &config, &clock);
+    let candidates = candidates(world, &config, &clock);
+    let (mut open, mut finished): (Vec<&Candidate>, Vec<&Candidate>) = candidates.iter().partition(|c| c.open);
+    finished.sort_by_key(|c| (c.playing, c.value, c.started_us, c.ord));
+    open.sort_by_key(|c| c.ord);
+    let (unplayed_finished, played_finished): (Vec<&Candidate>, Vec<&Candidate>) =
+        finished.into_iter().partition(|c| c.playing == 0);
+    // An utterance that opened this tick is about to be routed to the idle listeners (the
+    // router runs after this): it is treated as played, or they would lose its start.
+    let (unplayed_open, played_open): (Vec<&Candidate>, Vec<&Candidate>) =
+        open.into_iter().partition(|c| c.playing == 0 && !c.fresh);
 
-    // 1 and 2: finished utterances, unplayed before played.
-    let mut finished: Vec<&Candidate> = candidates.iter().filter(|c| !c.open).collect();
-    finished.sort_by_key(|c| (c.playing > 0, c.playing, c.value, c.started_us, c.ord));
-    for candidate in finished {
-        if bytes(world) <= target {
-            return;
-        }
-        evict_whole(world, candidate.entity);
-    }
-    if bytes(world) <= ledger.cap {
+    let played: Vec<&Candidate> = candidates.iter().filter(|c| c.playing > 0).collect();
+    if evict_whole_until(world, &unplayed_finished, target)
+        || trim_until(world, &clock, &unplayed_open, target, Trim::Front)
+        || trim_until(world, &clock, &played, ledger.cap, Trim::PlayedByAll)
+        || evict_whole_until(world, &played_finished, target)
+        || trim_until(world, &clock, &played_open, ledger.cap, Trim::Front)
+    {
         return;
     }
-
-    // 3: trim open utterances, largest first.
-    candidates.retain(|c| c.open);
-    loop {
-        let over = bytes(world).saturating_sub(ledger.cap);
-        if over == 0 {
-            return;
-        }
-        for candidate in candidates.iter_mut() {
-            candidate.bytes = world.get::<PacketBuffer>(candidate.entity).map_or(0, |b| b.bytes);
-        }
-        let Some(largest) = candidates
-            .iter()
-            .filter(|c| world.get::<PacketBuffer>(c.entity).is_some_and(|b| !b.audio.packets.is_empty() || !b.video.packets.is_empty()))
-            .max_by_key(|c| (c.bytes, std::cmp::Reverse(c.ord)))
-        else {
-            break;
-        };
-        trim(world, &clock, largest.entity, over);
-    }
-
-    // 4: pre-roll rings, in track name order.
     let tracks: Vec<Entity> = world.resource::<Directory>().tracks.values().copied().collect();
     for track in tracks {
         if bytes(world) <= ledger.cap {
@@ -96,14 +84,76 @@ pub fn evict(world: &mut World) {
         }
         clear_preroll(world, track);
     }
+    let all_open: Vec<&Candidate> = candidates.iter().filter(|c| c.open).collect();
+    evict_whole_until(world, &all_open, ledger.cap);
+}
 
-    // 5: open utterances whole, oldest first.
+/// Evicts the candidates in order until the buffer is at or under `target`; true when it is.
+fn evict_whole_until(world: &mut World, candidates: &[&Candidate], target: u64) -> bool {
     for candidate in candidates {
-        if bytes(world) <= ledger.cap {
-            return;
+        if bytes(world) <= target {
+            return true;
         }
         evict_whole(world, candidate.entity);
     }
+    bytes(world) <= target
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Trim {
+    /// From the front, as far as needed.
+    Front,
+    /// From the front, only what every listener playing it has passed.
+    PlayedByAll,
+}
+
+/// Trims the largest of the candidates, again and again, until the buffer is at or under
+/// `cap` or nothing more can go; true when under.
+fn trim_until(world: &mut World, clock: &Clock, candidates: &[&Candidate], cap: u64, mode: Trim) -> bool {
+    let mut exhausted: Vec<Entity> = Vec::new();
+    loop {
+        let over = bytes(world).saturating_sub(cap);
+        if over == 0 {
+            return true;
+        }
+        let largest = candidates
+            .iter()
+            .filter(|c| !exhausted.contains(&c.entity))
+            .filter_map(|c| {
+                let buffer = world.get::<PacketBuffer>(c.entity)?;
+                let empty = buffer.audio.packets.is_empty() && buffer.video.packets.is_empty();
+                (!empty).then_some((buffer.bytes, std::cmp::Reverse(c.ord), c.entity))
+            })
+            .max();
+        let Some((_, _, entity)) = largest else { return false };
+        let limits = match mode {
+            Trim::Front => None,
+            Trim::PlayedByAll => Some(passed_by_all(world, entity)),
+        };
+        if trim(world, clock, entity, over, limits) == 0 {
+            exhausted.push(entity);
+        }
+    }
+}
+
+/// How many audio and video packets at the front of an utterance every listener playing it
+/// has already passed.
+fn passed_by_all(world: &World, entity: Entity) -> (usize, usize) {
+    let Some(buffer) = world.get::<PacketBuffer>(entity) else { return (0, 0) };
+    let listeners = listeners_of(world, entity);
+    if listeners.is_empty() {
+        return (0, 0);
+    }
+    let mut limits = (buffer.audio.packets.len(), buffer.video.packets.len());
+    for viewer in listeners {
+        let Some(playing) = world.get::<Route>(viewer).and_then(|r| r.playing.as_ref()) else { continue };
+        let passed = |packets: &[encore_components::utterance::BufferedPacket], last: Option<u64>| {
+            last.map_or(0, |last| packets.partition_point(|p| p.ext_seq <= last))
+        };
+        limits.0 = limits.0.min(passed(&buffer.audio.packets, playing.audio.last_ext_seq));
+        limits.1 = limits.1.min(passed(&buffer.video.packets, playing.video.last_ext_seq));
+    }
+    limits
 }
 
 fn bytes(world: &World) -> u64 {
@@ -120,7 +170,6 @@ fn candidates(world: &World, config: &EngineConfig, clock: &Clock) -> Vec<Candid
         .filter_map(|(ord, entity)| {
             let utterance = world.get::<Utterance>(*entity)?;
             let audience = world.get::<Audience>(*entity).copied().unwrap_or_default();
-            let bytes = world.get::<PacketBuffer>(*entity)?.bytes;
             let in_window = utterance.started_us + window_us >= clock.now_us;
             Some(Candidate {
                 entity: *entity,
@@ -129,7 +178,7 @@ fn candidates(world: &World, config: &EngineConfig, clock: &Clock) -> Vec<Candid
                 playing: audience.playing,
                 value: if in_window { listeners.saturating_sub(audience.heard as u64) } else { 0 },
                 started_us: utterance.started_us,
-                bytes,
+                fresh: utterance.opened_us == clock.now_us,
             })
         })
         .collect()
@@ -204,28 +253,39 @@ fn evict_whole(world: &mut World, entity: Entity) {
     world.despawn(entity);
 }
 
-/// Removes the oldest packets of an open utterance, enough to free `need` bytes, and cuts
-/// its listeners over to the new first packet.
-fn trim(world: &mut World, clock: &Clock, entity: Entity, need: u64) {
-    let Some(mut buffer) = world.get_mut::<PacketBuffer>(entity) else { return };
+/// Removes the oldest packets of an utterance, enough to free `need` bytes (within `limits`
+/// of audio and video packets, when given), and cuts its listeners over to the new first
+/// packet. Returns the packets removed.
+fn trim(world: &mut World, clock: &Clock, entity: Entity, need: u64, limits: Option<(usize, usize)>) -> u64 {
+    let Some(mut buffer) = world.get_mut::<PacketBuffer>(entity) else { return 0 };
     let before = buffer.bytes;
-    let per_packet = size_of::<BufferedPacket>() as u64;
+    let (audio_limit, video_limit) = limits.unwrap_or((usize::MAX, usize::MAX));
     let mut freed = 0;
     let mut audio_cut = 0;
-    while freed < need && audio_cut < buffer.audio.packets.len() {
-        freed += payload_bytes(buffer.audio.packets[audio_cut].payload.len()) + per_packet;
+    while freed < need && audio_cut < buffer.audio.packets.len().min(audio_limit) {
+        freed += payload_bytes(buffer.audio.packets[audio_cut].payload.len());
         audio_cut += 1;
     }
     let cut_media_us = buffer.audio.packets.get(audio_cut).map_or(u64::MAX, |p| p.media_us);
     let video = &buffer.video.packets;
     let mut video_cut = video.partition_point(|p| p.media_us < cut_media_us);
-    // Video must start at a key frame: drop up to the next one.
-    while video_cut < video.len() && !video[video_cut].keyframe {
-        video_cut += 1;
+    if limits.is_none() {
+        // Video must start at a key frame: drop up to the next one.
+        while video_cut < video.len() && !video[video_cut].keyframe {
+            video_cut += 1;
+        }
     }
+    let video_cut = video_cut.min(video_limit);
     let removed = (audio_cut + video_cut) as u64;
-    let audio_front = drain_front(&mut buffer.audio, audio_cut);
-    let video_front = drain_front(&mut buffer.video, video_cut);
+    if removed == 0 {
+        return 0;
+    }
+    // The newest packet removed from each media: a listener that had not sent it loses
+    // something and is cut over.
+    let audio_removed = audio_cut.checked_sub(1).map(|i| buffer.audio.packets[i].ext_seq);
+    let video_removed = video_cut.checked_sub(1).map(|i| buffer.video.packets[i].ext_seq);
+    drain_front(&mut buffer.audio, audio_cut);
+    drain_front(&mut buffer.video, video_cut);
     buffer.bytes = buffer_bytes(&buffer);
     let after = buffer.bytes;
     let new_origin = [buffer.audio.packets.first(), buffer.video.packets.first()]
@@ -239,13 +299,13 @@ fn trim(world: &mut World, clock: &Clock, entity: Entity, need: u64) {
     for viewer in listeners_of(world, entity) {
         let Some(mut route) = world.get_mut::<Route>(viewer) else { continue };
         let Some(playing) = route.playing.as_mut() else { continue };
-        let behind = |last: Option<u64>, front: Option<u64>| match (last, front) {
+        let behind = |last: Option<u64>, removed: Option<u64>| match (last, removed) {
             (_, None) => false,
             (None, Some(_)) => true,
-            (Some(last), Some(front)) => last < front,
+            (Some(last), Some(removed)) => last < removed,
         };
-        let audio_behind = behind(playing.audio.last_ext_seq, audio_front);
-        if behind(playing.video.last_ext_seq, video_front) {
+        let audio_behind = behind(playing.audio.last_ext_seq, audio_removed);
+        if behind(playing.video.last_ext_seq, video_removed) {
             playing.video_needs_keyframe = true;
         }
         if audio_behind && let Some(origin) = new_origin {
@@ -278,18 +338,20 @@ fn trim(world: &mut World, clock: &Clock, entity: Entity, need: u64) {
             },
         );
     }
+    removed
 }
 
-/// Drops the first `count` packets, gives the memory back, and returns the new first
-/// packet's extended sequence number.
-fn drain_front(media: &mut encore_components::utterance::MediaBuffer, count: usize) -> Option<u64> {
+/// Drops the first `count` packets and gives spare capacity back when most of it is unused.
+fn drain_front(media: &mut encore_components::utterance::MediaBuffer, count: usize) {
     if count > 0 {
         let freed: u64 = media.packets[..count].iter().map(|p| payload_bytes(p.payload.len())).sum();
         media.payload_bytes -= freed;
         media.packets.drain(..count);
-        media.packets.shrink_to_fit();
+        let len = media.packets.len();
+        if media.packets.capacity() > 4 * len.max(16) {
+            media.packets.shrink_to(2 * len.max(16));
+        }
     }
-    media.packets.first().map(|p| p.ext_seq)
 }
 
 fn clear_preroll(world: &mut World, track: Entity) {

@@ -1,0 +1,143 @@
+//! What the snapshots cannot show: the packets. Each test replays one hand-made scenario
+//! with `send` lines and checks what its description promises.
+
+use serde_json::Value;
+
+use super::support::{lines, replay_file, scenarios_dir};
+
+fn trace_of(name: &str) -> Vec<Value> {
+    let (trace, _) = replay_file(&scenarios_dir().join(format!("{name}.jsonl")), true);
+    lines(&trace)
+}
+
+fn sends<'a>(trace: &'a [Value], listener: &str, media: &str) -> Vec<&'a Value> {
+    trace
+        .iter()
+        .filter(|l| l["kind"] == "send" && l["listener"] == listener && l["media"] == media && l["retransmit"] == false)
+        .collect()
+}
+
+fn last_stats(trace: &[Value]) -> &Value {
+    trace.iter().rev().find(|l| l["kind"] == "stats").expect("a stats line")
+}
+
+#[test]
+fn an_idle_listener_gets_the_first_preroll_packet_in_the_onset_tick() {
+    let trace = trace_of("01-one-speaker-one-listener");
+    let start = trace.iter().find(|l| l["kind"] == "utterance_start").unwrap();
+    let route = trace.iter().find(|l| l["kind"] == "route").unwrap();
+    assert_eq!(route["tick"], start["tick"]);
+    let audio = sends(&trace, "lena", "audio");
+    assert_eq!(audio[0]["tick"], start["tick"]);
+    assert_eq!(audio[0]["marker"], true);
+    // The pre-roll: packets from 200 ms before the first voiced one (at 1.0 s) come first,
+    // one per 20 ms, paced.
+    assert_eq!(start["started_us"], 800_000);
+    let ticks: Vec<u64> = audio.iter().take(20).map(|l| l["tick"].as_u64().unwrap()).collect();
+    assert!(ticks.windows(2).all(|w| w[1] == w[0] + 2), "{ticks:?}");
+}
+
+#[test]
+fn a_time_shifted_utterance_keeps_its_pace_and_the_stream_stays_continuous() {
+    let trace = trace_of("02-overlap-live-and-time-shifted");
+    let audio = sends(&trace, "lena", "audio");
+    let bob: Vec<&&Value> = audio.iter().filter(|l| l["utterance"] == "bob#1").collect();
+    assert!(bob.len() > 40);
+    let ticks: Vec<u64> = bob.iter().map(|l| l["tick"].as_u64().unwrap()).collect();
+    assert!(ticks.windows(2).all(|w| w[1] >= w[0] + 2), "a burst: {ticks:?}");
+    // Across the switch from alice#1 to bob#1: seq + 1, and a timestamp gap of the time passed.
+    let switch = audio.windows(2).find(|w| w[0]["utterance"] != w[1]["utterance"]).unwrap();
+    let seq = |l: &Value| l["seq"].as_u64().unwrap() as u16;
+    assert_eq!(seq(switch[1]), seq(switch[0]).wrapping_add(1));
+    let elapsed_us = switch[1]["at_us"].as_u64().unwrap() - switch[0]["at_us"].as_u64().unwrap();
+    let ts_gap = (switch[1]["ts"].as_u64().unwrap() as u32).wrapping_sub(switch[0]["ts"].as_u64().unwrap() as u32);
+    assert_eq!(ts_gap as u64, elapsed_us * 48_000 / 1_000_000);
+    assert_eq!(switch[1]["marker"], true);
+}
+
+#[test]
+fn late_packets_reach_the_time_shifted_listener_in_order_and_duplicates_nobody() {
+    let trace = trace_of("10-lost-reordered-duplicated-input");
+    let src = |listener: &str| -> Vec<u64> {
+        sends(&trace, listener, "audio")
+            .iter()
+            .filter(|l| l["utterance"] == "alice#1")
+            .map(|l| l["src_seq"].as_u64().unwrap())
+            .collect()
+    };
+    let max = src("max");
+    let lena = src("lena");
+    let increasing = |seqs: &[u64]| seqs.windows(2).all(|w| w[1] > w[0]);
+    assert!(increasing(&max), "max: {max:?}");
+    assert!(increasing(&lena), "lena: {lena:?}");
+    // Max, from the buffer, gets every packet that arrived: 100 sent, 2 lost.
+    let first = max[0];
+    let expected: Vec<u64> = (first..first + 100).filter(|s| *s != first + 5 && *s != first + 6).collect();
+    assert_eq!(max, expected);
+    // Lena, live, had moved past the two late ones when they came.
+    assert!(!lena.contains(&(first + 15)) && !lena.contains(&(first + 40)), "{lena:?}");
+    assert_eq!(lena.len(), expected.len() - 2);
+    assert_eq!(last_stats(&trace)["drops"]["duplicate_packet"], 2);
+}
+
+#[test]
+fn video_goes_out_from_a_key_frame_with_its_own_continuous_stream() {
+    let trace = trace_of("11-video-from-a-key-frame");
+    assert!(trace.iter().any(|l| l["kind"] == "keyframe_request" && l["track"] == "alice.cam"));
+    let video = sends(&trace, "lena", "video");
+    assert!(video.len() > 30, "{} video packets", video.len());
+    assert_eq!(video[0]["keyframe"], true);
+    let seqs: Vec<u16> = video.iter().map(|l| l["seq"].as_u64().unwrap() as u16).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0].wrapping_add(1)));
+    let audio_ssrc = sends(&trace, "lena", "audio")[0]["ssrc"].clone();
+    assert_ne!(video[0]["ssrc"], audio_ssrc);
+    assert!(last_stats(&trace)["video_unbuffered"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn nacks_are_answered_from_the_buffer_with_the_original_header() {
+    let trace = trace_of("09-nacks-served-from-the-buffer");
+    let resent: Vec<&Value> = trace.iter().filter(|l| l["kind"] == "send" && l["retransmit"] == true).collect();
+    assert_eq!(resent.len(), 4);
+    for again in resent {
+        let original = trace
+            .iter()
+            .find(|l| l["kind"] == "send" && l["retransmit"] == false && l["seq"] == again["seq"])
+            .unwrap();
+        for field in ["ts", "ssrc", "marker", "src_seq", "utterance"] {
+            assert_eq!(original[field], again[field], "{field}");
+        }
+    }
+    let stats = last_stats(&trace);
+    assert_eq!((stats["retransmitted"].as_u64(), stats["nack_unserved"].as_u64()), (Some(4), Some(2)));
+}
+
+#[test]
+fn bad_input_is_dropped_by_cause_and_the_good_flows() {
+    let trace = trace_of("12-bad-input-is-counted-not-fatal");
+    let drops = &last_stats(&trace)["drops"];
+    let expected = serde_json::json!({
+        "unknown_peer": 3, "unknown_track": 2, "unknown_utterance": 1, "duplicate_peer": 1,
+        "duplicate_track": 1, "forbidden": 1, "invalid": 4, "oversize": 1, "flood": 36,
+        "duplicate_packet": 0, "too_late": 1, "not_listening": 2
+    });
+    assert_eq!(drops, &expected);
+    // Every packet of both of Alice's utterances reached Lena.
+    let audio = sends(&trace, "lena", "audio");
+    assert_eq!(audio.iter().filter(|l| l["utterance"] == "alice#1").count(), 75);
+    assert_eq!(audio.iter().filter(|l| l["utterance"] == "alice#2").count(), 50);
+}
+
+#[test]
+fn under_pressure_the_cap_holds_and_listeners_are_cut_over_cleanly() {
+    let (text, summary) = replay_file(&scenarios_dir().join("14-eviction-under-pressure.jsonl"), true);
+    assert!(summary.peak_buffer_bytes <= 40_000, "{}", summary.peak_buffer_bytes);
+    let trace = lines(&text);
+    assert!(trace.iter().any(|l| l["kind"] == "evict" && l["whole"] == false));
+    assert!(trace.iter().any(|l| l["kind"] == "evict" && l["whole"] == true));
+    for listener in ["lena", "max"] {
+        let audio = sends(&trace, listener, "audio");
+        let seqs: Vec<u16> = audio.iter().map(|l| l["seq"].as_u64().unwrap() as u16).collect();
+        assert!(seqs.windows(2).all(|w| w[1] == w[0].wrapping_add(1)), "{listener}");
+    }
+}
