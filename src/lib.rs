@@ -5,6 +5,7 @@
 //! sans-I/O; this crate is its edges: scenario and trace files, headless replay, the
 //! synthetic room generator, and the command line.
 
+pub mod auth;
 pub mod generate;
 pub mod replay;
 pub mod scenario;

@@ -1,3 +1,4 @@
 //! Encore's integration tests: one test binary, one module per area.
 
+mod auth;
 mod engine;

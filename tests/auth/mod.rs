@@ -1,0 +1,10 @@
+//! Auth (issue 3): the verifier, the key cache, the axum pieces and the config, against real RSA
+//! keys and real HTTP servers on loopback.
+
+mod support;
+
+mod config;
+mod http;
+mod keys;
+mod logs;
+mod verify;
