@@ -4,6 +4,7 @@
 mod support;
 
 mod config;
+mod emulator;
 mod http;
 mod keys;
 mod logs;
