@@ -66,6 +66,7 @@ impl TicketStore {
     pub fn issue(&self, user: AuthUser) -> Result<IssuedTicket, AuthError> {
         let mut bytes = [0u8; 32];
         // 256 bits from the OS: unguessable, and the map lookup needs no constant-time compare.
+        // Without OS randomness no ticket can be issued safely: a 503, like a full store.
         getrandom::fill(&mut bytes).map_err(|_| AuthError::TicketsExhausted)?;
         let ticket = URL_SAFE_NO_PAD.encode(bytes);
         let now = self.clock.now_ms();
