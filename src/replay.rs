@@ -114,6 +114,8 @@ pub fn replay_observed<R: BufRead>(
 ) -> Result<ReplaySummary, ReplayError> {
     let started = Instant::now();
     let mut engine = Engine::new(header.config.clone())?;
+    // Nothing here reads payloads; sharing them costs a reference count per packet.
+    engine.set_payloads(false);
     let tick_us = engine.tick_us();
     let mut summary = ReplaySummary { buffer_cap_bytes: engine.buffer_cap(), ..ReplaySummary::default() };
     let mut next = reader.next_event().transpose()?;

@@ -35,13 +35,13 @@ pub fn event_line(tick: u64, at_us: u64, event: &Event) -> String {
 }
 
 /// One sent packet as a trace line (without a newline).
-pub fn send_line(out: &mut String, tick: u64, at_us: u64, listener: &str, packet: &SendPacket) {
+pub fn send_line(out: &mut String, tick: u64, at_us: u64, listener: &str, utterance: &str, packet: &SendPacket) {
     let _ = write!(
         out,
         r#"{{"tick":{tick},"at_us":{at_us},"kind":"send","listener":{},"media":"{}","utterance":{},"src_seq":{},"seq":{},"ts":{},"ssrc":{},"marker":{},"keyframe":{},"retransmit":{}}}"#,
         Value::from(listener),
         packet.media.as_str(),
-        Value::from(packet.utterance.to_string()),
+        Value::from(utterance),
         packet.src_seq,
         packet.seq,
         packet.ts,
@@ -72,8 +72,9 @@ impl<W: Write> TraceWriter<W> {
         if self.packets {
             for packet in &output.packets {
                 let listener = engine.peer_name(packet.listener).map_or("?", |n| n.as_str());
+                let utterance = engine.utterance_id(packet.utterance).map(|id| id.to_string()).unwrap_or_default();
                 self.line.clear();
-                send_line(&mut self.line, output.tick, output.now_us, listener, packet);
+                send_line(&mut self.line, output.tick, output.now_us, listener, &utterance, packet);
                 self.line.push('\n');
                 self.out.write_all(self.line.as_bytes())?;
             }

@@ -139,7 +139,8 @@ pub struct LimitsConfig {
     pub max_packets_per_track_per_tick: u32,
     /// How far behind the newest sequence number a packet may arrive and still be kept.
     pub reorder_window: u16,
-    /// Sent packets remembered per outgoing stream for NACKs.
+    /// Sent packets remembered per outgoing stream for NACKs (256 is 5 s of audio; a NACK
+    /// arrives within a round trip).
     pub nack_history: u16,
     /// Least time between two key-frame requests sent to one video track.
     pub keyframe_interval_ms: u64,
@@ -153,7 +154,7 @@ impl Default for LimitsConfig {
             max_payload_bytes: 1500,
             max_packets_per_track_per_tick: 64,
             reorder_window: 512,
-            nack_history: 512,
+            nack_history: 256,
             keyframe_interval_ms: 500,
             max_nack_seqs: 256,
         }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::ids::{MediaKind, Name, PeerKey, UtteranceId};
+use crate::ids::{MediaKind, Name, PeerKey, UtteranceId, UtteranceOrd};
 
 /// Everything one tick produced. The engine reuses the vectors from tick to tick.
 #[derive(Clone, Debug, Default)]
@@ -22,7 +22,9 @@ pub struct TickOutput {
 pub struct SendPacket {
     pub listener: PeerKey,
     pub media: MediaKind,
-    pub utterance: UtteranceId,
+    /// The utterance it belongs to (`Engine::utterance_id` names it); an ordinal, so that
+    /// building a packet touches no shared reference count.
+    pub utterance: UtteranceOrd,
     /// Sequence number the publisher gave it.
     pub src_seq: u16,
     pub seq: u16,
@@ -33,7 +35,9 @@ pub struct SendPacket {
     pub retransmit: bool,
     pub keyframe: bool,
     pub audio_level: Option<u8>,
-    pub payload: Arc<[u8]>,
+    /// The payload, shared with the buffer; `None` when the engine was told payloads are not
+    /// wanted (headless replay), which spares a reference count per packet.
+    pub payload: Option<Arc<[u8]>>,
 }
 
 /// Why an utterance closed.

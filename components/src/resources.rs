@@ -79,6 +79,12 @@ pub struct NewUtterances {
     pub opened: Vec<(UtteranceOrd, Entity)>,
 }
 
+/// Utterances closed this tick: their listeners that already sent everything are done.
+#[derive(Resource, Debug, Default)]
+pub struct ClosedUtterances {
+    pub closed: Vec<UtteranceOrd>,
+}
+
 /// Why a listener needs a full decision this tick, and what it played before.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DecisionNeed {
@@ -92,6 +98,12 @@ pub struct DecisionQueue {
     pub needs: BTreeMap<PeerKey, DecisionNeed>,
 }
 
+/// Listeners with NACKs waiting, in key order (so the retransmit system visits only them).
+#[derive(Resource, Debug, Default)]
+pub struct NackQueue {
+    pub listeners: std::collections::BTreeSet<PeerKey>,
+}
+
 /// Tracks whose utterance must close this tick for a reason other than silence.
 #[derive(Resource, Debug, Default)]
 pub struct Departures {
@@ -99,9 +111,17 @@ pub struct Departures {
 }
 
 /// What this tick produced so far.
-#[derive(Resource, Debug, Default)]
+#[derive(Resource, Debug)]
 pub struct Outputs {
     pub out: TickOutput,
+    /// Whether sent packets carry their payload (the server needs it; replay does not).
+    pub payloads: bool,
+}
+
+impl Default for Outputs {
+    fn default() -> Self {
+        Outputs { out: TickOutput::default(), payloads: true }
+    }
 }
 
 /// The engine's one source of randomness: SplitMix64 from the configured seed.

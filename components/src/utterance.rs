@@ -77,6 +77,9 @@ pub struct PacketBuffer {
     pub bytes: u64,
     /// Packets ever appended (trimming does not lower it).
     pub packets_total: u64,
+    /// Times packets moved: removed from the front, or a late one inserted before others.
+    /// A cursor made under another count must search for its place again.
+    pub reshapes: u32,
 }
 
 /// Who plays and who has heard an utterance; eviction and the trace read these.

@@ -21,6 +21,12 @@ pub struct ViewerSession {
 pub struct Cursor {
     pub next: usize,
     pub last_ext_seq: Option<u64>,
+    /// When the packet at `next` is due, if play-out stopped at it for being early: until
+    /// then the listener costs nothing.
+    pub next_due_us: Option<u64>,
+    /// The buffer's reshape count when the cursor was last moved; while it holds, `next` is
+    /// exact and play-out need not look at the packets before it.
+    pub reshapes: u32,
 }
 
 /// The utterance a listener plays, and how.
@@ -47,15 +53,15 @@ pub struct Route {
     pub playing: Option<Playing>,
 }
 
-/// A sent packet, remembered to answer NACKs with the same header.
+/// A sent packet, remembered to answer NACKs with the same header. Kept small: every
+/// listener has a ring of them, written once per packet sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SentRecord {
-    pub seq: u16,
-    pub ts: u32,
-    pub marker: bool,
-    pub utterance: Entity,
     pub ord: UtteranceOrd,
     pub ext_seq: u64,
+    pub ts: u32,
+    pub seq: u16,
+    pub marker: bool,
 }
 
 /// One outgoing stream (per listener and media): a stable SSRC and the rewriting state that
@@ -77,8 +83,9 @@ pub struct OutStream {
     /// The next packet starts a new segment (switch or cut-over): new offset, marker bit.
     pub rebase: bool,
     pub sent: u64,
-    /// Ring of recent sent packets, indexed by `seq % len`.
-    pub history: Vec<Option<SentRecord>>,
+    /// Ring of recent sent packets, indexed by `seq % len` (a record whose `seq` differs is
+    /// an older one, or none).
+    pub history: Vec<SentRecord>,
 }
 
 #[derive(Component, Clone, Debug)]

@@ -4,12 +4,12 @@ use bevy_ecs::prelude::World;
 use bevy_ecs::schedule::Schedule;
 
 use encore_components::config::{ConfigError, EngineConfig};
-use encore_components::ids::{MediaKind, Name, PeerKey, UtteranceId};
+use encore_components::ids::{MediaKind, Name, PeerKey, UtteranceId, UtteranceOrd};
 use encore_components::input::Input;
 use encore_components::output::TickOutput;
 use encore_components::peer::{Peer, Prefs};
 use encore_components::resources::{
-    BufferLedger, Clock, Counters, DecisionQueue, Decisions, Departures, Directory, EngineRng, NewUtterances,
+    BufferLedger, Clock, Counters, DecisionQueue, Decisions, Departures, ClosedUtterances, Directory, EngineRng, NackQueue, NewUtterances,
     Outputs, PendingInputs, TimedInput,
 };
 use encore_components::track::{PreRoll, Track};
@@ -98,6 +98,8 @@ impl Engine {
         world.init_resource::<Decisions>();
         world.init_resource::<Departures>();
         world.init_resource::<NewUtterances>();
+        world.init_resource::<NackQueue>();
+        world.init_resource::<ClosedUtterances>();
         world.init_resource::<Outputs>();
         let mut schedule = build_schedule();
         schedule.initialize(&mut world).map_err(|e| EngineError::Schedule(e.to_string(schedule.graph(), &world)))?;
@@ -120,6 +122,7 @@ impl Engine {
         let now_us = tick * self.tick_us;
         *self.world.resource_mut::<Clock>() = Clock { tick, now_us, tick_us: self.tick_us };
         self.world.resource_mut::<NewUtterances>().opened.clear();
+        self.world.resource_mut::<ClosedUtterances>().closed.clear();
         {
             let mut outputs = self.world.resource_mut::<Outputs>();
             outputs.out.tick = tick;
@@ -135,6 +138,12 @@ impl Engine {
     /// What the last tick produced (the same vectors [`Engine::tick`] returned).
     pub fn last_output(&mut self) -> &mut TickOutput {
         &mut self.world.resource_mut::<Outputs>().into_inner().out
+    }
+
+    /// Whether sent packets carry their payload (default yes). Headless replay turns it off:
+    /// nothing reads the bytes, and sharing them costs a reference count per packet.
+    pub fn set_payloads(&mut self, payloads: bool) {
+        self.world.resource_mut::<Outputs>().payloads = payloads;
     }
 
     /// The number of the tick the next call to [`Engine::tick`] runs.
@@ -170,6 +179,17 @@ impl Engine {
     /// The name of a peer key (keys are never reused, so this works after it left).
     pub fn peer_name(&self, key: PeerKey) -> Option<&Name> {
         self.world.resource::<Directory>().peer_names.get(key.0 as usize)
+    }
+
+    /// The id of an utterance still in the buffer.
+    pub fn utterance_id(&self, ord: UtteranceOrd) -> Option<UtteranceId> {
+        let entity = self.world.resource::<Directory>().utterances.get(&ord)?;
+        Some(self.world.get::<Utterance>(*entity)?.id.clone())
+    }
+
+    /// The ordinal of an utterance still in the buffer.
+    pub fn utterance_ord(&self, id: &UtteranceId) -> Option<UtteranceOrd> {
+        self.world.resource::<Directory>().utterance_ids.get(id).copied()
     }
 
     /// The key of a peer in the room.

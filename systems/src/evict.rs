@@ -286,6 +286,7 @@ fn trim(world: &mut World, clock: &Clock, entity: Entity, need: u64, limits: Opt
     let video_removed = video_cut.checked_sub(1).map(|i| buffer.video.packets[i].ext_seq);
     drain_front(&mut buffer.audio, audio_cut);
     drain_front(&mut buffer.video, video_cut);
+    buffer.reshapes = buffer.reshapes.wrapping_add(1);
     buffer.bytes = buffer_bytes(&buffer);
     let after = buffer.bytes;
     let new_origin = [buffer.audio.packets.first(), buffer.video.packets.first()]

@@ -15,7 +15,7 @@ use encore_components::input::{FeedbackSignal, Input, RtpIn};
 use encore_components::output::{DropCounts, Event, KeyframeReason, RouteReason};
 use encore_components::peer::{Affinity, Peer, Prefs};
 use encore_components::resources::{
-    Clock, Counters, DecisionNeed, DecisionQueue, Departures, Directory, EngineRng, PendingInputs, TimedInput,
+    Clock, Counters, DecisionNeed, DecisionQueue, Departures, Directory, EngineRng, NackQueue, PendingInputs, TimedInput,
 };
 use encore_components::track::{
     Ending, Incoming, KeyframeThrottle, PreRoll, Recording, RtpState, StagedPacket, Track, Voice,
@@ -59,7 +59,7 @@ fn apply(world: &mut World, config: &EngineConfig, clock: &Clock, at_us: u64, in
             publish(world, config, &peer, track, media, codec, clock_rate, ssrc)
         }
         Input::Unpublish { track } => unpublish(world, &track),
-        Input::Subscribe { peer } => subscribe(world, config, &peer),
+        Input::Subscribe { peer } => subscribe(world, &peer),
         Input::Unsubscribe { peer } => unsubscribe(world, &peer),
         Input::Prefs { peer, follow, mute } => prefs(world, &peer, follow, mute),
         Input::Feedback { peer, utterance, signal } => feedback(world, config, &peer, utterance, signal),
@@ -175,7 +175,7 @@ fn unpublish(world: &mut World, name: &str) {
     end_track(world, track, EndReason::Unpublished);
 }
 
-fn new_stream(rng: &mut EngineRng, media: MediaKind, history: u16) -> OutStream {
+fn new_stream(rng: &mut EngineRng, media: MediaKind) -> OutStream {
     let ssrc = (rng.next_u64() as u32).max(1);
     let bits = rng.next_u64();
     OutStream {
@@ -192,15 +192,12 @@ fn new_stream(rng: &mut EngineRng, media: MediaKind, history: u16) -> OutStream 
         source: None,
         rebase: true,
         sent: 0,
-        history: match media {
-            MediaKind::Audio => vec![None; history as usize],
-            // Allocated when the first video packet goes out: most listeners get none.
-            MediaKind::Video => Vec::new(),
-        },
+        // Allocated when the stream sends its first packet: many listeners never do.
+        history: Vec::new(),
     }
 }
 
-fn subscribe(world: &mut World, config: &EngineConfig, name: &str) {
+fn subscribe(world: &mut World, name: &str) {
     let Some(peer_entity) = peer_entity(world, name) else {
         return drop_input(world, |d| &mut d.unknown_peer);
     };
@@ -215,8 +212,8 @@ fn subscribe(world: &mut World, config: &EngineConfig, name: &str) {
     let key = peer.key;
     let mut rng = world.resource_mut::<EngineRng>();
     let streams = OutStreams {
-        audio: new_stream(&mut rng, MediaKind::Audio, config.limits.nack_history),
-        video: new_stream(&mut rng, MediaKind::Video, config.limits.nack_history),
+        audio: new_stream(&mut rng, MediaKind::Audio),
+        video: new_stream(&mut rng, MediaKind::Video),
     };
     let viewer = world
         .spawn((session, Route::default(), streams, History::default(), PendingNacks::default()))
@@ -354,7 +351,7 @@ fn nack(world: &mut World, config: &EngineConfig, name: &str, media: MediaKind, 
     let Some(peer_entity) = peer_entity(world, name) else {
         return drop_input(world, |d| &mut d.unknown_peer);
     };
-    let Some((viewer, _)) = viewer_of(world, peer_entity) else {
+    let Some((viewer, key)) = viewer_of(world, peer_entity) else {
         return drop_input(world, |d| &mut d.not_listening);
     };
     if seqs.is_empty() || seqs.len() > config.limits.max_nack_seqs {
@@ -366,6 +363,7 @@ fn nack(world: &mut World, config: &EngineConfig, name: &str, media: MediaKind, 
             return drop_input(world, |d| &mut d.flood);
         }
         pending.seqs.extend(seqs.into_iter().map(|seq| (media, seq)));
+        world.resource_mut::<NackQueue>().listeners.insert(key);
     }
 }
 

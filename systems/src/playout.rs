@@ -16,7 +16,8 @@ use bevy_ecs::prelude::{Query, Res, ResMut};
 
 use encore_components::ids::MediaKind;
 use encore_components::output::SendPacket;
-use encore_components::resources::{Clock, Counters, Directory, Outputs};
+use encore_components::output::RouteReason;
+use encore_components::resources::{Clock, Counters, DecisionNeed, DecisionQueue, Directory, Outputs};
 use encore_components::utterance::{BufferedPacket, PacketBuffer, Utterance};
 use encore_components::viewer::{Cursor, OutStream, OutStreams, Playing, Route, SentRecord, ViewerSession};
 
@@ -24,6 +25,19 @@ use crate::rtp::{ts_after, us_to_ticks};
 
 /// Smallest timestamp step at a switch: one 20 ms frame.
 pub const MIN_SWITCH_STEP_US: u64 = 20_000;
+
+/// True when the listener has sent every packet of a closed utterance (video counts as done
+/// while it waits for a key frame that will not come).
+pub fn route_finished(utterance: &Utterance, buffer: &PacketBuffer, playing: &Playing) -> bool {
+    if utterance.is_open() {
+        return false;
+    }
+    let done = |packets: &[BufferedPacket], last: Option<u64>| {
+        packets.last().is_none_or(|p| last.is_some_and(|last| last >= p.ext_seq))
+    };
+    done(&buffer.audio.packets, playing.audio.last_ext_seq)
+        && (playing.video_needs_keyframe || done(&buffer.video.packets, playing.video.last_ext_seq))
+}
 
 /// The index of the first packet after the cursor, trusting its hint when it still holds.
 pub fn resume(packets: &[BufferedPacket], cursor: &Cursor) -> usize {
@@ -73,16 +87,11 @@ pub fn rewrite(
     stream.last_send_us = Some(now_us);
     stream.sent += 1;
     if stream.history.len() != history_len {
-        stream.history = vec![None; history_len];
+        let empty = SentRecord { ord: playing.ord, ext_seq: 0, ts: 0, seq: seq.wrapping_add(1), marker: false };
+        stream.history = vec![empty; history_len];
     }
-    stream.history[seq as usize % history_len] = Some(SentRecord {
-        seq,
-        ts,
-        marker,
-        utterance: playing.utterance,
-        ord: playing.ord,
-        ext_seq: packet.ext_seq,
-    });
+    stream.history[seq as usize % history_len] =
+        SentRecord { ord: playing.ord, ext_seq: packet.ext_seq, ts, seq, marker };
     (seq, ts, marker)
 }
 
@@ -92,11 +101,13 @@ pub fn play_out(
     directory: Res<Directory>,
     mut outputs: ResMut<Outputs>,
     mut counters: ResMut<Counters>,
+    mut queue: ResMut<DecisionQueue>,
     mut viewers: Query<(&ViewerSession, &mut Route, &mut OutStreams)>,
     utterances: Query<(&Utterance, &PacketBuffer)>,
 ) {
     let now = clock.now_us;
     let history_len = config.limits.nack_history as usize;
+    let payloads = outputs.payloads;
     for viewer in directory.viewers.values() {
         let Ok((session, mut route, mut streams)) = viewers.get_mut(*viewer) else { continue };
         let Some(playing) = route.playing.as_mut() else { continue };
@@ -110,11 +121,22 @@ pub fn play_out(
                 MediaKind::Audio => playing.audio,
                 MediaKind::Video => playing.video,
             };
-            let mut index = resume(packets, &cursor);
+            if cursor.reshapes == buffer.reshapes {
+                // Early, or caught up with a live utterance that got nothing new: the
+                // listener costs nothing this tick.
+                let early = cursor.next_due_us.is_some_and(|due| due > now);
+                let caught_up = cursor.last_ext_seq.is_some() && cursor.next == packets.len();
+                if early || caught_up {
+                    continue;
+                }
+            }
+            let mut index = if cursor.reshapes == buffer.reshapes { cursor.next } else { resume(packets, &cursor) };
             let mut last = cursor.last_ext_seq;
+            let mut next_due_us = None;
             while let Some(packet) = packets.get(index) {
                 let due = (playing.start_us + packet.media_us).saturating_sub(playing.origin_media_us);
                 if due > now {
+                    next_due_us = Some(due);
                     break;
                 }
                 index += 1;
@@ -130,7 +152,7 @@ pub fn play_out(
                 outputs.out.packets.push(SendPacket {
                     listener: session.listener,
                     media,
-                    utterance: utterance.id.clone(),
+                    utterance: utterance.ord,
                     src_seq: packet.seq,
                     seq,
                     ts,
@@ -139,15 +161,21 @@ pub fn play_out(
                     retransmit: false,
                     keyframe: packet.keyframe,
                     audio_level: packet.audio_level,
-                    payload: packet.payload.clone(),
+                    payload: payloads.then(|| packet.payload.clone()),
                 });
                 counters.sent += 1;
             }
-            let cursor = Cursor { next: index, last_ext_seq: last };
+            let cursor = Cursor { next: index, last_ext_seq: last, next_due_us, reshapes: buffer.reshapes };
             match media {
                 MediaKind::Audio => playing.audio = cursor,
                 MediaKind::Video => playing.video = cursor,
             }
+        }
+        if route_finished(utterance, buffer, playing) {
+            queue
+                .needs
+                .entry(session.listener)
+                .or_insert(DecisionNeed { reason: RouteReason::Finished, from: Some(playing.id.clone()) });
         }
     }
 }
@@ -167,7 +195,8 @@ mod tests {
         room.talk("a1", 0, 2_000_000);
         room.talk("b1", 500_000, 1_500_000);
         room.run_until(6_000_000);
-        let bob: Vec<_> = room.sent.iter().filter(|(_, p)| p.utterance.to_string() == "bob#1").collect();
+        let bob_ord = room.engine.utterance_ord(&"bob#1".parse().unwrap()).unwrap();
+        let bob: Vec<_> = room.sent.iter().filter(|(_, p)| p.utterance == bob_ord).collect();
         assert!(bob.len() > 40);
         // One 20 ms packet per two 10 ms ticks: never two in one tick.
         for pair in bob.windows(2) {
@@ -210,10 +239,11 @@ mod tests {
                 payload: std::sync::Arc::from(vec![]),
             })
             .collect();
-        assert_eq!(resume(&packets, &Cursor { next: 0, last_ext_seq: None }), 0);
-        assert_eq!(resume(&packets, &Cursor { next: 2, last_ext_seq: Some(11) }), 2);
+        let at = |next, last| Cursor { next, last_ext_seq: last, ..Cursor::default() };
+        assert_eq!(resume(&packets, &at(0, None)), 0);
+        assert_eq!(resume(&packets, &at(2, Some(11))), 2);
         // A late packet (12) went in before the hint: the search finds the right place.
-        assert_eq!(resume(&packets, &Cursor { next: 3, last_ext_seq: Some(11) }), 2);
-        assert_eq!(resume(&packets, &Cursor { next: 9, last_ext_seq: Some(14) }), 4);
+        assert_eq!(resume(&packets, &at(3, Some(11))), 2);
+        assert_eq!(resume(&packets, &at(9, Some(14))), 4);
     }
 }

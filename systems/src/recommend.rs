@@ -1,6 +1,8 @@
 //! System 5, recommend: picks what each listener that needs a decision should hear.
 //!
-//! A listener needs a decision when it subscribed, finished its utterance, skipped it, lost
+//! A listener needs a decision when it subscribed, finished its utterance (play-out notices
+//! when it sends the last packet of a closed utterance; this system when an utterance
+//! closes after its listeners caught up), skipped it, lost
 //! it to eviction, muted its speaker, changed preferences or gave feedback while idle (a
 //! *full* decision over every candidate), or when an utterance opened this tick (a decision
 //! over the new utterances only: an idle listener has already turned the older ones down).
@@ -22,10 +24,13 @@ use encore_components::ids::{Name, PeerKey, UtteranceId, UtteranceOrd};
 use encore_components::output::{RouteReason, ScoreTerms};
 use encore_components::peer::{Affinity, Prefs};
 use encore_components::resources::{
-    Choice, Clock, Decision, DecisionKind, DecisionNeed, DecisionQueue, Decisions, Directory, NewUtterances,
+    Choice, Clock, ClosedUtterances, Decision, DecisionKind, DecisionNeed, DecisionQueue, Decisions, Directory,
+    NewUtterances,
 };
 use encore_components::utterance::{PacketBuffer, Utterance};
-use encore_components::viewer::{History, Playing, Route, ViewerSession};
+use encore_components::viewer::{History, Route, ViewerSession};
+
+use crate::playout::route_finished;
 
 /// What a candidate is, independent of the listener.
 pub struct Candidate {
@@ -36,6 +41,28 @@ pub struct Candidate {
     pub speaker_name: Name,
     /// Terms that do not depend on the listener: live, lag, freshness, blip.
     pub terms: ScoreTerms,
+    /// Their sum: the candidate's score for a listener with no preference or affinity.
+    pub base_total: i64,
+}
+
+impl Candidate {
+    pub fn new(entity: Entity, ord: UtteranceOrd, utterance: &Utterance, terms: ScoreTerms) -> Self {
+        Candidate {
+            entity,
+            ord,
+            id: utterance.id.clone(),
+            speaker: utterance.speaker,
+            speaker_name: utterance.speaker_name.clone(),
+            terms,
+            base_total: terms.total(),
+        }
+    }
+}
+
+/// Orders a pool best first for a listener without preferences: higher score, then smaller
+/// id. [`best`] relies on it to stop early.
+pub fn sort_pool(pool: &mut [Candidate]) {
+    pool.sort_by(|a, b| b.base_total.cmp(&a.base_total).then_with(|| a.id.cmp(&b.id)));
 }
 
 /// The listener-independent terms of an utterance at `now_us`.
@@ -83,48 +110,46 @@ pub fn score(
     Some(terms)
 }
 
-/// The best of `candidates` for a listener, ties to the smaller utterance id.
-fn best<'a>(
+/// The best of `pool` (sorted by [`sort_pool`]) for a listener, ties to the smaller
+/// utterance id. The listener's own terms (follow, affinity) add at most `follow` (if it
+/// follows anyone) plus its largest positive affinity, so the scan stops at the first
+/// candidate that could not beat the best so far even with them.
+fn best(
     config: &RecommenderConfig,
     listener: PeerKey,
     prefs: Option<&Prefs>,
     affinity: Option<&Affinity>,
     history: &History,
-    candidates: impl Iterator<Item = &'a Candidate>,
+    pool: &[Candidate],
 ) -> Option<Choice> {
-    let mut best: Option<Choice> = None;
-    for candidate in candidates {
+    let follows = prefs.is_some_and(|p| !p.follow.is_empty());
+    let max_affinity = affinity.and_then(|a| a.by_speaker.values().copied().max()).unwrap_or(0).max(0);
+    let max_personal = if follows { config.follow } else { 0 } + max_affinity;
+    let mut best: Option<(i64, &Candidate, ScoreTerms)> = None;
+    for candidate in pool {
+        if let Some((score, _, _)) = &best
+            && candidate.base_total + max_personal < *score
+        {
+            break;
+        }
         let Some(terms) = score(config, listener, prefs, affinity, history, candidate) else { continue };
         let total = terms.total();
         let better = match &best {
             None => true,
-            Some(b) => total > b.score || (total == b.score && candidate.id < b.id),
+            Some((score, chosen, _)) => total > *score || (total == *score && candidate.id < chosen.id),
         };
         if better {
-            best = Some(Choice {
-                utterance: candidate.entity,
-                ord: candidate.ord,
-                id: candidate.id.clone(),
-                score: total,
-                terms,
-            });
+            best = Some((total, candidate, terms));
         }
     }
-    best.filter(|choice| choice.score >= config.accept_min)
-}
-
-/// True when the listener has sent every packet of a finished utterance, or the utterance
-/// is gone.
-fn finished(playing: &Playing, utterances: &Query<(&Utterance, &PacketBuffer)>) -> bool {
-    let Ok((utterance, buffer)) = utterances.get(playing.utterance) else { return true };
-    if utterance.is_open() {
-        return false;
-    }
-    let done = |packets: &[encore_components::utterance::BufferedPacket], last: Option<u64>| {
-        packets.last().is_none_or(|p| last.is_some_and(|last| last >= p.ext_seq))
-    };
-    done(&buffer.audio.packets, playing.audio.last_ext_seq)
-        && (done(&buffer.video.packets, playing.video.last_ext_seq) || playing.video_needs_keyframe)
+    let (score, candidate, terms) = best?;
+    (score >= config.accept_min).then(|| Choice {
+        utterance: candidate.entity,
+        ord: candidate.ord,
+        id: candidate.id.clone(),
+        score,
+        terms,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -133,6 +158,7 @@ pub fn recommend(
     clock: Res<Clock>,
     directory: Res<Directory>,
     new_utterances: Res<NewUtterances>,
+    closed: Res<ClosedUtterances>,
     mut queue: ResMut<DecisionQueue>,
     mut decisions: ResMut<Decisions>,
     viewers: Query<(&ViewerSession, &Route, &History)>,
@@ -142,16 +168,22 @@ pub fn recommend(
     let rules = &config.recommender;
     decisions.list.clear();
 
-    // Routes that ran out need a full decision.
-    for (key, viewer) in directory.viewers.iter() {
-        let Ok((_, route, _)) = viewers.get(*viewer) else { continue };
-        if let Some(playing) = &route.playing
-            && finished(playing, &utterances)
-        {
-            queue
-                .needs
-                .entry(*key)
-                .or_insert(DecisionNeed { reason: RouteReason::Finished, from: Some(playing.id.clone()) });
+    // Listeners that had sent everything of an utterance that closed this tick are done
+    // (play-out queues those that send the last packet of a closed one).
+    if !closed.closed.is_empty() {
+        for (key, viewer) in directory.viewers.iter() {
+            let Ok((_, route, _)) = viewers.get(*viewer) else { continue };
+            let Some(playing) = &route.playing else { continue };
+            if !closed.closed.contains(&playing.ord) {
+                continue;
+            }
+            let done = utterances.get(playing.utterance).ok().is_none_or(|(u, b)| route_finished(u, b, playing));
+            if done {
+                queue
+                    .needs
+                    .entry(*key)
+                    .or_insert(DecisionNeed { reason: RouteReason::Finished, from: Some(playing.id.clone()) });
+            }
         }
     }
 
@@ -160,20 +192,13 @@ pub fn recommend(
         if !utterance.is_open() && buffer.audio.packets.is_empty() {
             return None;
         }
-        Some(Candidate {
-            entity: *entity,
-            ord: *ord,
-            id: utterance.id.clone(),
-            speaker: utterance.speaker,
-            speaker_name: utterance.speaker_name.clone(),
-            terms: utterance_terms(rules, utterance, clock.now_us),
-        })
+        Some(Candidate::new(*entity, *ord, utterance, utterance_terms(rules, utterance, clock.now_us)))
     };
 
     let needs = std::mem::take(&mut queue.needs);
     if !needs.is_empty() {
         let oldest_us = clock.now_us.saturating_sub(rules.window_ms * 1000);
-        let pool: Vec<Candidate> = directory
+        let mut pool: Vec<Candidate> = directory
             .utterances
             .iter()
             .rev()
@@ -181,6 +206,7 @@ pub fn recommend(
             .filter(|c| utterances.get(c.entity).is_ok_and(|(u, _)| u.started_us >= oldest_us))
             .take(rules.max_candidates)
             .collect();
+        sort_pool(&mut pool);
         for (key, need) in needs.iter() {
             let Some(viewer) = directory.viewers.get(key).copied() else { continue };
             let Ok((session, _, history)) = viewers.get(viewer) else { continue };
@@ -190,7 +216,7 @@ pub fn recommend(
                 listener: *key,
                 kind: DecisionKind::Full(need.reason),
                 from: need.from.clone(),
-                choice: best(rules, *key, prefs, affinity, history, pool.iter()),
+                choice: best(rules, *key, prefs, affinity, history, &pool),
             });
         }
     }
@@ -198,8 +224,9 @@ pub fn recommend(
     if new_utterances.opened.is_empty() {
         return;
     }
-    let fresh: Vec<Candidate> =
+    let mut fresh: Vec<Candidate> =
         new_utterances.opened.iter().filter_map(|(ord, entity)| candidate(ord, entity)).collect();
+    sort_pool(&mut fresh);
     let mut merged = Vec::with_capacity(decisions.list.len() + directory.viewers.len());
     let mut full = std::mem::take(&mut decisions.list).into_iter().peekable();
     for (key, viewer) in directory.viewers.iter() {
@@ -209,7 +236,7 @@ pub fn recommend(
         }
         let Ok((session, _, history)) = viewers.get(*viewer) else { continue };
         let (prefs, affinity) = peers.get(session.peer).unwrap_or((None, None));
-        if let Some(choice) = best(rules, *key, prefs, affinity, history, fresh.iter()) {
+        if let Some(choice) = best(rules, *key, prefs, affinity, history, &fresh) {
             merged.push(Decision {
                 viewer: *viewer,
                 listener: *key,
@@ -256,41 +283,82 @@ mod tests {
     #[test]
     fn muted_own_and_heard_are_never_candidates_and_follow_wins() {
         let rules = RecommenderConfig::default();
-        let make = |speaker: u32, name: &str, ord: u64| Candidate {
-            entity: Entity::PLACEHOLDER,
-            ord: UtteranceOrd(ord),
-            id: format!("{name}#1").parse().unwrap(),
-            speaker: PeerKey(speaker),
-            speaker_name: Name::new(name),
-            terms: ScoreTerms { base: 1000, ..ScoreTerms::default() },
-        };
-        let candidates = [make(1, "a", 0), make(2, "b", 1), make(3, "c", 2), make(9, "me", 3)];
+        let make = |speaker: u32, name: &str, ord: u64| candidate(speaker, name, ord, 1000);
+        let mut candidates = [make(1, "a", 0), make(2, "b", 1), make(3, "c", 2), make(9, "me", 3)];
+        sort_pool(&mut candidates);
         let prefs = Prefs { follow: [Name::new("c")].into(), mute: [Name::new("b")].into() };
         let mut history = History::default();
-        let choice = best(&rules, PeerKey(9), Some(&prefs), None, &history, candidates.iter()).unwrap();
+        let choice = best(&rules, PeerKey(9), Some(&prefs), None, &history, &candidates).unwrap();
         assert_eq!(choice.id.to_string(), "c#1");
         assert_eq!(choice.score, 2000);
         history.heard.insert(UtteranceOrd(2));
-        let choice = best(&rules, PeerKey(9), Some(&prefs), None, &history, candidates.iter()).unwrap();
+        let choice = best(&rules, PeerKey(9), Some(&prefs), None, &history, &candidates).unwrap();
         assert_eq!(choice.id.to_string(), "a#1", "b is muted, c heard, me is the listener");
         history.heard.insert(UtteranceOrd(0));
-        assert!(best(&rules, PeerKey(9), Some(&prefs), None, &history, candidates.iter()).is_none());
+        assert!(best(&rules, PeerKey(9), Some(&prefs), None, &history, &candidates).is_none());
     }
 
     #[test]
     fn ties_go_to_the_smaller_utterance_id() {
         let rules = RecommenderConfig::default();
-        let make = |name: &str, ord: u64| Candidate {
+        let mut candidates = [candidate(0, "zed", 0, 1000), candidate(1, "amy", 1, 1000)];
+        sort_pool(&mut candidates);
+        let choice = best(&rules, PeerKey(99), None, None, &History::default(), &candidates).unwrap();
+        assert_eq!(choice.id.to_string(), "amy#1");
+    }
+
+    fn candidate(speaker: u32, name: &str, ord: u64, base: i64) -> Candidate {
+        let terms = ScoreTerms { base, ..ScoreTerms::default() };
+        Candidate {
             entity: Entity::PLACEHOLDER,
             ord: UtteranceOrd(ord),
             id: format!("{name}#1").parse().unwrap(),
-            speaker: PeerKey(ord as u32),
+            speaker: PeerKey(speaker),
             speaker_name: Name::new(name),
-            terms: ScoreTerms { base: 1000, ..ScoreTerms::default() },
+            terms,
+            base_total: terms.total(),
+        }
+    }
+
+    /// The early stop never changes the answer: against a full scan over random pools and
+    /// listeners.
+    #[test]
+    fn the_bounded_scan_picks_what_a_full_scan_picks() {
+        let rules = RecommenderConfig::default();
+        let mut state = 0x1234_5678_u64;
+        let mut next = move |n: u64| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 33) % n
         };
-        let candidates = [make("zed", 0), make("amy", 1)];
-        let choice = best(&rules, PeerKey(99), None, None, &History::default(), candidates.iter()).unwrap();
-        assert_eq!(choice.id.to_string(), "amy#1");
+        for _ in 0..500 {
+            let names = ["a", "b", "c", "d", "e"];
+            let mut pool: Vec<Candidate> = (0..20)
+                .map(|i| {
+                    let speaker = next(5) as u32;
+                    let mut c = candidate(speaker, names[speaker as usize], i, 1000 - next(1500) as i64);
+                    c.id = format!("{}#{}", names[speaker as usize], i + 1).parse().unwrap();
+                    c
+                })
+                .collect();
+            sort_pool(&mut pool);
+            let prefs = Prefs {
+                follow: (0..next(3)).map(|_| Name::new(names[next(5) as usize])).collect(),
+                mute: (0..next(2)).map(|_| Name::new(names[next(5) as usize])).collect(),
+            };
+            let affinity = Affinity {
+                by_speaker: (0..next(4)).map(|_| (Name::new(names[next(5) as usize]), next(2400) as i64 - 1200)).collect(),
+            };
+            let history = History { heard: (0..next(6)).map(|_| UtteranceOrd(next(20))).collect() };
+            let listener = PeerKey(next(6) as u32);
+            let full = pool
+                .iter()
+                .filter_map(|c| score(&rules, listener, Some(&prefs), Some(&affinity), &history, c).map(|t| (t.total(), c)))
+                .max_by(|(sa, a), (sb, b)| sa.cmp(sb).then_with(|| b.id.cmp(&a.id)))
+                .filter(|(s, _)| *s >= rules.accept_min)
+                .map(|(s, c)| (s, c.id.clone()));
+            let fast = best(&rules, listener, Some(&prefs), Some(&affinity), &history, &pool).map(|c| (c.score, c.id));
+            assert_eq!(fast, full);
+        }
     }
 
     #[test]

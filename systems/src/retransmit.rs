@@ -9,18 +9,21 @@ use bevy_ecs::prelude::{Query, Res, ResMut};
 
 use encore_components::ids::MediaKind;
 use encore_components::output::SendPacket;
-use encore_components::resources::{Counters, Directory, Outputs};
+use encore_components::resources::{Counters, Directory, NackQueue, Outputs};
 use encore_components::utterance::{PacketBuffer, Utterance};
 use encore_components::viewer::{OutStreams, PendingNacks, ViewerSession};
 
 pub fn retransmit(
     directory: Res<Directory>,
+    mut queue: ResMut<NackQueue>,
     mut outputs: ResMut<Outputs>,
     mut counters: ResMut<Counters>,
     mut viewers: Query<(&ViewerSession, &mut PendingNacks, &OutStreams)>,
     utterances: Query<(&Utterance, &PacketBuffer)>,
 ) {
-    for viewer in directory.viewers.values() {
+    let payloads = outputs.payloads;
+    for key in std::mem::take(&mut queue.listeners) {
+        let Some(viewer) = directory.viewers.get(&key) else { continue };
         let Ok((session, mut pending, streams)) = viewers.get_mut(*viewer) else { continue };
         if pending.seqs.is_empty() {
             continue;
@@ -29,19 +32,16 @@ pub fn retransmit(
             let stream = streams.get(media);
             let record = match stream.history.len() {
                 0 => None,
-                len => stream.history[seq as usize % len].filter(|r| r.seq == seq),
+                len => Some(stream.history[seq as usize % len]).filter(|r| r.seq == seq),
             };
             let found = record.and_then(|record| {
-                let (utterance, buffer) = utterances.get(record.utterance).ok()?;
-                if utterance.ord != record.ord {
-                    return None;
-                }
+                let (utterance, buffer) = utterances.get(*directory.utterances.get(&record.ord)?).ok()?;
                 let packets = match media {
                     MediaKind::Audio => &buffer.audio.packets,
                     MediaKind::Video => &buffer.video.packets,
                 };
                 let index = packets.binary_search_by_key(&record.ext_seq, |p| p.ext_seq).ok()?;
-                Some((record, utterance.id.clone(), &packets[index]))
+                Some((record, utterance.ord, &packets[index]))
             });
             let Some((record, id, packet)) = found else {
                 counters.nack_unserved += 1;
@@ -59,7 +59,7 @@ pub fn retransmit(
                 retransmit: true,
                 keyframe: packet.keyframe,
                 audio_level: packet.audio_level,
-                payload: packet.payload.clone(),
+                payload: payloads.then(|| packet.payload.clone()),
             });
             counters.retransmitted += 1;
         }

@@ -20,7 +20,7 @@ use encore_components::config::EngineConfig;
 use encore_components::ids::{MediaKind, Name, PeerKey, UtteranceId, UtteranceOrd};
 use encore_components::output::{EndReason, Event, KeyframeReason};
 use encore_components::peer::Peer;
-use encore_components::resources::{BufferLedger, Clock, Counters, Departures, Directory, NewUtterances};
+use encore_components::resources::{BufferLedger, Clock, ClosedUtterances, Counters, Departures, Directory, NewUtterances};
 use encore_components::track::{Incoming, PreRoll, Recording, StagedPacket, Track, Voice, VoiceChange};
 use encore_components::utterance::{Audience, BufferedPacket, MediaAnchor, MediaBuffer, PacketBuffer, Utterance};
 
@@ -302,6 +302,8 @@ fn close(
         reason,
     };
     let id = utterance.id.clone();
+    let ord = utterance.ord;
+    world.resource_mut::<ClosedUtterances>().closed.push(ord);
     emit(world, event);
     Some(id)
 }
@@ -358,6 +360,7 @@ pub fn append_to(buffer: &mut PacketBuffer, media: MediaKind, clock_rate: u32, p
         Some(last) if last.ext_seq > buffered.ext_seq => {
             let at = target.packets.partition_point(|p| p.ext_seq < buffered.ext_seq);
             target.packets.insert(at, buffered);
+            buffer.reshapes = buffer.reshapes.wrapping_add(1);
         }
         _ => target.packets.push(buffered),
     }

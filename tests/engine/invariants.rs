@@ -137,7 +137,8 @@ impl ReplayObserver for Checker {
         let mut audio_per_listener: BTreeMap<PeerKey, u32> = BTreeMap::new();
         for packet in &output.packets {
             let listener = engine.peer_name(packet.listener).map(|n| n.to_string()).unwrap_or_default();
-            let speaker = speaker_of(&packet.utterance.to_string()).to_owned();
+            let utterance = engine.utterance_id(packet.utterance).map(|id| id.to_string()).unwrap_or_default();
+            let speaker = speaker_of(&utterance).to_owned();
             if speaker == listener {
                 self.fail(tick, format!("{listener} was sent its own voice"));
             }
