@@ -1,0 +1,1206 @@
+// Encore demo page: sign in, join a room, talk, listen to your personal feed.
+// Plain JavaScript, no build step; works in current Chromium and Firefox.
+// Signaling: docs/protocol.md (version 1). Sign-in: docs/auth.md.
+'use strict';
+
+const PROTOCOL = 1;
+const REQUEST_TIMEOUT_MS = 20000;
+const RECENT_MAX = 30;
+const AUDIO_LEVEL_URI = 'urn:ietf:params:rtp-hdrext:ssrc-audio-level';
+const NAME_PATTERN = /^[A-Za-z0-9_.-]{1,64}$/;
+
+// ---------------------------------------------------------------------------------------------
+// DOM helpers
+
+const $ = (id) => document.getElementById(id);
+
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key === 'class') el.className = value;
+    else if (key === 'dataset') Object.assign(el.dataset, value);
+    else if (key.startsWith('on')) el.addEventListener(key.slice(2), value);
+    else el.setAttribute(key, value === true ? '' : String(value));
+  }
+  for (const child of children.flat()) {
+    if (child === undefined || child === null || child === false) continue;
+    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return el;
+}
+
+function show(id, visible) {
+  $(id).hidden = !visible;
+}
+
+function setStatus(state, text) {
+  const el = $('status');
+  el.dataset.state = state;
+  el.textContent = text;
+}
+
+// Errors carry a stable `code` (the server's, or one of ours) and a readable message.
+class EncoreError extends Error {
+  constructor(code, message) {
+    super(message);
+    this.code = code;
+  }
+}
+
+function showError(error, context) {
+  const code = error && error.code ? error.code : 'error';
+  const message = error && error.message ? error.message : String(error);
+  const text = `${context ? context + ': ' : ''}${message}${code !== 'error' ? ` (${code})` : ''}`;
+  console.error('[encore]', text, error);
+  $('error-text').textContent = text;
+  $('error').dataset.code = code;
+  show('error', true);
+}
+
+function clearError() {
+  show('error', false);
+  $('error-text').textContent = '';
+  delete $('error').dataset.code;
+}
+
+// Runs a user action: clears the previous error, disables the button while it runs, and shows
+// whatever it throws.
+function action(button, context, fn) {
+  return async (event) => {
+    if (event) event.preventDefault();
+    clearError();
+    if (button) button.disabled = true;
+    try {
+      await fn(event);
+    } catch (error) {
+      showError(error, context);
+    } finally {
+      if (button) button.disabled = false;
+      render();
+    }
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP
+
+async function fetchJson(url, options = {}) {
+  let response;
+  try {
+    response = await fetch(url, options);
+  } catch (error) {
+    throw new EncoreError('network', `${options.method || 'GET'} ${url.split('?')[0]} failed: ${error.message}`);
+  }
+  const text = await response.text();
+  let body = null;
+  try {
+    body = text ? JSON.parse(text) : null;
+  } catch {
+    body = null;
+  }
+  if (!response.ok) {
+    // Encore: {"error": {"code", "message"}}; Identity Toolkit: {"error": {"code": 400, "message": "EMAIL_EXISTS"}}.
+    const err = body && body.error;
+    const code = err && typeof err.code === 'string' ? err.code : `http-${response.status}`;
+    const message = err && err.message ? err.message : `${response.status} ${response.statusText}`;
+    throw new EncoreError(code, message);
+  }
+  return body;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Auth: dev tokens from the server, or Firebase email/password (real or emulator).
+
+const auth = {
+  config: null, // GET /api/client-config
+  token: null, // the current ID token; never put in a URL
+  expiresAt: 0, // ms since the epoch
+  lifetimeMs: 0,
+  refreshToken: null, // firebase modes
+  uid: null,
+  email: null,
+  devRole: null, // dev mode: the role asked for, to mint again
+  roles: [],
+  refreshTimer: null,
+};
+
+const FIREBASE_ERRORS = {
+  EMAIL_EXISTS: 'an account with this email already exists: sign in instead',
+  EMAIL_NOT_FOUND: 'no account with this email',
+  INVALID_PASSWORD: 'wrong password',
+  INVALID_LOGIN_CREDENTIALS: 'wrong email or password',
+  USER_DISABLED: 'this account is disabled',
+  TOO_MANY_ATTEMPTS_TRY_LATER: 'too many attempts: try again later',
+  TOKEN_EXPIRED: 'the session expired: sign in again',
+  INVALID_REFRESH_TOKEN: 'the session is no longer valid: sign in again',
+  OPERATION_NOT_ALLOWED: 'email/password sign-in is not enabled for this project',
+};
+
+function firebaseEndpoints() {
+  const config = auth.config;
+  if (config.mode === 'firebase-emulator') {
+    const host = config.emulatorHost || '127.0.0.1:9099';
+    return {
+      identity: `http://${host}/identitytoolkit.googleapis.com/v1`,
+      secureToken: `http://${host}/securetoken.googleapis.com/v1`,
+      key: config.apiKey || 'fake-api-key',
+    };
+  }
+  if (!config.apiKey) {
+    throw new EncoreError('config', 'the server has no web API key (auth.web_api_key): Firebase sign-in is unavailable');
+  }
+  return {
+    identity: 'https://identitytoolkit.googleapis.com/v1',
+    secureToken: 'https://securetoken.googleapis.com/v1',
+    key: config.apiKey,
+  };
+}
+
+function firebaseError(error) {
+  if (error instanceof EncoreError) {
+    const reason = String(error.message).split(' : ')[0].split(':')[0].trim();
+    if (FIREBASE_ERRORS[reason]) return new EncoreError(reason, FIREBASE_ERRORS[reason]);
+    if (/^WEAK_PASSWORD/.test(reason)) return new EncoreError('WEAK_PASSWORD', 'the password must have at least 6 characters');
+  }
+  return error;
+}
+
+function takeToken(idToken, expiresInS, extra = {}) {
+  auth.token = idToken;
+  auth.lifetimeMs = Math.max(1, Number(expiresInS) || 3600) * 1000;
+  auth.expiresAt = Date.now() + auth.lifetimeMs;
+  Object.assign(auth, extra);
+  scheduleRefresh();
+}
+
+async function signInDev(name, role) {
+  if (!NAME_PATTERN.test(name)) {
+    throw new EncoreError('bad_request', 'the name must be 1 to 64 letters, digits, "_", "." or "-"');
+  }
+  const path = auth.config.devTokenPath || '/dev/token';
+  const body = await fetchJson(path, {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify({ uid: name, role }),
+  });
+  takeToken(body.idToken, body.expiresIn, { uid: body.uid || name, devRole: role, email: null, refreshToken: null });
+}
+
+async function signInFirebase(email, password, signUp) {
+  const ep = firebaseEndpoints();
+  const op = signUp ? 'accounts:signUp' : 'accounts:signInWithPassword';
+  const request = { email, password, returnSecureToken: true };
+  if (auth.config.tenantId) request.tenantId = auth.config.tenantId;
+  let body;
+  try {
+    body = await fetchJson(`${ep.identity}/${op}?key=${encodeURIComponent(ep.key)}`, {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify(request),
+    });
+  } catch (error) {
+    throw firebaseError(error);
+  }
+  takeToken(body.idToken, body.expiresIn, { uid: body.localId, email: body.email || email, refreshToken: body.refreshToken });
+}
+
+// A fresh ID token: dev mode mints again, Firebase exchanges the refresh token.
+async function refreshToken() {
+  if (!auth.token) return;
+  if (auth.config.mode === 'dev') {
+    await signInDev(auth.uid, auth.devRole);
+  } else {
+    const ep = firebaseEndpoints();
+    let body;
+    try {
+      body = await fetchJson(`${ep.secureToken}/token?key=${encodeURIComponent(ep.key)}`, {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/x-www-form-urlencoded' },
+        body: new URLSearchParams({ grant_type: 'refresh_token', refresh_token: auth.refreshToken }).toString(),
+      });
+    } catch (error) {
+      throw firebaseError(error);
+    }
+    takeToken(body.id_token, body.expires_in, { uid: body.user_id || auth.uid, refreshToken: body.refresh_token });
+  }
+  // A live session gets the new token too, or the server closes it at expiry (code 4001).
+  if (room.sig && room.sig.isOpen) {
+    const data = await room.sig.request('reauth', { token: auth.token });
+    room.sessionExpiresAt = data && data.session_expires_at;
+  }
+}
+
+// Refresh about 5 minutes before expiry (earlier for short-lived dev tokens).
+function scheduleRefresh() {
+  clearTimeout(auth.refreshTimer);
+  const lead = Math.min(5 * 60 * 1000, auth.lifetimeMs / 4);
+  const delay = Math.max(5000, auth.expiresAt - lead - Date.now());
+  auth.refreshTimer = setTimeout(() => {
+    refreshToken().catch((error) => {
+      showError(error, 'refreshing the sign-in');
+      auth.refreshTimer = setTimeout(() => scheduleRefresh(), 30000);
+    }).finally(render);
+  }, delay);
+}
+
+async function whoami() {
+  const user = await fetchJson('/api/whoami', { headers: { Authorization: `Bearer ${auth.token}` } });
+  auth.roles = Array.isArray(user.roles) ? user.roles : [];
+  if (user.uid) auth.uid = user.uid;
+}
+
+function signOut() {
+  leaveRoom('signed out');
+  clearTimeout(auth.refreshTimer);
+  Object.assign(auth, { token: null, expiresAt: 0, refreshToken: null, uid: null, email: null, devRole: null, roles: [] });
+  setStatus('signed-out', 'signed out');
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signaling: one WebSocket, requests with ids answered {id, ok, data|error}, notifications.
+
+class Signaling {
+  constructor() {
+    this.ws = null;
+    this.nextId = 1;
+    this.pending = new Map();
+    this.handlers = new Map();
+    this.onclose = null;
+  }
+
+  get isOpen() {
+    return this.ws !== null && this.ws.readyState === WebSocket.OPEN;
+  }
+
+  // Opens the socket and resolves with the `welcome` notification.
+  connect(url) {
+    return new Promise((resolve, reject) => {
+      let welcomed = false;
+      const ws = new WebSocket(url);
+      this.ws = ws;
+      const timer = setTimeout(() => {
+        if (!welcomed) {
+          reject(new EncoreError('timeout', 'no welcome from the server within 15 s'));
+          ws.close();
+        }
+      }, 15000);
+      ws.onmessage = (event) => {
+        let message;
+        try {
+          message = JSON.parse(event.data);
+        } catch {
+          console.warn('[encore] not JSON from the server', event.data);
+          return;
+        }
+        if (!welcomed && message.type === 'welcome') {
+          welcomed = true;
+          clearTimeout(timer);
+          if (message.protocol !== PROTOCOL) {
+            console.warn(`[encore] server speaks protocol ${message.protocol}, this page ${PROTOCOL}`);
+          }
+          resolve(message);
+          return;
+        }
+        this.dispatch(message);
+      };
+      ws.onclose = (event) => {
+        clearTimeout(timer);
+        const reason = closeReason(event);
+        for (const { reject: fail, timer: t } of this.pending.values()) {
+          clearTimeout(t);
+          fail(new EncoreError('closed', `the connection closed: ${reason}`));
+        }
+        this.pending.clear();
+        if (!welcomed) {
+          reject(new EncoreError('closed', `the server refused or closed the connection: ${reason}`));
+        } else if (this.onclose) {
+          this.onclose(event, reason);
+        }
+      };
+      ws.onerror = () => {
+        // The browser tells nothing more (a refused upgrade is a 401 we cannot read); onclose follows.
+      };
+    });
+  }
+
+  dispatch(message) {
+    if (message === null || typeof message !== 'object') return;
+    if (message.id !== undefined && message.id !== null && 'ok' in message) {
+      const pending = this.pending.get(message.id);
+      if (!pending) return;
+      this.pending.delete(message.id);
+      clearTimeout(pending.timer);
+      if (message.ok) {
+        pending.resolve(message.data === undefined ? {} : message.data);
+      } else {
+        const err = message.error || {};
+        pending.reject(new EncoreError(err.code || 'internal', err.message || `${pending.type} failed`));
+      }
+      return;
+    }
+    const handler = this.handlers.get(message.type);
+    if (handler) {
+      try {
+        handler(message);
+      } catch (error) {
+        showError(error, `handling ${message.type}`);
+      }
+    } else {
+      console.debug('[encore] unhandled notification', message);
+    }
+  }
+
+  on(type, handler) {
+    this.handlers.set(type, handler);
+  }
+
+  request(type, fields = {}, timeoutMs = REQUEST_TIMEOUT_MS) {
+    if (!this.isOpen) return Promise.reject(new EncoreError('closed', 'not connected'));
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(id);
+        reject(new EncoreError('timeout', `no answer to ${type} within ${timeoutMs / 1000} s`));
+      }, timeoutMs);
+      this.pending.set(id, { resolve, reject, timer, type });
+      this.ws.send(JSON.stringify({ id, type, ...fields }));
+    });
+  }
+
+  close(code = 1000, reason = '') {
+    if (this.ws && this.ws.readyState <= WebSocket.OPEN) this.ws.close(code, reason);
+  }
+}
+
+function closeReason(event) {
+  const known = {
+    1000: 'closed',
+    1001: 'the server is going away',
+    1006: 'connection lost',
+    1008: 'policy violation',
+    1009: 'message too big',
+    1011: 'server error',
+    4001: 'the session expired: sign in again',
+  };
+  const text = event.reason || known[event.code] || 'closed';
+  return `${text} (code ${event.code})`;
+}
+
+// ---------------------------------------------------------------------------------------------
+// WebRTC transports: `send` (we offer) and `recv` (the server offers). Trickle ICE both ways;
+// candidates are queued until the other side can take them.
+
+function remoteSdp(value) {
+  if (typeof value === 'string') return value;
+  if (value && typeof value.sdp === 'string') return value.sdp;
+  throw new EncoreError('bad_request', 'the server sent no SDP');
+}
+
+function candidateInit(candidate) {
+  const init = { ...candidate };
+  if (typeof init.candidate === 'string' && init.candidate && !init.candidate.startsWith('candidate:')) {
+    init.candidate = `candidate:${init.candidate}`;
+  }
+  if ((init.sdpMid === undefined || init.sdpMid === null) && (init.sdpMLineIndex === undefined || init.sdpMLineIndex === null)) {
+    init.sdpMLineIndex = 0;
+  }
+  return init;
+}
+
+class Transport {
+  constructor(kind, iceServers, onState) {
+    this.kind = kind;
+    this.pc = new RTCPeerConnection({ iceServers, bundlePolicy: 'max-bundle', rtcpMuxPolicy: 'require' });
+    this.localReady = false;
+    this.localQueue = [];
+    this.sentEnd = false;
+    this.remoteReady = false;
+    this.remoteQueue = [];
+    this.closed = false;
+    this.pc.onicecandidate = (event) => this.localCandidate(event.candidate);
+    this.pc.onconnectionstatechange = () => {
+      onState(this.pc.connectionState);
+      if (this.pc.connectionState === 'failed' && !this.closed) {
+        showError(new EncoreError('ice_failed', `the ${kind} transport failed (no network path to the server's media ports?)`));
+      }
+    };
+    onState(this.pc.connectionState);
+  }
+
+  localCandidate(candidate) {
+    if (this.closed) return;
+    let json = null;
+    if (candidate) {
+      if (!candidate.candidate) return; // Firefox's per-section end marker; the null below ends all
+      json = candidate.toJSON();
+    } else {
+      if (this.sentEnd) return;
+      this.sentEnd = true;
+    }
+    if (this.localReady) this.sendCandidate(json);
+    else this.localQueue.push(json);
+  }
+
+  sendCandidate(candidate) {
+    if (!room.sig) return;
+    room.sig.request('candidate', { transport: this.kind, candidate }).catch((error) => {
+      if (!this.closed) console.warn(`[encore] ${this.kind} candidate refused`, error);
+    });
+  }
+
+  // The server knows this transport now: send what was gathered so far.
+  startTrickle() {
+    this.localReady = true;
+    for (const candidate of this.localQueue.splice(0)) this.sendCandidate(candidate);
+  }
+
+  async remoteCandidate(candidate) {
+    if (this.closed) return;
+    if (!this.remoteReady) {
+      this.remoteQueue.push(candidate);
+      return;
+    }
+    try {
+      if (candidate && candidate.candidate) await this.pc.addIceCandidate(candidateInit(candidate));
+      else await this.pc.addIceCandidate();
+    } catch (error) {
+      if (candidate) console.warn(`[encore] ${this.kind}: bad remote candidate`, candidate, error);
+    }
+  }
+
+  async remoteDescriptionSet() {
+    this.remoteReady = true;
+    for (const candidate of this.remoteQueue.splice(0)) await this.remoteCandidate(candidate);
+  }
+
+  close() {
+    this.closed = true;
+    try {
+      this.pc.close();
+    } catch {
+      // already closed
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Room state
+
+const room = {
+  sig: null,
+  name: null, // room name
+  peer: null, // our peer name in the room
+  roles: [],
+  iceServers: [],
+  sessionExpiresAt: null,
+  peers: new Map(), // peer -> {peer, uid, roles, publishing}
+  follow: new Set(),
+  mute: new Set(),
+  send: null, // Transport
+  localStream: null,
+  micPaused: false,
+  recv: null, // Transport
+  recvPaused: false,
+  nowPlaying: null, // the last now_playing notification
+  utterances: new Map(), // id -> {utterance, speaker, live, duration_ms, reason, order}
+  utteranceOrder: 0,
+  statsTimer: null,
+  lastStats: null,
+};
+
+function mayPublish() {
+  return room.roles.some((r) => r === 'speaker' || r === 'admin');
+}
+
+function mayModerate() {
+  return room.roles.some((r) => r === 'moderator' || r === 'admin');
+}
+
+async function joinRoom(roomName) {
+  if (!NAME_PATTERN.test(roomName)) {
+    throw new EncoreError('bad_request', 'the room name must be 1 to 64 letters, digits, "_", "." or "-"');
+  }
+  if (!auth.token) throw new EncoreError('unauthorized', 'sign in first');
+  if (Date.now() > auth.expiresAt - 30000) await refreshToken();
+
+  setStatus('connecting', 'connecting…');
+  const { ticket } = await fetchJson('/api/ws-ticket', {
+    method: 'POST',
+    headers: { Authorization: `Bearer ${auth.token}` },
+  });
+  const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
+  const sig = new Signaling();
+  installHandlers(sig);
+  room.sig = sig;
+  let welcome;
+  try {
+    welcome = await sig.connect(`${scheme}://${location.host}/ws?ticket=${encodeURIComponent(ticket)}`);
+  } catch (error) {
+    room.sig = null;
+    setStatus('disconnected', 'not connected');
+    throw error;
+  }
+  room.roles = Array.isArray(welcome.roles) ? welcome.roles : auth.roles;
+  room.sessionExpiresAt = welcome.session_expires_at || null;
+  sig.onclose = (_event, reason) => {
+    if (room.sig !== sig) return;
+    cleanupRoom();
+    setStatus('disconnected', `disconnected: ${reason}`);
+    if (_event.code !== 1000) showError(new EncoreError('closed', `the server closed the connection: ${reason}`));
+    render();
+  };
+
+  const display = auth.config.mode === 'dev' ? auth.uid : displayNameFromEmail(auth.email);
+  const fields = { room: roomName };
+  if (display) fields.name = display;
+  let data;
+  try {
+    data = await sig.request('join', fields);
+  } catch (error) {
+    room.sig = null;
+    sig.close();
+    cleanupRoom();
+    setStatus('disconnected', 'not in a room');
+    throw error;
+  }
+  room.name = data.room || roomName;
+  room.peer = data.peer;
+  if (Array.isArray(data.roles)) room.roles = data.roles;
+  room.iceServers = sanitizeIceServers(data.ice_servers);
+  room.peers.clear();
+  for (const p of data.peers || []) {
+    if (p && p.peer) room.peers.set(p.peer, { ...p });
+  }
+  setStatus('joined', `in room ${room.name} as ${room.peer}`);
+}
+
+function displayNameFromEmail(email) {
+  if (!email) return null;
+  const local = email.split('@')[0].replace(/[^A-Za-z0-9_.-]/g, '').slice(0, 64);
+  return local || null;
+}
+
+function sanitizeIceServers(list) {
+  if (!Array.isArray(list)) return [];
+  return list.filter((s) => s && (typeof s.urls === 'string' || Array.isArray(s.urls)));
+}
+
+function leaveRoom(why) {
+  const sig = room.sig;
+  if (!sig) return;
+  room.sig = null;
+  if (sig.isOpen) {
+    sig.request('leave', {}, 3000).catch(() => {}).finally(() => sig.close(1000, why || 'leave'));
+  }
+  cleanupRoom();
+  setStatus(auth.token ? 'signed-in' : 'signed-out', auth.token ? `signed in as ${auth.uid}` : 'signed out');
+}
+
+function cleanupRoom() {
+  stopTalkingLocally();
+  stopListeningLocally();
+  room.name = null;
+  room.peer = null;
+  room.peers.clear();
+  room.nowPlaying = null;
+  room.utterances.clear();
+}
+
+function installHandlers(sig) {
+  sig.on('peer_joined', (m) => {
+    room.peers.set(m.peer, { peer: m.peer, uid: m.uid, roles: m.roles || [], publishing: false });
+    render();
+  });
+  sig.on('peer_left', (m) => {
+    room.peers.delete(m.peer);
+    render();
+  });
+  sig.on('publishing', (m) => {
+    const p = room.peers.get(m.peer) || { peer: m.peer, roles: [] };
+    p.publishing = !!m.publishing;
+    room.peers.set(m.peer, p);
+    render();
+  });
+  sig.on('candidate', (m) => {
+    const transport = m.transport === 'send' ? room.send : m.transport === 'recv' ? room.recv : null;
+    if (transport) transport.remoteCandidate(m.candidate);
+  });
+  sig.on('now_playing', (m) => {
+    room.nowPlaying = m;
+    if (m.utterance) {
+      const u = touchUtterance(m.utterance, m.speaker);
+      u.live = !!m.live;
+    }
+    render();
+  });
+  sig.on('utterance_started', (m) => {
+    const u = touchUtterance(m.utterance, m.speaker);
+    u.live = true;
+    render();
+  });
+  sig.on('utterance_ended', (m) => {
+    const u = touchUtterance(m.utterance, m.speaker);
+    u.live = false;
+    u.duration_ms = m.duration_ms;
+    u.reason = m.reason;
+    if (room.nowPlaying && room.nowPlaying.utterance === m.utterance) room.nowPlaying = { ...room.nowPlaying, live: false };
+    render();
+  });
+  sig.on('session_expiring', () => {
+    refreshToken().catch((error) => showError(error, 'refreshing the sign-in')).finally(render);
+  });
+  sig.on('removed', (m) => {
+    showError(new EncoreError('removed', `a moderator (${m.by}) removed you from the room`));
+  });
+  sig.on('error', (m) => {
+    showError(new EncoreError(m.code || 'internal', m.message || 'server error'));
+  });
+}
+
+function touchUtterance(id, speaker) {
+  let u = room.utterances.get(id);
+  if (!u) {
+    u = { utterance: id, speaker: speaker || id.split('#')[0], live: false, order: room.utteranceOrder++ };
+    room.utterances.set(id, u);
+    if (room.utterances.size > RECENT_MAX) {
+      const oldest = [...room.utterances.values()].sort((a, b) => a.order - b.order)[0];
+      room.utterances.delete(oldest.utterance);
+    }
+  }
+  return u;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Talk: publish the microphone (and optionally the camera) on the send transport.
+
+async function startTalking(withCamera) {
+  if (!room.sig) throw new EncoreError('conflict', 'join a room first');
+  if (room.send) return;
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    throw new EncoreError('unsupported', 'this browser gives no microphone access here (the page needs HTTPS)');
+  }
+  let stream;
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({
+      audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true },
+      video: withCamera ? { width: { ideal: 640 }, height: { ideal: 360 }, frameRate: { ideal: 24 } } : false,
+    });
+  } catch (error) {
+    throw new EncoreError('media', `no access to the ${withCamera ? 'microphone or camera' : 'microphone'}: ${error.message || error.name}`);
+  }
+  room.localStream = stream;
+  const transport = new Transport('send', room.iceServers, (s) => setTransportState('send-state', s));
+  room.send = transport;
+  try {
+    const pc = transport.pc;
+    for (const track of stream.getTracks()) {
+      const transceiver = pc.addTransceiver(track, { direction: 'sendonly', streams: [stream] });
+      if (track.kind === 'video') preferCodec(transceiver, 'video/VP8');
+      if (track.kind === 'audio') preferCodec(transceiver, 'audio/opus');
+    }
+    const offer = await pc.createOffer();
+    if (!offer.sdp.includes(AUDIO_LEVEL_URI)) {
+      // Chromium and Firefox both offer it; without it the server detects voice less well.
+      console.warn('[encore] the offer lacks the audio-level header extension');
+    }
+    await pc.setLocalDescription(offer);
+    const data = await room.sig.request('publish', { offer: pc.localDescription.sdp });
+    if (transport.closed) return;
+    await pc.setRemoteDescription({ type: 'answer', sdp: remoteSdp(data.answer) });
+    await transport.remoteDescriptionSet();
+    transport.startTrickle();
+    room.micPaused = false;
+    const video = $('local-video');
+    if (withCamera) {
+      video.srcObject = stream;
+      video.hidden = false;
+    }
+  } catch (error) {
+    stopTalkingLocally();
+    throw error;
+  }
+}
+
+function preferCodec(transceiver, mimeType) {
+  try {
+    if (!transceiver.setCodecPreferences || !RTCRtpSender.getCapabilities) return;
+    const caps = RTCRtpSender.getCapabilities(mimeType.split('/')[0]);
+    if (!caps) return;
+    const wanted = caps.codecs.filter((c) => c.mimeType.toLowerCase() === mimeType.toLowerCase());
+    if (!wanted.length) return;
+    const rest = caps.codecs.filter((c) => c.mimeType.toLowerCase() !== mimeType.toLowerCase());
+    transceiver.setCodecPreferences([...wanted, ...rest]);
+  } catch (error) {
+    console.debug('[encore] setCodecPreferences', error);
+  }
+}
+
+async function stopTalking() {
+  const sig = room.sig;
+  const wasPublishing = !!room.send;
+  stopTalkingLocally();
+  if (sig && wasPublishing) await sig.request('unpublish');
+}
+
+function stopTalkingLocally() {
+  if (room.send) room.send.close();
+  room.send = null;
+  if (room.localStream) for (const track of room.localStream.getTracks()) track.stop();
+  room.localStream = null;
+  room.micPaused = false;
+  const video = $('local-video');
+  video.srcObject = null;
+  video.hidden = true;
+  setTransportState('send-state', 'closed');
+}
+
+async function toggleMic() {
+  if (!room.send) return;
+  const pause = !room.micPaused;
+  await room.sig.request(pause ? 'pause' : 'resume', { transport: 'send' });
+  room.micPaused = pause;
+  for (const track of room.localStream ? room.localStream.getAudioTracks() : []) track.enabled = !pause;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Listen: the server offers the personal stream on the receive transport.
+
+async function startListening(withVideo) {
+  if (!room.sig) throw new EncoreError('conflict', 'join a room first');
+  if (room.recv) return;
+  const transport = new Transport('recv', room.iceServers, (s) => setTransportState('recv-state', s));
+  room.recv = transport; // exists before `consume` so early server candidates are queued
+  const pc = transport.pc;
+  pc.ontrack = (event) => attachRemoteTrack(event);
+  try {
+    const data = await room.sig.request('consume', { video: !!withVideo });
+    if (transport.closed) return;
+    await pc.setRemoteDescription({ type: 'offer', sdp: remoteSdp(data.offer) });
+    await transport.remoteDescriptionSet();
+    const answer = await pc.createAnswer();
+    await pc.setLocalDescription(answer);
+    await room.sig.request('answer', { answer: pc.localDescription.sdp });
+    transport.startTrickle();
+    room.recvPaused = false;
+    startStats();
+  } catch (error) {
+    stopListeningLocally();
+    throw error;
+  }
+}
+
+function attachRemoteTrack(event) {
+  const track = event.track;
+  const el = track.kind === 'video' ? $('remote-video') : $('remote-audio');
+  let stream = el.srcObject;
+  if (!(stream instanceof MediaStream)) {
+    stream = new MediaStream();
+    el.srcObject = stream;
+  }
+  for (const old of stream.getTracks()) if (old.kind === track.kind) stream.removeTrack(old);
+  stream.addTrack(track);
+  if (track.kind === 'video') el.hidden = false;
+  playElement(el);
+}
+
+// Autoplay: the Listen click usually allows it; if the browser still refuses, the next click
+// anywhere starts playback.
+function playElement(el) {
+  const p = el.play();
+  if (p && p.catch) {
+    p.catch((error) => {
+      if (error && error.name === 'AbortError') return;
+      showError(new EncoreError('autoplay', 'the browser blocked playback: click anywhere on the page to hear the feed'));
+      document.addEventListener('click', () => el.play().then(clearError).catch(() => {}), { once: true });
+    });
+  }
+}
+
+function stopListeningLocally() {
+  if (room.recv) room.recv.close();
+  room.recv = null;
+  room.recvPaused = false;
+  stopStats();
+  for (const id of ['remote-audio', 'remote-video']) {
+    const el = $(id);
+    el.pause();
+    el.srcObject = null;
+  }
+  $('remote-video').hidden = true;
+  setTransportState('recv-state', 'closed');
+}
+
+// There is no "unconsume" in protocol v1: pausing the stream and closing our side of the transport
+// ends it (the server sees DTLS close and ICE go away).
+async function stopListening() {
+  const sig = room.sig;
+  const had = !!room.recv;
+  stopListeningLocally();
+  if (sig && had) await sig.request('pause', { transport: 'recv' }).catch(() => {});
+}
+
+async function toggleListening() {
+  if (!room.recv) return;
+  const pause = !room.recvPaused;
+  await room.sig.request(pause ? 'pause' : 'resume', { transport: 'recv' });
+  room.recvPaused = pause;
+}
+
+async function feedback(signal, utterance) {
+  const fields = { signal };
+  if (utterance) fields.utterance = utterance;
+  await room.sig.request('feedback', fields);
+}
+
+async function sendPrefs() {
+  await room.sig.request('prefs', { follow: [...room.follow], mute: [...room.mute] });
+}
+
+async function togglePref(set, peer) {
+  const had = set.has(peer);
+  if (had) set.delete(peer);
+  else set.add(peer);
+  try {
+    await sendPrefs();
+  } catch (error) {
+    if (had) set.add(peer);
+    else set.delete(peer);
+    throw error;
+  }
+}
+
+// Inbound audio as getStats() sees it (the test reads this too).
+async function recvStats() {
+  if (!room.recv) return null;
+  const report = await room.recv.pc.getStats();
+  const out = { audio: null, video: null };
+  report.forEach((s) => {
+    if (s.type === 'inbound-rtp' && (s.kind === 'audio' || s.mediaType === 'audio')) {
+      out.audio = {
+        packetsReceived: s.packetsReceived || 0,
+        packetsLost: s.packetsLost || 0,
+        bytesReceived: s.bytesReceived || 0,
+        totalAudioEnergy: s.totalAudioEnergy || 0,
+        audioLevel: s.audioLevel || 0,
+        totalSamplesReceived: s.totalSamplesReceived || 0,
+        concealedSamples: s.concealedSamples || 0,
+        jitter: s.jitter || 0,
+        ssrc: s.ssrc,
+      };
+    }
+    if (s.type === 'inbound-rtp' && (s.kind === 'video' || s.mediaType === 'video')) {
+      out.video = { packetsReceived: s.packetsReceived || 0, framesDecoded: s.framesDecoded || 0 };
+    }
+  });
+  return out;
+}
+
+function startStats() {
+  stopStats();
+  room.statsTimer = setInterval(async () => {
+    try {
+      room.lastStats = await recvStats();
+    } catch {
+      room.lastStats = null;
+    }
+    renderStats();
+  }, 1000);
+}
+
+function stopStats() {
+  clearInterval(room.statsTimer);
+  room.statsTimer = null;
+  room.lastStats = null;
+  renderStats();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rendering
+
+function setTransportState(id, state) {
+  const el = $(id);
+  el.textContent = state;
+  el.dataset.state = state;
+}
+
+function renderStats() {
+  const el = $('recv-stats');
+  const s = room.lastStats;
+  if (!s || !s.audio) {
+    el.textContent = '';
+    return;
+  }
+  const a = s.audio;
+  let text = `${a.packetsReceived} audio packets, level ${a.audioLevel.toFixed(3)}, energy ${a.totalAudioEnergy.toFixed(3)}`;
+  if (s.video) text += ` · ${s.video.framesDecoded} video frames`;
+  el.textContent = text;
+  el.dataset.packets = String(a.packetsReceived);
+}
+
+function formatLag(ms) {
+  const s = (ms || 0) / 1000;
+  return `${s < 10 ? s.toFixed(1) : Math.round(s)} s behind`;
+}
+
+function render() {
+  const config = auth.config;
+  const signedIn = !!auth.token;
+  const inRoom = !!(room.sig && room.peer);
+
+  // sign-in / account
+  show('signin', !!config && !signedIn);
+  if (config) {
+    $('auth-mode').textContent = `(${config.mode})`;
+    show('dev-form', config.mode === 'dev');
+    show('firebase-form', config.mode === 'firebase' || config.mode === 'firebase-emulator');
+  }
+  show('account', signedIn);
+  if (signedIn) {
+    $('whoami').textContent = auth.email ? `${auth.email} (${auth.uid})` : auth.uid;
+    const roles = inRoom ? room.roles : auth.roles;
+    $('roles').textContent = roles.length ? roles.join(', ') : '';
+    $('token-expiry').textContent = `· token until ${new Date(auth.expiresAt).toLocaleTimeString()}`;
+  }
+
+  // room
+  show('room-card', signedIn);
+  show('join', !inRoom);
+  show('leave', inRoom);
+  $('room').disabled = inRoom;
+  show('room-info', inRoom);
+  $('room-name').textContent = room.name || '';
+  $('my-peer').textContent = room.peer || '';
+  renderPeers(inRoom);
+
+  // talk
+  show('talk-card', inRoom);
+  const publishing = !!room.send;
+  $('talk').hidden = publishing;
+  $('talk').disabled = !mayPublish();
+  $('camera').disabled = publishing || !mayPublish();
+  show('talk-hint', !mayPublish());
+  show('stop-talk', publishing);
+  show('mute-mic', publishing);
+  $('mute-mic').textContent = room.micPaused ? 'Unmute microphone' : 'Mute microphone';
+  $('mute-mic').setAttribute('aria-pressed', String(room.micPaused));
+
+  // listen
+  show('listen-card', inRoom);
+  const listening = !!room.recv;
+  $('listen').hidden = listening;
+  $('want-video').disabled = listening;
+  show('stop-listen', listening);
+  show('pause-listen', listening);
+  $('pause-listen').textContent = room.recvPaused ? 'Resume' : 'Pause';
+  $('pause-listen').setAttribute('aria-pressed', String(room.recvPaused));
+  renderNowPlaying(listening);
+
+  show('utterances-card', inRoom);
+  renderUtterances();
+}
+
+function renderNowPlaying(listening) {
+  const np = room.nowPlaying;
+  const el = $('now-playing');
+  const utterance = np && np.utterance ? np.utterance : null;
+  el.textContent = utterance || (listening ? 'nothing (waiting for someone to talk)' : '—');
+  el.dataset.utterance = utterance || '';
+  $('now-speaker').textContent = utterance && np.speaker ? `by ${np.speaker}` : '';
+  const live = $('now-live');
+  if (utterance) {
+    const isLive = np.live && (np.lag_ms || 0) < 1000;
+    live.textContent = isLive ? 'live' : np.lag_ms ? formatLag(np.lag_ms) : 'ended';
+    live.dataset.live = String(isLive);
+    live.hidden = false;
+  } else {
+    live.textContent = '';
+    live.hidden = true;
+  }
+  $('now-reason').textContent = np && np.reason ? `why: ${typeof np.reason === 'string' ? np.reason : JSON.stringify(np.reason)}` : '';
+  $('skip').disabled = !utterance;
+  $('like').disabled = !utterance;
+}
+
+function renderPeers(inRoom) {
+  const list = $('peers');
+  list.replaceChildren();
+  if (!inRoom) return;
+  const peers = [...room.peers.values()].sort((a, b) => a.peer.localeCompare(b.peer));
+  const me = { peer: room.peer, uid: auth.uid, roles: room.roles, publishing: !!room.send, me: true };
+  for (const p of [me, ...peers.filter((p) => p.peer !== room.peer)]) {
+    const following = room.follow.has(p.peer);
+    const muted = room.mute.has(p.peer);
+    const li = h('li', { dataset: { peer: p.peer }, 'data-testid': `peer-${p.peer}` },
+      h('span', { class: 'peer-name' }, p.peer, p.me ? ' (you)' : ''),
+      h('span', { class: 'roles' }, (p.roles || []).join(', ')),
+      p.publishing ? h('span', { class: 'badge talking', 'data-testid': `publishing-${p.peer}` }, 'publishing') : null,
+    );
+    if (!p.me) {
+      li.append(
+        h('button', {
+          type: 'button', class: 'toggle', 'aria-pressed': String(following),
+          'data-testid': `follow-${p.peer}`, dataset: { action: 'follow', peer: p.peer },
+        }, following ? 'Following' : 'Follow'),
+        h('button', {
+          type: 'button', class: 'toggle', 'aria-pressed': String(muted),
+          'data-testid': `mute-${p.peer}`, dataset: { action: 'mute', peer: p.peer },
+        }, muted ? 'Muted' : 'Mute'),
+      );
+      if (mayModerate()) {
+        li.append(
+          h('button', { type: 'button', class: 'mod', 'data-testid': `mute-peer-${p.peer}`, dataset: { action: 'mute_peer', peer: p.peer } }, 'Silence mic'),
+          h('button', { type: 'button', class: 'mod', 'data-testid': `remove-peer-${p.peer}`, dataset: { action: 'remove_peer', peer: p.peer } }, 'Remove'),
+        );
+      }
+    }
+    list.append(li);
+  }
+}
+
+function renderUtterances() {
+  const list = $('utterances');
+  list.replaceChildren();
+  const items = [...room.utterances.values()].sort((a, b) => b.order - a.order);
+  if (!items.length) {
+    list.append(h('li', { class: 'empty' }, 'none yet'));
+    return;
+  }
+  const playing = room.nowPlaying && room.nowPlaying.utterance;
+  for (const u of items) {
+    const state = u.live ? 'live' : u.duration_ms !== undefined ? `${(u.duration_ms / 1000).toFixed(1)} s` : '';
+    list.append(h('li', {
+      class: u.utterance === playing ? 'playing' : '',
+      dataset: { utterance: u.utterance, live: String(u.live) },
+      'data-testid': `utterance-${u.utterance}`,
+    },
+    h('span', { class: 'utt-id' }, u.utterance),
+    h('span', { class: 'utt-state' }, state),
+    u.utterance === playing ? h('span', { class: 'badge' }, 'playing') : null,
+    u.speaker !== room.peer && room.recv
+      ? h('button', { type: 'button', class: 'small', dataset: { action: 'like-utterance', utterance: u.utterance } }, 'Like')
+      : null));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Wiring
+
+function wire() {
+  $('error-dismiss').addEventListener('click', clearError);
+
+  $('dev-form').addEventListener('submit', action($('dev-signin'), 'sign-in', async () => {
+    const name = $('dev-name').value.trim();
+    const role = $('dev-role').value;
+    await signInDev(name, role);
+    await whoami();
+    try {
+      localStorage.setItem('encore.dev', JSON.stringify({ name, role }));
+    } catch {
+      // private mode
+    }
+    setStatus('signed-in', `signed in as ${auth.uid}`);
+  }));
+
+  const firebaseSubmit = (signUp) => action(signUp ? $('signup-password') : $('signin-password'), signUp ? 'sign-up' : 'sign-in', async () => {
+    const form = $('firebase-form');
+    if (!form.reportValidity()) return;
+    await signInFirebase($('email').value.trim(), $('password').value, signUp);
+    $('password').value = '';
+    await whoami();
+    setStatus('signed-in', `signed in as ${auth.email || auth.uid}`);
+  });
+  $('firebase-form').addEventListener('submit', firebaseSubmit(false));
+  $('signup-password').addEventListener('click', firebaseSubmit(true));
+
+  $('signout').addEventListener('click', action(null, 'sign-out', async () => signOut()));
+
+  $('join-form').addEventListener('submit', action($('join'), 'join', async () => {
+    await joinRoom($('room').value.trim());
+  }));
+  $('leave').addEventListener('click', action($('leave'), 'leave', async () => leaveRoom('leave')));
+
+  $('talk').addEventListener('click', action($('talk'), 'talk', async () => startTalking($('camera').checked)));
+  $('stop-talk').addEventListener('click', action($('stop-talk'), 'stop talking', stopTalking));
+  $('mute-mic').addEventListener('click', action($('mute-mic'), 'microphone', toggleMic));
+
+  $('listen').addEventListener('click', action($('listen'), 'listen', async () => startListening($('want-video').checked)));
+  $('stop-listen').addEventListener('click', action($('stop-listen'), 'stop listening', stopListening));
+  $('pause-listen').addEventListener('click', action($('pause-listen'), 'pause', toggleListening));
+
+  $('skip').addEventListener('click', action($('skip'), 'skip', async () => feedback('skip', room.nowPlaying && room.nowPlaying.utterance)));
+  $('like').addEventListener('click', action($('like'), 'like', async () => feedback('like', room.nowPlaying && room.nowPlaying.utterance)));
+
+  // Delegated: per-peer and per-utterance buttons are re-rendered often.
+  $('peers').addEventListener('click', (event) => {
+    const button = event.target.closest('button[data-action]');
+    if (!button) return;
+    const { action: what, peer } = button.dataset;
+    const run = {
+      follow: () => togglePref(room.follow, peer),
+      mute: () => togglePref(room.mute, peer),
+      mute_peer: () => room.sig.request('mute_peer', { peer }),
+      remove_peer: () => room.sig.request('remove_peer', { peer }),
+    }[what];
+    if (run) action(button, what.replace('_', ' '), run)();
+  });
+  $('utterances').addEventListener('click', (event) => {
+    const button = event.target.closest('button[data-action="like-utterance"]');
+    if (button) action(button, 'like', () => feedback('like', button.dataset.utterance))();
+  });
+
+  window.addEventListener('pagehide', () => {
+    if (room.sig) room.sig.close(1001, 'page closed');
+  });
+}
+
+async function main() {
+  wire();
+  try {
+    const saved = JSON.parse(localStorage.getItem('encore.dev') || 'null');
+    if (saved) {
+      $('dev-name').value = saved.name || '';
+      if (saved.role) $('dev-role').value = saved.role;
+    }
+  } catch {
+    // no storage
+  }
+  try {
+    auth.config = await fetchJson('/api/client-config');
+  } catch (error) {
+    setStatus('error', 'the server is unreachable');
+    showError(error, 'loading the sign-in settings');
+    return;
+  }
+  if (auth.config.mode === 'firebase-emulator') {
+    $('firebase-hint').textContent = `Firebase Auth Emulator at ${auth.config.emulatorHost || '127.0.0.1:9099'} (project ${auth.config.projectId}): test accounts only.`;
+  } else if (auth.config.mode === 'firebase') {
+    $('firebase-hint').textContent = `Firebase project ${auth.config.projectId}.`;
+  }
+  setStatus('signed-out', 'signed out');
+  render();
+}
+
+// For tests and the console: read-only views of the state, and the receive stats.
+window.encore = {
+  auth: () => ({ uid: auth.uid, mode: auth.config && auth.config.mode, expiresAt: auth.expiresAt, roles: auth.roles }),
+  room: () => ({
+    name: room.name,
+    peer: room.peer,
+    roles: room.roles,
+    peers: [...room.peers.values()],
+    nowPlaying: room.nowPlaying,
+    utterances: [...room.utterances.values()],
+    publishing: !!room.send,
+    listening: !!room.recv,
+  }),
+  get sendPc() {
+    return room.send ? room.send.pc : null;
+  },
+  get recvPc() {
+    return room.recv ? room.recv.pc : null;
+  },
+  recvStats,
+};
+
+main();

@@ -1,0 +1,327 @@
+//! The real-browser test: a real `encore serve` process and two headless Chromium instances
+//! (Debian's chromium, driven by playwright-core from npm) running the demo page.
+//!
+//! `scripts/browser-deps.sh` installs what is missing (chromium, espeak-ng, sox, playwright-core)
+//! and prints where it is; `tests/browser/demo.mjs` does the browser part: page A signs in as a
+//! speaker and publishes a speech WAV made with espeak-ng (Chromium's fake audio capture), page B
+//! signs in as a listener; B's `getStats()` must show inbound audio packets with
+//! `totalAudioEnergy > 0`, and B's page must show A's utterance as now playing.
+//!
+//! Run it alone with `cargo test --test tests server::browser -- --nocapture`. Set
+//! `ENCORE_SKIP_BROWSER_TEST=1` to skip it on a machine that cannot install packages (it says so
+//! loudly); CI does not set it.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use serde_json::Value;
+
+/// How long the server may take to answer /healthz (a debug build making its key and certificate).
+const SERVER_START: Duration = Duration::from_secs(90);
+/// The browser script's own timeout (seconds); it stops itself at this plus 30 s.
+const BROWSER_TIMEOUT_S: u64 = 90;
+
+#[test]
+fn demo_page_speaker_to_listener_in_real_chromium() {
+    if std::env::var_os("ENCORE_SKIP_BROWSER_TEST").is_some_and(|v| !v.is_empty() && v != "0") {
+        eprintln!("SKIPPED: the real-browser test (ENCORE_SKIP_BROWSER_TEST is set)");
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let deps = browser_deps(root);
+    let work = TempDir::new("encore-browser-test");
+
+    let port = free_port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let data_dir = work.path().join("data");
+    fs::create_dir_all(&data_dir).expect("data dir");
+    let server_log = work.path().join("server.log");
+    let mut server = Server::start(&addr, &data_dir, &server_log);
+    wait_until_healthy(&addr, &mut server, &server_log);
+
+    let url = format!("https://{addr}");
+    eprintln!("browser test: server up at {url}; running tests/browser/demo.mjs");
+    let node = deps.get("NODE").map(String::as_str).unwrap_or("node");
+    let mut command = Command::new(node);
+    command
+        .current_dir(root)
+        .arg("tests/browser/demo.mjs")
+        .arg(&url)
+        .args(["--timeout", &BROWSER_TIMEOUT_S.to_string()])
+        .stdin(Stdio::null());
+    for key in ["CHROMIUM", "PLAYWRIGHT_CORE", "ESPEAK_NG", "SOX"] {
+        if let Some(value) = deps.get(key) {
+            command.env(key, value);
+        }
+    }
+    let script_log = work.path().join("demo.log");
+    let (status, output) = run_logged(command, &script_log, Duration::from_secs(BROWSER_TIMEOUT_S + 60));
+
+    let result = output
+        .lines()
+        .rev()
+        .find_map(|line| line.strip_prefix("RESULT "))
+        .and_then(|json| serde_json::from_str::<Value>(json).ok());
+    let passed = status == Some(0) && result.as_ref().is_some_and(|r| r["ok"] == Value::Bool(true));
+    if !passed {
+        panic!(
+            "the browser test failed (exit {status:?})\n--- demo.mjs ---\n{output}\n--- server log (last 150 lines) ---\n{}",
+            tail(&server_log, 150)
+        );
+    }
+    let result = result.expect("checked above");
+    let audio = &result["inbound_audio"];
+    let packets = audio["packetsReceived"].as_u64().unwrap_or(0);
+    let energy = audio["totalAudioEnergy"].as_f64().unwrap_or(0.0);
+    let peer_a = result["peer_a"].as_str().unwrap_or_default().to_owned();
+    let now_playing = result["now_playing"]["utterance"].as_str().unwrap_or_default().to_owned();
+    eprintln!(
+        "browser test: B received {packets} audio packets, totalAudioEnergy {energy:.4}; now playing {now_playing} \
+         ({}s after Talk); A sent {} packets",
+        result["now_playing"]["after_s"], result["outbound_audio_packets"]
+    );
+    // The script checked these; say them again here so a changed script cannot pass silently.
+    assert!(packets > 0, "no inbound audio packets: {result}");
+    assert!(energy > 0.0, "inbound audio decoded no energy: {result}");
+    assert!(
+        now_playing.strip_prefix(&format!("{peer_a}#")).is_some_and(|n| n.parse::<u32>().is_ok()),
+        "B's now playing {now_playing:?} is not an utterance of A ({peer_a:?})"
+    );
+    drop(server);
+}
+
+/// Runs scripts/browser-deps.sh and reads its `KEY=VALUE` lines.
+fn browser_deps(root: &Path) -> HashMap<String, String> {
+    let output = Command::new("bash")
+        .arg(root.join("scripts/browser-deps.sh"))
+        .current_dir(root)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run scripts/browser-deps.sh");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "scripts/browser-deps.sh failed ({}); it installs chromium, espeak-ng and sox with apt-get (root) and \
+         playwright-core with npm. Set ENCORE_SKIP_BROWSER_TEST=1 to skip this test where that is impossible.\n{stderr}",
+        output.status
+    );
+    let deps: HashMap<String, String> = stdout
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    eprintln!(
+        "browser test: {} with playwright-core at {}",
+        deps.get("CHROMIUM_VERSION").map(String::as_str).unwrap_or("chromium"),
+        deps.get("PLAYWRIGHT_CORE").map(String::as_str).unwrap_or("?")
+    );
+    deps
+}
+
+/// A port that was free a moment ago (the server binds it right after; a race is unlikely on
+/// loopback and would show as a clear start failure).
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// The `encore serve` child process, killed when dropped.
+struct Server {
+    child: Child,
+}
+
+impl Server {
+    fn start(addr: &SocketAddr, data_dir: &Path, log: &Path) -> Server {
+        let log_file = File::create(log).expect("server log");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_encore"));
+        command
+            .arg("serve")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(data_dir)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log fd"))
+            .stderr(log_file);
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "info");
+        }
+        let child = command.spawn().expect("start encore serve");
+        Server { child }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_until_healthy(addr: &SocketAddr, server: &mut Server, log: &Path) {
+    let deadline = Instant::now() + SERVER_START;
+    let mut last = String::new();
+    loop {
+        if let Ok(Some(status)) = server.child.try_wait() {
+            panic!("encore serve exited ({status}) before answering /healthz\n--- server log ---\n{}", tail(log, 100));
+        }
+        match https_get(addr, "/healthz") {
+            Ok((200, _)) => break,
+            Ok((status, body)) => last = format!("HTTP {status}: {body}"),
+            Err(error) => last = error,
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "encore serve did not answer GET /healthz within {SERVER_START:?} (last: {last})\n--- server log ---\n{}",
+                tail(log, 100)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Ready for traffic (dev mode fetches its own /dev/keys); a server without /readyz is fine too.
+    while Instant::now() < deadline {
+        match https_get(addr, "/readyz") {
+            Ok((200, _)) | Ok((404, _)) => return,
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// A plain HTTP/1.1 GET over TLS that accepts the server's self-signed certificate.
+fn https_get(addr: &SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider.signature_verification_algorithms)))
+        .with_no_client_auth();
+    let name = ServerName::try_from("localhost").expect("a valid name");
+    let connection = rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
+    let tcp = TcpStream::connect_timeout(addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    let mut tls = rustls::StreamOwned::new(connection, tcp);
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
+    let mut response = Vec::new();
+    // A server may close without close_notify; what was read still counts.
+    if let Err(error) = tls.read_to_end(&mut response)
+        && response.is_empty()
+    {
+        return Err(error.to_string());
+    }
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or_else(|| format!("not an HTTP response: {text:.200}"))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Accepts any certificate (the server's is self-signed) but still checks the handshake signatures.
+#[derive(Debug)]
+struct AnyCertificate(WebPkiSupportedAlgorithms);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_schemes()
+    }
+}
+
+/// Runs `command` with its output teed to `log` (and to this test's stderr), killing it after
+/// `limit`. Returns its exit code and everything it printed.
+fn run_logged(mut command: Command, log: &Path, limit: Duration) -> (Option<i32>, String) {
+    let file = File::create(log).expect("script log");
+    command.stdout(file.try_clone().expect("log fd")).stderr(file);
+    let mut child = command.spawn().expect("run node (scripts/browser-deps.sh installs it with npm)");
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status.code(),
+            Ok(None) if Instant::now() > deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(200)),
+            Err(error) => panic!("waiting for node: {error}"),
+        }
+    };
+    let output = fs::read_to_string(log).unwrap_or_default();
+    eprintln!("{output}");
+    (status, output)
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A temporary directory removed when dropped (kept when `ENCORE_KEEP_TEMP` is set).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(prefix: &str) -> TempDir {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let path = std::env::temp_dir().join(format!("{prefix}-{}-{nanos}", std::process::id()));
+        fs::create_dir_all(&path).expect("temp dir");
+        TempDir(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("ENCORE_KEEP_TEMP").is_none() {
+            let _ = fs::remove_dir_all(&self.0);
+        } else {
+            eprintln!("kept {}", self.0.display());
+        }
+    }
+}
