@@ -6,9 +6,13 @@
 //! synthetic room generator, and the command line.
 
 pub mod auth;
+pub mod client;
+pub mod config;
 pub mod generate;
+pub mod media;
 pub mod replay;
 pub mod scenario;
+pub mod server;
 pub mod trace;
 
 pub use encore_systems::{Engine, EngineError, components};

@@ -8,7 +8,10 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use encore::auth::AuthMode;
 use encore::components::config::EngineConfig;
+use encore::config::{Overrides, ServerConfig};
+use encore::server::{StartOptions, start};
 use encore::generate::{GenerateOptions, generate};
 use encore::replay::{DEFAULT_DRAIN_US, replay};
 use encore::scenario::ScenarioReader;
@@ -23,6 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the server: HTTPS and WSS signaling, WebRTC media, the demo page at /.
+    Serve(ServeArgs),
     /// Run a scenario through the engine headless, as fast as it goes, and write its trace.
     Replay(ReplayArgs),
     /// Scenario tools.
@@ -30,6 +35,28 @@ enum Command {
         #[command(subcommand)]
         command: ScenarioCommand,
     },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// A TOML configuration file (docs/configuration.md).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// HTTPS/WSS listen address (default 0.0.0.0:8443).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Where the self-signed certificate and other state are kept (default ./data).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Worker threads running rooms (default: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Record every room's inputs and trace into this folder.
+    #[arg(long)]
+    record: Option<PathBuf>,
+    /// The address announced to clients for media (1:1 NAT).
+    #[arg(long)]
+    public_ip: Option<std::net::IpAddr>,
 }
 
 #[derive(Args)]
@@ -81,6 +108,7 @@ struct GenerateArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(args) => run_serve(args),
         Command::Replay(args) => run_replay(args),
         Command::Scenario { command: ScenarioCommand::Generate(args) } => run_generate(args),
     };
@@ -90,6 +118,73 @@ fn main() -> ExitCode {
             eprintln!("encore: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn run_serve(args: ServeArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ENCORE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,webrtc=warn,rtc=warn,rtc_ice=error")),
+        )
+        .with_writer(io::stderr)
+        .init();
+    let overrides = Overrides {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        workers: args.workers,
+        record_dir: args.record,
+        public_ip: args.public_ip,
+    };
+    let config = ServerConfig::load(args.config.as_deref(), |key| std::env::var(key).ok(), &overrides)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
+    runtime.block_on(async move {
+        let dev = config.auth.mode == AuthMode::Dev;
+        let self_signed = config.server.tls_cert.is_none();
+        let mut server = start(config, StartOptions::default()).await?;
+        let local = format!("https://localhost:{}", server.addr.port());
+        println!("encore serving on {local} (listening on {}; signaling at {local}/ws)", server.addr);
+        if dev || self_signed {
+            println!();
+            println!("  !! DEVELOPMENT DEFAULTS: do not expose this server.");
+            if dev {
+                println!("  !! auth.mode = dev: the server issues its own tokens to anyone who asks (POST /dev/token).");
+            }
+            if let Some(cert) = &server.self_signed_cert {
+                println!("  !! TLS uses a self-signed certificate ({}); browsers will warn once.", cert.display());
+            }
+            println!();
+        }
+        tokio::select! {
+            result = server.wait() => result.context("the server stopped")?,
+            _ = shutdown_signal() => {
+                println!("encore: shutting down");
+                server.shutdown().await;
+            }
+        }
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
     }
 }
 

@@ -2,3 +2,4 @@
 
 mod auth;
 mod engine;
+mod server;

@@ -226,6 +226,28 @@ impl KeySource {
         }
     }
 
+    /// Whether keys are usable now, fetching them if the cache is empty or stale (for readiness
+    /// probes; the same single-flight and back-off rules apply).
+    pub async fn ready(&self) -> Result<(), AuthError> {
+        let now = self.clock.now_ms();
+        let (fresh, generation) = {
+            let state = self.lock();
+            (state.is_fresh(now), state.attempts)
+        };
+        if !fresh {
+            self.refresh(generation).await;
+        }
+        let now = self.clock.now_ms();
+        let state = self.lock();
+        match state.usable(now, self.options.stale_grace) {
+            Some(keys) if !keys.keys.is_empty() => Ok(()),
+            _ => Err(AuthError::KeysUnavailable(match &state.last_error {
+                Some(error) => format!("fetching {} failed: {error}", self.options.url),
+                None => format!("no keys fetched yet from {}", self.options.url),
+            })),
+        }
+    }
+
     /// Fetch now unless another caller already did since `seen_generation` or a recent failure
     /// says to wait.
     async fn refresh(&self, seen_generation: u64) {

@@ -76,6 +76,7 @@ struct Inner {
     verifier: Verifier,
     tickets: TicketStore,
     dev: Option<Arc<DevIssuer>>,
+    clock: SharedClock,
 }
 
 /// Shared auth state: the verifier, the ticket store, and in dev mode the issuer. Clone freely.
@@ -147,7 +148,12 @@ impl AuthState {
                 (Verifier::emulator(settings, clock.clone()), None)
             }
         };
-        Ok(AuthState { inner: Arc::new(Inner { config, verifier, tickets: TicketStore::new(clock), dev }) })
+        Ok(AuthState { inner: Arc::new(Inner { config, verifier, tickets: TicketStore::new(clock.clone()), dev, clock }) })
+    }
+
+    /// The auth clock's time in Unix seconds (sessions expire by it).
+    pub fn now_s(&self) -> i64 {
+        self.inner.clock.now_s()
     }
 
     pub fn config(&self) -> &AuthConfig {

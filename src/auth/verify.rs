@@ -149,6 +149,14 @@ impl Verifier {
     }
 
     /// Verify `token` at the clock's current time.
+    /// Whether tokens can be verified now (the keys are at hand or can be fetched).
+    pub async fn keys_ready(&self) -> Result<(), AuthError> {
+        match self.key_source() {
+            Some(keys) => keys.ready().await,
+            None => Ok(()),
+        }
+    }
+
     pub async fn verify(&self, token: &str) -> Result<AuthUser, AuthError> {
         let result = self.verify_inner(token).await;
         // Fields only: never the token, and nothing from it that was not checked.

@@ -1,0 +1,282 @@
+//! The client's media: a publisher (it offers, sends Opus with the audio level, and VP8 if
+//! asked) and a listener (the server offers; every packet received is handed over with its
+//! arrival time).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+
+use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind};
+use webrtc::media_stream::MediaStreamTrack;
+use webrtc::media_stream::track_local::TrackLocal;
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::{
+    PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder, RTCIceCandidateInit,
+    RTCPeerConnectionIceEvent, RTCPeerConnectionState, RTCSessionDescription, Registry, Slot, register_default_interceptors,
+};
+use webrtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+
+use encore_systems::components::ids::MediaKind;
+
+use super::signaling::{ClientError, Signaling};
+use crate::media as m;
+
+fn rtc_error(error: impl std::fmt::Display) -> ClientError {
+    ClientError::WebRtc(error.to_string())
+}
+
+struct Handler {
+    candidates: mpsc::UnboundedSender<RTCIceCandidateInit>,
+    state: watch::Sender<RTCPeerConnectionState>,
+    tracks: mpsc::UnboundedSender<Arc<dyn TrackRemote>>,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Handler {
+    async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
+        if let Ok(init) = event.candidate.to_json() {
+            let _ = self.candidates.send(init);
+        }
+    }
+
+    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        self.state.send_replace(state);
+    }
+
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        let _ = self.tracks.send(track);
+    }
+}
+
+struct Connection {
+    pc: Arc<dyn PeerConnection>,
+    state: watch::Receiver<RTCPeerConnectionState>,
+    tracks: mpsc::UnboundedReceiver<Arc<dyn TrackRemote>>,
+    local_candidates: mpsc::UnboundedReceiver<RTCIceCandidateInit>,
+}
+
+/// A client peer connection like a browser's: default interceptors (with a NACK responder),
+/// plus the audio-level extension.
+async fn connection() -> Result<Connection, ClientError> {
+    let (mut engine, _) = m::media_engine_and_registry().map_err(rtc_error)?;
+    let registry = register_default_interceptors(Registry::new(), &mut engine).map_err(rtc_error)?;
+    let registry = registry.with(Slot::from(14_000), m::RtcpToApp::default());
+    let (candidates, local_candidates) = mpsc::unbounded_channel();
+    let (state_tx, state) = watch::channel(RTCPeerConnectionState::New);
+    let (tracks_tx, tracks) = mpsc::unbounded_channel();
+    let handler = Handler { candidates, state: state_tx, tracks: tracks_tx };
+    let pc = PeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_media_engine(engine)
+        .with_setting_engine(m::setting_engine())
+        .with_interceptor_registry(registry)
+        .with_handler(Arc::new(handler))
+        .with_udp_addrs(vec!["127.0.0.1:0".to_owned()])
+        .build()
+        .await
+        .map_err(rtc_error)?;
+    Ok(Connection { pc: Arc::new(pc), state, tracks, local_candidates })
+}
+
+/// Trickles candidates both ways for one transport.
+fn trickle(
+    signaling: &Arc<Signaling>,
+    side: &'static str,
+    pc: Arc<dyn PeerConnection>,
+    mut local: mpsc::UnboundedReceiver<RTCIceCandidateInit>,
+) {
+    let mut remote = signaling.candidates(side);
+    let out = signaling.clone();
+    tokio::spawn(async move {
+        while let Some(candidate) = local.recv().await {
+            let value = serde_json::to_value(&candidate).unwrap_or(Value::Null);
+            if out.request("candidate", json!({"transport": side, "candidate": value})).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(value) = remote.recv().await {
+            let Ok(candidate) = serde_json::from_value::<RTCIceCandidateInit>(value) else { continue };
+            if candidate.candidate.is_empty() {
+                continue;
+            }
+            // A connection takes candidates only once it has the remote description.
+            while pc.remote_description().await.is_none() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if pc.add_ice_candidate(candidate).await.is_err() {
+                break;
+            }
+        }
+    });
+}
+
+async fn connected(state: &mut watch::Receiver<RTCPeerConnectionState>) -> Result<(), ClientError> {
+    let wait = state.wait_for(|s| matches!(s, RTCPeerConnectionState::Connected | RTCPeerConnectionState::Failed));
+    match tokio::time::timeout(Duration::from_secs(20), wait).await {
+        Ok(Ok(state)) if *state == RTCPeerConnectionState::Connected => Ok(()),
+        Ok(_) => Err(ClientError::WebRtc("the connection failed".into())),
+        Err(_) => Err(ClientError::Timeout("ICE and DTLS".into())),
+    }
+}
+
+fn track(kind: RtpCodecKind, ssrc: u32) -> Arc<TrackLocalStaticRTP> {
+    let codec = if kind == RtpCodecKind::Audio { m::opus_codec() } else { m::vp8_codec() };
+    Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+        format!("client-{ssrc}"),
+        format!("client-{ssrc}-{kind}"),
+        format!("client {kind}"),
+        kind,
+        vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
+            codec,
+            ..Default::default()
+        }],
+    )))
+}
+
+/// A publishing client: its send transport, ready to send.
+pub struct Publisher {
+    pc: Arc<dyn PeerConnection>,
+    audio: Arc<TrackLocalStaticRTP>,
+    video: Option<Arc<TrackLocalStaticRTP>>,
+    audio_ssrc: u32,
+    video_ssrc: u32,
+    level_id: Option<u8>,
+    seq: [u16; 2],
+}
+
+impl Publisher {
+    /// Offers, publishes, and waits until the connection is up.
+    pub async fn start(signaling: &Arc<Signaling>, video: bool, ssrc_seed: u32) -> Result<Self, ClientError> {
+        let Connection { pc, mut state, local_candidates, .. } = connection().await?;
+        let audio_ssrc = 0x1000_0000 | ssrc_seed;
+        let video_ssrc = 0x2000_0000 | ssrc_seed;
+        let audio = track(RtpCodecKind::Audio, audio_ssrc);
+        let video = video.then(|| track(RtpCodecKind::Video, video_ssrc));
+        let mut transceivers = Vec::new();
+        for t in std::iter::once(&audio).chain(video.iter()) {
+            let init = RTCRtpTransceiverInit { direction: RTCRtpTransceiverDirection::Sendonly, ..Default::default() };
+            transceivers.push(pc.add_transceiver_from_track(t.clone() as Arc<dyn TrackLocal>, Some(init)).await.map_err(rtc_error)?);
+        }
+        let offer = pc.create_offer(None).await.map_err(rtc_error)?;
+        pc.set_local_description(offer.clone()).await.map_err(rtc_error)?;
+        trickle(signaling, "send", pc.clone(), local_candidates);
+        let answer = signaling.request("publish", json!({"offer": offer.sdp})).await?;
+        let answer = answer["answer"].as_str().ok_or_else(|| ClientError::WebRtc("no answer SDP".into()))?;
+        pc.set_remote_description(RTCSessionDescription::answer(answer.to_owned()).map_err(rtc_error)?)
+            .await
+            .map_err(rtc_error)?;
+        connected(&mut state).await?;
+        let level_id = m::negotiated_audio_level(&transceivers[0], false).await;
+        Ok(Publisher { pc, audio, video, audio_ssrc, video_ssrc, level_id, seq: [1000, 5000] })
+    }
+
+    /// Sends one 20 ms audio packet (its RTP timestamp from `at`, a 48 kHz clock).
+    pub async fn send_audio(&mut self, at: Duration, payload: Bytes, level: u8, voice: bool) -> Result<(), ClientError> {
+        self.seq[0] = self.seq[0].wrapping_add(1);
+        let mut packet = m::RtpPacket::default();
+        packet.header.version = 2;
+        packet.header.payload_type = m::OPUS_PAYLOAD_TYPE;
+        packet.header.sequence_number = self.seq[0];
+        packet.header.timestamp = (at.as_micros() as u64 * 48 / 1000) as u32;
+        packet.header.ssrc = self.audio_ssrc;
+        if let Some(id) = self.level_id {
+            packet.header.set_extension(id, Bytes::from(vec![m::audio_level_byte(level, voice)])).map_err(rtc_error)?;
+        }
+        packet.payload = payload;
+        self.audio.write_rtp(packet).await.map_err(rtc_error)
+    }
+
+    /// Sends one video packet (a whole frame), a VP8 key frame or not.
+    pub async fn send_video(&mut self, at: Duration, keyframe: bool, size: usize) -> Result<(), ClientError> {
+        let Some(video) = &self.video else { return Ok(()) };
+        self.seq[1] = self.seq[1].wrapping_add(1);
+        let mut payload = vec![0u8; size.max(4)];
+        payload[0] = 0x10; // S=1, PID=0
+        payload[1] = if keyframe { 0x00 } else { 0x01 }; // P bit
+        let mut packet = m::RtpPacket::default();
+        packet.header.version = 2;
+        packet.header.payload_type = m::VP8_PAYLOAD_TYPE;
+        packet.header.sequence_number = self.seq[1];
+        packet.header.timestamp = (at.as_micros() as u64 * 90 / 1000) as u32;
+        packet.header.ssrc = self.video_ssrc;
+        packet.header.marker = true;
+        packet.payload = Bytes::from(payload);
+        video.write_rtp(packet).await.map_err(rtc_error)
+    }
+
+    pub async fn close(self) {
+        let _ = self.pc.close().await;
+    }
+}
+
+/// A packet a listener received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub media: MediaKind,
+    pub at: Instant,
+    pub seq: u16,
+    pub ts: u32,
+    pub ssrc: u32,
+    pub marker: bool,
+    pub payload: Bytes,
+}
+
+/// A listening client: its receive transport and the packets it gets.
+pub struct Listener {
+    pc: Arc<dyn PeerConnection>,
+    pub packets: mpsc::UnboundedReceiver<Received>,
+}
+
+impl Listener {
+    /// Consumes (the server offers), answers, and waits until the connection is up.
+    pub async fn start(signaling: &Arc<Signaling>, video: bool) -> Result<Self, ClientError> {
+        let Connection { pc, mut state, mut tracks, local_candidates } = connection().await?;
+        let offer = signaling.request("consume", json!({"video": video})).await?;
+        let offer = offer["offer"].as_str().ok_or_else(|| ClientError::WebRtc("no offer SDP".into()))?;
+        pc.set_remote_description(RTCSessionDescription::offer(offer.to_owned()).map_err(rtc_error)?)
+            .await
+            .map_err(rtc_error)?;
+        let answer = pc.create_answer(None).await.map_err(rtc_error)?;
+        pc.set_local_description(answer.clone()).await.map_err(rtc_error)?;
+        trickle(signaling, "recv", pc.clone(), local_candidates);
+        signaling.request("answer", json!({"answer": answer.sdp})).await?;
+        let (tx, packets) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(track) = tracks.recv().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let media = if track.kind().await == RtpCodecKind::Video { MediaKind::Video } else { MediaKind::Audio };
+                    while let Some(event) = track.poll().await {
+                        if let TrackRemoteEvent::OnRtpPacket(packet) = event {
+                            let received = Received {
+                                media,
+                                at: Instant::now(),
+                                seq: packet.header.sequence_number,
+                                ts: packet.header.timestamp,
+                                ssrc: packet.header.ssrc,
+                                marker: packet.header.marker,
+                                payload: packet.payload,
+                            };
+                            if tx.send(received).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        connected(&mut state).await?;
+        Ok(Listener { pc, packets })
+    }
+
+    pub async fn close(self) {
+        let _ = self.pc.close().await;
+    }
+}

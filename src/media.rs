@@ -1,0 +1,279 @@
+//! WebRTC building blocks shared by the server's transports and the Rust client (tests and the
+//! load generator), on the `webrtc` crate 0.21 and its `rtc` core.
+//!
+//! Traps this module exists to avoid (measured, see docs/operations.md): the audio-level header
+//! extension is not registered by default; inbound RTCP (a listener's NACK and PLI) reaches the
+//! application only through an interceptor that marks it, one packet per batch; `write_rtp`
+//! returns `Ok` even when the connection drops the packet (before DTLS is up, or with a payload
+//! type, SSRC or extension id the leg did not negotiate).
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rtc::interceptor::{Attribute, AttributedPacket, Interceptor, NackGeneratorBuilder, Packet, StreamInfo, TaggedPacket};
+use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_OPUS, MIME_TYPE_VP8};
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
+};
+use rtc::sansio::Protocol;
+use webrtc::peer_connection::{
+    MediaEngine, Registry, SettingEngine, SettingEngineBuilder, Slot, configure_rtcp_reports,
+    configure_twcc_receiver_only,
+};
+use webrtc::rtp_transceiver::{RTCRtpTransceiverDirection, RtpTransceiver};
+
+pub use rtc::rtp::Packet as RtpPacket;
+pub use rtc::rtp_transceiver::rtp_sender::RtpCodecKind as Kind;
+
+pub const AUDIO_LEVEL_URI: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
+pub const OPUS_PAYLOAD_TYPE: u8 = 111;
+pub const VP8_PAYLOAD_TYPE: u8 = 96;
+
+pub fn opus_codec() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_OPUS.to_owned(),
+        clock_rate: 48_000,
+        channels: 2,
+        sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
+        rtcp_feedback: vec![],
+    }
+}
+
+pub fn vp8_codec() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_VP8.to_owned(),
+        clock_rate: 90_000,
+        channels: 0,
+        sdp_fmtp_line: String::new(),
+        rtcp_feedback: vec![],
+    }
+}
+
+/// Opus and VP8 with the audio-level extension, and the interceptors of an SFU leg: NACK
+/// generation, RTCP reports, transport-wide congestion feedback, and inbound NACK/PLI/FIR handed
+/// to the application. No NACK responder: the engine answers NACKs from its buffer.
+pub fn media_engine_and_registry() -> Result<(MediaEngine, Registry), rtc::shared::error::Error> {
+    let mut engine = MediaEngine::default();
+    engine.register_codec(
+        RTCRtpCodecParameters { rtp_codec: opus_codec(), payload_type: OPUS_PAYLOAD_TYPE, ..Default::default() },
+        RtpCodecKind::Audio,
+    )?;
+    engine.register_codec(
+        RTCRtpCodecParameters { rtp_codec: vp8_codec(), payload_type: VP8_PAYLOAD_TYPE, ..Default::default() },
+        RtpCodecKind::Video,
+    )?;
+    // Feedback attaches to codecs already registered: after register_codec.
+    for (typ, parameter) in [("nack", ""), ("nack", "pli"), ("ccm", "fir")] {
+        engine.register_feedback(RTCPFeedback { typ: typ.to_owned(), parameter: parameter.to_owned() }, RtpCodecKind::Video);
+    }
+    engine.register_feedback(RTCPFeedback { typ: "nack".to_owned(), parameter: String::new() }, RtpCodecKind::Audio);
+    engine.register_header_extension(
+        RTCRtpHeaderExtensionCapability { uri: AUDIO_LEVEL_URI.to_owned() },
+        RtpCodecKind::Audio,
+        None::<RTCRtpTransceiverDirection>,
+    )?;
+    let registry = Registry::new().with(Slot::NackGenerator, NackGeneratorBuilder::new().build());
+    let registry = configure_rtcp_reports(registry);
+    let registry = configure_twcc_receiver_only(registry, &mut engine)?;
+    let registry = registry.with(Slot::from(14_000), RtcpToApp::default());
+    Ok((engine, registry))
+}
+
+/// mDNS off: a server announces reachable host addresses, and each connection would otherwise
+/// bind one more multicast socket.
+pub fn setting_engine() -> SettingEngine {
+    SettingEngineBuilder::new().with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled).build()
+}
+
+/// The last interceptor: hands NACK, PLI and FIR to the application, one packet per message
+/// (the core routes an inbound batch to a track by its first packet only), and drops the rest
+/// of the inbound RTCP, which the interceptors before it have consumed.
+#[derive(Default)]
+pub struct RtcpToApp {
+    read: VecDeque<TaggedPacket>,
+    write: VecDeque<TaggedPacket>,
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for RtcpToApp {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, message: TaggedPacket) -> Result<(), Self::Error> {
+        match &message.message.packet {
+            Packet::Rtcp(packets) => {
+                for packet in packets {
+                    let any = packet.as_any();
+                    if any.is::<TransportLayerNack>() || any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>() {
+                        self.read.push_back(TaggedPacket {
+                            now: message.now,
+                            transport: message.transport,
+                            message: AttributedPacket::new(Packet::Rtcp(vec![packet.clone()]))
+                                .with(Attribute::DeliverToApplication),
+                        });
+                    }
+                }
+            }
+            _ => self.read.push_back(message),
+        }
+        Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<TaggedPacket> {
+        self.read.pop_front()
+    }
+
+    fn handle_write(&mut self, message: TaggedPacket) -> Result<(), Self::Error> {
+        self.write.push_back(message);
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<TaggedPacket> {
+        self.write.pop_front()
+    }
+}
+
+impl Interceptor for RtcpToApp {
+    fn bind_local_stream(&mut self, _: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _: &StreamInfo) {}
+}
+
+/// What a listener's RTCP asks of us.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Feedback {
+    Nack(Vec<u16>),
+    KeyframeRequest,
+}
+
+/// Reads a NACK, PLI or FIR out of an inbound RTCP packet.
+pub fn feedback(packet: &dyn rtc::rtcp::Packet) -> Option<Feedback> {
+    let any = packet.as_any();
+    if let Some(nack) = any.downcast_ref::<TransportLayerNack>() {
+        return Some(Feedback::Nack(nack.nacks.iter().flat_map(|pair| pair.packet_list()).collect()));
+    }
+    if any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>() {
+        return Some(Feedback::KeyframeRequest);
+    }
+    None
+}
+
+/// A PLI for a publisher's stream.
+pub fn picture_loss(media_ssrc: u32) -> Box<dyn rtc::rtcp::Packet> {
+    Box::new(PictureLossIndication { sender_ssrc: 0, media_ssrc })
+}
+
+/// RFC 6464: (level 0..=127 in -dBov, V flag) from the negotiated extension id.
+pub fn audio_level(packet: &RtpPacket, extension_id: u8) -> Option<(u8, bool)> {
+    let value = *packet.header.get_extension(extension_id)?.first()?;
+    Some((value & 0x7f, value & 0x80 != 0))
+}
+
+/// The one-byte RFC 6464 value.
+pub fn audio_level_byte(level: u8, voice: bool) -> u8 {
+    (if voice { 0x80 } else { 0 }) | (level & 0x7f)
+}
+
+/// The first packet of a VP8 key frame (RFC 7741): S=1 and PID=0 in the payload descriptor,
+/// and the P bit of the first VP8 payload header byte is 0.
+pub fn vp8_keyframe_start(payload: &[u8]) -> bool {
+    let Some(&first) = payload.first() else { return false };
+    let extended = first & 0x80 != 0;
+    if first & 0x10 == 0 || first & 0x07 != 0 {
+        return false;
+    }
+    let mut index = 1;
+    if extended {
+        let Some(&x) = payload.get(index) else { return false };
+        index += 1;
+        if x & 0x80 != 0 {
+            let Some(&picture_id) = payload.get(index) else { return false };
+            index += if picture_id & 0x80 != 0 { 2 } else { 1 };
+        }
+        if x & 0x40 != 0 {
+            index += 1;
+        }
+        if x & 0x30 != 0 {
+            index += 1;
+        }
+    }
+    payload.get(index).is_some_and(|header| header & 0x01 == 0)
+}
+
+/// The negotiated id of the audio-level extension on a transceiver's sender or receiver.
+pub async fn negotiated_audio_level(transceiver: &Arc<dyn RtpTransceiver>, receiving: bool) -> Option<u8> {
+    let extensions = if receiving {
+        transceiver.receiver().await.ok()??.get_parameters().await.ok()?.rtp_parameters.header_extensions
+    } else {
+        transceiver.sender().await.ok()??.get_parameters().await.ok()?.rtp_parameters.header_extensions
+    };
+    extensions.iter().find(|e| e.uri == AUDIO_LEVEL_URI).and_then(|e| u8::try_from(e.id).ok())
+}
+
+/// The payload type the sender negotiated for its codec.
+pub async fn negotiated_payload_type(transceiver: &Arc<dyn RtpTransceiver>) -> Option<u8> {
+    let parameters = transceiver.sender().await.ok()??.get_parameters().await.ok()?;
+    parameters.rtp_parameters.codecs.first().map(|c| c.payload_type)
+}
+
+/// Puts `public_ip` in place of a host candidate's address (1:1 NAT), since the crate's own
+/// setting for it is not applied in 0.21.
+pub fn announce_public_ip(candidate: &str, public_ip: Option<IpAddr>) -> String {
+    let Some(ip) = public_ip else { return candidate.to_owned() };
+    let mut fields: Vec<&str> = candidate.split(' ').collect();
+    let is_host = fields.windows(2).any(|w| w[0] == "typ" && w[1] == "host");
+    if !is_host || fields.len() < 6 {
+        return candidate.to_owned();
+    }
+    let ip = ip.to_string();
+    fields[4] = &ip;
+    fields.join(" ")
+}
+
+pub fn kind_of(media: encore_systems::components::ids::MediaKind) -> RtpCodecKind {
+    match media {
+        encore_systems::components::ids::MediaKind::Audio => RtpCodecKind::Audio,
+        encore_systems::components::ids::MediaKind::Video => RtpCodecKind::Video,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vp8_key_frames_are_told_from_delta_frames() {
+        assert!(vp8_keyframe_start(&[0x10, 0x50, 0x02, 0x00, 0x9d, 0x01, 0x2a]));
+        assert!(!vp8_keyframe_start(&[0x10, 0x51, 0x02]), "P bit set: delta frame");
+        assert!(!vp8_keyframe_start(&[0x00, 0x50]), "not a partition start");
+        // Extended descriptor with a 15-bit picture id, then a key frame header.
+        assert!(vp8_keyframe_start(&[0x90, 0x80, 0x81, 0x23, 0x50]));
+        assert!(!vp8_keyframe_start(&[]));
+    }
+
+    #[test]
+    fn audio_levels_round_trip_through_the_extension_byte() {
+        let mut packet = RtpPacket::default();
+        packet.header.set_extension(3, bytes::Bytes::from(vec![audio_level_byte(42, true)])).unwrap();
+        assert_eq!(audio_level(&packet, 3), Some((42, true)));
+        assert_eq!(audio_level(&packet, 4), None);
+    }
+
+    #[test]
+    fn a_public_ip_replaces_host_addresses_only() {
+        let ip: IpAddr = "203.0.113.7".parse().unwrap();
+        let host = "candidate:1 1 udp 2130706431 10.0.0.5 50000 typ host";
+        assert_eq!(announce_public_ip(host, Some(ip)), "candidate:1 1 udp 2130706431 203.0.113.7 50000 typ host");
+        let srflx = "candidate:2 1 udp 1694498815 198.51.100.1 50000 typ srflx raddr 10.0.0.5 rport 50000";
+        assert_eq!(announce_public_ip(srflx, Some(ip)), srflx);
+        assert_eq!(announce_public_ip(host, None), host);
+    }
+}

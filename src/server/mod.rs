@@ -1,0 +1,158 @@
+//! `encore serve`: HTTPS and WSS signaling (axum over rustls), WebRTC transports, and rooms on
+//! worker threads. [`start`] brings it all up on the configured address (port 0 picks a free
+//! one) and returns a handle that shuts it down gracefully: stop accepting, close the sessions
+//! (which close their peers' transports), close the rooms (flushing recordings), stop workers.
+
+pub mod http;
+pub mod recorder;
+pub mod rooms;
+pub mod signaling;
+pub mod tls;
+pub mod transport;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum_server::tls_rustls::RustlsConfig;
+use tokio::sync::broadcast;
+
+use crate::auth::{AuthOptions, AuthSetupError, AuthState, DevIssuer, SharedClock};
+use crate::config::ServerConfig;
+use rooms::Rooms;
+use tls::{TlsError, TlsMaterial};
+use transport::TransportSettings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("binding {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("auth: {0}")]
+    Auth(#[from] AuthSetupError),
+    #[error("starting: {0}")]
+    Start(String),
+}
+
+/// What every handler and session shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<ServerConfig>,
+    pub auth: AuthState,
+    pub rooms: Arc<Rooms>,
+    pub transport: Arc<TransportSettings>,
+    pub shutdown: broadcast::Sender<()>,
+    pub stopping: Arc<AtomicBool>,
+}
+
+/// Test and embedding hooks that the configuration file cannot express.
+#[derive(Clone, Default)]
+pub struct StartOptions {
+    /// The auth clock (tests move it to expire sessions).
+    pub clock: Option<SharedClock>,
+    /// A dev issuer made in advance (RSA key generation takes time).
+    pub dev_issuer: Option<Arc<DevIssuer>>,
+}
+
+/// A running server.
+pub struct Server {
+    pub addr: SocketAddr,
+    /// `https://127.0.0.1:PORT` (or the listen address when it is not a wildcard).
+    pub url: String,
+    pub self_signed_cert: Option<std::path::PathBuf>,
+    app: AppState,
+    handle: axum_server::Handle<SocketAddr>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    pub fn auth(&self) -> &AuthState {
+        &self.app.auth
+    }
+
+    pub fn rooms(&self) -> &Arc<Rooms> {
+        &self.app.rooms
+    }
+
+    /// Stops accepting, closes every session and room (recordings flushed), waits for workers.
+    pub async fn shutdown(self) {
+        self.app.stopping.store(true, Ordering::Relaxed);
+        let _ = self.app.shutdown.send(());
+        // Sessions close their transports and leave their rooms; give them a moment.
+        self.handle.graceful_shutdown(Some(Duration::from_secs(5)));
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+        let rooms = self.app.rooms.clone();
+        let _ = tokio::task::spawn_blocking(move || rooms.shutdown()).await;
+    }
+
+    /// Runs until the server stops by itself (it does not, unless the listener fails).
+    pub async fn wait(&mut self) -> std::io::Result<()> {
+        match (&mut self.task).await {
+            Ok(result) => result,
+            Err(error) => Err(std::io::Error::other(error)),
+        }
+    }
+}
+
+pub async fn start(config: ServerConfig, options: StartOptions) -> Result<Server, ServerError> {
+    // rustls has no default provider here (ring is chosen explicitly; see FIELD-NOTES).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = Arc::new(config);
+    let tls = TlsMaterial::load_or_create(
+        config.server.tls_cert.as_deref(),
+        config.server.tls_key.as_deref(),
+        &config.server.data_dir,
+    )?;
+    let listen = config.server.listen;
+    let listener = std::net::TcpListener::bind(listen).map_err(|source| ServerError::Bind { addr: listen, source })?;
+    listener.set_nonblocking(true).map_err(|source| ServerError::Bind { addr: listen, source })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: listen, source })?;
+    let own_ip = if addr.ip().is_unspecified() { IpAddr::V4(Ipv4Addr::LOCALHOST) } else { addr.ip() };
+    let url = format!("https://{}", SocketAddr::new(own_ip, addr.port()));
+
+    let auth_options = AuthOptions {
+        clock: options.clock.unwrap_or_else(|| Arc::new(crate::auth::SystemClock)),
+        self_base_url: Some(url.clone()),
+        extra_root_certs: if tls.self_signed { tls.chain.clone() } else { Vec::new() },
+        dev_issuer: options.dev_issuer,
+    };
+    let auth_config = config.auth.clone();
+    // Dev mode makes an RSA key: CPU work, off the async threads.
+    let auth = tokio::task::spawn_blocking(move || AuthState::new(auth_config, auth_options))
+        .await
+        .map_err(|e| ServerError::Start(e.to_string()))??;
+
+    let rooms = Rooms::start(
+        config.worker_count(),
+        config.engine.clone(),
+        config.server.record_dir.clone(),
+        config.server.max_rooms,
+        config.server.max_peers_per_room,
+    );
+    let (shutdown, _) = broadcast::channel(1);
+    let app = AppState {
+        config: config.clone(),
+        auth,
+        rooms,
+        transport: Arc::new(TransportSettings::new(&config.media)),
+        shutdown,
+        stopping: Arc::new(AtomicBool::new(false)),
+    };
+    let router = http::router(app.clone());
+    let rustls = RustlsConfig::from_config(tls.server_config()?);
+    let handle = axum_server::Handle::new();
+    let server = axum_server::from_tcp_rustls(listener, rustls)
+        .map_err(|e| ServerError::Start(e.to_string()))?
+        .handle(handle.clone());
+    let task = tokio::spawn(async move { server.serve(router.into_make_service()).await });
+    Ok(Server {
+        addr,
+        url,
+        self_signed_cert: tls.self_signed.then(|| tls.cert_path.clone()),
+        app,
+        handle,
+        task,
+    })
+}
