@@ -654,7 +654,17 @@ function installHandlers(sig) {
     showError(new EncoreError('removed', `a moderator (${m.by}) removed you from the room`));
   });
   sig.on('error', (m) => {
+    if (m.code === 'transport_failed') {
+      // The server dropped that transport. If we had closed it ourselves, that is no news;
+      // otherwise close our side too, so Talk or Listen can start again.
+      const side = m.transport || (/\brecv\b/i.test(m.message || '') ? 'recv' : /\bsend\b/i.test(m.message || '') ? 'send' : null);
+      const live = side === 'recv' ? room.recv : side === 'send' ? room.send : null;
+      if (side && !live) return;
+      if (side === 'recv') stopListeningLocally();
+      if (side === 'send') stopTalkingLocally();
+    }
     showError(new EncoreError(m.code || 'internal', m.message || 'server error'));
+    render();
   });
 }
 
@@ -831,13 +841,20 @@ function stopListeningLocally() {
   setTransportState('recv-state', 'closed');
 }
 
-// There is no "unconsume" in protocol v1: pausing the stream and closing our side of the transport
-// ends it (the server sees DTLS close and ICE go away).
+// Ends the personal stream. `unconsume` (the counterpart of `unpublish`) where the server has it;
+// a server without it answers bad_request, and then pausing the stream and closing our side of the
+// transport ends it (the server sees DTLS close and ICE go away, and drops it a little later).
 async function stopListening() {
   const sig = room.sig;
   const had = !!room.recv;
   stopListeningLocally();
-  if (sig && had) await sig.request('pause', { transport: 'recv' }).catch(() => {});
+  if (!sig || !had) return;
+  try {
+    await sig.request('unconsume');
+  } catch (error) {
+    if (error.code !== 'bad_request') throw error;
+    await sig.request('pause', { transport: 'recv' }).catch(() => {});
+  }
 }
 
 async function toggleListening() {
@@ -932,7 +949,7 @@ function renderStats() {
     return;
   }
   const a = s.audio;
-  let text = `${a.packetsReceived} audio packets, level ${a.audioLevel.toFixed(3)}, energy ${a.totalAudioEnergy.toFixed(3)}`;
+  let text = `· ${a.packetsReceived} audio packets, level ${a.audioLevel.toFixed(3)}, energy ${a.totalAudioEnergy.toFixed(3)}`;
   if (s.video) text += ` · ${s.video.framesDecoded} video frames`;
   el.textContent = text;
   el.dataset.packets = String(a.packetsReceived);
@@ -982,7 +999,7 @@ function render() {
   show('talk-hint', !mayPublish());
   show('stop-talk', publishing);
   show('mute-mic', publishing);
-  $('mute-mic').textContent = room.micPaused ? 'Unmute microphone' : 'Mute microphone';
+  $('mute-mic').textContent = room.micPaused ? 'Unmute' : 'Mute';
   $('mute-mic').setAttribute('aria-pressed', String(room.micPaused));
 
   // listen
@@ -1004,8 +1021,9 @@ function renderNowPlaying(listening) {
   const np = room.nowPlaying;
   const el = $('now-playing');
   const utterance = np && np.utterance ? np.utterance : null;
-  el.textContent = utterance || (listening ? 'nothing (waiting for someone to talk)' : '—');
+  el.textContent = utterance || (listening ? 'nothing: waiting for someone to talk' : 'not listening');
   el.dataset.utterance = utterance || '';
+  el.classList.toggle('idle', !utterance);
   $('now-speaker').textContent = utterance && np.speaker ? `by ${np.speaker}` : '';
   const live = $('now-live');
   if (utterance) {
@@ -1201,6 +1219,8 @@ window.encore = {
     return room.recv ? room.recv.pc : null;
   },
   recvStats,
+  // Refresh the ID token now (and send `reauth` on a live session), as the timer would.
+  refresh: () => refreshToken().then(() => ({ expiresAt: auth.expiresAt })),
 };
 
 main();

@@ -2,7 +2,7 @@
 // The real-browser test of the demo page: two headless Chromium instances against a running
 // `encore serve`.
 //
-//   node tests/browser/demo.mjs https://127.0.0.1:8443 [--timeout 60] [--room NAME] [--wav FILE]
+//   node tests/browser/demo.mjs https://127.0.0.1:8443 [--timeout 60] [--room NAME] [--wav FILE] [--screenshots DIR]
 //
 // Page A signs in (dev mode) as a speaker and presses Talk, publishing a speech WAV made with
 // espeak-ng through Chromium's fake audio capture. Page B, another browser without that file, signs
@@ -16,7 +16,7 @@
 // ESPEAK_NG, SOX (default: from PATH).
 
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync, existsSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -27,7 +27,7 @@ const require = createRequire(import.meta.url);
 
 function usage(message) {
   if (message) console.error(`demo.mjs: ${message}`);
-  console.error('usage: node tests/browser/demo.mjs SERVER_URL [--timeout SECONDS] [--room NAME] [--wav FILE]');
+  console.error('usage: node tests/browser/demo.mjs SERVER_URL [--timeout SECONDS] [--room NAME] [--wav FILE] [--screenshots DIR]');
   process.exit(2);
 }
 
@@ -36,11 +36,13 @@ let serverUrl = null;
 let timeoutS = 60;
 let roomName = `browser-${process.pid}-${Date.now() % 100000}`;
 let wavArg = null;
+let screenshots = null;
 for (let i = 0; i < args.length; i++) {
   const a = args[i];
   if (a === '--timeout') timeoutS = Number(args[++i]);
   else if (a === '--room') roomName = args[++i];
   else if (a === '--wav') wavArg = args[++i];
+  else if (a === '--screenshots') screenshots = args[++i];
   else if (a === '-h' || a === '--help') usage();
   else if (a.startsWith('--')) usage(`unknown option ${a}`);
   else if (serverUrl === null) serverUrl = a;
@@ -183,6 +185,17 @@ async function waitFor(p, what, fn, arg, timeoutMs) {
   }
 }
 
+async function clickAndCheck(p, selector, what) {
+  await p.page.click(selector, { timeout: 10000 });
+  // The page disables a button while its request runs; wait until it is answered.
+  await waitFor(p, `${what} to be answered`, (sel) => {
+    const el = document.querySelector(sel);
+    return el && !el.disabled;
+  }, selector, 10000);
+  const error = await pageError(p.page);
+  if (error) fail(`${p.label}: ${what}: the page shows an error: ${error}`);
+}
+
 async function signInAndJoin(p, name, role, timeoutMs) {
   const response = await p.page.goto(`${serverUrl}/`, { waitUntil: 'load', timeout: timeoutMs });
   if (!response || !response.ok()) fail(`${p.label}: GET / answered ${response ? response.status() : 'nothing'}`);
@@ -322,8 +335,32 @@ async function main() {
       await new Promise((r) => setTimeout(r, 250));
     }
 
-    // Let a little more audio through, then take the final figures.
-    await new Promise((r) => setTimeout(r, 1000));
+    // The page's controls, against the real server: each must be answered ok (no error shown).
+    await clickAndCheck(b, '#like', 'Like');
+    await clickAndCheck(b, `[data-testid="follow-${peerA}"]`, 'Follow');
+    const pressed = await b.page.getAttribute(`[data-testid="follow-${peerA}"]`, 'aria-pressed');
+    if (pressed !== 'true') fail(`B: the Follow toggle of ${peerA} is not pressed after the click`);
+    await clickAndCheck(b, '#pause-listen', 'Pause');
+    await clickAndCheck(b, '#pause-listen', 'Resume');
+    log('B: Like, Follow, Pause and Resume answered ok');
+
+    // Measured, not asserted: the first utterance's length as the server saw it, against the
+    // WAV's ground truth (the fake capture starts somewhere in the loop, so it may be cut).
+    const endBy = Math.min(deadline, Date.now() + 12000);
+    let ended = null;
+    while (!ended && Date.now() < endBy) {
+      ended = await b.page.evaluate((u) => {
+        const x = window.encore.room().utterances.find((v) => v.utterance === u && v.duration_ms !== undefined);
+        return x ? { utterance: x.utterance, duration_ms: x.duration_ms, reason: x.reason } : null;
+      }, sawNowPlaying.utterance);
+      if (!ended) await new Promise((r) => setTimeout(r, 250));
+    }
+    result.first_utterance = ended;
+    if (ended) {
+      const truth = (result.speech || []).map((t) => `${t.seconds} s`).join(', ');
+      log(`B: ${ended.utterance} ended after ${(ended.duration_ms / 1000).toFixed(2)} s (${typeof ended.reason === 'string' ? ended.reason : JSON.stringify(ended.reason)}); the WAV's sentences last ${truth || '?'}`);
+    }
+
     last = await listenerFacts(b.page);
     const sendEnd = await sendSideFacts(a.page);
     result.ok = true;
@@ -345,6 +382,12 @@ async function main() {
       for (const line of logs.slice(-80)) console.error(line);
     }
   } finally {
+    if (screenshots) {
+      mkdirSync(screenshots, { recursive: true });
+      for (const p of opened) {
+        await p.page.screenshot({ path: join(screenshots, `${p.label}.png`), fullPage: true }).catch(() => {});
+      }
+    }
     for (const p of opened.reverse()) await p.browser.close().catch(() => {});
     rmSync(work, { recursive: true, force: true });
   }
