@@ -502,6 +502,7 @@ const room = {
   micPaused: false,
   recv: null, // Transport
   recvPaused: false,
+  removedBy: null, // set by a `removed` notification, before the server closes the socket
   nowPlaying: null, // the last now_playing notification
   utterances: new Map(), // id -> {utterance, speaker, live, duration_ms, reason, order}
   utteranceOrder: 0,
@@ -545,9 +546,14 @@ async function joinRoom(roomName) {
   room.sessionExpiresAt = welcome.session_expires_at || null;
   sig.onclose = (_event, reason) => {
     if (room.sig !== sig) return;
+    const removedBy = room.removedBy;
     cleanupRoom();
-    setStatus('disconnected', `disconnected: ${reason}`);
-    if (_event.code !== 1000) showError(new EncoreError('closed', `the server closed the connection: ${reason}`));
+    if (removedBy) {
+      setStatus('disconnected', `removed by ${removedBy}`);
+    } else {
+      setStatus('disconnected', `disconnected: ${reason}`);
+      if (_event.code !== 1000) showError(new EncoreError('closed', `the server closed the connection: ${reason}`));
+    }
     render();
   };
 
@@ -605,6 +611,7 @@ function cleanupRoom() {
   room.peers.clear();
   room.nowPlaying = null;
   room.utterances.clear();
+  room.removedBy = null;
 }
 
 function installHandlers(sig) {
@@ -651,7 +658,8 @@ function installHandlers(sig) {
     refreshToken().catch((error) => showError(error, 'refreshing the sign-in')).finally(render);
   });
   sig.on('removed', (m) => {
-    showError(new EncoreError('removed', `a moderator (${m.by}) removed you from the room`));
+    room.removedBy = m.by || 'a moderator';
+    showError(new EncoreError('removed', `${room.removedBy} removed you from the room`));
   });
   sig.on('error', (m) => {
     if (m.code === 'transport_failed') {

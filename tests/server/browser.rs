@@ -171,16 +171,15 @@ impl Drop for Server {
 
 fn wait_until_healthy(addr: &SocketAddr, server: &mut Server, log: &Path) {
     let deadline = Instant::now() + SERVER_START;
-    let mut last = String::new();
     loop {
         if let Ok(Some(status)) = server.child.try_wait() {
             panic!("encore serve exited ({status}) before answering /healthz\n--- server log ---\n{}", tail(log, 100));
         }
-        match https_get(addr, "/healthz") {
+        let last = match https_get(addr, "/healthz") {
             Ok((200, _)) => break,
-            Ok((status, body)) => last = format!("HTTP {status}: {body}"),
-            Err(error) => last = error,
-        }
+            Ok((status, body)) => format!("HTTP {status}: {body}"),
+            Err(error) => error,
+        };
         if Instant::now() > deadline {
             panic!(
                 "encore serve did not answer GET /healthz within {SERVER_START:?} (last: {last})\n--- server log ---\n{}",
