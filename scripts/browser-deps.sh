@@ -92,12 +92,19 @@ if [[ $installed != "$playwright_version" ]]; then
     log "installing playwright-core@$playwright_version into $dir"
     mkdir -p "$dir"
     [[ -f $dir/package.json ]] || printf '{"name":"encore-browser-deps","private":true}\n' >"$dir/package.json"
-    PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm install --prefix "$dir" --no-audit --no-fund --save-exact \
-        "playwright-core@$playwright_version" >&2
+    for attempt in 1 2 3; do
+        if PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm install --prefix "$dir" --no-audit --no-fund --save-exact \
+            "playwright-core@$playwright_version" >&2; then
+            break
+        fi
+        ((attempt < 3)) || die "npm install playwright-core@$playwright_version failed"
+        log "npm install failed; trying again in $((attempt * 5)) s"
+        sleep $((attempt * 5))
+    done
 fi
 
 # Chromium's version doubles as a smoke test of the binary (it must start at all).
-version=$("$chromium" --headless --no-sandbox --disable-gpu --version 2>/dev/null | head -n1 || true)
+version=$("$chromium" --headless --no-sandbox --disable-gpu --version 2>/dev/null | head -n1 | sed 's/[[:space:]]*$//' || true)
 [[ -n $version ]] || die "$chromium --version printed nothing: is the binary broken?"
 
 echo "CHROMIUM=$chromium"
