@@ -9,6 +9,7 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod generate;
+pub mod loadgen;
 pub mod media;
 pub mod replay;
 pub mod scenario;

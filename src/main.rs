@@ -30,6 +30,9 @@ enum Command {
     Serve(ServeArgs),
     /// Run a scenario through the engine headless, as fast as it goes, and write its trace.
     Replay(ReplayArgs),
+    /// Load a running server: speakers publishing talk-spurts, listeners receiving; prints
+    /// packets, loss, delays and CPU per forwarded packet (docs/performance.md).
+    Loadgen(LoadgenArgs),
     /// Scenario tools.
     Scenario {
         #[command(subcommand)]
@@ -75,6 +78,50 @@ struct ReplayArgs {
     drain_s: u64,
 }
 
+#[derive(Args)]
+struct LoadgenArgs {
+    /// The server's base URL.
+    #[arg(long, default_value = "https://127.0.0.1:8443")]
+    url: String,
+    #[arg(long, default_value_t = 5)]
+    speakers: usize,
+    #[arg(long, default_value_t = 20)]
+    listeners: usize,
+    /// How long the speakers talk.
+    #[arg(long, default_value_t = 30.0)]
+    seconds: f64,
+    #[arg(long, default_value = "loadgen")]
+    room: String,
+    /// Speakers also publish VP8, listeners also receive video.
+    #[arg(long)]
+    video: bool,
+    /// The server's process id: its CPU time is read from /proc before and after.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Trust exactly this certificate (the server keeps its self-signed one in
+    /// <data-dir>/tls/cert.pem).
+    #[arg(long, conflicts_with = "insecure")]
+    cert: Option<PathBuf>,
+    /// Accept any server certificate. For tests on your own machine only.
+    #[arg(long)]
+    insecure: bool,
+    /// Clients being set up at once.
+    #[arg(long, default_value_t = 16)]
+    setup_concurrency: usize,
+    /// Seconds listeners keep receiving after the speakers stop.
+    #[arg(long, default_value_t = 1.5)]
+    drain: f64,
+    /// Seed of the talk-spurt generators.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Threads of the load generator's runtime (it shares the machine with the server).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand)]
 enum ScenarioCommand {
     /// Generate a synthetic room (P.59 talk-spurts, listeners with preferences and skips).
@@ -110,6 +157,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => run_serve(args),
         Command::Replay(args) => run_replay(args),
+        Command::Loadgen(args) => run_loadgen(args),
         Command::Scenario { command: ScenarioCommand::Generate(args) } => run_generate(args),
     };
     match result {
@@ -122,13 +170,13 @@ fn main() -> ExitCode {
 }
 
 fn run_serve(args: ServeArgs) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ENCORE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,webrtc=warn,rtc=warn,rtc_ice=error")),
-        )
-        .with_writer(io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ENCORE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,webrtc=warn,rtc=warn,rtc_ice=error"))
+        // The WebSocket library traces whole messages, and `reauth` messages carry ID tokens:
+        // never below info for it, whatever ENCORE_LOG asks.
+        .add_directive("tungstenite=info".parse().expect("a directive"))
+        .add_directive("tokio_tungstenite=info".parse().expect("a directive"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(io::stderr).init();
     let overrides = Overrides {
         listen: args.listen,
         data_dir: args.data_dir,
@@ -186,6 +234,45 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = term => {}
     }
+}
+
+fn run_loadgen(args: LoadgenArgs) -> Result<()> {
+    use encore::loadgen::{LoadgenOptions, TlsTrust, report_json, run};
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ENCORE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,webrtc=error,rtc=error,rtc_ice=error")),
+        )
+        .with_writer(io::stderr)
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let trust = match (args.cert, args.insecure) {
+        (Some(path), _) => TlsTrust::Cert(path),
+        (None, true) => TlsTrust::Insecure,
+        (None, false) => TlsTrust::Webpki,
+    };
+    let tls = trust.client_tls().context("TLS")?;
+    let mut options = LoadgenOptions::new(args.url, args.speakers, args.listeners, args.seconds);
+    options.room = args.room;
+    options.video = args.video;
+    options.server_pid = args.server_pid;
+    options.setup_concurrency = args.setup_concurrency;
+    options.drain = std::time::Duration::from_secs_f64(args.drain.max(0.0));
+    options.seed = args.seed;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()
+        .context("starting tokio")?;
+    let report = runtime.block_on(run(options, tls))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report_json(&report))?);
+    } else {
+        println!("{report}");
+    }
+    // Tasks of closed connections may linger; do not wait for them.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    Ok(())
 }
 
 fn run_replay(args: ReplayArgs) -> Result<()> {

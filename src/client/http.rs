@@ -66,6 +66,25 @@ async fn post(tls: &ClientTls, url: &str, bearer: Option<&str>, body: Value) -> 
     Ok(value)
 }
 
+/// `GET url`: the status and the body as JSON (null when it is not JSON).
+pub async fn get(tls: &ClientTls, url: &str, bearer: Option<&str>) -> Result<(u16, Value), ClientError> {
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((*tls.config).clone())
+        .https_only()
+        .enable_http1()
+        .build();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
+    let mut request = Request::get(url);
+    if let Some(token) = bearer {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let request = request.body(Full::new(Bytes::new())).map_err(|e| ClientError::Http(e.to_string()))?;
+    let response = client.request(request).await.map_err(|e| ClientError::Http(e.to_string()))?;
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await.map_err(|e| ClientError::Http(e.to_string()))?.to_bytes();
+    Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+}
+
 /// A token from a dev-mode server (`POST /dev/token`).
 pub async fn dev_token(tls: &ClientTls, base: &str, uid: &str, role: &str) -> Result<String, ClientError> {
     let value = post(tls, &format!("{base}/dev/token"), None, json!({"uid": uid, "role": role})).await?;

@@ -101,8 +101,15 @@ impl Signaling {
                     };
                     let Ok(value) = serde_json::from_str::<Value>(&text) else { continue };
                     if let Some(id) = value.get("id").and_then(Value::as_u64) {
-                        if let Some(waiter) = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id) {
-                            let _ = waiter.send(value);
+                        let waiter = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                        match waiter {
+                            Some(waiter) => {
+                                let _ = waiter.send(value);
+                            }
+                            // An answer to something sent raw: hand it over with the notifications.
+                            None => {
+                                let _ = notify_tx.send(value);
+                            }
                         }
                         continue;
                     }

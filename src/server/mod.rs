@@ -45,6 +45,8 @@ pub struct AppState {
     pub transport: Arc<TransportSettings>,
     pub shutdown: broadcast::Sender<()>,
     pub stopping: Arc<AtomicBool>,
+    /// Open signaling sessions: shutdown waits for them to leave their rooms.
+    pub sessions: Arc<tokio::sync::watch::Sender<usize>>,
 }
 
 /// Test and embedding hooks that the configuration file cannot express.
@@ -80,7 +82,10 @@ impl Server {
     pub async fn shutdown(self) {
         self.app.stopping.store(true, Ordering::Relaxed);
         let _ = self.app.shutdown.send(());
-        // Sessions close their transports and leave their rooms; give them a moment.
+        // Sessions close their transports and leave their rooms (upgraded WebSockets are not
+        // the HTTP server's connections any more, so they are waited for here).
+        let mut sessions = self.app.sessions.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(10), sessions.wait_for(|open| *open == 0)).await;
         self.handle.graceful_shutdown(Some(Duration::from_secs(5)));
         let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
         let rooms = self.app.rooms.clone();
@@ -139,6 +144,7 @@ pub async fn start(config: ServerConfig, options: StartOptions) -> Result<Server
         transport: Arc::new(TransportSettings::new(&config.media)),
         shutdown,
         stopping: Arc::new(AtomicBool::new(false)),
+        sessions: Arc::new(tokio::sync::watch::channel(0).0),
     };
     let router = http::router(app.clone());
     let rustls = RustlsConfig::from_config(tls.server_config()?);

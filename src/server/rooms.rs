@@ -427,6 +427,7 @@ struct Room {
     publishers: BTreeMap<Name, (Name, mpsc::Sender<PublisherControl>)>,
     open: BTreeMap<UtteranceId, Option<String>>,
     recorder: Option<Recorder>,
+    last_at_us: u64,
     closed: bool,
     skipped_ticks: u64,
     dropped_media: u64,
@@ -445,6 +446,7 @@ impl Room {
             publishers: BTreeMap::new(),
             open: BTreeMap::new(),
             recorder,
+            last_at_us: 0,
             closed: false,
             skipped_ticks: 0,
             dropped_media: 0,
@@ -484,7 +486,11 @@ impl Room {
     }
 
     fn push(&mut self, at: Instant, input: Input) {
-        let at_us = self.at_us(at).min(self.engine.next_tick_us());
+        // Network tasks stamp and queue concurrently, so stamps can come out of order by a hair:
+        // keep them monotonic (the engine and a recording's reader want time that never goes
+        // back), and never later than the tick that applies them.
+        let at_us = self.at_us(at).max(self.last_at_us).min(self.engine.next_tick_us());
+        self.last_at_us = at_us;
         if let Some(recorder) = &mut self.recorder
             && let Err(error) = recorder.input(at_us, self.engine.next_tick(), &input)
         {

@@ -128,6 +128,8 @@ impl Session {
     }
 
     async fn run(mut self, socket: WebSocket) {
+        self.app.sessions.send_modify(|open| *open += 1);
+        let _counted = SessionCount(self.app.sessions.clone());
         let (mut sink, mut stream) = socket.split();
         let (out_tx, mut out_rx) = mpsc::channel::<Message>(512);
         let writer = tokio::spawn(async move {
@@ -149,6 +151,8 @@ impl Session {
         }));
         tracing::info!(uid = %self.user.uid, roles = ?self.user.roles, "session opened");
         let mut shutdown = self.app.shutdown.subscribe();
+        // The deadline is by the auth clock, which a test may move: look at it every second.
+        let mut recheck = tokio::time::interval(Duration::from_secs(1));
         let end = loop {
             let until = self.until_deadline();
             let warn_in = until.saturating_sub(EXPIRY_WARNING);
@@ -190,6 +194,15 @@ impl Session {
                 _ = tokio::time::sleep(until) => {
                     if self.until_deadline().is_zero() {
                         break End::Expired;
+                    }
+                }
+                _ = recheck.tick() => {
+                    if self.until_deadline().is_zero() {
+                        break End::Expired;
+                    }
+                    if !self.expiry_warned && self.until_deadline() <= EXPIRY_WARNING {
+                        self.expiry_warned = true;
+                        out.json(json!({"type": "session_expiring", "expires_at": self.deadline_s()}));
                     }
                 }
                 _ = shutdown.recv() => break End::Shutdown,
@@ -288,7 +301,7 @@ impl Session {
             }
             "publish" => {
                 if !self.user.may_publish() {
-                    return Err(refuse("forbidden", format!("roles {:?} may not publish", self.user.roles)));
+                    return Err(refuse("forbidden", format!("role {} may not publish", roles_text(&self.user.roles))));
                 }
                 let offer = text("offer")?;
                 let joined = self.joined()?;
@@ -321,6 +334,11 @@ impl Session {
                         .map_err(|e| refuse("internal", e.to_string()))?;
                 self.joined_mut()?.recv = Some(transport);
                 Ok(json!({"offer": offer}))
+            }
+            "unconsume" => {
+                let transport = self.joined_mut()?.recv.take().ok_or_else(|| refuse("conflict", "not consuming"))?;
+                transport.close().await;
+                Ok(json!({}))
             }
             "answer" => {
                 let answer = text("answer")?;
@@ -398,7 +416,7 @@ impl Session {
             }
             "mute_peer" | "remove_peer" => {
                 if !self.user.may_moderate() {
-                    return Err(refuse("forbidden", format!("roles {:?} may not moderate", self.user.roles)));
+                    return Err(refuse("forbidden", format!("role {} may not moderate", roles_text(&self.user.roles))));
                 }
                 let peer = Name::from(text("peer")?);
                 let link = &self.joined()?.link;
@@ -445,7 +463,12 @@ impl Session {
                         }
                     }
                 }
-                out.json(json!({"type": "error", "code": "transport_failed", "message": format!("the {side:?} transport failed; create it again")}));
+                out.json(json!({
+                    "type": "error",
+                    "code": "transport_failed",
+                    "transport": side,
+                    "message": format!("the {side:?} transport failed; create it again"),
+                }));
             }
         }
     }
@@ -461,6 +484,19 @@ impl Session {
             self.app.rooms.leave(&joined.link);
         }
     }
+}
+
+/// Counts a session out when it ends, however it ends.
+struct SessionCount(std::sync::Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Drop for SessionCount {
+    fn drop(&mut self) {
+        self.0.send_modify(|open| *open = open.saturating_sub(1));
+    }
+}
+
+fn roles_text(roles: &[encore_systems::components::ids::Role]) -> String {
+    roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(", ")
 }
 
 /// The session's outgoing messages: queued, never awaited, so a slow client cannot stall it.

@@ -259,11 +259,15 @@ impl SendTransport {
     }
 
     pub async fn close(self) {
+        self.link.command(RoomCommand::SetPublishing { peer: self.link.peer.clone(), publishing: false });
+        // Closing ends every track's poll, so each track task unpublishes its track and ends;
+        // the task waiting for new tracks never would (the connection's handler keeps its
+        // channel open), so it is aborted.
         let _ = self.pc.close().await;
         for task in self.tasks {
+            task.abort();
             let _ = task.await;
         }
-        self.link.command(RoomCommand::SetPublishing { peer: self.link.peer.clone(), publishing: false });
     }
 }
 

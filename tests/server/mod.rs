@@ -3,4 +3,7 @@
 
 mod browser;
 mod e2e;
+mod loadgen;
+mod robustness;
+mod auth_live;
 pub mod support;

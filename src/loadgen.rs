@@ -1,0 +1,836 @@
+//! `encore loadgen`: a load generator for `encore serve`, built on the Rust client
+//! ([`crate::client`]), so every peer does what a browser does: a dev token, WSS signaling,
+//! trickle ICE, real DTLS-SRTP.
+//!
+//! Speakers publish talk-spurts on the on-off model of ITU-T P.59 (talk about 1.0 s, pause about
+//! 1.6 s, both exponential, each speaker on its own seeded generator): a 20 ms Opus-sized packet
+//! every 20 ms with its RFC 6464 level (voiced 20-45 with the V flag, silence around 95 without).
+//! Each audio payload carries a header of its own ([`PayloadStamp`]): the publisher's index and
+//! the send time in microseconds since one `Instant` shared by the whole process, so a listener
+//! in the same process reads the publish-to-receive delay off every packet it gets.
+//!
+//! Listeners consume their personal stream and count, per stream: packets, duplicates and
+//! sequence-number gaps (the server rewrites sequence numbers so that a listener sees one
+//! continuous stream across switches, so a gap is a packet lost on the way, or dropped by the
+//! server). Delays are kept for every audio packet received, and separately for those received
+//! while the listener's last `now_playing` said `live` (in a time-shifting SFU only those measure
+//! the live path; the rest include the time a packet waited in the buffer).
+//!
+//! Cheap by construction: one tokio task per publisher (a 20 ms interval), one per listener
+//! (draining its packets), one per signaling session for notifications; no thread per peer.
+//! With `server_pid`, the server's CPU time is read from `/proc/PID/stat` before and after the
+//! media phase, and the load generator's own likewise from `/proc/self/stat`.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::client::{ClientError, ClientTls, Listener, Publisher, Received, Signaling, dev_token};
+use crate::components::ids::MediaKind;
+use crate::generate::SeededRng;
+
+/// Mean talk-spurt and pause of ITU-T P.59 conversational speech.
+const TALK_MEAN_US: f64 = 1_000_000.0;
+const PAUSE_MEAN_US: f64 = 1_600_000.0;
+const FRAME: Duration = Duration::from_millis(20);
+/// Video: 15 frames a second, one RTP packet a frame, a key frame every 2 s.
+const VIDEO_FRAME: Duration = Duration::from_micros(66_667);
+const VIDEO_KEYFRAME_EVERY: u64 = 30;
+
+/// How the load generator trusts the server's HTTPS certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsTrust {
+    /// The public web roots (a server with a real certificate).
+    Webpki,
+    /// Exactly the certificates of this PEM file (the server's self-signed one,
+    /// `<data-dir>/tls/cert.pem`).
+    Cert(PathBuf),
+    /// Any certificate at all. For tests and benchmarks on your own machine only.
+    Insecure,
+}
+
+impl TlsTrust {
+    pub fn client_tls(&self) -> Result<ClientTls, ClientError> {
+        match self {
+            TlsTrust::Webpki => Ok(ClientTls::webpki()),
+            TlsTrust::Cert(path) => ClientTls::trusting(path),
+            TlsTrust::Insecure => Ok(insecure_tls()),
+        }
+    }
+}
+
+/// TEST ONLY: a TLS client configuration that accepts any server certificate (the handshake
+/// signatures are still checked, the certificate's identity is not). It exists so that the load
+/// generator can run against a server whose self-signed certificate file is not at hand; it
+/// gives no protection against an active attacker and must never be used for anything else.
+pub fn insecure_tls() -> ClientTls {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(InsecureAcceptAnyServerCertificate(provider.clone()));
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    ClientTls { config: Arc::new(config) }
+}
+
+/// TEST ONLY (see [`insecure_tls`]): trusts every server certificate, checks handshake
+/// signatures with the provider's algorithms.
+#[derive(Debug)]
+struct InsecureAcceptAnyServerCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for InsecureAcceptAnyServerCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct LoadgenOptions {
+    /// The server's base URL, `https://HOST:PORT`.
+    pub url: String,
+    pub speakers: usize,
+    pub listeners: usize,
+    /// Length of the media phase (publishers talk this long).
+    pub seconds: f64,
+    pub room: String,
+    /// Speakers also publish VP8 (15 frames/s) and listeners consume video.
+    pub video: bool,
+    /// The server's process, for its CPU time (Linux `/proc`).
+    pub server_pid: Option<u32>,
+    /// Connections being set up at once.
+    pub setup_concurrency: usize,
+    /// After the publishers stop, listeners keep receiving this long (time-shifted tails).
+    pub drain: Duration,
+    /// Seed of the talk-spurt generators (speaker i uses seed + i).
+    pub seed: u64,
+}
+
+impl LoadgenOptions {
+    pub fn new(url: impl Into<String>, speakers: usize, listeners: usize, seconds: f64) -> Self {
+        LoadgenOptions {
+            url: url.into().trim_end_matches('/').to_owned(),
+            speakers,
+            listeners,
+            seconds,
+            room: "loadgen".to_owned(),
+            video: false,
+            server_pid: None,
+            setup_concurrency: 16,
+            drain: Duration::from_millis(1500),
+            seed: 1,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadgenError {
+    #[error("no client could connect ({failures} setup failures); the first error: {first}")]
+    NoClients { failures: usize, first: String },
+    #[error("nothing to do: at least one speaker and one listener are needed")]
+    Empty,
+}
+
+/// The header of every audio payload the load generator sends: a magic byte, the publisher's
+/// index and the send time (µs since the run's shared `Instant`), big-endian; filler follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PayloadStamp {
+    pub publisher: u32,
+    pub sent_us: u64,
+}
+
+impl PayloadStamp {
+    pub const MAGIC: u8 = 0xEC;
+    pub const LEN: usize = 13;
+
+    pub fn write(&self, size: usize) -> Bytes {
+        let mut bytes = vec![0x55u8; size.max(Self::LEN)];
+        bytes[0] = Self::MAGIC;
+        bytes[1..5].copy_from_slice(&self.publisher.to_be_bytes());
+        bytes[5..13].copy_from_slice(&self.sent_us.to_be_bytes());
+        Bytes::from(bytes)
+    }
+
+    pub fn read(payload: &[u8]) -> Option<Self> {
+        if payload.len() < Self::LEN || payload[0] != Self::MAGIC {
+            return None;
+        }
+        Some(PayloadStamp {
+            publisher: u32::from_be_bytes(payload[1..5].try_into().ok()?),
+            sent_us: u64::from_be_bytes(payload[5..13].try_into().ok()?),
+        })
+    }
+}
+
+/// One speaker's talk-spurts and pauses, P.59-like, from a seeded generator.
+pub struct TalkSpurts {
+    rng: SeededRng,
+    talking: bool,
+    left_us: u64,
+}
+
+impl TalkSpurts {
+    pub fn new(seed: u64) -> Self {
+        let mut rng = SeededRng::new(seed);
+        // Start somewhere in a pause, so that speakers do not all begin together.
+        let left_us = rng.exp_us(PAUSE_MEAN_US);
+        TalkSpurts { rng, talking: false, left_us }
+    }
+
+    /// The next 20 ms frame: (voiced, RFC 6464 level, payload size).
+    pub fn next_frame(&mut self) -> (bool, u8, usize) {
+        let frame_us = FRAME.as_micros() as u64;
+        while self.left_us < frame_us {
+            self.talking = !self.talking;
+            let mean = if self.talking { TALK_MEAN_US } else { PAUSE_MEAN_US };
+            // At least one frame, so that the state always moves on.
+            self.left_us += self.rng.exp_us(mean).max(frame_us);
+        }
+        self.left_us -= frame_us;
+        if self.talking {
+            (true, self.rng.range(20, 46) as u8, self.rng.range(60, 141) as usize)
+        } else {
+            // Comfort noise at dither levels, small frames.
+            (false, self.rng.range(92, 99) as u8, self.rng.range(60, 76) as usize)
+        }
+    }
+}
+
+/// Sequence-number accounting of one received stream: distinct packets, duplicates, and the
+/// holes left in the range seen (packets that never came; a late retransmission fills its hole).
+#[derive(Debug, Default, Clone)]
+pub struct SeqTracker {
+    first: i64,
+    highest: i64,
+    started: bool,
+    seen: Vec<u64>,
+    /// Expected and distinct counts of earlier runs (before a restart of the numbering).
+    carried_expected: u64,
+    carried_distinct: u64,
+    pub packets: u64,
+    pub duplicates: u64,
+    /// Packets older than the first one of the run (reordered before it): not counted.
+    pub before_first: u64,
+}
+
+/// A stream whose numbers jump further than this is treated as restarted.
+const MAX_SEQ_SPAN: i64 = 1 << 20;
+
+impl SeqTracker {
+    pub fn push(&mut self, seq: u16) {
+        self.packets += 1;
+        let ext = if self.started {
+            self.highest + i64::from(seq.wrapping_sub(self.highest as u16) as i16)
+        } else {
+            i64::from(seq)
+        };
+        if !self.started || ext - self.first >= MAX_SEQ_SPAN {
+            self.carried_expected += self.run_expected();
+            self.carried_distinct += self.run_distinct();
+            self.started = true;
+            self.first = ext;
+            self.highest = ext;
+            self.seen = vec![1];
+            return;
+        }
+        if ext < self.first {
+            self.before_first += 1;
+            return;
+        }
+        let index = (ext - self.first) as usize;
+        if index / 64 >= self.seen.len() {
+            self.seen.resize(index / 64 + 1, 0);
+        }
+        let bit = 1u64 << (index % 64);
+        if self.seen[index / 64] & bit != 0 {
+            self.duplicates += 1;
+        } else {
+            self.seen[index / 64] |= bit;
+        }
+        self.highest = self.highest.max(ext);
+    }
+
+    fn run_distinct(&self) -> u64 {
+        self.seen.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    fn run_expected(&self) -> u64 {
+        if self.started { (self.highest - self.first + 1) as u64 } else { 0 }
+    }
+
+    /// Distinct sequence numbers received.
+    pub fn distinct(&self) -> u64 {
+        self.carried_distinct + self.run_distinct()
+    }
+
+    /// The sequence numbers from the first to the highest received.
+    pub fn expected(&self) -> u64 {
+        self.carried_expected + self.run_expected()
+    }
+
+    pub fn lost(&self) -> u64 {
+        self.expected().saturating_sub(self.distinct())
+    }
+}
+
+/// What one listener saw.
+#[derive(Debug, Default)]
+struct ListenerStats {
+    audio: SeqTracker,
+    video: SeqTracker,
+    /// Publish-to-receive delay of every stamped audio packet, in µs.
+    delays_us: Vec<u32>,
+    /// The same, for packets received while the listener's now_playing said live.
+    live_delays_us: Vec<u32>,
+    /// Those live delays less the route's `lag_ms` (the engine's deliberate pacing offset).
+    path_delays_us: Vec<u32>,
+    unstamped: u64,
+    now_playing: u64,
+}
+
+/// Percentiles of a set of delays.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Delays {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Delays {
+    fn of(mut us: Vec<u32>) -> Self {
+        if us.is_empty() {
+            return Delays::default();
+        }
+        us.sort_unstable();
+        let at = |q: f64| f64::from(us[((us.len() - 1) as f64 * q).round() as usize]) / 1000.0;
+        Delays { count: us.len() as u64, p50_ms: at(0.50), p90_ms: at(0.90), p99_ms: at(0.99), max_ms: at(1.0) }
+    }
+}
+
+/// CPU time of a process, from `/proc/PID/stat` (utime + stime, in USER_HZ = 100 ticks a second,
+/// which is what Linux reports there on every architecture).
+pub fn process_cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_owned(),
+    };
+    let stat = std::fs::read_to_string(path).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: read after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
+/// The run's figures.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub url: String,
+    pub room: String,
+    pub speakers: usize,
+    pub listeners: usize,
+    pub video: bool,
+    pub speakers_connected: usize,
+    pub listeners_connected: usize,
+    pub setup_failures: usize,
+    pub setup_errors: Vec<String>,
+    /// Wall time to set every client up.
+    pub setup_s: f64,
+    /// Media phase: publishers talking plus the drain, in wall seconds.
+    pub window_s: f64,
+    pub sent_audio: u64,
+    pub sent_voiced: u64,
+    pub sent_video: u64,
+    pub send_errors: u64,
+    pub received_audio: u64,
+    pub received_video: u64,
+    /// Sequence-number holes over every listener's streams, and their share of what the
+    /// streams' ranges say was sent.
+    pub lost: u64,
+    pub duplicates: u64,
+    pub loss_percent: f64,
+    /// Audio packets without the load generator's stamp (should be none).
+    pub unstamped: u64,
+    pub now_playing_notices: u64,
+    /// Publish-to-receive delay of every stamped audio packet received.
+    pub delay_all: Delays,
+    /// The same, only while the listener's now_playing said live.
+    pub delay_live: Delays,
+    /// Live delays less the `lag_ms` their route started with: a live route plays from the
+    /// utterance's first packet (the pre-roll) at the original pace, so it stays that far
+    /// behind by design; what is left is the transport path (network, ticks, channels, SRTP).
+    pub delay_live_less_lag: Delays,
+    /// Packets received per wall second over the window (what the server forwarded, less
+    /// what was lost).
+    pub forwarded_per_s: f64,
+    pub server_cpu_s: Option<f64>,
+    pub server_cpu_us_per_forwarded: Option<f64>,
+    /// Forwarded packets per second of server CPU: what one core busy with nothing else forwards.
+    pub forwarded_per_server_core_s: Option<f64>,
+    pub loadgen_cpu_s: Option<f64>,
+    pub loadgen_cpu_us_per_packet: Option<f64>,
+}
+
+fn opt(value: Option<f64>, digits: usize, unit: &str) -> String {
+    value.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.digits$}{unit}"))
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = |d: &Delays| {
+            format!("p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms  ({} packets)", d.p50_ms, d.p90_ms, d.p99_ms, d.max_ms, d.count)
+        };
+        writeln!(f, "encore loadgen: {} room {} ({} speakers x {} listeners{})", self.url, self.room, self.speakers, self.listeners, if self.video { ", video" } else { "" })?;
+        writeln!(f, "setup            {} speakers and {} listeners connected in {:.1} s; {} setup failures", self.speakers_connected, self.listeners_connected, self.setup_s, self.setup_failures)?;
+        for error in &self.setup_errors {
+            writeln!(f, "  setup error    {error}")?;
+        }
+        writeln!(f, "window           {:.1} s (talking, then the drain)", self.window_s)?;
+        writeln!(f, "sent             {} audio ({} voiced), {} video; {} send errors", self.sent_audio, self.sent_voiced, self.sent_video, self.send_errors)?;
+        writeln!(f, "received         {} audio, {} video ({} unstamped)", self.received_audio, self.received_video, self.unstamped)?;
+        writeln!(f, "loss             {} lost ({:.3} %), {} duplicates (sequence-number gaps per listener stream)", self.lost, self.loss_percent, self.duplicates)?;
+        writeln!(f, "delay all        {}", d(&self.delay_all))?;
+        writeln!(f, "delay live       {}", d(&self.delay_live))?;
+        writeln!(f, "  less lag_ms    {}", d(&self.delay_live_less_lag))?;
+        writeln!(f, "now_playing      {} notices", self.now_playing_notices)?;
+        writeln!(f, "forwarded        {:.0} packets/s", self.forwarded_per_s)?;
+        writeln!(
+            f,
+            "server cpu       {} ; {} per forwarded packet; {} forwarded packets/s per server core",
+            opt(self.server_cpu_s, 2, " s"),
+            opt(self.server_cpu_us_per_forwarded, 1, " µs"),
+            opt(self.forwarded_per_server_core_s, 0, ""),
+        )?;
+        write!(
+            f,
+            "loadgen cpu      {} ; {} per packet sent or received",
+            opt(self.loadgen_cpu_s, 2, " s"),
+            opt(self.loadgen_cpu_us_per_packet, 1, " µs"),
+        )
+    }
+}
+
+struct Speaker {
+    index: u32,
+    signaling: Arc<Signaling>,
+    publisher: Publisher,
+}
+
+struct ListenerClient {
+    signaling: Arc<Signaling>,
+    listener: Listener,
+}
+
+enum Client {
+    Speaker(Speaker),
+    Listener(ListenerClient),
+}
+
+async fn connect(tls: &ClientTls, base: &str, uid: &str, role: &str, room: &str) -> Result<Arc<Signaling>, ClientError> {
+    let token = dev_token(tls, base, uid, role).await?;
+    let signaling = Arc::new(Signaling::connect(tls, base, Some(&token), None).await?);
+    signaling.join(room, uid).await?;
+    Ok(signaling)
+}
+
+async fn set_up(tls: ClientTls, options: Arc<LoadgenOptions>, speaker: bool, index: u32) -> Result<Client, String> {
+    let (uid, role) = if speaker { (format!("lg-s{:03}", index + 1), "speaker") } else { (format!("lg-l{:04}", index + 1), "listener") };
+    let setup = async {
+        let signaling = connect(&tls, &options.url, &uid, role, &options.room).await?;
+        if speaker {
+            let publisher = Publisher::start(&signaling, options.video, index + 1).await?;
+            Ok(Client::Speaker(Speaker { index, signaling, publisher }))
+        } else {
+            let listener = Listener::start(&signaling, options.video).await?;
+            Ok(Client::Listener(ListenerClient { signaling, listener }))
+        }
+    };
+    setup.await.map_err(|e: ClientError| format!("{uid}: {e}"))
+}
+
+#[derive(Default)]
+struct SendCounts {
+    audio: AtomicU64,
+    voiced: AtomicU64,
+    video: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// One publisher: a packet every 20 ms until `end`, video beside it when asked.
+async fn talk(mut speaker: Speaker, epoch: Instant, end: Instant, seed: u64, video: bool, counts: Arc<SendCounts>) -> Speaker {
+    let mut spurts = TalkSpurts::new(seed.wrapping_add(u64::from(speaker.index)));
+    // Spread the publishers over the 20 ms frame.
+    let phase = Duration::from_micros(SeededRng::new(seed ^ u64::from(speaker.index)).range(0, 20_000));
+    let start = Instant::now() + phase;
+    let mut audio = tokio::time::interval_at(start.into(), FRAME);
+    let mut frames = tokio::time::interval_at(start.into(), VIDEO_FRAME);
+    let mut video_frames = 0u64;
+    loop {
+        tokio::select! {
+            tick = audio.tick() => {
+                let tick: Instant = tick.into();
+                if tick >= end {
+                    break;
+                }
+                let (voiced, level, size) = spurts.next_frame();
+                let sent_us = epoch.elapsed().as_micros() as u64;
+                let payload = PayloadStamp { publisher: speaker.index, sent_us }.write(size);
+                match speaker.publisher.send_audio(tick - start, payload, level, voiced).await {
+                    Ok(()) => {
+                        counts.audio.fetch_add(1, Ordering::Relaxed);
+                        if voiced {
+                            counts.voiced.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Err(_) => {
+                        counts.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            tick = frames.tick(), if video => {
+                let tick: Instant = tick.into();
+                if tick >= end {
+                    continue;
+                }
+                let keyframe = video_frames % VIDEO_KEYFRAME_EVERY == 0;
+                video_frames += 1;
+                let size = if keyframe { 1100 } else { 400 + (video_frames % 5) as usize * 80 };
+                match speaker.publisher.send_video(tick - start, keyframe, size).await {
+                    Ok(()) => counts.video.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => counts.errors.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }
+    }
+    speaker
+}
+
+/// One listener: drains its packets until `until`, reading the live flag its notifications set.
+async fn listen(mut client: ListenerClient, epoch: Instant, until: Instant) -> (ListenerClient, ListenerStats) {
+    let live = Arc::new(AtomicBool::new(false));
+    let lag_us = Arc::new(AtomicU64::new(0));
+    let notices = Arc::new(AtomicU64::new(0));
+    let notes = {
+        let signaling = client.signaling.clone();
+        let live = live.clone();
+        let lag_us = lag_us.clone();
+        let notices = notices.clone();
+        tokio::spawn(async move {
+            loop {
+                let wait = until.saturating_duration_since(Instant::now());
+                let Some(note) = signaling.notification(wait).await else { break };
+                if note["type"] == "now_playing" {
+                    notices.fetch_add(1, Ordering::Relaxed);
+                    lag_us.store(note["lag_ms"].as_u64().unwrap_or(0) * 1000, Ordering::Relaxed);
+                    live.store(note["live"] == true && !note["utterance"].is_null(), Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let mut stats = ListenerStats::default();
+    let deadline = tokio::time::sleep_until(until.into());
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            packet = client.listener.packets.recv() => {
+                let Some(packet) = packet else { break };
+                let live = live.load(Ordering::Relaxed).then(|| lag_us.load(Ordering::Relaxed));
+                account(&mut stats, &packet, epoch, live);
+            }
+            _ = &mut deadline => break,
+        }
+    }
+    let _ = notes.await;
+    stats.now_playing = notices.load(Ordering::Relaxed);
+    (client, stats)
+}
+
+/// `live`: the listener's route is live, with this lag (µs) at its start.
+fn account(stats: &mut ListenerStats, packet: &Received, epoch: Instant, live: Option<u64>) {
+    match packet.media {
+        MediaKind::Video => stats.video.push(packet.seq),
+        MediaKind::Audio => {
+            stats.audio.push(packet.seq);
+            match PayloadStamp::read(&packet.payload) {
+                Some(stamp) => {
+                    let received_us = packet.at.saturating_duration_since(epoch).as_micros() as u64;
+                    let delay = received_us.saturating_sub(stamp.sent_us).min(u64::from(u32::MAX)) as u32;
+                    stats.delays_us.push(delay);
+                    if let Some(lag_us) = live {
+                        stats.live_delays_us.push(delay);
+                        stats.path_delays_us.push((u64::from(delay)).saturating_sub(lag_us) as u32);
+                    }
+                }
+                None => stats.unstamped += 1,
+            }
+        }
+    }
+}
+
+/// Notifications a speaker gets (peers joining, utterances) are read and dropped, so that its
+/// queue does not grow.
+fn drain_notifications(signaling: Arc<Signaling>, until: Instant) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while signaling.notification(until.saturating_duration_since(Instant::now())).await.is_some() {}
+    })
+}
+
+/// Runs the load: sets every client up, talks and listens for `options.seconds`, then reports.
+pub async fn run(options: LoadgenOptions, tls: ClientTls) -> Result<Report, LoadgenError> {
+    if options.speakers == 0 || options.listeners == 0 {
+        return Err(LoadgenError::Empty);
+    }
+    let options = Arc::new(options);
+    let epoch = Instant::now();
+
+    // Set up: listeners first (so they hear the first utterances), bounded concurrency.
+    let setup_start = Instant::now();
+    let permits = Arc::new(Semaphore::new(options.setup_concurrency.max(1)));
+    let mut setups = JoinSet::new();
+    let plan = (0..options.listeners).map(|i| (false, i)).chain((0..options.speakers).map(|i| (true, i)));
+    for (speaker, index) in plan {
+        let permits = permits.clone();
+        let tls = tls.clone();
+        let options = options.clone();
+        setups.spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            set_up(tls, options, speaker, index as u32).await
+        });
+    }
+    let mut speakers = Vec::new();
+    let mut listeners = Vec::new();
+    let mut errors = Vec::new();
+    while let Some(result) = setups.join_next().await {
+        match result {
+            Ok(Ok(Client::Speaker(s))) => speakers.push(s),
+            Ok(Ok(Client::Listener(l))) => listeners.push(l),
+            Ok(Err(error)) => errors.push(error),
+            Err(error) => errors.push(format!("a setup task failed: {error}")),
+        }
+    }
+    let setup_s = setup_start.elapsed().as_secs_f64();
+    if speakers.is_empty() || listeners.is_empty() {
+        return Err(LoadgenError::NoClients {
+            failures: errors.len(),
+            first: errors.first().cloned().unwrap_or_else(|| "no speaker or no listener connected".into()),
+        });
+    }
+    speakers.sort_by_key(|s| s.index);
+    let (speakers_connected, listeners_connected) = (speakers.len(), listeners.len());
+
+    // Media: talk for `seconds`, listen until the drain is over.
+    let server_before = options.server_pid.and_then(|pid| process_cpu_seconds(Some(pid)));
+    let self_before = process_cpu_seconds(None);
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(options.seconds.max(0.0));
+    let until = end + options.drain;
+    let counts = Arc::new(SendCounts::default());
+    let mut drains = Vec::new();
+    let mut talkers = Vec::new();
+    for speaker in speakers {
+        drains.push(drain_notifications(speaker.signaling.clone(), until));
+        talkers.push(tokio::spawn(talk(speaker, epoch, end, options.seed, options.video, counts.clone())));
+    }
+    let mut hearers = Vec::new();
+    for listener in listeners {
+        hearers.push(tokio::spawn(listen(listener, epoch, until)));
+    }
+    let mut speakers = Vec::new();
+    for talker in talkers {
+        if let Ok(speaker) = talker.await {
+            speakers.push(speaker);
+        }
+    }
+    let mut listeners = Vec::new();
+    let mut all = ListenerStats::default();
+    let (mut lost, mut expected, mut duplicates) = (0u64, 0u64, 0u64);
+    for hearer in hearers {
+        let Ok((client, stats)) = hearer.await else { continue };
+        for tracker in [&stats.audio, &stats.video] {
+            lost += tracker.lost();
+            expected += tracker.expected();
+            duplicates += tracker.duplicates;
+        }
+        all.audio.packets += stats.audio.packets;
+        all.video.packets += stats.video.packets;
+        all.unstamped += stats.unstamped;
+        all.now_playing += stats.now_playing;
+        all.delays_us.extend(stats.delays_us);
+        all.live_delays_us.extend(stats.live_delays_us);
+        all.path_delays_us.extend(stats.path_delays_us);
+        listeners.push(client);
+    }
+    let window_s = start.elapsed().as_secs_f64();
+    let server_after = options.server_pid.and_then(|pid| process_cpu_seconds(Some(pid)));
+    let self_after = process_cpu_seconds(None);
+
+    // Close everything, in parallel: a dropped connection leaks its sockets.
+    let mut closing = JoinSet::new();
+    for speaker in speakers {
+        closing.spawn(async move {
+            let _ = speaker.signaling.request("leave", json!({})).await;
+            speaker.publisher.close().await;
+        });
+    }
+    for client in listeners {
+        closing.spawn(async move {
+            let _ = client.signaling.request("leave", json!({})).await;
+            client.listener.close().await;
+        });
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(20), async { while closing.join_next().await.is_some() {} }).await;
+    for drain in drains {
+        drain.abort();
+    }
+
+    let forwarded = all.audio.packets + all.video.packets;
+    let sent = counts.audio.load(Ordering::Relaxed) + counts.video.load(Ordering::Relaxed);
+    let server_cpu_s = server_before.zip(server_after).map(|(b, a)| a - b);
+    let loadgen_cpu_s = self_before.zip(self_after).map(|(b, a)| a - b);
+    let per = |cpu: Option<f64>, packets: u64| cpu.filter(|_| packets > 0).map(|cpu| cpu * 1e6 / packets as f64);
+    let mut setup_errors = errors.clone();
+    setup_errors.truncate(5);
+    Ok(Report {
+        url: options.url.clone(),
+        room: options.room.clone(),
+        speakers: options.speakers,
+        listeners: options.listeners,
+        video: options.video,
+        speakers_connected,
+        listeners_connected,
+        setup_failures: errors.len(),
+        setup_errors,
+        setup_s,
+        window_s,
+        sent_audio: counts.audio.load(Ordering::Relaxed),
+        sent_voiced: counts.voiced.load(Ordering::Relaxed),
+        sent_video: counts.video.load(Ordering::Relaxed),
+        send_errors: counts.errors.load(Ordering::Relaxed),
+        received_audio: all.audio.packets,
+        received_video: all.video.packets,
+        lost,
+        duplicates,
+        loss_percent: if expected > 0 { lost as f64 * 100.0 / expected as f64 } else { 0.0 },
+        unstamped: all.unstamped,
+        now_playing_notices: all.now_playing,
+        delay_all: Delays::of(all.delays_us),
+        delay_live: Delays::of(all.live_delays_us),
+        delay_live_less_lag: Delays::of(all.path_delays_us),
+        forwarded_per_s: if window_s > 0.0 { forwarded as f64 / window_s } else { 0.0 },
+        server_cpu_s,
+        server_cpu_us_per_forwarded: per(server_cpu_s, forwarded),
+        forwarded_per_server_core_s: server_cpu_s.filter(|cpu| *cpu > 0.0).map(|cpu| forwarded as f64 / cpu),
+        loadgen_cpu_s,
+        loadgen_cpu_us_per_packet: per(loadgen_cpu_s, sent + forwarded),
+    })
+}
+
+/// The report as JSON (for scripts).
+pub fn report_json(report: &Report) -> Value {
+    serde_json::to_value(report).unwrap_or(Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_round_trip_and_foreign_payloads_are_refused() {
+        let stamp = PayloadStamp { publisher: 7, sent_us: 123_456_789 };
+        let bytes = stamp.write(80);
+        assert_eq!(bytes.len(), 80);
+        assert_eq!(PayloadStamp::read(&bytes), Some(stamp));
+        assert_eq!(PayloadStamp::read(&[0x55; 80]), None);
+        assert_eq!(PayloadStamp::read(&bytes[..10]), None);
+    }
+
+    #[test]
+    fn sequence_gaps_duplicates_and_wrap_around_are_counted() {
+        let mut t = SeqTracker::default();
+        for seq in [65_530u16, 65_531, 65_533, 65_533, 65_535, 0, 1, 3] {
+            t.push(seq);
+        }
+        // 65530..=3 is 10 numbers; received 65530, 65531, 65533, 65535, 0, 1, 3: 7 distinct.
+        assert_eq!(t.expected(), 10);
+        assert_eq!(t.distinct(), 7);
+        assert_eq!(t.lost(), 3);
+        assert_eq!(t.duplicates, 1);
+        // A late packet fills its hole.
+        t.push(65_532);
+        assert_eq!(t.lost(), 2);
+        assert_eq!(t.packets, 9);
+    }
+
+    #[test]
+    fn talk_spurts_average_close_to_p59() {
+        let mut spurts = TalkSpurts::new(3);
+        let frames = 500_000;
+        let voiced = (0..frames).filter(|_| spurts.next_frame().0).count();
+        let activity = voiced as f64 / frames as f64;
+        // 1.0 / (1.0 + 1.6) = 0.385.
+        assert!((0.35..0.42).contains(&activity), "{activity}");
+        for _ in 0..1000 {
+            let (voiced, level, size) = spurts.next_frame();
+            assert!((60..=140).contains(&size));
+            assert!(if voiced { (20..=45).contains(&level) } else { level >= 90 });
+        }
+    }
+
+    #[test]
+    fn delay_percentiles() {
+        let d = Delays::of((1..=100).map(|ms| ms * 1000).collect());
+        assert_eq!(d.count, 100);
+        assert_eq!(d.p50_ms, 51.0);
+        assert_eq!(d.p99_ms, 99.0);
+        assert_eq!(d.max_ms, 100.0);
+        assert_eq!(Delays::of(Vec::new()), Delays::default());
+    }
+
+    #[test]
+    fn cpu_time_of_this_process_is_readable() {
+        assert!(process_cpu_seconds(None).is_some());
+    }
+}
