@@ -7,9 +7,8 @@
 #    compiles for ~14 minutes), 2. starts the Auth Emulator on 127.0.0.1:9099 for project
 #    demo-encore, 3. signs a user up, sets the custom claim role=speaker through the emulator's admin
 #    REST, signs in again to get a token carrying the claim, 4. verifies that token with encore's
-#    verifier in firebase-emulator mode (tests/auth/emulator.rs).
-#    TODO(issue 4): 5. start `encore serve` with auth.mode = "firebase-emulator" and join a room as a
-#    speaker with that token, once the signaling server exists.
+#    verifier in firebase-emulator mode, 5. starts a server in firebase-emulator mode, joins a room
+#    with that token as a speaker and publishes (both in tests/auth/emulator.rs).
 #
 # Environment: ENCORE_CACHE_DIR (default ~/.cache/encore), ENCORE_EMULATOR_PROJECT (demo-encore),
 # ENCORE_EMULATOR_PORT (9099). Tokens are passed in environment variables, never printed.
@@ -94,9 +93,7 @@ ENCORE_EMULATOR_ID_TOKEN=$(post "$identity/accounts:signInWithPassword?key=any" 
 export ENCORE_EMULATOR_ID_TOKEN ENCORE_EMULATOR_UID=$uid ENCORE_EMULATOR_PROJECT=$project
 log "got an ID token with the claim"
 
-# -- 4. verify it with encore's verifier -----------------------------------------------------------
-log "verifying with encore (firebase-emulator mode)"
+# -- 4 and 5. verify it with encore's verifier, then join and publish on a real server ------------
+log "verifying with encore (firebase-emulator mode), then joining a room as a speaker"
 (cd "$root" && cargo test --test tests auth::emulator:: -- --ignored) >&2
-log "OK: the emulator's token verifies as uid $uid with role speaker"
-
-# -- 5. TODO(issue 4): encore serve with auth.mode = "firebase-emulator", join a room as a speaker --
+log "OK: the emulator's token verifies as uid $uid with role speaker, joins a room and publishes"

@@ -289,7 +289,7 @@ mod tests {
         };
         let flags = Overrides { workers: Some(4), ..Overrides::default() };
         let config = ServerConfig::load(Some(&file), env, &flags).unwrap();
-        assert_eq!(config.server.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(config.server.listen, "127.0.0.1:9000".parse::<SocketAddr>().unwrap());
         assert_eq!(config.server.workers, 4);
         assert_eq!(config.engine.buffer_max_bytes, 5_000_000);
         assert_eq!(config.engine.vad.hangover_ms, 300);

@@ -2,6 +2,8 @@
 //! firebase-emulator mode. Needs the emulator: `scripts/emulator-e2e.sh` signs a user up, sets the
 //! custom claim `role: speaker`, signs in again and runs this test with the token in
 //! `ENCORE_EMULATOR_ID_TOKEN` (an environment variable, so it appears in no command line or log).
+//! The test verifies it, then joins a room as a speaker and publishes on a real server running
+//! in firebase-emulator mode.
 
 use encore::auth::{AuthConfig, AuthError, AuthOptions, AuthState, Role};
 
@@ -25,4 +27,24 @@ async fn emulator_token_verifies_as_speaker() {
     config.keys_url = Some("http://127.0.0.1:9/keys".into());
     let firebase = AuthState::new(config, AuthOptions::default()).expect("firebase auth");
     assert_eq!(firebase.verify(&token).await, Err(AuthError::UnsignedToken));
+
+    // A real server in firebase-emulator mode: the token joins a room and publishes.
+    let dir = crate::server::support::temp_dir("emulator");
+    let mut config = encore::config::ServerConfig::default();
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.server.data_dir = dir.join("data");
+    config.media.bind_ips = vec!["127.0.0.1".parse().unwrap()];
+    config.auth = AuthConfig::emulator(&project);
+    let server = encore::server::start(config, encore::server::StartOptions::default()).await.expect("the server starts");
+    let tls = encore::client::ClientTls::trusting(&dir.join("data/tls/cert.pem")).unwrap();
+    let session = std::sync::Arc::new(
+        encore::client::Signaling::connect(&tls, &server.url, Some(&token), None).await.expect("the emulator token opens a session"),
+    );
+    assert_eq!(session.welcome["uid"], uid.as_str());
+    assert_eq!(session.welcome["roles"], serde_json::json!(["speaker"]));
+    let joined = session.join("emulator", "speaker").await.expect("join");
+    assert_eq!(joined["roles"], serde_json::json!(["speaker"]));
+    let publisher = encore::client::Publisher::start(&session, false, 9).await.expect("a speaker publishes");
+    publisher.close().await;
+    server.shutdown().await;
 }

@@ -20,7 +20,6 @@ pub struct TestServer {
     pub server: Server,
     pub base: String,
     pub tls: ClientTls,
-    pub dir: PathBuf,
 }
 
 pub fn temp_dir(name: &str) -> PathBuf {
@@ -45,7 +44,7 @@ pub async fn start_server(name: &str, configure: impl FnOnce(&mut ServerConfig),
     let server = start(config, StartOptions { clock, dev_issuer: Some(dev_issuer()) }).await.expect("the server starts");
     let tls = ClientTls::trusting(&dir.join("data/tls/cert.pem")).expect("the server's certificate");
     let base = server.url.clone();
-    TestServer { server, base, tls, dir }
+    TestServer { server, base, tls }
 }
 
 impl TestServer {
