@@ -25,6 +25,8 @@ use crate::auth::AuthUser;
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest message a client may send.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// The WebSocket read buffer (tungstenite's default is 128 KiB; see `ws_upgrade`).
+const WS_READ_BUFFER_BYTES: usize = 4 * 1024;
 /// Messages a client may send per second (a burst of twice that is tolerated).
 pub const MAX_MESSAGES_PER_S: u32 = 50;
 /// A session whose token is about to expire is warned this long before.
@@ -53,6 +55,11 @@ pub async fn ws_upgrade(
     upgrade
         .max_message_size(MAX_MESSAGE_BYTES)
         .max_frame_size(MAX_MESSAGE_BYTES)
+        // tungstenite zero-fills its read buffer up to this size on every read attempt, and a
+        // session polls its socket each time it wakes (every notice it forwards): the default
+        // 128 KiB made that memset ~10 % of the server's CPU under load (docs/performance.md).
+        // Larger messages still arrive whole; the buffer grows to the frame's length.
+        .read_buffer_size(WS_READ_BUFFER_BYTES)
         .on_upgrade(move |socket| Session::new(app, user).run(socket))
 }
 
@@ -217,8 +224,18 @@ impl Session {
         };
         tracing::info!(uid = %self.user.uid, code, reason, "session closing");
         self.leave().await;
-        out.close(code, reason);
+        out.close(code, reason).await;
         drop(out);
+        // The closing handshake: read on until the client's own Close (or a little while), so
+        // that unread input does not make the socket reset before the client reads our Close.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(Ok(message)) = stream.next().await {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
         let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     }
 
@@ -517,7 +534,9 @@ impl Outbox {
         self.json(message);
     }
 
-    fn close(&self, code: u16, reason: &'static str) {
-        let _ = self.tx.try_send(Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) })));
+    /// The Close frame always goes out, after what is queued (waiting for room if need be).
+    async fn close(&self, code: u16, reason: &'static str) {
+        let frame = Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }));
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.tx.send(frame)).await;
     }
 }
