@@ -214,7 +214,7 @@ fn send(rng: &mut SeededRng, events: &mut Events, faults: bool, sent_us: u64, tr
 fn talk(rng: &mut SeededRng, events: &mut Events, options: &GenerateOptions, i: u32, end_us: u64) {
     let track = Name::from(format!("{}.mic", speaker_name(i)));
     let mut stream = Stream::new(rng, 48_000);
-    let dtx = i % 3 != 0;
+    let dtx = !i.is_multiple_of(3);
     let sets_voice_flag = i % 2 == 1;
     let mut t = rng.range(0, 3_000_000) / FRAME_US * FRAME_US;
     // Silence until the first spurt.
@@ -307,7 +307,7 @@ fn camera(rng: &mut SeededRng, events: &mut Events, options: &GenerateOptions, i
     let mut frame = 0u64;
     let mut t = rng.range(0, frame_us);
     while t < end_us {
-        let keyframe = frame % 60 == 0;
+        let keyframe = frame.is_multiple_of(60);
         let packets = if keyframe { 3 } else { 1 };
         for p in 0..packets {
             let seq = stream.next_seq();

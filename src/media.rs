@@ -60,11 +60,11 @@ pub fn vp8_codec() -> RTCRtpCodec {
 pub fn media_engine_and_registry() -> Result<(MediaEngine, Registry), rtc::shared::error::Error> {
     let mut engine = MediaEngine::default();
     engine.register_codec(
-        RTCRtpCodecParameters { rtp_codec: opus_codec(), payload_type: OPUS_PAYLOAD_TYPE, ..Default::default() },
+        RTCRtpCodecParameters { rtp_codec: opus_codec(), payload_type: OPUS_PAYLOAD_TYPE },
         RtpCodecKind::Audio,
     )?;
     engine.register_codec(
-        RTCRtpCodecParameters { rtp_codec: vp8_codec(), payload_type: VP8_PAYLOAD_TYPE, ..Default::default() },
+        RTCRtpCodecParameters { rtp_codec: vp8_codec(), payload_type: VP8_PAYLOAD_TYPE },
         RtpCodecKind::Video,
     )?;
     // Feedback attaches to codecs already registered: after register_codec.

@@ -95,6 +95,7 @@ pub fn rewrite(
     (seq, ts, marker)
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn play_out(
     clock: Res<Clock>,
     config: Res<encore_components::config::EngineConfig>,

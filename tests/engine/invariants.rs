@@ -82,7 +82,7 @@ impl ReplayObserver for Checker {
         if bytes > self.cap {
             self.fail(tick, format!("buffer {bytes} over the cap {}", self.cap));
         }
-        if tick % 100 == 0 && engine.audit_buffer_bytes() != bytes {
+        if tick.is_multiple_of(100) && engine.audit_buffer_bytes() != bytes {
             let audit = engine.audit_buffer_bytes();
             self.fail(tick, format!("ledger says {bytes}, a recount {audit}"));
         }
