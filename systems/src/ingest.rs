@@ -478,3 +478,115 @@ fn is_received(received: &[u64], ext_seq: u64) -> bool {
     let (word, mask) = bit(received, ext_seq);
     received[word] & mask != 0
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::testkit::Room;
+
+    fn rtp(track: &str, seq: u16, size: usize, level: Option<u8>) -> Input {
+        Input::Rtp {
+            track: Name::new(track),
+            packet: RtpIn {
+                seq,
+                ts: u32::from(seq) * 960,
+                marker: false,
+                payload: Arc::from(vec![0u8; size]),
+                audio_level: level,
+                voice: None,
+                keyframe: false,
+            },
+        }
+    }
+
+    #[test]
+    fn bad_input_is_dropped_by_cause_and_nothing_panics() {
+        let mut room = Room::new(EngineConfig::default());
+        room.speaker("alice", "a1");
+        room.listener("lena");
+        let at = 10_000;
+        room.push(at, Input::Join { peer: Name::new("alice"), uid: None, roles: vec![] });
+        room.push(at, Input::Join { peer: Name::new(""), uid: None, roles: vec![] });
+        room.push(at, Input::Leave { peer: Name::new("ghost") });
+        room.push(at, Input::Unpublish { track: Name::new("nope") });
+        room.push(at, Input::Subscribe { peer: Name::new("lena") });
+        room.push(
+            at,
+            Input::Publish {
+                peer: Name::new("lena"),
+                track: Name::new("l1"),
+                media: MediaKind::Audio,
+                codec: "opus".into(),
+                clock_rate: 48_000,
+                ssrc: 1,
+            },
+        );
+        room.push(
+            at,
+            Input::Publish {
+                peer: Name::new("alice"),
+                track: Name::new("a1"),
+                media: MediaKind::Audio,
+                codec: "opus".into(),
+                clock_rate: 48_000,
+                ssrc: 1,
+            },
+        );
+        room.push(at, rtp("zz", 1, 10, Some(30)));
+        room.push(at, rtp("a1", 2, 5000, Some(30)));
+        room.push(at, rtp("a1", 3, 10, Some(200)));
+        room.push(at, Input::Feedback { peer: Name::new("lena"), utterance: Some("alice#7".parse().unwrap()), signal: FeedbackSignal::Like });
+        room.push(at, Input::Nack { peer: Name::new("alice"), media: MediaKind::Audio, seqs: vec![1] });
+        room.push(at, Input::Nack { peer: Name::new("lena"), media: MediaKind::Audio, seqs: vec![] });
+        room.run_until(20_000);
+        let drops = room.engine.counters().drops;
+        assert_eq!(drops.duplicate_peer, 1);
+        assert_eq!(drops.invalid, 4, "empty name, second subscribe, level 200, empty NACK");
+        assert_eq!(drops.unknown_peer, 1);
+        assert_eq!(drops.unknown_track, 2);
+        assert_eq!(drops.forbidden, 1);
+        assert_eq!(drops.duplicate_track, 1);
+        assert_eq!(drops.oversize, 1);
+        assert_eq!(drops.unknown_utterance, 1);
+        assert_eq!(drops.not_listening, 1);
+    }
+
+    #[test]
+    fn duplicates_and_stale_packets_are_told_from_late_ones() {
+        let mut room = Room::new(EngineConfig::default());
+        room.speaker("alice", "a1");
+        for seq in [100u16, 101, 103, 101, 102, 65_000] {
+            room.push(10_000, rtp("a1", seq, 50, Some(30)));
+        }
+        // Across the 16-bit wrap: 65535 then 0 are new packets.
+        room.run_until(10_000);
+        let drops = room.engine.counters().drops;
+        assert_eq!(drops.duplicate_packet, 1, "101 twice");
+        assert_eq!(drops.too_late, 1, "65000 is far behind 103");
+        let mut room = Room::new(EngineConfig::default());
+        room.speaker("bob", "b1");
+        for seq in [65_534u16, 65_535, 0, 1] {
+            room.push(10_000, rtp("b1", seq, 50, Some(30)));
+        }
+        room.run_until(10_000);
+        assert_eq!(room.engine.counters().drops.total(), 0, "the wrap is not a drop");
+    }
+
+    #[test]
+    fn a_flood_from_one_track_is_cut_and_the_others_pass() {
+        let mut config = EngineConfig::default();
+        config.limits.max_packets_per_track_per_tick = 5;
+        let mut room = Room::new(config);
+        room.speaker("alice", "a1");
+        room.speaker("bob", "b1");
+        for seq in 0..20u16 {
+            room.push(10_000, rtp("a1", seq, 50, Some(30)));
+        }
+        room.push(10_000, rtp("b1", 1, 50, Some(30)));
+        room.run_until(10_000);
+        assert_eq!(room.engine.counters().drops.flood, 15);
+        assert_eq!(room.engine.counters().drops.total(), 15, "bob's packet passed");
+    }
+}

@@ -96,3 +96,54 @@ pub fn route(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::testkit::Room;
+    use encore_components::config::EngineConfig;
+    use encore_components::ids::Name;
+    use encore_components::input::{FeedbackSignal, Input};
+
+    fn routes(trace: &[String], listener: &str) -> Vec<String> {
+        trace
+            .iter()
+            .filter(|l| l.contains(r#""kind":"route""#) && l.contains(&format!(r#""listener":"{listener}""#)))
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn a_busy_listener_switches_only_past_the_margin() {
+        let mut room = Room::new(EngineConfig::default());
+        room.speaker("alice", "a1");
+        room.speaker("bob", "b1");
+        room.speaker("carol", "c1");
+        room.listener("lena");
+        room.push(0, Input::Prefs { peer: Name::new("lena"), follow: vec![Name::new("carol")], mute: vec![] });
+        room.talk("a1", 0, 3_000_000);
+        // bob is no better than alice: no switch; carol is followed: a switch.
+        room.talk("b1", 500_000, 1_500_000);
+        room.talk("c1", 1_000_000, 2_000_000);
+        let trace = room.run_until(2_500_000);
+        let lena = routes(&trace, "lena");
+        assert!(lena[0].contains(r#""to":"alice#1""#), "{lena:?}");
+        assert!(lena[1].contains(r#""from":"alice#1","to":"carol#1","reason":"switch""#), "{lena:?}");
+        // bob#1 waited in the buffer and comes after carol's.
+        assert_eq!(lena.len(), 3, "{lena:?}");
+        assert!(lena[2].contains(r#""from":"carol#1","to":"bob#1","reason":"finished""#), "{lena:?}");
+    }
+
+    #[test]
+    fn a_skip_reroutes_at_once_and_idle_goes_to_null() {
+        let mut room = Room::new(EngineConfig::default());
+        room.speaker("alice", "a1");
+        room.listener("lena");
+        room.talk("a1", 0, 3_000_000);
+        room.push(1_000_000, Input::Feedback { peer: Name::new("lena"), utterance: None, signal: FeedbackSignal::Skip });
+        let trace = room.run_until(1_100_000);
+        let lena = routes(&trace, "lena");
+        assert_eq!(lena.len(), 2);
+        assert!(lena[1].contains(r#""from":"alice#1","to":null,"reason":"skip""#), "{lena:?}");
+        assert!(lena[1].contains(r#""tick":100"#), "the skip applies in the tick it arrives: {lena:?}");
+    }
+}

@@ -48,3 +48,26 @@ pub fn stats(
     }));
     ledger.peak_since_stats = 0;
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::testkit::Room;
+    use encore_components::config::EngineConfig;
+
+    #[test]
+    fn one_stats_line_a_second_with_the_peak_since_the_last() {
+        let mut room = Room::new(EngineConfig::default());
+        room.speaker("alice", "a1");
+        room.talk("a1", 0, 1_500_000);
+        let trace = room.run_until(3_000_000);
+        let stats: Vec<&String> = trace.iter().filter(|l| l.contains(r#""kind":"stats""#)).collect();
+        assert_eq!(stats.len(), 3, "at 1 s, 2 s and 3 s");
+        assert!(stats[0].contains(r#""tick":100,"#));
+        let peak = |line: &str| -> u64 {
+            let value: serde_json::Value = serde_json::from_str(line).unwrap();
+            value["buffer_peak_bytes"].as_u64().unwrap()
+        };
+        assert!(peak(stats[1]) > peak(stats[0]), "the buffer grew during the second second");
+        assert_eq!(peak(stats[2]), room.engine.buffer_bytes(), "a quiet second peaks at what it holds");
+    }
+}
