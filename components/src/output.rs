@@ -157,8 +157,15 @@ pub struct Stats {
     pub playing: u64,
     /// Inputs dropped since the start (sum of `drops`).
     pub dropped: u64,
+    #[serde(flatten)]
+    pub counters: Counters,
+}
+
+/// What the engine counted since the start. The `stats` line carries them all.
+#[derive(bevy_ecs::prelude::Resource, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Counters {
     pub drops: DropCounts,
-    /// Packets sent to listeners since the start (retransmissions excluded).
+    /// Packets sent to listeners (retransmissions excluded).
     pub sent: u64,
     pub retransmitted: u64,
     /// NACKed packets that could not be served (no longer remembered or evicted).
@@ -167,7 +174,7 @@ pub struct Stats {
     pub video_unbuffered: u64,
     pub evicted_utterances: u64,
     pub evicted_bytes: u64,
-    /// Packets removed from the front of open utterances under buffer pressure.
+    /// Packets removed from the front of utterances (and pre-roll rings) under buffer pressure.
     pub trimmed_packets: u64,
 }
 

@@ -7,7 +7,7 @@ use bevy_ecs::prelude::{Entity, Resource};
 
 use crate::ids::{Name, PeerKey, UtteranceId, UtteranceOrd};
 use crate::input::Input;
-use crate::output::{DropCounts, EndReason, RouteReason, TickOutput};
+use crate::output::{EndReason, RouteReason, TickOutput};
 
 /// Engine time: the tick number times the tick length. Nothing else in the engine tells time.
 #[derive(Resource, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -61,17 +61,7 @@ pub struct BufferLedger {
     pub next_stats_us: u64,
 }
 
-#[derive(Resource, Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Counters {
-    pub drops: DropCounts,
-    pub sent: u64,
-    pub retransmitted: u64,
-    pub nack_unserved: u64,
-    pub video_unbuffered: u64,
-    pub evicted_utterances: u64,
-    pub evicted_bytes: u64,
-    pub trimmed_packets: u64,
-}
+pub use crate::output::Counters;
 
 /// Utterances opened this tick, in opening order.
 #[derive(Resource, Debug, Default)]

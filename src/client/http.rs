@@ -44,23 +44,41 @@ impl ClientTls {
     }
 }
 
-async fn post(tls: &ClientTls, url: &str, bearer: Option<&str>, body: Value) -> Result<Value, ClientError> {
+/// One request: the status and the body as JSON (null when it is not JSON).
+async fn request(
+    tls: &ClientTls,
+    method: hyper::Method,
+    url: &str,
+    bearer: Option<&str>,
+    body: Option<Value>,
+) -> Result<(u16, Value), ClientError> {
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config((*tls.config).clone())
         .https_only()
         .enable_http1()
         .build();
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
-    let mut request = Request::post(url).header("content-type", "application/json");
+    let mut request = Request::builder().method(method).uri(url);
     if let Some(token) = bearer {
         request = request.header("authorization", format!("Bearer {token}"));
     }
-    let request = request.body(Full::new(Bytes::from(body.to_string()))).map_err(|e| ClientError::Http(e.to_string()))?;
+    let body = match body {
+        Some(body) => {
+            request = request.header("content-type", "application/json");
+            Bytes::from(body.to_string())
+        }
+        None => Bytes::new(),
+    };
+    let request = request.body(Full::new(body)).map_err(|e| ClientError::Http(e.to_string()))?;
     let response = client.request(request).await.map_err(|e| ClientError::Http(e.to_string()))?;
-    let status = response.status();
+    let status = response.status().as_u16();
     let bytes = response.into_body().collect().await.map_err(|e| ClientError::Http(e.to_string()))?.to_bytes();
-    let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    if !status.is_success() {
+    Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+}
+
+async fn post(tls: &ClientTls, url: &str, bearer: Option<&str>, body: Value) -> Result<Value, ClientError> {
+    let (status, value) = request(tls, hyper::Method::POST, url, bearer, Some(body)).await?;
+    if !(200..300).contains(&status) {
         return Err(ClientError::Http(format!("{url}: {status}: {value}")));
     }
     Ok(value)
@@ -68,21 +86,7 @@ async fn post(tls: &ClientTls, url: &str, bearer: Option<&str>, body: Value) -> 
 
 /// `GET url`: the status and the body as JSON (null when it is not JSON).
 pub async fn get(tls: &ClientTls, url: &str, bearer: Option<&str>) -> Result<(u16, Value), ClientError> {
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config((*tls.config).clone())
-        .https_only()
-        .enable_http1()
-        .build();
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
-    let mut request = Request::get(url);
-    if let Some(token) = bearer {
-        request = request.header("authorization", format!("Bearer {token}"));
-    }
-    let request = request.body(Full::new(Bytes::new())).map_err(|e| ClientError::Http(e.to_string()))?;
-    let response = client.request(request).await.map_err(|e| ClientError::Http(e.to_string()))?;
-    let status = response.status().as_u16();
-    let bytes = response.into_body().collect().await.map_err(|e| ClientError::Http(e.to_string()))?.to_bytes();
-    Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+    request(tls, hyper::Method::GET, url, bearer, None).await
 }
 
 /// A token from a dev-mode server (`POST /dev/token`).

@@ -37,14 +37,7 @@ pub fn stats(
         listeners: directory.viewers.len() as u64,
         playing,
         dropped: counters.drops.total(),
-        drops: counters.drops,
-        sent: counters.sent,
-        retransmitted: counters.retransmitted,
-        nack_unserved: counters.nack_unserved,
-        video_unbuffered: counters.video_unbuffered,
-        evicted_utterances: counters.evicted_utterances,
-        evicted_bytes: counters.evicted_bytes,
-        trimmed_packets: counters.trimmed_packets,
+        counters: *counters,
     }));
     ledger.peak_since_stats = 0;
 }
