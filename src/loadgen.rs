@@ -164,7 +164,10 @@ impl LoadgenOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadgenError {
-    #[error("no client could connect ({failures} setup failures); the first error: {first}")]
+    #[error(
+        "no client could connect ({failures} setup failures); the first error: {first} (is the server up, and its \
+         certificate trusted? --cert <data-dir>/tls/cert.pem for a self-signed one, --insecure on a test machine)"
+    )]
     NoClients { failures: usize, first: String },
     #[error("nothing to do: at least one speaker and one listener are needed")]
     Empty,
@@ -535,7 +538,7 @@ async fn talk(mut speaker: Speaker, epoch: Instant, end: Instant, seed: u64, vid
                 if tick >= end {
                     continue;
                 }
-                let keyframe = video_frames % VIDEO_KEYFRAME_EVERY == 0;
+                let keyframe = video_frames.is_multiple_of(VIDEO_KEYFRAME_EVERY);
                 video_frames += 1;
                 let size = if keyframe { 1100 } else { 400 + (video_frames % 5) as usize * 80 };
                 match speaker.publisher.send_video(tick - start, keyframe, size).await {

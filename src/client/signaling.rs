@@ -65,7 +65,12 @@ impl Signaling {
             .connect(name, tcp)
             .await
             .map_err(|e| ClientError::Tls(e.to_string()))?;
-        let (socket, _) = tokio_tungstenite::client_async(request, tls_stream).await.map_err(|e| ClientError::WebSocket(e.to_string()))?;
+        // A small read buffer: tungstenite zero-fills it up to this size on every read (the
+        // default 128 KiB costs the load generator, with hundreds of sessions, real CPU).
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4 * 1024);
+        let (socket, _) = tokio_tungstenite::client_async_with_config(request, tls_stream, Some(config))
+            .await
+            .map_err(|e| ClientError::WebSocket(e.to_string()))?;
         let (mut sink, mut stream) = socket.split();
         let (out, mut out_rx) = mpsc::channel::<Message>(256);
         tokio::spawn(async move {
