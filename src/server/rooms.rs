@@ -543,22 +543,34 @@ impl Room {
             .unwrap_or_else(|| Name::new("peer"))
     }
 
+    /// Counts a notice that did not reach its session: its queue was full (a slow client loses
+    /// notices), not closed (a session that ended and is leaving loses nothing).
+    fn count_undelivered(&mut self, error: mpsc::error::TrySendError<Notice>) {
+        if let mpsc::error::TrySendError::Full(_) = error {
+            self.dropped_events += 1;
+        }
+    }
+
     fn broadcast(&mut self, notice: Notice, except: Option<&Name>) {
+        let mut undelivered = Vec::new();
         for (name, slot) in &self.peers {
             if Some(name) == except {
                 continue;
             }
-            if slot.events.try_send(notice.clone()).is_err() {
-                self.dropped_events += 1;
+            if let Err(error) = slot.events.try_send(notice.clone()) {
+                undelivered.push(error);
             }
+        }
+        for error in undelivered {
+            self.count_undelivered(error);
         }
     }
 
     fn tell(&mut self, peer: &str, notice: Notice) {
         if let Some(slot) = self.peers.get(peer)
-            && slot.events.try_send(notice).is_err()
+            && let Err(error) = slot.events.try_send(notice)
         {
-            self.dropped_events += 1;
+            self.count_undelivered(error);
         }
     }
 
