@@ -18,8 +18,11 @@ use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
-    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
+    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters,
+    RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
+use webrtc::media_stream::MediaStreamTrack;
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use rtc::sansio::Protocol;
 use webrtc::peer_connection::{
     MediaEngine, Registry, SettingEngine, SettingEngineBuilder, Slot, configure_rtcp_reports,
@@ -52,6 +55,23 @@ pub fn vp8_codec() -> RTCRtpCodec {
         sdp_fmtp_line: String::new(),
         rtcp_feedback: vec![],
     }
+}
+
+/// A track we send on: Opus or VP8, with the SSRC we choose (the stream id groups tracks in the
+/// remote's `a=msid`).
+pub fn local_track(kind: RtpCodecKind, ssrc: u32, stream_id: &str, label: &str) -> Arc<TrackLocalStaticRTP> {
+    let codec = if kind == RtpCodecKind::Audio { opus_codec() } else { vp8_codec() };
+    Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+        stream_id.to_owned(),
+        format!("{stream_id}-{kind}"),
+        format!("{label} ({kind})"),
+        kind,
+        vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
+            codec,
+            ..Default::default()
+        }],
+    )))
 }
 
 /// Opus and VP8 with the audio-level extension, and the interceptors of an SFU leg: NACK

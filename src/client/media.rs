@@ -9,8 +9,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 
-use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind};
-use webrtc::media_stream::MediaStreamTrack;
+use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
@@ -126,18 +125,7 @@ async fn connected(state: &mut watch::Receiver<RTCPeerConnectionState>) -> Resul
 }
 
 fn track(kind: RtpCodecKind, ssrc: u32) -> Arc<TrackLocalStaticRTP> {
-    let codec = if kind == RtpCodecKind::Audio { m::opus_codec() } else { m::vp8_codec() };
-    Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
-        format!("client-{ssrc}"),
-        format!("client-{ssrc}-{kind}"),
-        format!("client {kind}"),
-        kind,
-        vec![RTCRtpEncodingParameters {
-            rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
-            codec,
-            ..Default::default()
-        }],
-    )))
+    m::local_track(kind, ssrc, &format!("client-{ssrc}"), "client")
 }
 
 /// A publishing client: its send transport, ready to send.

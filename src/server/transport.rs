@@ -17,11 +17,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind};
+use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
-use webrtc::media_stream::MediaStreamTrack;
 use webrtc::peer_connection::{
     PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder, RTCIceCandidateInit,
     RTCIceGatheringState, RTCPeerConnectionIceEvent, RTCPeerConnectionState, RTCSessionDescription,
@@ -395,18 +394,7 @@ pub struct RecvTransport {
 }
 
 fn local_track(kind: RtpCodecKind, ssrc: u32, peer: &str) -> Arc<TrackLocalStaticRTP> {
-    let codec = if kind == RtpCodecKind::Audio { media::opus_codec() } else { media::vp8_codec() };
-    Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
-        format!("encore-{peer}"),
-        format!("encore-{peer}-{kind}"),
-        format!("encore personal stream ({kind})"),
-        kind,
-        vec![RTCRtpEncodingParameters {
-            rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
-            codec,
-            ..Default::default()
-        }],
-    )))
+    media::local_track(kind, ssrc, &format!("encore-{peer}"), "encore personal stream")
 }
 
 fn random_ssrc() -> u32 {
