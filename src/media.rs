@@ -186,6 +186,15 @@ pub fn feedback(packet: &dyn rtc::rtcp::Packet) -> Option<Feedback> {
     None
 }
 
+/// A NACK naming `seqs` of a stream.
+pub fn negative_ack(media_ssrc: u32, seqs: &[u16]) -> Box<dyn rtc::rtcp::Packet> {
+    Box::new(TransportLayerNack {
+        sender_ssrc: 0,
+        media_ssrc,
+        nacks: rtc::rtcp::transport_feedbacks::transport_layer_nack::nack_pairs_from_sequence_numbers(seqs),
+    })
+}
+
 /// A PLI for a publisher's stream.
 pub fn picture_loss(media_ssrc: u32) -> Box<dyn rtc::rtcp::Packet> {
     Box::new(PictureLossIndication { sender_ssrc: 0, media_ssrc })

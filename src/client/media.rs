@@ -3,6 +3,7 @@
 //! arrival time).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -10,7 +11,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 
 use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
-use webrtc::media_stream::track_local::TrackLocal;
+use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
@@ -137,6 +138,7 @@ pub struct Publisher {
     video_ssrc: u32,
     level_id: Option<u8>,
     seq: [u16; 2],
+    keyframe_requests: Arc<AtomicU32>,
 }
 
 impl Publisher {
@@ -162,7 +164,21 @@ impl Publisher {
             .map_err(rtc_error)?;
         connected(&mut state).await?;
         let level_id = m::negotiated_audio_level(&transceivers[0], false).await;
-        Ok(Publisher { pc, audio, video, audio_ssrc, video_ssrc, level_id, seq: [1000, 5000] })
+        let keyframe_requests = Arc::new(AtomicU32::new(0));
+        if let Some(video) = &video {
+            let (video, count) = (video.clone(), keyframe_requests.clone());
+            tokio::spawn(async move {
+                while let Some(event) = video.poll().await {
+                    let TrackLocalEvent::OnRtcpPacket(packets) = event else { continue };
+                    for packet in packets {
+                        if m::feedback(packet.as_ref()) == Some(m::Feedback::KeyframeRequest) {
+                            count.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            });
+        }
+        Ok(Publisher { pc, audio, video, audio_ssrc, video_ssrc, level_id, seq: [1000, 5000], keyframe_requests })
     }
 
     /// Sends one 20 ms audio packet (its RTP timestamp from `at`, a 48 kHz clock).
@@ -199,6 +215,11 @@ impl Publisher {
         video.write_rtp(packet).await.map_err(rtc_error)
     }
 
+    /// PLIs (and FIRs) the server sent for the video track so far.
+    pub fn keyframe_requests(&self) -> u32 {
+        self.keyframe_requests.load(Ordering::Relaxed)
+    }
+
     pub async fn close(self) {
         let _ = self.pc.close().await;
     }
@@ -220,6 +241,7 @@ pub struct Received {
 pub struct Listener {
     pc: Arc<dyn PeerConnection>,
     pub packets: mpsc::UnboundedReceiver<Received>,
+    tracks: Arc<std::sync::Mutex<Vec<(MediaKind, Arc<dyn TrackRemote>)>>>,
 }
 
 impl Listener {
@@ -236,11 +258,15 @@ impl Listener {
         trickle(signaling, "recv", pc.clone(), local_candidates);
         signaling.request("answer", json!({"answer": answer.sdp})).await?;
         let (tx, packets) = mpsc::unbounded_channel();
+        let remote: Arc<std::sync::Mutex<Vec<(MediaKind, Arc<dyn TrackRemote>)>>> = Arc::default();
+        let known = remote.clone();
         tokio::spawn(async move {
             while let Some(track) = tracks.recv().await {
                 let tx = tx.clone();
+                let known = known.clone();
                 tokio::spawn(async move {
                     let media = if track.kind().await == RtpCodecKind::Video { MediaKind::Video } else { MediaKind::Audio };
+                    known.lock().unwrap_or_else(|p| p.into_inner()).push((media, track.clone()));
                     while let Some(event) = track.poll().await {
                         if let TrackRemoteEvent::OnRtpPacket(packet) = event {
                             let received = Received {
@@ -261,7 +287,26 @@ impl Listener {
             }
         });
         connected(&mut state).await?;
-        Ok(Listener { pc, packets })
+        Ok(Listener { pc, packets, tracks: remote })
+    }
+
+    fn track(&self, media: MediaKind) -> Option<Arc<dyn TrackRemote>> {
+        let tracks = self.tracks.lock().unwrap_or_else(|p| p.into_inner());
+        tracks.iter().find(|(m, _)| *m == media).map(|(_, t)| t.clone())
+    }
+
+    /// Sends a NACK for `seqs` of the personal stream (once a packet of that media came).
+    pub async fn nack(&self, media: MediaKind, seqs: &[u16]) -> Result<(), ClientError> {
+        let track = self.track(media).ok_or_else(|| ClientError::WebRtc(format!("no {} track yet", media.as_str())))?;
+        let ssrc = track.ssrcs().await.first().copied().unwrap_or(0);
+        track.write_rtcp(vec![m::negative_ack(ssrc, seqs)]).await.map_err(rtc_error)
+    }
+
+    /// Sends a PLI for the personal video stream.
+    pub async fn request_keyframe(&self) -> Result<(), ClientError> {
+        let track = self.track(MediaKind::Video).ok_or_else(|| ClientError::WebRtc("no video track yet".into()))?;
+        let ssrc = track.ssrcs().await.first().copied().unwrap_or(0);
+        track.write_rtcp(vec![m::picture_loss(ssrc)]).await.map_err(rtc_error)
     }
 
     pub async fn close(self) {

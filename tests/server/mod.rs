@@ -3,6 +3,7 @@
 
 mod browser;
 mod e2e;
+mod feedback;
 mod loadgen;
 mod robustness;
 mod auth_live;
