@@ -129,6 +129,17 @@ fn track(kind: RtpCodecKind, ssrc: u32) -> Arc<TrackLocalStaticRTP> {
     m::local_track(kind, ssrc, &format!("client-{ssrc}"), "client")
 }
 
+/// An RTP packet header; its timestamp is `at` on a `clock_rate` clock.
+fn rtp_packet(payload_type: u8, seq: u16, at: Duration, clock_rate: u64, ssrc: u32) -> m::RtpPacket {
+    let mut packet = m::RtpPacket::default();
+    packet.header.version = 2;
+    packet.header.payload_type = payload_type;
+    packet.header.sequence_number = seq;
+    packet.header.timestamp = (at.as_micros() as u64 * clock_rate / 1_000_000) as u32;
+    packet.header.ssrc = ssrc;
+    packet
+}
+
 /// A publishing client: its send transport, ready to send.
 pub struct Publisher {
     pc: Arc<dyn PeerConnection>,
@@ -184,12 +195,7 @@ impl Publisher {
     /// Sends one 20 ms audio packet (its RTP timestamp from `at`, a 48 kHz clock).
     pub async fn send_audio(&mut self, at: Duration, payload: Bytes, level: u8, voice: bool) -> Result<(), ClientError> {
         self.seq[0] = self.seq[0].wrapping_add(1);
-        let mut packet = m::RtpPacket::default();
-        packet.header.version = 2;
-        packet.header.payload_type = m::OPUS_PAYLOAD_TYPE;
-        packet.header.sequence_number = self.seq[0];
-        packet.header.timestamp = (at.as_micros() as u64 * 48 / 1000) as u32;
-        packet.header.ssrc = self.audio_ssrc;
+        let mut packet = rtp_packet(m::OPUS_PAYLOAD_TYPE, self.seq[0], at, 48_000, self.audio_ssrc);
         if let Some(id) = self.level_id {
             packet.header.set_extension(id, Bytes::from(vec![m::audio_level_byte(level, voice)])).map_err(rtc_error)?;
         }
@@ -204,12 +210,7 @@ impl Publisher {
         let mut payload = vec![0u8; size.max(4)];
         payload[0] = 0x10; // S=1, PID=0
         payload[1] = if keyframe { 0x00 } else { 0x01 }; // P bit
-        let mut packet = m::RtpPacket::default();
-        packet.header.version = 2;
-        packet.header.payload_type = m::VP8_PAYLOAD_TYPE;
-        packet.header.sequence_number = self.seq[1];
-        packet.header.timestamp = (at.as_micros() as u64 * 90 / 1000) as u32;
-        packet.header.ssrc = self.video_ssrc;
+        let mut packet = rtp_packet(m::VP8_PAYLOAD_TYPE, self.seq[1], at, 90_000, self.video_ssrc);
         packet.header.marker = true;
         packet.payload = Bytes::from(payload);
         video.write_rtp(packet).await.map_err(rtc_error)

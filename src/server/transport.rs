@@ -195,6 +195,15 @@ async fn build(settings: &TransportSettings, side: Side, events: mpsc::Sender<Tr
     Ok(Built { pc: Arc::new(pc), state, tracks })
 }
 
+/// A connection whose negotiation failed is closed before the error is returned: a dropped one
+/// would leak its sockets.
+async fn closed_on_error<T>(pc: &Arc<dyn PeerConnection>, result: Result<T, TransportError>) -> Result<T, TransportError> {
+    if result.is_err() {
+        let _ = pc.close().await;
+    }
+    result
+}
+
 /// Parses a candidate from the client ({candidate, sdpMid, sdpMLineIndex, usernameFragment}).
 pub fn parse_candidate(value: &serde_json::Value) -> Result<Option<RTCIceCandidateInit>, TransportError> {
     if value.is_null() {
@@ -233,13 +242,7 @@ impl SendTransport {
             Ok::<_, TransportError>(answer.sdp)
         }
         .await;
-        let answer = match answer {
-            Ok(answer) => answer,
-            Err(error) => {
-                let _ = pc.close().await;
-                return Err(error);
-            }
-        };
+        let answer = closed_on_error(&pc, answer).await?;
         let paused = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn(receive_tracks(pc.clone(), tracks, link.clone(), paused.clone()));
         Ok((SendTransport { pc, paused, tasks: vec![task], link }, answer))
@@ -430,13 +433,7 @@ impl RecvTransport {
             Ok::<_, TransportError>(offer.sdp)
         }
         .await;
-        let offer = match offer {
-            Ok(offer) => offer,
-            Err(error) => {
-                let _ = pc.close().await;
-                return Err(error);
-            }
-        };
+        let offer = closed_on_error(&pc, offer).await?;
         let paused = Arc::new(AtomicBool::new(false));
         let transport = RecvTransport {
             pc,
