@@ -234,8 +234,16 @@ impl ServerConfig {
             return Err(invalid("media.bind_ips", "must name at least one address"));
         }
         for server in &m.ice_servers {
-            if server.urls.is_empty() || server.urls.iter().any(|u| !(u.starts_with("stun:") || u.starts_with("turn:") || u.starts_with("turns:"))) {
-                return Err(invalid("media.ice_servers", "every entry needs urls starting with stun:, turn: or turns:"));
+            if server.urls.is_empty()
+                || server
+                    .urls
+                    .iter()
+                    .any(|u| !(u.starts_with("stun:") || u.starts_with("turn:") || u.starts_with("turns:")))
+            {
+                return Err(invalid(
+                    "media.ice_servers",
+                    "every entry needs urls starting with stun:, turn: or turns:",
+                ));
             }
         }
         self.engine.validate().map_err(|e| invalid(&format!("engine.{}", e.key), e.problem))?;

@@ -10,10 +10,10 @@
 //! speakers set the V flag like Chromium; even ones never do, like aiortc. Everything comes
 //! from one seeded generator: the same options give the same file.
 
-use std::io::{self, Write};
 use encore_systems::components::config::EngineConfig;
 use encore_systems::components::ids::{MediaKind, Name, Role};
 use encore_systems::components::input::{FeedbackSignal, Input, RtpIn};
+use std::io::{self, Write};
 
 use crate::scenario::{ScenarioHeader, ScenarioWriter, filler_payload};
 

@@ -424,17 +424,44 @@ fn opt(value: Option<f64>, digits: usize, unit: &str) -> String {
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let d = |d: &Delays| {
-            format!("p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms  ({} packets)", d.p50_ms, d.p90_ms, d.p99_ms, d.max_ms, d.count)
+            format!(
+                "p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms  ({} packets)",
+                d.p50_ms, d.p90_ms, d.p99_ms, d.max_ms, d.count
+            )
         };
-        writeln!(f, "encore loadgen: {} room {} ({} speakers x {} listeners{})", self.url, self.room, self.speakers, self.listeners, if self.video { ", video" } else { "" })?;
-        writeln!(f, "setup            {} speakers and {} listeners connected in {:.1} s; {} setup failures", self.speakers_connected, self.listeners_connected, self.setup_s, self.setup_failures)?;
+        writeln!(
+            f,
+            "encore loadgen: {} room {} ({} speakers x {} listeners{})",
+            self.url,
+            self.room,
+            self.speakers,
+            self.listeners,
+            if self.video { ", video" } else { "" }
+        )?;
+        writeln!(
+            f,
+            "setup            {} speakers and {} listeners connected in {:.1} s; {} setup failures",
+            self.speakers_connected, self.listeners_connected, self.setup_s, self.setup_failures
+        )?;
         for error in &self.setup_errors {
             writeln!(f, "  setup error    {error}")?;
         }
         writeln!(f, "window           {:.1} s (talking, then the drain)", self.window_s)?;
-        writeln!(f, "sent             {} audio ({} voiced), {} video; {} send errors", self.sent_audio, self.sent_voiced, self.sent_video, self.send_errors)?;
-        writeln!(f, "received         {} audio, {} video ({} unstamped)", self.received_audio, self.received_video, self.unstamped)?;
-        writeln!(f, "loss             {} lost ({:.3} %), {} duplicates (sequence-number gaps per listener stream)", self.lost, self.loss_percent, self.duplicates)?;
+        writeln!(
+            f,
+            "sent             {} audio ({} voiced), {} video; {} send errors",
+            self.sent_audio, self.sent_voiced, self.sent_video, self.send_errors
+        )?;
+        writeln!(
+            f,
+            "received         {} audio, {} video ({} unstamped)",
+            self.received_audio, self.received_video, self.unstamped
+        )?;
+        writeln!(
+            f,
+            "loss             {} lost ({:.3} %), {} duplicates (sequence-number gaps per listener stream)",
+            self.lost, self.loss_percent, self.duplicates
+        )?;
         writeln!(f, "delay all        {}", d(&self.delay_all))?;
         writeln!(f, "delay live       {}", d(&self.delay_live))?;
         writeln!(f, "  less lag_ms    {}", d(&self.delay_live_less_lag))?;
@@ -472,7 +499,13 @@ enum Client {
     Listener(ListenerClient),
 }
 
-async fn connect(tls: &ClientTls, base: &str, uid: &str, role: &str, room: &str) -> Result<Arc<Signaling>, ClientError> {
+async fn connect(
+    tls: &ClientTls,
+    base: &str,
+    uid: &str,
+    role: &str,
+    room: &str,
+) -> Result<Arc<Signaling>, ClientError> {
     let token = dev_token(tls, base, uid, role).await?;
     let signaling = Arc::new(Signaling::connect(tls, base, Some(&token), None).await?);
     signaling.join(room, uid).await?;
@@ -480,7 +513,11 @@ async fn connect(tls: &ClientTls, base: &str, uid: &str, role: &str, room: &str)
 }
 
 async fn set_up(tls: ClientTls, options: Arc<LoadgenOptions>, speaker: bool, index: u32) -> Result<Client, String> {
-    let (uid, role) = if speaker { (format!("lg-s{:03}", index + 1), "speaker") } else { (format!("lg-l{:04}", index + 1), "listener") };
+    let (uid, role) = if speaker {
+        (format!("lg-s{:03}", index + 1), "speaker")
+    } else {
+        (format!("lg-l{:04}", index + 1), "listener")
+    };
     let setup = async {
         let signaling = connect(&tls, &options.url, &uid, role, &options.room).await?;
         if speaker {
@@ -503,7 +540,14 @@ struct SendCounts {
 }
 
 /// One publisher: a packet every 20 ms until `end`, video beside it when asked.
-async fn talk(mut speaker: Speaker, epoch: Instant, end: Instant, seed: u64, video: bool, counts: Arc<SendCounts>) -> Speaker {
+async fn talk(
+    mut speaker: Speaker,
+    epoch: Instant,
+    end: Instant,
+    seed: u64,
+    video: bool,
+    counts: Arc<SendCounts>,
+) -> Speaker {
     let mut spurts = TalkSpurts::new(seed.wrapping_add(u64::from(speaker.index)));
     // Spread the publishers over the 20 ms frame.
     let phase = Duration::from_micros(SeededRng::new(seed ^ u64::from(speaker.index)).range(0, 20_000));

@@ -11,14 +11,18 @@ use clap::{Args, Parser, Subcommand};
 use encore::auth::AuthMode;
 use encore::components::config::EngineConfig;
 use encore::config::{Overrides, ServerConfig};
-use encore::server::{StartOptions, start};
 use encore::generate::{GenerateOptions, generate};
 use encore::replay::{DEFAULT_DRAIN_US, replay};
 use encore::scenario::ScenarioReader;
+use encore::server::{StartOptions, start};
 use encore::trace::TraceWriter;
 
 #[derive(Parser)]
-#[command(name = "encore", version, about = "A WebRTC SFU with a personal, time-shifted feed of speech for every listener")]
+#[command(
+    name = "encore",
+    version,
+    about = "A WebRTC SFU with a personal, time-shifted feed of speech for every listener"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -196,7 +200,9 @@ fn run_serve(args: ServeArgs) -> Result<()> {
             println!();
             println!("  !! DEVELOPMENT DEFAULTS: do not expose this server.");
             if dev {
-                println!("  !! auth.mode = dev: the server issues its own tokens to anyone who asks (POST /dev/token).");
+                println!(
+                    "  !! auth.mode = dev: the server issues its own tokens to anyone who asks (POST /dev/token)."
+                );
             }
             if let Some(cert) = &server.self_signed_cert {
                 println!("  !! TLS uses a self-signed certificate ({}); browsers will warn once.", cert.display());

@@ -12,7 +12,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use rtc::interceptor::{Attribute, AttributedPacket, Interceptor, NackGeneratorBuilder, Packet, StreamInfo, TaggedPacket};
+use rtc::interceptor::{
+    Attribute, AttributedPacket, Interceptor, NackGeneratorBuilder, Packet, StreamInfo, TaggedPacket,
+};
 use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_OPUS, MIME_TYPE_VP8};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
@@ -21,9 +23,9 @@ use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters,
     RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
+use rtc::sansio::Protocol;
 use webrtc::media_stream::MediaStreamTrack;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
-use rtc::sansio::Protocol;
 use webrtc::peer_connection::{
     MediaEngine, Registry, SettingEngine, SettingEngineBuilder, Slot, configure_rtcp_reports,
     configure_twcc_receiver_only,
@@ -89,7 +91,10 @@ pub fn media_engine_and_registry() -> Result<(MediaEngine, Registry), rtc::share
     )?;
     // Feedback attaches to codecs already registered: after register_codec.
     for (typ, parameter) in [("nack", ""), ("nack", "pli"), ("ccm", "fir")] {
-        engine.register_feedback(RTCPFeedback { typ: typ.to_owned(), parameter: parameter.to_owned() }, RtpCodecKind::Video);
+        engine.register_feedback(
+            RTCPFeedback { typ: typ.to_owned(), parameter: parameter.to_owned() },
+            RtpCodecKind::Video,
+        );
     }
     engine.register_feedback(RTCPFeedback { typ: "nack".to_owned(), parameter: String::new() }, RtpCodecKind::Audio);
     engine.register_header_extension(
@@ -131,7 +136,10 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for RtcpToApp {
             Packet::Rtcp(packets) => {
                 for packet in packets {
                     let any = packet.as_any();
-                    if any.is::<TransportLayerNack>() || any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>() {
+                    if any.is::<TransportLayerNack>()
+                        || any.is::<PictureLossIndication>()
+                        || any.is::<FullIntraRequest>()
+                    {
                         self.read.push_back(TaggedPacket {
                             now: message.now,
                             transport: message.transport,

@@ -158,10 +158,7 @@ pub fn replay_observed<R: BufRead>(
                 Some(end_us) => now_us >= end_us,
                 // Quiet rooms end on a stats tick, so the trace's last stats line counts
                 // everything.
-                None => {
-                    now_us >= last_input_us + drain_us
-                        || (now_us % STATS_INTERVAL_US == 0 && engine.is_quiet())
-                }
+                None => now_us >= last_input_us + drain_us || (now_us % STATS_INTERVAL_US == 0 && engine.is_quiet()),
             };
             if ended {
                 break;

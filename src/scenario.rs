@@ -313,7 +313,15 @@ fn expand(
         let seq = counter.next_seq;
         counter.next_seq = seq.wrapping_add(1);
         let ts = counter.ts_base.wrapping_add((t as u128 * clock_rate as u128 / 1_000_000) as u32);
-        RtpIn { seq, ts, marker: false, payload: filler_payload(seq, size), audio_level: None, voice: None, keyframe: false }
+        RtpIn {
+            seq,
+            ts,
+            marker: false,
+            payload: filler_payload(seq, size),
+            audio_level: None,
+            voice: None,
+            keyframe: false,
+        }
     };
     let check_size = |size: usize| {
         if size == 0 || size > MAX_SCENARIO_PAYLOAD {
@@ -359,7 +367,11 @@ fn expand(
             for offset in (0..duration_ms * 1000).step_by(step_us as usize) {
                 let mut rtp = packet(counter, at_us + offset, 48_000, size);
                 rtp.audio_level = Some(level);
-                events.push(ScenarioEvent { at_us: at_us + offset, tick: None, input: Input::Rtp { track: name.clone(), packet: rtp } });
+                events.push(ScenarioEvent {
+                    at_us: at_us + offset,
+                    tick: None,
+                    input: Input::Rtp { track: name.clone(), packet: rtp },
+                });
             }
         }
         Generator::Video { track, duration_ms, fps, size, keyframe_at_ms, keyframe_every_ms, keyframe_packets } => {
@@ -374,14 +386,19 @@ fn expand(
             for offset in (0..duration_ms * 1000).step_by(frame_us as usize) {
                 let key = offset >= next_key_us;
                 if key {
-                    next_key_us = if keyframe_every_ms == 0 { u64::MAX } else { next_key_us + keyframe_every_ms * 1000 };
+                    next_key_us =
+                        if keyframe_every_ms == 0 { u64::MAX } else { next_key_us + keyframe_every_ms * 1000 };
                 }
                 let packets = if key { keyframe_packets } else { 1 };
                 for p in 0..packets {
                     let mut rtp = packet(counter, at_us + offset, 90_000, size);
                     rtp.keyframe = key && p == 0;
                     rtp.marker = p + 1 == packets;
-                    events.push(ScenarioEvent { at_us: at_us + offset, tick: None, input: Input::Rtp { track: name.clone(), packet: rtp } });
+                    events.push(ScenarioEvent {
+                        at_us: at_us + offset,
+                        tick: None,
+                        input: Input::Rtp { track: name.clone(), packet: rtp },
+                    });
                 }
             }
         }
@@ -420,10 +437,7 @@ fn body_to_input(body: Body) -> Result<Input, String> {
                 (None, Some(size)) => return Err(format!("size {size} is over {MAX_SCENARIO_PAYLOAD}")),
                 (None, None) => return Err("an rtp event needs `size` or `payload`".into()),
             };
-            Input::Rtp {
-                track: name(track),
-                packet: RtpIn { seq, ts, marker, payload, audio_level, voice, keyframe },
-            }
+            Input::Rtp { track: name(track), packet: RtpIn { seq, ts, marker, payload, audio_level, voice, keyframe } }
         }
         Body::Prefs { peer, follow, mute } => Input::Prefs {
             peer: name(peer),
@@ -520,7 +534,8 @@ impl<R: BufRead> ScenarioReader<R> {
         loop {
             buffer.clear();
             line_no += 1;
-            let read = lines.read_line(&mut buffer).map_err(|source| ScenarioError::Io { path: path.clone(), source })?;
+            let read =
+                lines.read_line(&mut buffer).map_err(|source| ScenarioError::Io { path: path.clone(), source })?;
             if read == 0 {
                 return Err(ScenarioError::Empty { path });
             }
@@ -528,8 +543,11 @@ impl<R: BufRead> ScenarioReader<R> {
                 break;
             }
         }
-        let header = ScenarioHeader::parse(buffer.trim())
-            .map_err(|message| ScenarioError::Line { path: path.clone(), line: line_no, message })?;
+        let header = ScenarioHeader::parse(buffer.trim()).map_err(|message| ScenarioError::Line {
+            path: path.clone(),
+            line: line_no,
+            message,
+        })?;
         let tick_us = header.config.tick_us();
         let reader = ScenarioReader {
             path,
@@ -847,7 +865,10 @@ mod tests {
             .map(|e| match &e.input {
                 Input::Rtp { packet, .. } => {
                     let n = packet.seq.wrapping_sub(first_seq);
-                    (e.at_us, format!("rtp {n} level {} size {}", packet.audio_level.unwrap_or(0), packet.payload.len()))
+                    (
+                        e.at_us,
+                        format!("rtp {n} level {} size {}", packet.audio_level.unwrap_or(0), packet.payload.len()),
+                    )
                 }
                 other => (e.at_us, other.kind().to_string()),
             })

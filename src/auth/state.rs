@@ -148,7 +148,9 @@ impl AuthState {
                 (Verifier::emulator(settings, clock.clone()), None)
             }
         };
-        Ok(AuthState { inner: Arc::new(Inner { config, verifier, tickets: TicketStore::new(clock.clone()), dev, clock }) })
+        Ok(AuthState {
+            inner: Arc::new(Inner { config, verifier, tickets: TicketStore::new(clock.clone()), dev, clock }),
+        })
     }
 
     /// The auth clock's time in Unix seconds (sessions expire by it).

@@ -11,12 +11,13 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 
 use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
-use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
     PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder, RTCIceCandidateInit,
-    RTCPeerConnectionIceEvent, RTCPeerConnectionState, RTCSessionDescription, Registry, Slot, register_default_interceptors,
+    RTCPeerConnectionIceEvent, RTCPeerConnectionState, RTCSessionDescription, Registry, Slot,
+    register_default_interceptors,
 };
 use webrtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
 
@@ -163,7 +164,9 @@ impl Publisher {
         let mut transceivers = Vec::new();
         for t in std::iter::once(&audio).chain(video.iter()) {
             let init = RTCRtpTransceiverInit { direction: RTCRtpTransceiverDirection::Sendonly, ..Default::default() };
-            transceivers.push(pc.add_transceiver_from_track(t.clone() as Arc<dyn TrackLocal>, Some(init)).await.map_err(rtc_error)?);
+            transceivers.push(
+                pc.add_transceiver_from_track(t.clone() as Arc<dyn TrackLocal>, Some(init)).await.map_err(rtc_error)?,
+            );
         }
         let offer = pc.create_offer(None).await.map_err(rtc_error)?;
         pc.set_local_description(offer.clone()).await.map_err(rtc_error)?;
@@ -193,7 +196,13 @@ impl Publisher {
     }
 
     /// Sends one 20 ms audio packet (its RTP timestamp from `at`, a 48 kHz clock).
-    pub async fn send_audio(&mut self, at: Duration, payload: Bytes, level: u8, voice: bool) -> Result<(), ClientError> {
+    pub async fn send_audio(
+        &mut self,
+        at: Duration,
+        payload: Bytes,
+        level: u8,
+        voice: bool,
+    ) -> Result<(), ClientError> {
         self.seq[0] = self.seq[0].wrapping_add(1);
         let mut packet = rtp_packet(m::OPUS_PAYLOAD_TYPE, self.seq[0], at, 48_000, self.audio_ssrc);
         if let Some(id) = self.level_id {
@@ -266,7 +275,8 @@ impl Listener {
                 let tx = tx.clone();
                 let known = known.clone();
                 tokio::spawn(async move {
-                    let media = if track.kind().await == RtpCodecKind::Video { MediaKind::Video } else { MediaKind::Audio };
+                    let media =
+                        if track.kind().await == RtpCodecKind::Video { MediaKind::Video } else { MediaKind::Audio };
                     known.lock().unwrap_or_else(|p| p.into_inner()).push((media, track.clone()));
                     while let Some(event) = track.poll().await {
                         if let TrackRemoteEvent::OnRtpPacket(packet) = event {

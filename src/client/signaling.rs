@@ -50,8 +50,17 @@ pub struct Signaling {
 impl Signaling {
     /// Connects to `wss://…/ws` with the token in the Authorization header (`ticket` instead, as
     /// a browser does, when given).
-    pub async fn connect(tls: &ClientTls, base: &str, token: Option<&str>, ticket: Option<&str>) -> Result<Self, ClientError> {
-        let url = format!("{}/ws{}", base.replacen("https://", "wss://", 1), ticket.map(|t| format!("?ticket={t}")).unwrap_or_default());
+    pub async fn connect(
+        tls: &ClientTls,
+        base: &str,
+        token: Option<&str>,
+        ticket: Option<&str>,
+    ) -> Result<Self, ClientError> {
+        let url = format!(
+            "{}/ws{}",
+            base.replacen("https://", "wss://", 1),
+            ticket.map(|t| format!("?ticket={t}")).unwrap_or_default()
+        );
         let mut request = url.as_str().into_client_request().map_err(|e| ClientError::WebSocket(e.to_string()))?;
         if let Some(token) = token {
             let value = format!("Bearer {token}").parse().map_err(|_| ClientError::WebSocket("bad token".into()))?;
@@ -60,7 +69,8 @@ impl Signaling {
         let host = request.uri().host().unwrap_or("localhost").trim_matches(['[', ']']).to_owned();
         let port = request.uri().port_u16().unwrap_or(443);
         let tcp = TcpStream::connect((host.as_str(), port)).await.map_err(|e| ClientError::WebSocket(e.to_string()))?;
-        let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| ClientError::Tls(e.to_string()))?;
+        let name =
+            rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| ClientError::Tls(e.to_string()))?;
         let tls_stream = tokio_rustls::TlsConnector::from(tls.config.clone())
             .connect(name, tcp)
             .await
@@ -164,7 +174,10 @@ impl Signaling {
         message.insert("type".into(), kind.into());
         let (tx, rx) = oneshot::channel();
         self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
-        self.out.send(Message::Text(Value::Object(message).to_string().into())).await.map_err(|_| ClientError::Closed)?;
+        self.out
+            .send(Message::Text(Value::Object(message).to_string().into()))
+            .await
+            .map_err(|_| ClientError::Closed)?;
         let answer = tokio::time::timeout(Duration::from_secs(20), rx)
             .await
             .map_err(|_| ClientError::Timeout(kind.into()))?

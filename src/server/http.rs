@@ -71,11 +71,10 @@ async fn readyz(State(app): State<AppState>) -> Response {
     }
     match app.auth.verifier().keys_ready().await {
         Ok(()) => Json(json!({"status": "ready", "rooms": app.rooms.list().len()})).into_response(),
-        Err(error) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not ready", "reason": error.to_string()})),
-        )
-            .into_response(),
+        Err(error) => {
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "not ready", "reason": error.to_string()})))
+                .into_response()
+        }
     }
 }
 
@@ -148,7 +147,12 @@ fn room_json(id: &str, view: RoomView) -> RoomJson {
         tracks: view
             .tracks
             .into_iter()
-            .map(|t| TrackJson { track: t.name.to_string(), peer: t.peer.to_string(), media: t.media.as_str(), codec: t.codec })
+            .map(|t| TrackJson {
+                track: t.name.to_string(),
+                peer: t.peer.to_string(),
+                media: t.media.as_str(),
+                codec: t.codec,
+            })
             .collect(),
         utterances: view
             .utterances
@@ -168,10 +172,9 @@ fn room_json(id: &str, view: RoomView) -> RoomJson {
 async fn room(State(app): State<AppState>, _user: AuthUser, Path(id): Path<String>) -> Response {
     match app.rooms.view(&id).await {
         Some(view) => Json(room_json(&id, view)).into_response(),
-        None => (
-            StatusCode::NOT_FOUND,
-            Json(json!({"error": {"code": "not_found", "message": format!("no room {id:?}")}})),
-        )
-            .into_response(),
+        None => {
+            (StatusCode::NOT_FOUND, Json(json!({"error": {"code": "not_found", "message": format!("no room {id:?}")}})))
+                .into_response()
+        }
     }
 }

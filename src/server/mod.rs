@@ -153,12 +153,5 @@ pub async fn start(config: ServerConfig, options: StartOptions) -> Result<Server
         .map_err(|e| ServerError::Start(e.to_string()))?
         .handle(handle.clone());
     let task = tokio::spawn(async move { server.serve(router.into_make_service()).await });
-    Ok(Server {
-        addr,
-        url,
-        self_signed_cert: tls.self_signed.then(|| tls.cert_path.clone()),
-        app,
-        handle,
-        task,
-    })
+    Ok(Server { addr, url, self_signed_cert: tls.self_signed.then(|| tls.cert_path.clone()), app, handle, task })
 }

@@ -527,11 +527,8 @@ impl Room {
     }
 
     fn unique_name(&self, wanted: &str) -> Name {
-        let base: String = wanted
-            .chars()
-            .filter(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.'))
-            .take(32)
-            .collect();
+        let base: String =
+            wanted.chars().filter(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.')).take(32).collect();
         let base = if base.is_empty() { "peer".to_owned() } else { base };
         if !self.peers.contains_key(base.as_str()) && self.engine.peer_key(&base).is_none() {
             return Name::from(base);

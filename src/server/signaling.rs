@@ -283,7 +283,10 @@ impl Session {
     async fn request(&mut self, kind: &str, message: &Value, out: &Outbox) -> Result<Value, Refusal> {
         let field = |name: &str| message.get(name);
         let text = |name: &str| -> Result<String, Refusal> {
-            field(name).and_then(Value::as_str).map(str::to_owned).ok_or_else(|| bad(format!("missing string `{name}`")))
+            field(name)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| bad(format!("missing string `{name}`")))
         };
         match kind {
             "ping" => Ok(json!({})),
@@ -292,7 +295,10 @@ impl Session {
                     return Err(refuse("conflict", "already in a room"));
                 }
                 let room = text("room")?;
-                if room.is_empty() || room.len() > 64 || !room.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
+                if room.is_empty()
+                    || room.len() > 64
+                    || !room.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+                {
                     return Err(bad("`room` must be 1 to 64 characters of A-Z, a-z, 0-9, _ . -"));
                 }
                 let name = field("name").and_then(Value::as_str).unwrap_or(&self.user.uid).to_owned();
@@ -366,7 +372,8 @@ impl Session {
             "candidate" => {
                 let side: Side = serde_json::from_value(field("transport").cloned().unwrap_or(Value::Null))
                     .map_err(|_| bad("`transport` must be \"send\" or \"recv\""))?;
-                let candidate = parse_candidate(field("candidate").unwrap_or(&Value::Null)).map_err(|e| bad(e.to_string()))?;
+                let candidate =
+                    parse_candidate(field("candidate").unwrap_or(&Value::Null)).map_err(|e| bad(e.to_string()))?;
                 let joined = self.joined_mut()?;
                 let result = match side {
                     Side::Send => match &joined.send {
@@ -387,8 +394,12 @@ impl Session {
                     .map_err(|_| bad("`transport` must be \"send\" or \"recv\""))?;
                 let joined = self.joined()?;
                 match side {
-                    Side::Send => joined.send.as_ref().ok_or_else(|| refuse("conflict", "not publishing"))?.pause(paused),
-                    Side::Recv => joined.recv.as_ref().ok_or_else(|| refuse("conflict", "not consuming"))?.pause(paused),
+                    Side::Send => {
+                        joined.send.as_ref().ok_or_else(|| refuse("conflict", "not publishing"))?.pause(paused)
+                    }
+                    Side::Recv => {
+                        joined.recv.as_ref().ok_or_else(|| refuse("conflict", "not consuming"))?.pause(paused)
+                    }
                 }
                 Ok(json!({}))
             }
@@ -426,7 +437,12 @@ impl Session {
             }
             "reauth" => {
                 let token = text("token")?;
-                let user = self.app.auth.reauthenticate(&self.user, &token).await.map_err(|e| refuse("unauthorized", e.to_string()))?;
+                let user = self
+                    .app
+                    .auth
+                    .reauthenticate(&self.user, &token)
+                    .await
+                    .map_err(|e| refuse("unauthorized", e.to_string()))?;
                 self.user = user;
                 self.expiry_warned = false;
                 Ok(json!({"session_expires_at": self.deadline_s()}))
@@ -529,7 +545,9 @@ impl Outbox {
     fn reply(&self, id: &Value, result: Result<Value, Refusal>) {
         let message = match result {
             Ok(data) => json!({"id": id, "ok": true, "data": data}),
-            Err(Refusal { code, message }) => json!({"id": id, "ok": false, "error": {"code": code, "message": message}}),
+            Err(Refusal { code, message }) => {
+                json!({"id": id, "ok": false, "error": {"code": code, "message": message}})
+            }
         };
         self.json(message);
     }

@@ -50,9 +50,10 @@ impl TlsMaterial {
     fn load(cert: &Path, key: &Path, self_signed: bool) -> Result<Self, TlsError> {
         let read = |path: &Path| std::fs::read(path).map_err(|source| TlsError::Io { path: path.into(), source });
         let cert_pem = read(cert)?;
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
-            .collect::<Result<_, _>>()
-            .map_err(|e| TlsError::Pem { path: cert.into(), message: e.to_string() })?;
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(&cert_pem)
+                .collect::<Result<_, _>>()
+                .map_err(|e| TlsError::Pem { path: cert.into(), message: e.to_string() })?;
         if chain.is_empty() {
             return Err(TlsError::Empty { path: cert.into(), what: "certificate" });
         }
@@ -112,7 +113,8 @@ mod tests {
     #[test]
     fn a_self_signed_pair_is_made_once_and_kept() {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let dir = std::env::temp_dir().join(format!("encore-tls-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let dir =
+            std::env::temp_dir().join(format!("encore-tls-{}-{:?}", std::process::id(), std::thread::current().id()));
         let _ = std::fs::remove_dir_all(&dir);
         let first = TlsMaterial::load_or_create(None, None, &dir).unwrap();
         assert!(first.self_signed);

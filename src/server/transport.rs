@@ -63,9 +63,16 @@ pub enum Side {
 #[derive(Debug, Clone)]
 pub enum TransportEvent {
     /// A local ICE candidate to trickle to the client (`None`: gathering is complete).
-    Candidate { side: Side, candidate: Option<RTCIceCandidateInit> },
-    Connected { side: Side },
-    Failed { side: Side },
+    Candidate {
+        side: Side,
+        candidate: Option<RTCIceCandidateInit>,
+    },
+    Connected {
+        side: Side,
+    },
+    Failed {
+        side: Side,
+    },
 }
 
 /// How transports bind and announce their media sockets.
@@ -171,7 +178,11 @@ struct Built {
     tracks: mpsc::UnboundedReceiver<Arc<dyn TrackRemote>>,
 }
 
-async fn build(settings: &TransportSettings, side: Side, events: mpsc::Sender<TransportEvent>) -> Result<Built, TransportError> {
+async fn build(
+    settings: &TransportSettings,
+    side: Side,
+    events: mpsc::Sender<TransportEvent>,
+) -> Result<Built, TransportError> {
     let (engine, registry) = media::media_engine_and_registry().map_err(webrtc_error)?;
     let (state_tx, state) = watch::channel(RTCPeerConnectionState::New);
     let (tracks_tx, tracks) = mpsc::unbounded_channel();
@@ -197,7 +208,10 @@ async fn build(settings: &TransportSettings, side: Side, events: mpsc::Sender<Tr
 
 /// A connection whose negotiation failed is closed before the error is returned: a dropped one
 /// would leak its sockets.
-async fn closed_on_error<T>(pc: &Arc<dyn PeerConnection>, result: Result<T, TransportError>) -> Result<T, TransportError> {
+async fn closed_on_error<T>(
+    pc: &Arc<dyn PeerConnection>,
+    result: Result<T, TransportError>,
+) -> Result<T, TransportError> {
     if result.is_err() {
         let _ = pc.close().await;
     }
@@ -233,7 +247,8 @@ impl SendTransport {
         link: RoomLink,
         events: mpsc::Sender<TransportEvent>,
     ) -> Result<(Self, String), TransportError> {
-        let offer = RTCSessionDescription::offer(offer.to_owned()).map_err(|e| TransportError::BadSdp(e.to_string()))?;
+        let offer =
+            RTCSessionDescription::offer(offer.to_owned()).map_err(|e| TransportError::BadSdp(e.to_string()))?;
         let Built { pc, tracks, .. } = build(settings, Side::Send, events).await?;
         let answer = async {
             pc.set_remote_description(offer).await.map_err(|e| TransportError::BadSdp(e.to_string()))?;
@@ -250,7 +265,9 @@ impl SendTransport {
 
     pub async fn add_candidate(&self, candidate: Option<RTCIceCandidateInit>) -> Result<(), TransportError> {
         match candidate {
-            Some(candidate) => self.pc.add_ice_candidate(candidate).await.map_err(|e| TransportError::BadCandidate(e.to_string())),
+            Some(candidate) => {
+                self.pc.add_ice_candidate(candidate).await.map_err(|e| TransportError::BadCandidate(e.to_string()))
+            }
             None => Ok(()),
         }
     }
@@ -290,7 +307,14 @@ async fn receive_tracks(
             1 => format!("{}:{}", link.peer, media.as_str()),
             n => format!("{}:{}{n}", link.peer, media.as_str()),
         };
-        tasks.push(tokio::spawn(receive_track(pc.clone(), track, media, Name::from(name), link.clone(), paused.clone())));
+        tasks.push(tokio::spawn(receive_track(
+            pc.clone(),
+            track,
+            media,
+            Name::from(name),
+            link.clone(),
+            paused.clone(),
+        )));
     }
     for task in tasks {
         let _ = task.await;
@@ -308,10 +332,7 @@ async fn receive_track(
     let ssrc = track.ssrcs().await.first().copied().unwrap_or(0);
     let codec = track.codec(ssrc).await;
     let (codec_name, clock_rate) = match &codec {
-        Some(codec) => (
-            codec.mime_type.rsplit('/').next().unwrap_or("").to_ascii_lowercase(),
-            codec.clock_rate,
-        ),
+        Some(codec) => (codec.mime_type.rsplit('/').next().unwrap_or("").to_ascii_lowercase(), codec.clock_rate),
         None => (String::new(), if media == MediaKind::Audio { 48_000 } else { 90_000 }),
     };
     let mut level_id = None;
@@ -423,7 +444,10 @@ impl RecvTransport {
             for track in std::iter::once(&audio).chain(video.iter()) {
                 pc.add_transceiver_from_track(
                     track.clone() as Arc<dyn TrackLocal>,
-                    Some(RTCRtpTransceiverInit { direction: RTCRtpTransceiverDirection::Sendonly, ..Default::default() }),
+                    Some(RTCRtpTransceiverInit {
+                        direction: RTCRtpTransceiverDirection::Sendonly,
+                        ..Default::default()
+                    }),
                 )
                 .await
                 .map_err(webrtc_error)?;
@@ -454,7 +478,8 @@ impl RecvTransport {
         if self.answered {
             return Err(TransportError::BadSdp("this transport has its answer already".into()));
         }
-        let answer = RTCSessionDescription::answer(answer.to_owned()).map_err(|e| TransportError::BadSdp(e.to_string()))?;
+        let answer =
+            RTCSessionDescription::answer(answer.to_owned()).map_err(|e| TransportError::BadSdp(e.to_string()))?;
         self.pc.set_remote_description(answer).await.map_err(|e| TransportError::BadSdp(e.to_string()))?;
         self.answered = true;
         for candidate in std::mem::take(&mut self.early_candidates) {
@@ -487,7 +512,9 @@ impl RecvTransport {
                 self.early_candidates.push(candidate);
                 Ok(())
             }
-            Some(candidate) => self.pc.add_ice_candidate(candidate).await.map_err(|e| TransportError::BadCandidate(e.to_string())),
+            Some(candidate) => {
+                self.pc.add_ice_candidate(candidate).await.map_err(|e| TransportError::BadCandidate(e.to_string()))
+            }
             None => Ok(()),
         }
     }

@@ -24,10 +24,8 @@ pub fn payload_bytes(len: usize) -> u64 {
 
 /// Fixed cost of an utterance besides its packets: components in their tables, entity
 /// metadata, directory entries, and the speaker name shared with the id.
-pub const UTTERANCE_FIXED_BYTES: u64 = (size_of::<Utterance>()
-    + size_of::<PacketBuffer>()
-    + size_of::<Audience>()
-    + 256) as u64;
+pub const UTTERANCE_FIXED_BYTES: u64 =
+    (size_of::<Utterance>() + size_of::<PacketBuffer>() + size_of::<Audience>() + 256) as u64;
 
 /// The accounted bytes of an utterance's buffer, from scratch.
 pub fn buffer_bytes(buffer: &PacketBuffer) -> u64 {

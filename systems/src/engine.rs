@@ -9,8 +9,8 @@ use encore_components::input::Input;
 use encore_components::output::TickOutput;
 use encore_components::peer::{Peer, Prefs};
 use encore_components::resources::{
-    BufferLedger, Clock, Counters, DecisionQueue, Decisions, Departures, ClosedUtterances, Directory, EngineRng, NackQueue, NewUtterances,
-    Outputs, PendingInputs, TimedInput,
+    BufferLedger, Clock, ClosedUtterances, Counters, DecisionQueue, Decisions, Departures, Directory, EngineRng,
+    NackQueue, NewUtterances, Outputs, PendingInputs, TimedInput,
 };
 use encore_components::track::{PreRoll, Track};
 use encore_components::utterance::{Audience, PacketBuffer, Utterance};

@@ -195,10 +195,7 @@ fn listeners_of(world: &World, utterance: Entity) -> Vec<Entity> {
         .values()
         .copied()
         .filter(|viewer| {
-            world
-                .get::<Route>(*viewer)
-                .and_then(|r| r.playing.as_ref())
-                .is_some_and(|p| p.utterance == utterance)
+            world.get::<Route>(*viewer).and_then(|r| r.playing.as_ref()).is_some_and(|p| p.utterance == utterance)
         })
         .collect()
 }
@@ -212,10 +209,7 @@ fn evict_whole(world: &mut World, entity: Entity) {
     for viewer in listeners.iter().copied() {
         let Some(key) = world.get::<ViewerSession>(viewer).map(|s| s.listener) else { continue };
         let from = stop_playing(world, viewer);
-        world
-            .resource_mut::<DecisionQueue>()
-            .needs
-            .insert(key, DecisionNeed { reason: RouteReason::Evicted, from });
+        world.resource_mut::<DecisionQueue>().needs.insert(key, DecisionNeed { reason: RouteReason::Evicted, from });
     }
     if utterance.is_open()
         && let Some(mut recording) = world.get_mut::<Recording>(utterance.track)
@@ -289,11 +283,8 @@ fn trim(world: &mut World, clock: &Clock, entity: Entity, need: u64, limits: Opt
     buffer.reshapes = buffer.reshapes.wrapping_add(1);
     buffer.bytes = buffer_bytes(&buffer);
     let after = buffer.bytes;
-    let new_origin = [buffer.audio.packets.first(), buffer.video.packets.first()]
-        .into_iter()
-        .flatten()
-        .map(|p| p.media_us)
-        .min();
+    let new_origin =
+        [buffer.audio.packets.first(), buffer.video.packets.first()].into_iter().flatten().map(|p| p.media_us).min();
     let id = world.get::<Utterance>(entity).map(|u| u.id.clone());
 
     let mut cut_over = 0;

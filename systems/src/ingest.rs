@@ -12,15 +12,16 @@ use smallvec::SmallVec;
 use encore_components::config::EngineConfig;
 use encore_components::ids::{MediaKind, Name, PeerKey, Role, UtteranceId};
 use encore_components::input::{FeedbackSignal, Input, RtpIn};
+use encore_components::output::EndReason;
 use encore_components::output::{DropCounts, Event, KeyframeReason, RouteReason};
 use encore_components::peer::{Affinity, Peer, Prefs};
 use encore_components::resources::{
-    Clock, Counters, DecisionNeed, DecisionQueue, Departures, Directory, EngineRng, NackQueue, PendingInputs, TimedInput,
+    Clock, Counters, DecisionNeed, DecisionQueue, Departures, Directory, EngineRng, NackQueue, PendingInputs,
+    TimedInput,
 };
 use encore_components::track::{
     Ending, Incoming, KeyframeThrottle, PreRoll, Recording, RtpState, StagedPacket, Track, Voice,
 };
-use encore_components::output::EndReason;
 use encore_components::utterance::{Audience, Utterance};
 use encore_components::viewer::{History, OutStream, OutStreams, PendingNacks, Route, ViewerSession};
 
@@ -211,13 +212,9 @@ fn subscribe(world: &mut World, name: &str) {
     let session = ViewerSession { listener: peer.key, name: peer.name.clone(), peer: peer_entity };
     let key = peer.key;
     let mut rng = world.resource_mut::<EngineRng>();
-    let streams = OutStreams {
-        audio: new_stream(&mut rng, MediaKind::Audio),
-        video: new_stream(&mut rng, MediaKind::Video),
-    };
-    let viewer = world
-        .spawn((session, Route::default(), streams, History::default(), PendingNacks::default()))
-        .id();
+    let streams =
+        OutStreams { audio: new_stream(&mut rng, MediaKind::Audio), video: new_stream(&mut rng, MediaKind::Video) };
+    let viewer = world.spawn((session, Route::default(), streams, History::default(), PendingNacks::default())).id();
     if let Some(mut peer) = world.get_mut::<Peer>(peer_entity) {
         peer.viewer = Some(viewer);
     }
@@ -300,7 +297,13 @@ fn prefs(world: &mut World, name: &str, follow: Vec<Name>, mute: Vec<Name>) {
     world.entity_mut(peer_entity).insert(prefs);
 }
 
-fn feedback(world: &mut World, config: &EngineConfig, name: &str, utterance: Option<UtteranceId>, signal: FeedbackSignal) {
+fn feedback(
+    world: &mut World,
+    config: &EngineConfig,
+    name: &str,
+    utterance: Option<UtteranceId>,
+    signal: FeedbackSignal,
+) {
     let Some(peer_entity) = peer_entity(world, name) else {
         return drop_input(world, |d| &mut d.unknown_peer);
     };
@@ -537,7 +540,14 @@ mod tests {
         room.push(at, rtp("zz", 1, 10, Some(30)));
         room.push(at, rtp("a1", 2, 5000, Some(30)));
         room.push(at, rtp("a1", 3, 10, Some(200)));
-        room.push(at, Input::Feedback { peer: Name::new("lena"), utterance: Some("alice#7".parse().unwrap()), signal: FeedbackSignal::Like });
+        room.push(
+            at,
+            Input::Feedback {
+                peer: Name::new("lena"),
+                utterance: Some("alice#7".parse().unwrap()),
+                signal: FeedbackSignal::Like,
+            },
+        );
         room.push(at, Input::Nack { peer: Name::new("alice"), media: MediaKind::Audio, seqs: vec![1] });
         room.push(at, Input::Nack { peer: Name::new("lena"), media: MediaKind::Audio, seqs: vec![] });
         room.run_until(20_000);

@@ -15,8 +15,8 @@
 use bevy_ecs::prelude::{Query, Res, ResMut};
 
 use encore_components::ids::MediaKind;
-use encore_components::output::SendPacket;
 use encore_components::output::RouteReason;
+use encore_components::output::SendPacket;
 use encore_components::resources::{Clock, Counters, DecisionNeed, DecisionQueue, Directory, Outputs};
 use encore_components::utterance::{BufferedPacket, PacketBuffer, Utterance};
 use encore_components::viewer::{Cursor, OutStream, OutStreams, Playing, Route, SentRecord, ViewerSession};
@@ -43,7 +43,9 @@ pub fn route_finished(utterance: &Utterance, buffer: &PacketBuffer, playing: &Pl
 pub fn resume(packets: &[BufferedPacket], cursor: &Cursor) -> usize {
     let Some(last) = cursor.last_ext_seq else { return 0 };
     let hint = cursor.next;
-    if hint > 0 && hint <= packets.len() && packets[hint - 1].ext_seq == last
+    if hint > 0
+        && hint <= packets.len()
+        && packets[hint - 1].ext_seq == last
         && packets.get(hint).is_none_or(|p| p.ext_seq > last)
     {
         return hint;

@@ -346,13 +346,17 @@ mod tests {
                 mute: (0..next(2)).map(|_| Name::new(names[next(5) as usize])).collect(),
             };
             let affinity = Affinity {
-                by_speaker: (0..next(4)).map(|_| (Name::new(names[next(5) as usize]), next(2400) as i64 - 1200)).collect(),
+                by_speaker: (0..next(4))
+                    .map(|_| (Name::new(names[next(5) as usize]), next(2400) as i64 - 1200))
+                    .collect(),
             };
             let history = History { heard: (0..next(6)).map(|_| UtteranceOrd(next(20))).collect() };
             let listener = PeerKey(next(6) as u32);
             let full = pool
                 .iter()
-                .filter_map(|c| score(&rules, listener, Some(&prefs), Some(&affinity), &history, c).map(|t| (t.total(), c)))
+                .filter_map(|c| {
+                    score(&rules, listener, Some(&prefs), Some(&affinity), &history, c).map(|t| (t.total(), c))
+                })
                 .max_by(|(sa, a), (sb, b)| sa.cmp(sb).then_with(|| b.id.cmp(&a.id)))
                 .filter(|(s, _)| *s >= rules.accept_min)
                 .map(|(s, c)| (s, c.id.clone()));

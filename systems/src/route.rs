@@ -139,7 +139,10 @@ mod tests {
         room.speaker("alice", "a1");
         room.listener("lena");
         room.talk("a1", 0, 3_000_000);
-        room.push(1_000_000, Input::Feedback { peer: Name::new("lena"), utterance: None, signal: FeedbackSignal::Skip });
+        room.push(
+            1_000_000,
+            Input::Feedback { peer: Name::new("lena"), utterance: None, signal: FeedbackSignal::Skip },
+        );
         let trace = room.run_until(1_100_000);
         let lena = routes(&trace, "lena");
         assert_eq!(lena.len(), 2);

@@ -1,6 +1,8 @@
 //! The one place that orders the systems.
 
-use bevy_ecs::schedule::{IntoScheduleConfigs, LogLevel, Schedule, ScheduleBuildSettings, ScheduleLabel, SingleThreadedExecutor};
+use bevy_ecs::schedule::{
+    IntoScheduleConfigs, LogLevel, Schedule, ScheduleBuildSettings, ScheduleLabel, SingleThreadedExecutor,
+};
 
 use crate::evict::evict;
 use crate::ingest::ingest;
@@ -24,8 +26,6 @@ pub fn build_schedule() -> Schedule {
         ambiguity_detection: LogLevel::Error,
         ..ScheduleBuildSettings::default()
     });
-    schedule.add_systems(
-        (ingest, detect_voice, segment, evict, recommend, route, play_out, retransmit, stats).chain(),
-    );
+    schedule.add_systems((ingest, detect_voice, segment, evict, recommend, route, play_out, retransmit, stats).chain());
     schedule
 }

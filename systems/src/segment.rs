@@ -20,7 +20,9 @@ use encore_components::config::EngineConfig;
 use encore_components::ids::{MediaKind, Name, PeerKey, UtteranceId, UtteranceOrd};
 use encore_components::output::{EndReason, Event, KeyframeReason};
 use encore_components::peer::Peer;
-use encore_components::resources::{BufferLedger, Clock, ClosedUtterances, Counters, Departures, Directory, NewUtterances};
+use encore_components::resources::{
+    BufferLedger, Clock, ClosedUtterances, Counters, Departures, Directory, NewUtterances,
+};
 use encore_components::track::{Incoming, PreRoll, Recording, StagedPacket, Track, Voice, VoiceChange};
 use encore_components::utterance::{Audience, BufferedPacket, MediaAnchor, MediaBuffer, PacketBuffer, Utterance};
 
@@ -333,11 +335,8 @@ pub fn append_to(buffer: &mut PacketBuffer, media: MediaKind, clock_rate: u32, p
         MediaKind::Audio => &mut buffer.audio,
         MediaKind::Video => &mut buffer.video,
     };
-    let anchor = *target.anchor.get_or_insert(MediaAnchor {
-        ext_ts: packet.ext_ts,
-        arrival_us: packet.arrival_us,
-        clock_rate,
-    });
+    let anchor =
+        *target.anchor.get_or_insert(MediaAnchor { ext_ts: packet.ext_ts, arrival_us: packet.arrival_us, clock_rate });
     let mut media_us = media_time(&anchor, packet.ext_ts);
     if (media_us - packet.arrival_us as i64).abs() > MAX_MEDIA_DRIFT_US {
         let anchor = MediaAnchor { ext_ts: packet.ext_ts, arrival_us: packet.arrival_us, clock_rate };
@@ -404,11 +403,7 @@ fn place_video(world: &mut World, entity: Entity) {
 
 /// The open utterance of the peer's first audio track that has one.
 fn open_utterance_of(world: &World, peer: Entity) -> Option<Entity> {
-    world
-        .get::<Peer>(peer)?
-        .tracks
-        .iter()
-        .find_map(|track| world.get::<Recording>(*track)?.utterance)
+    world.get::<Peer>(peer)?.tracks.iter().find_map(|track| world.get::<Recording>(*track)?.utterance)
 }
 
 #[cfg(test)]

@@ -25,7 +25,13 @@ pub fn stop_playing(world: &mut World, viewer: Entity) -> Option<UtteranceId> {
 }
 
 /// Asks the speaker's video tracks for a key frame, at most once per configured interval.
-pub fn request_keyframe(world: &mut World, config: &EngineConfig, clock: &Clock, speaker: &str, reason: KeyframeReason) {
+pub fn request_keyframe(
+    world: &mut World,
+    config: &EngineConfig,
+    clock: &Clock,
+    speaker: &str,
+    reason: KeyframeReason,
+) {
     let Some(peer) = world.resource::<Directory>().peers.get(speaker).copied() else { return };
     let Some(tracks) = world.get::<Peer>(peer).map(|p| p.tracks.clone()) else { return };
     let interval_us = config.limits.keyframe_interval_ms * 1000;

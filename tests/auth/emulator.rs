@@ -10,7 +10,8 @@ use encore::auth::{AuthConfig, AuthError, AuthOptions, AuthState, Role};
 #[tokio::test]
 #[ignore = "needs the Firebase Auth Emulator; run by scripts/emulator-e2e.sh"]
 async fn emulator_token_verifies_as_speaker() {
-    let token = std::env::var("ENCORE_EMULATOR_ID_TOKEN").expect("ENCORE_EMULATOR_ID_TOKEN (run scripts/emulator-e2e.sh)");
+    let token =
+        std::env::var("ENCORE_EMULATOR_ID_TOKEN").expect("ENCORE_EMULATOR_ID_TOKEN (run scripts/emulator-e2e.sh)");
     let project = std::env::var("ENCORE_EMULATOR_PROJECT").unwrap_or_else(|_| "demo-encore".into());
     let uid = std::env::var("ENCORE_EMULATOR_UID").expect("ENCORE_EMULATOR_UID");
 
@@ -35,10 +36,13 @@ async fn emulator_token_verifies_as_speaker() {
     config.server.data_dir = dir.join("data");
     config.media.bind_ips = vec!["127.0.0.1".parse().unwrap()];
     config.auth = AuthConfig::emulator(&project);
-    let server = encore::server::start(config, encore::server::StartOptions::default()).await.expect("the server starts");
+    let server =
+        encore::server::start(config, encore::server::StartOptions::default()).await.expect("the server starts");
     let tls = encore::client::ClientTls::trusting(&dir.join("data/tls/cert.pem")).unwrap();
     let session = std::sync::Arc::new(
-        encore::client::Signaling::connect(&tls, &server.url, Some(&token), None).await.expect("the emulator token opens a session"),
+        encore::client::Signaling::connect(&tls, &server.url, Some(&token), None)
+            .await
+            .expect("the emulator token opens a session"),
     );
     assert_eq!(session.welcome["uid"], uid.as_str());
     assert_eq!(session.welcome["roles"], serde_json::json!(["speaker"]));

@@ -15,7 +15,9 @@ fn replay_prints_a_summary_and_writes_the_trace() {
     let output = encore().arg("replay").arg(&scenario).arg("--trace").arg(&trace).arg("--packets").output().unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let stdout = String::from_utf8(output.stdout).unwrap();
-    for field in ["utterances     1", "route changes  2", "evictions      0", "peak buffer", "sent packets", "replay speed"] {
+    for field in
+        ["utterances     1", "route changes  2", "evictions      0", "peak buffer", "sent packets", "replay speed"]
+    {
         assert!(stdout.contains(field), "missing {field:?} in:\n{stdout}");
     }
     let trace = std::fs::read_to_string(&trace).unwrap();
@@ -52,7 +54,11 @@ fn generate_writes_a_scenario_that_replays() {
         .unwrap();
     assert!(output.status.success());
     let text = String::from_utf8(output.stdout).unwrap();
-    assert!(text.starts_with(r#"{"encore_scenario":1,"tick_ms":10,"name":"generated-s2-l3-5s-seed9""#), "{}", &text[..120]);
+    assert!(
+        text.starts_with(r#"{"encore_scenario":1,"tick_ms":10,"name":"generated-s2-l3-5s-seed9""#),
+        "{}",
+        &text[..120]
+    );
     let again = encore()
         .args(["scenario", "generate", "--speakers", "2", "--listeners", "3", "--seconds", "5", "--seed", "9"])
         .output()

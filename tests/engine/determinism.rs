@@ -19,7 +19,8 @@ fn every_scenario_replays_to_byte_identical_traces_with_packets() {
 
 #[test]
 fn replays_on_other_threads_at_once_match_the_one_on_this_thread() {
-    let options = GenerateOptions { speakers: 4, listeners: 12, seconds: 30, seed: 7, video: true, ..Default::default() };
+    let options =
+        GenerateOptions { speakers: 4, listeners: 12, seconds: 30, seed: 7, video: true, ..Default::default() };
     let scenario = generated(&options);
     let here = replay_bytes("generated", &scenario, true);
     let others: Vec<String> = thread::scope(|scope| {

@@ -95,22 +95,22 @@ impl ReplayObserver for Checker {
                 Event::UtteranceEnd { utterance, duration_us, .. } if *duration_us > self.max_utterance_us => {
                     self.fail(tick, format!("{utterance} lasted {duration_us} us"));
                 }
-                Event::UtteranceStart { utterance, speaker, .. } => opened.push((utterance.to_string(), speaker.to_string())),
+                Event::UtteranceStart { utterance, speaker, .. } => {
+                    opened.push((utterance.to_string(), speaker.to_string()))
+                }
                 Event::Evict { utterance, .. } => {
                     self.evictions += 1;
                     evicted_now.insert(utterance.to_string());
                 }
-                Event::Route { listener, to, .. } => {
-                    match to {
-                        Some(to) => {
-                            routed_now.insert(listener.to_string());
-                            self.playing.insert(listener.to_string(), to.to_string());
-                        }
-                        None => {
-                            self.playing.remove(listener.as_str());
-                        }
+                Event::Route { listener, to, .. } => match to {
+                    Some(to) => {
+                        routed_now.insert(listener.to_string());
+                        self.playing.insert(listener.to_string(), to.to_string());
                     }
-                }
+                    None => {
+                        self.playing.remove(listener.as_str());
+                    }
+                },
                 Event::Stats(stats) if stats.buffer_peak_bytes > self.cap => {
                     self.fail(tick, format!("stats peak {} over the cap", stats.buffer_peak_bytes));
                 }

@@ -100,10 +100,8 @@ fn nacks_are_answered_from_the_buffer_with_the_original_header() {
     let resent: Vec<&Value> = trace.iter().filter(|l| l["kind"] == "send" && l["retransmit"] == true).collect();
     assert_eq!(resent.len(), 4);
     for again in resent {
-        let original = trace
-            .iter()
-            .find(|l| l["kind"] == "send" && l["retransmit"] == false && l["seq"] == again["seq"])
-            .unwrap();
+        let original =
+            trace.iter().find(|l| l["kind"] == "send" && l["retransmit"] == false && l["seq"] == again["seq"]).unwrap();
         for field in ["ts", "ssrc", "marker", "src_seq", "utterance"] {
             assert_eq!(original[field], again[field], "{field}");
         }

@@ -54,9 +54,11 @@ async fn a_ticket_works_once_and_not_after_thirty_seconds() {
     let server = start_server("auth-ticket", |_| {}, Some(clock.shared())).await;
     let token = server.token("tia", "listener").await;
     let ticket = ws_ticket(&server.tls, &server.base, &token).await.unwrap();
-    let session = Signaling::connect(&server.tls, &server.base, None, Some(&ticket)).await.expect("a fresh ticket works");
+    let session =
+        Signaling::connect(&server.tls, &server.base, None, Some(&ticket)).await.expect("a fresh ticket works");
     assert_eq!(session.welcome["uid"], "tia");
-    let again = Signaling::connect(&server.tls, &server.base, None, Some(&ticket)).await.err().expect("a ticket works once");
+    let again =
+        Signaling::connect(&server.tls, &server.base, None, Some(&ticket)).await.err().expect("a ticket works once");
     assert!(again.to_string().contains("401"), "{again}");
     let late = ws_ticket(&server.tls, &server.base, &token).await.unwrap();
     clock.advance(Duration::from_secs(31));

@@ -9,10 +9,10 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use encore::client::{Listener, Publisher, Received, Signaling};
+use encore::components::ids::MediaKind;
 use encore::replay::{DEFAULT_DRAIN_US, replay};
 use encore::scenario::ScenarioReader;
 use encore::trace::TraceWriter;
-use encore::components::ids::MediaKind;
 
 use super::support::start_server;
 
@@ -27,7 +27,13 @@ fn payload(speaker: u8, n: u32) -> Bytes {
 /// Talks: from `talk.0` to `talk.1` (seconds since `start`) at level 30, silence at 100
 /// otherwise, until `end`. Returns when each voiced stretch began (third voiced packet: the
 /// onset the server detects after 40 ms).
-async fn speak(mut publisher: Publisher, speaker: u8, start: Instant, talks: Vec<(f64, f64)>, end: f64) -> (Publisher, Vec<Instant>) {
+async fn speak(
+    mut publisher: Publisher,
+    speaker: u8,
+    start: Instant,
+    talks: Vec<(f64, f64)>,
+    end: f64,
+) -> (Publisher, Vec<Instant>) {
     let mut interval = tokio::time::interval(Duration::from_millis(20));
     let mut onsets = Vec::new();
     let mut n = 0u32;
@@ -53,7 +59,9 @@ async fn speak(mut publisher: Publisher, speaker: u8, start: Instant, talks: Vec
 
 async fn collect(mut listener: Listener, until: Instant) -> (Listener, Vec<Received>) {
     let mut got = Vec::new();
-    while let Ok(Some(packet)) = tokio::time::timeout(until.saturating_duration_since(Instant::now()), listener.packets.recv()).await {
+    while let Ok(Some(packet)) =
+        tokio::time::timeout(until.saturating_duration_since(Instant::now()), listener.packets.recv()).await
+    {
         got.push(packet);
     }
     (listener, got)
@@ -231,7 +239,8 @@ async fn three_speakers_six_listeners_live_time_shifted_continuous_and_muted() {
         .skip(1)
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let opened = trace.iter().find(|l| l["kind"] == "utterance_start" && l["utterance"] == "sam#1").expect("sam#1 opened");
+    let opened =
+        trace.iter().find(|l| l["kind"] == "utterance_start" && l["utterance"] == "sam#1").expect("sam#1 opened");
     let routed: BTreeSet<&str> = trace
         .iter()
         .filter(|l| l["kind"] == "route" && l["to"] == "sam#1" && l["tick"] == opened["tick"])
@@ -245,7 +254,8 @@ async fn three_speakers_six_listeners_live_time_shifted_continuous_and_muted() {
     // Replaying the recording reaches the same decisions: the live trace is the start of the
     // replayed one (replay goes on to a quiet room; the live room closed with its last peer).
     let scenario_path = trace_path.to_string_lossy().replace(".trace.jsonl", ".scenario.jsonl");
-    let (header, mut reader) = ScenarioReader::open(std::path::Path::new(&scenario_path)).expect("the recording reads back");
+    let (header, mut reader) =
+        ScenarioReader::open(std::path::Path::new(&scenario_path)).expect("the recording reads back");
     let mut replayed = TraceWriter::new(Vec::new(), &header, false).unwrap();
     replay(&header, &mut reader, Some(&mut replayed), DEFAULT_DRAIN_US).expect("the recording replays");
     let replayed = String::from_utf8(replayed.into_inner()).unwrap();

@@ -59,7 +59,9 @@ async fn nacks_are_answered_from_the_buffer_and_keyframe_requests_reach_the_publ
     tokio::time::sleep(Duration::from_millis(700)).await;
     listener.request_keyframe().await.unwrap();
     let until = Instant::now() + Duration::from_secs(2);
-    while let Ok(Some(packet)) = tokio::time::timeout(until.saturating_duration_since(Instant::now()), listener.packets.recv()).await {
+    while let Ok(Some(packet)) =
+        tokio::time::timeout(until.saturating_duration_since(Instant::now()), listener.packets.recv()).await
+    {
         heard.push(packet);
     }
     let publisher = talking.await.unwrap();

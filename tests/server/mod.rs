@@ -1,10 +1,10 @@
 //! The server seen from outside: real TLS, real WebSockets, real WebRTC peers on loopback, a
 //! real browser.
 
+mod auth_live;
 mod browser;
 mod e2e;
 mod feedback;
 mod loadgen;
 mod robustness;
-mod auth_live;
 pub mod support;

@@ -11,9 +11,7 @@ use encore::server::{Server, StartOptions, start};
 /// One RSA key for every test server (making one takes a moment).
 fn dev_issuer() -> Arc<DevIssuer> {
     static ISSUER: OnceLock<Arc<DevIssuer>> = OnceLock::new();
-    ISSUER
-        .get_or_init(|| Arc::new(DevIssuer::generate(3600, Arc::new(SystemClock)).expect("an RSA key")))
-        .clone()
+    ISSUER.get_or_init(|| Arc::new(DevIssuer::generate(3600, Arc::new(SystemClock)).expect("an RSA key"))).clone()
 }
 
 pub struct TestServer {
@@ -33,7 +31,11 @@ pub fn temp_dir(name: &str) -> PathBuf {
 }
 
 /// Starts a server on 127.0.0.1 with an ephemeral port, media on loopback only.
-pub async fn start_server(name: &str, configure: impl FnOnce(&mut ServerConfig), clock: Option<SharedClock>) -> TestServer {
+pub async fn start_server(
+    name: &str,
+    configure: impl FnOnce(&mut ServerConfig),
+    clock: Option<SharedClock>,
+) -> TestServer {
     let dir = temp_dir(name);
     let mut config = ServerConfig::default();
     config.server.listen = "127.0.0.1:0".parse().unwrap();
@@ -41,7 +43,8 @@ pub async fn start_server(name: &str, configure: impl FnOnce(&mut ServerConfig),
     config.server.workers = 2;
     config.media.bind_ips = vec!["127.0.0.1".parse().unwrap()];
     configure(&mut config);
-    let server = start(config, StartOptions { clock, dev_issuer: Some(dev_issuer()) }).await.expect("the server starts");
+    let server =
+        start(config, StartOptions { clock, dev_issuer: Some(dev_issuer()) }).await.expect("the server starts");
     let tls = ClientTls::trusting(&dir.join("data/tls/cert.pem")).expect("the server's certificate");
     let base = server.url.clone();
     TestServer { server, base, tls }
