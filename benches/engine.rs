@@ -62,7 +62,7 @@ fn join_speaker(engine: &mut Engine, name: &str, media: MediaKind) {
 
 fn join_listener(engine: &mut Engine, name: &str) {
     engine.push(0, Input::Join { peer: Name::new(name), uid: None, roles: vec![Role::Listener] });
-    engine.push(0, Input::Subscribe { peer: Name::new(name) });
+    engine.push(0, Input::Listen { peer: Name::new(name) });
 }
 
 fn forward(listeners: usize) {

@@ -13,7 +13,7 @@ use crate::auth::AuthConfig;
 
 /// A configuration that cannot run, naming the key at fault.
 #[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
+pub enum ServerConfigError {
     #[error("reading {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
@@ -22,8 +22,8 @@ pub enum ConfigError {
     Invalid { key: String, problem: String },
 }
 
-fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.to_owned(), problem: problem.into() }
+fn invalid(key: &str, problem: impl Into<String>) -> ServerConfigError {
+    ServerConfigError::Invalid { key: key.to_owned(), problem: problem.into() }
 }
 
 /// An ICE server handed to clients (STUN or TURN).
@@ -125,7 +125,7 @@ impl ServerConfig {
         file: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
         overrides: &Overrides,
-    ) -> Result<Self, ConfigError> {
+    ) -> Result<Self, ServerConfigError> {
         let mut config = match file {
             Some(path) => Self::from_file(path)?,
             None => ServerConfig::default(),
@@ -136,13 +136,14 @@ impl ServerConfig {
         Ok(config)
     }
 
-    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
+    pub fn from_file(path: &Path) -> Result<Self, ServerConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ServerConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|e| ServerConfigError::Parse { path: path.into(), message: e.to_string() })
     }
 
-    fn apply_env(&mut self, env: &impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-        fn parse<T: std::str::FromStr>(key: &str, name: &str, value: String) -> Result<T, ConfigError>
+    fn apply_env(&mut self, env: &impl Fn(&str) -> Option<String>) -> Result<(), ServerConfigError> {
+        fn parse<T: std::str::FromStr>(key: &str, name: &str, value: String) -> Result<T, ServerConfigError>
         where
             T::Err: std::fmt::Display,
         {
@@ -209,7 +210,7 @@ impl ServerConfig {
         }
     }
 
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), ServerConfigError> {
         let s = &self.server;
         if s.tls_cert.is_some() != s.tls_key.is_some() {
             return Err(invalid("server.tls_cert", "and server.tls_key go together: give both or neither"));
@@ -260,7 +261,7 @@ impl ServerConfig {
     }
 }
 
-fn invalid_auth(error: &crate::auth::ConfigError) -> ConfigError {
+fn invalid_auth(error: &crate::auth::AuthConfigError) -> ServerConfigError {
     invalid(error.key, error.message.clone())
 }
 

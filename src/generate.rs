@@ -1,12 +1,9 @@
 //! A synthetic room: speakers talking in talk-spurts and pauses, listeners with preferences
 //! who skip and like, and a network that loses, reorders and duplicates a few packets.
 //!
-//! Talk follows the on-off model of ITU-T P.59 for conversational speech: talk-spurts with a
-//! mean of about 1.0 s and pauses with a mean of about 1.6 s, both roughly exponential, each
-//! speaker independent (so speakers overlap now and then). One spurt in fifty is a long
-//! turn (mean 8 s), so some run past the 15 s maximum. Audio is 20 ms Opus packets with the
-//! RFC 6464 level; in pauses two speakers in three use DTX (a 3-byte packet every 400 ms),
-//! the others send small comfort-noise packets at dither levels (90-100). Odd-numbered
+//! Talk follows the P.59 model of [`crate::talk`], the same as the load generator's. Audio is
+//! 20 ms Opus packets with the RFC 6464 level; in pauses two speakers in three use DTX (a
+//! 3-byte packet every 400 ms), the others send small comfort-noise packets at dither levels. Odd-numbered
 //! speakers set the V flag like Chromium; even ones never do, like aiortc. Everything comes
 //! from one seeded generator: the same options give the same file.
 
@@ -16,6 +13,7 @@ use encore_systems::components::input::{FeedbackSignal, Input, RtpIn};
 use std::io::{self, Write};
 
 use crate::scenario::{ScenarioHeader, ScenarioWriter, filler_payload};
+use crate::talk::{self, FRAME_US, SeededRng, TalkSpurts};
 
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {
@@ -43,42 +41,6 @@ impl Default for GenerateOptions {
     }
 }
 
-/// SplitMix64: small, seeded, and the same on every machine.
-pub struct SeededRng(u64);
-
-impl SeededRng {
-    pub fn new(seed: u64) -> Self {
-        SeededRng(seed ^ 0x5DEE_CE66_D1CE_4E5B)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    pub fn chance(&mut self, p: f64) -> bool {
-        self.unit() < p
-    }
-
-    /// Uniform in [low, high).
-    pub fn range(&mut self, low: u64, high: u64) -> u64 {
-        low + self.next_u64() % (high - low).max(1)
-    }
-
-    /// Exponential with the given mean, in microseconds.
-    pub fn exp_us(&mut self, mean_us: f64) -> u64 {
-        (-mean_us * (1.0 - self.unit()).ln()) as u64
-    }
-}
-
 struct Events {
     list: Vec<(u64, u64, Input)>,
 }
@@ -89,11 +51,6 @@ impl Events {
         self.list.push((at_us, order, input));
     }
 }
-
-const FRAME_US: u64 = 20_000;
-const TALK_MEAN_US: f64 = 1_000_000.0;
-const PAUSE_MEAN_US: f64 = 1_600_000.0;
-const LONG_TURN_MEAN_US: f64 = 8_000_000.0;
 
 fn speaker_name(i: u32) -> String {
     format!("s{:02}", i + 1)
@@ -139,7 +96,7 @@ pub fn generate<W: Write>(options: &GenerateOptions, out: W) -> io::Result<()> {
         }
         // Every other speaker also listens (and never hears itself).
         if i % 2 == 0 {
-            events.push(at + 500, Input::Subscribe { peer: Name::from(name.as_str()) });
+            events.push(at + 500, Input::Listen { peer: Name::from(name.as_str()) });
         }
     }
     for i in 0..options.speakers {
@@ -216,88 +173,42 @@ fn talk(rng: &mut SeededRng, events: &mut Events, options: &GenerateOptions, i: 
     let mut stream = Stream::new(rng, 48_000);
     let dtx = !i.is_multiple_of(3);
     let sets_voice_flag = i % 2 == 1;
-    let mut t = rng.range(0, 3_000_000) / FRAME_US * FRAME_US;
-    // Silence until the first spurt.
-    let mut talking = false;
-    let mut phase_end = t;
-    t = 0;
+    let mut spurts = TalkSpurts::new();
+    let mut t = 0;
     while t < end_us {
-        if t >= phase_end {
-            talking = !talking;
-            let length = if talking {
-                if rng.chance(0.02) { rng.exp_us(LONG_TURN_MEAN_US) } else { rng.exp_us(TALK_MEAN_US) }
-                    .clamp(240_000, 25_000_000)
-            } else {
-                rng.exp_us(PAUSE_MEAN_US).clamp(100_000, 30_000_000)
-            };
-            phase_end = t + length.div_ceil(FRAME_US) * FRAME_US;
-            if talking {
-                send_audio(rng, events, options, &track, &mut stream, t, true, sets_voice_flag);
-                t += FRAME_US;
-                continue;
-            }
-        }
-        if talking {
-            send_audio(rng, events, options, &track, &mut stream, t, false, sets_voice_flag);
-            t += FRAME_US;
-        } else if dtx {
+        let phase = spurts.next_phase(rng);
+        let phase_end = t + phase.length_us;
+        let mut first = true;
+        while t < phase_end.min(end_us) {
             let seq = stream.next_seq();
+            let (level, size, step) = match (phase.talking, dtx) {
+                (true, _) => {
+                    let (level, size) = talk::voiced_frame(rng);
+                    (level, size, FRAME_US)
+                }
+                // DTX: one 3-byte packet every 400 ms of the pause.
+                (false, true) => (127, 3, 400_000),
+                (false, false) => {
+                    let (level, size) = talk::comfort_noise_frame(rng);
+                    (level, size, FRAME_US)
+                }
+            };
             let packet = RtpIn {
                 seq,
                 ts: stream.ts(t),
-                marker: false,
-                payload: filler_payload(seq, 3),
-                audio_level: Some(127),
-                voice: sets_voice_flag.then_some(false),
-                keyframe: false,
-            };
-            send(rng, events, options.network_faults, t, &track, packet);
-            t += 400_000;
-        } else {
-            let seq = stream.next_seq();
-            let size = rng.range(8, 20) as usize;
-            let packet = RtpIn {
-                seq,
-                ts: stream.ts(t),
-                marker: false,
+                marker: phase.talking && first,
                 payload: filler_payload(seq, size),
-                audio_level: Some(rng.range(90, 101) as u8),
-                voice: sets_voice_flag.then_some(false),
+                audio_level: Some(level),
+                voice: sets_voice_flag.then_some(phase.talking),
                 keyframe: false,
             };
             send(rng, events, options.network_faults, t, &track, packet);
-            t += FRAME_US;
+            first = false;
+            t += step;
         }
-        if !talking && t > phase_end {
-            // A DTX interval overshot the pause: speech resumes on the frame grid.
-            t = phase_end;
-        }
+        // A DTX interval may overshoot the pause: speech resumes on the frame grid.
+        t = phase_end;
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn send_audio(
-    rng: &mut SeededRng,
-    events: &mut Events,
-    options: &GenerateOptions,
-    track: &Name,
-    stream: &mut Stream,
-    t: u64,
-    first: bool,
-    sets_voice_flag: bool,
-) {
-    let seq = stream.next_seq();
-    let size = rng.range(60, 140) as usize;
-    let packet = RtpIn {
-        seq,
-        ts: stream.ts(t),
-        marker: first,
-        payload: filler_payload(seq, size),
-        audio_level: Some(rng.range(18, 46) as u8),
-        voice: sets_voice_flag.then_some(true),
-        keyframe: false,
-    };
-    send(rng, events, options.network_faults, t, track, packet);
 }
 
 fn camera(rng: &mut SeededRng, events: &mut Events, options: &GenerateOptions, i: u32, end_us: u64) {
@@ -333,7 +244,7 @@ fn listener(rng: &mut SeededRng, events: &mut Events, options: &GenerateOptions,
     let early_window = (end_us / 10).clamp(1, 10_000_000);
     let join_us = if rng.chance(0.05) { rng.range(0, end_us.max(1)) } else { rng.range(0, early_window) };
     events.push(join_us, Input::Join { peer: name.clone(), uid: None, roles: vec![Role::Listener] });
-    events.push(join_us + 50_000, Input::Subscribe { peer: name.clone() });
+    events.push(join_us + 50_000, Input::Listen { peer: name.clone() });
     let speakers = options.speakers.max(1) as u64;
     let mut follow = Vec::new();
     let follows = match rng.range(0, 10) {

@@ -11,9 +11,11 @@ pub mod config;
 pub mod generate;
 pub mod loadgen;
 pub mod media;
+pub mod protocol;
 pub mod replay;
 pub mod scenario;
 pub mod server;
+pub mod talk;
 pub mod trace;
 
 pub use encore_systems::{Engine, EngineError, components};

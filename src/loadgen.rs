@@ -2,7 +2,7 @@
 //! ([`crate::client`]), so every peer does what a browser does: a dev token, WSS signaling,
 //! trickle ICE, real DTLS-SRTP.
 //!
-//! Speakers publish talk-spurts on the on-off model of ITU-T P.59 (talk about 1.0 s, pause about
+//! Speakers publish talk-spurts on the P.59 model of [`crate::talk`] (talk about 1.0 s, pause about
 //! 1.6 s, both exponential, each speaker on its own seeded generator): a 20 ms Opus-sized packet
 //! every 20 ms with its RFC 6464 level (voiced 20-45 with the V flag, silence around 95 without).
 //! Each audio payload carries a header of its own ([`PayloadStamp`]): the publisher's index and
@@ -22,106 +22,26 @@
 //! media phase, and the load generator's own likewise from `/proc/self/stat`.
 
 use std::fmt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::client::{ClientError, ClientTls, Listener, Publisher, Received, Signaling, dev_token};
 use crate::components::ids::MediaKind;
-use crate::generate::SeededRng;
+use crate::protocol::{Done, Notice, Request};
+use crate::talk::{self, Frames, SeededRng};
+use encore_systems::rtp::{FIRST_SEQ_CYCLE, unwrap_seq};
 
-/// Mean talk-spurt and pause of ITU-T P.59 conversational speech.
-const TALK_MEAN_US: f64 = 1_000_000.0;
-const PAUSE_MEAN_US: f64 = 1_600_000.0;
-const FRAME: Duration = Duration::from_millis(20);
+const FRAME: Duration = Duration::from_micros(talk::FRAME_US);
 /// Video: 15 frames a second, one RTP packet a frame, a key frame every 2 s.
 const VIDEO_FRAME: Duration = Duration::from_micros(66_667);
 const VIDEO_KEYFRAME_EVERY: u64 = 30;
-
-/// How the load generator trusts the server's HTTPS certificate.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TlsTrust {
-    /// The public web roots (a server with a real certificate).
-    Webpki,
-    /// Exactly the certificates of this PEM file (the server's self-signed one,
-    /// `<data-dir>/tls/cert.pem`).
-    Cert(PathBuf),
-    /// Any certificate at all. For tests and benchmarks on your own machine only.
-    Insecure,
-}
-
-impl TlsTrust {
-    pub fn client_tls(&self) -> Result<ClientTls, ClientError> {
-        match self {
-            TlsTrust::Webpki => Ok(ClientTls::webpki()),
-            TlsTrust::Cert(path) => ClientTls::trusting(path),
-            TlsTrust::Insecure => Ok(insecure_tls()),
-        }
-    }
-}
-
-/// TEST ONLY: a TLS client configuration that accepts any server certificate (the handshake
-/// signatures are still checked, the certificate's identity is not). It exists so that the load
-/// generator can run against a server whose self-signed certificate file is not at hand; it
-/// gives no protection against an active attacker and must never be used for anything else.
-pub fn insecure_tls() -> ClientTls {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(InsecureAcceptAnyServerCertificate(provider.clone()));
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
-    ClientTls { config: Arc::new(config) }
-}
-
-/// TEST ONLY (see [`insecure_tls`]): trusts every server certificate, checks handshake
-/// signatures with the provider's algorithms.
-#[derive(Debug)]
-struct InsecureAcceptAnyServerCertificate(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for InsecureAcceptAnyServerCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -204,46 +124,12 @@ impl PayloadStamp {
     }
 }
 
-/// One speaker's talk-spurts and pauses, P.59-like, from a seeded generator.
-pub struct TalkSpurts {
-    rng: SeededRng,
-    talking: bool,
-    left_us: u64,
-}
-
-impl TalkSpurts {
-    pub fn new(seed: u64) -> Self {
-        let mut rng = SeededRng::new(seed);
-        // Start somewhere in a pause, so that speakers do not all begin together.
-        let left_us = rng.exp_us(PAUSE_MEAN_US);
-        TalkSpurts { rng, talking: false, left_us }
-    }
-
-    /// The next 20 ms frame: (voiced, RFC 6464 level, payload size).
-    pub fn next_frame(&mut self) -> (bool, u8, usize) {
-        let frame_us = FRAME.as_micros() as u64;
-        while self.left_us < frame_us {
-            self.talking = !self.talking;
-            let mean = if self.talking { TALK_MEAN_US } else { PAUSE_MEAN_US };
-            // At least one frame, so that the state always moves on.
-            self.left_us += self.rng.exp_us(mean).max(frame_us);
-        }
-        self.left_us -= frame_us;
-        if self.talking {
-            (true, self.rng.range(20, 46) as u8, self.rng.range(60, 141) as usize)
-        } else {
-            // Comfort noise at dither levels, small frames.
-            (false, self.rng.range(92, 99) as u8, self.rng.range(60, 76) as usize)
-        }
-    }
-}
-
 /// Sequence-number accounting of one received stream: distinct packets, duplicates, and the
 /// holes left in the range seen (packets that never came; a late retransmission fills its hole).
 #[derive(Debug, Default, Clone)]
 pub struct SeqTracker {
-    first: i64,
-    highest: i64,
+    first: u64,
+    highest: u64,
     started: bool,
     seen: Vec<u64>,
     /// Expected and distinct counts of earlier runs (before a restart of the numbering).
@@ -256,15 +142,16 @@ pub struct SeqTracker {
 }
 
 /// A stream whose numbers jump further than this is treated as restarted.
-const MAX_SEQ_SPAN: i64 = 1 << 20;
+const MAX_SEQ_SPAN: u64 = 1 << 20;
 
 impl SeqTracker {
     pub fn push(&mut self, seq: u16) {
         self.packets += 1;
-        let ext = if self.started {
-            self.highest + i64::from(seq.wrapping_sub(self.highest as u16) as i16)
-        } else {
-            i64::from(seq)
+        // The engine's unwrapping (RFC 3550 A.1), the first packet a cycle up.
+        let ext = if self.started { unwrap_seq(self.highest, seq) } else { Some(FIRST_SEQ_CYCLE + u64::from(seq)) };
+        let Some(ext) = ext.filter(|ext| *ext >= self.first || !self.started) else {
+            self.before_first += 1;
+            return;
         };
         if !self.started || ext - self.first >= MAX_SEQ_SPAN {
             self.carried_expected += self.run_expected();
@@ -273,10 +160,6 @@ impl SeqTracker {
             self.first = ext;
             self.highest = ext;
             self.seen = vec![1];
-            return;
-        }
-        if ext < self.first {
-            self.before_first += 1;
             return;
         }
         let index = (ext - self.first) as usize;
@@ -297,7 +180,7 @@ impl SeqTracker {
     }
 
     fn run_expected(&self) -> u64 {
-        if self.started { (self.highest - self.first + 1) as u64 } else { 0 }
+        if self.started { self.highest - self.first + 1 } else { 0 }
     }
 
     /// Distinct sequence numbers received.
@@ -548,7 +431,8 @@ async fn talk(
     video: bool,
     counts: Arc<SendCounts>,
 ) -> Speaker {
-    let mut spurts = TalkSpurts::new(seed.wrapping_add(u64::from(speaker.index)));
+    let mut rng = SeededRng::new(seed.wrapping_add(u64::from(speaker.index)));
+    let mut spurts = Frames::new(&mut rng);
     // Spread the publishers over the 20 ms frame.
     let phase = Duration::from_micros(SeededRng::new(seed ^ u64::from(speaker.index)).range(0, 20_000));
     let start = Instant::now() + phase;
@@ -562,7 +446,7 @@ async fn talk(
                 if tick >= end {
                     break;
                 }
-                let (voiced, level, size) = spurts.next_frame();
+                let (voiced, level, size) = spurts.next_frame(&mut rng);
                 let sent_us = epoch.elapsed().as_micros() as u64;
                 let payload = PayloadStamp { publisher: speaker.index, sent_us }.write(size);
                 match speaker.publisher.send_audio(tick - start, payload, level, voiced).await {
@@ -609,10 +493,10 @@ async fn listen(mut client: ListenerClient, epoch: Instant, until: Instant) -> (
             loop {
                 let wait = until.saturating_duration_since(Instant::now());
                 let Some(note) = signaling.notification(wait).await else { break };
-                if note["type"] == "now_playing" {
+                if let Notice::NowPlaying { utterance, live: is_live, lag_ms, .. } = note {
                     notices.fetch_add(1, Ordering::Relaxed);
-                    lag_us.store(note["lag_ms"].as_u64().unwrap_or(0) * 1000, Ordering::Relaxed);
-                    live.store(note["live"] == true && !note["utterance"].is_null(), Ordering::Relaxed);
+                    lag_us.store(lag_ms * 1000, Ordering::Relaxed);
+                    live.store(is_live && utterance.is_some(), Ordering::Relaxed);
                 }
             }
         })
@@ -758,13 +642,13 @@ pub async fn run(options: LoadgenOptions, tls: ClientTls) -> Result<Report, Load
     let mut closing = JoinSet::new();
     for speaker in speakers {
         closing.spawn(async move {
-            let _ = speaker.signaling.request("leave", json!({})).await;
+            let _ = speaker.signaling.request::<Done>(Request::Leave).await;
             speaker.publisher.close().await;
         });
     }
     for client in listeners {
         closing.spawn(async move {
-            let _ = client.signaling.request("leave", json!({})).await;
+            let _ = client.signaling.request::<Done>(Request::Leave).await;
             client.listener.close().await;
         });
     }
@@ -849,21 +733,6 @@ mod tests {
         t.push(65_532);
         assert_eq!(t.lost(), 2);
         assert_eq!(t.packets, 9);
-    }
-
-    #[test]
-    fn talk_spurts_average_close_to_p59() {
-        let mut spurts = TalkSpurts::new(3);
-        let frames = 500_000;
-        let voiced = (0..frames).filter(|_| spurts.next_frame().0).count();
-        let activity = voiced as f64 / frames as f64;
-        // 1.0 / (1.0 + 1.6) = 0.385.
-        assert!((0.35..0.42).contains(&activity), "{activity}");
-        for _ in 0..1000 {
-            let (voiced, level, size) = spurts.next_frame();
-            assert!((60..=140).contains(&size));
-            assert!(if voiced { (20..=45).contains(&level) } else { level >= 90 });
-        }
     }
 
     #[test]

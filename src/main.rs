@@ -243,7 +243,8 @@ async fn shutdown_signal() {
 }
 
 fn run_loadgen(args: LoadgenArgs) -> Result<()> {
-    use encore::loadgen::{LoadgenOptions, TlsTrust, report_json, run};
+    use encore::client::TlsTrust;
+    use encore::loadgen::{LoadgenOptions, report_json, run};
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("ENCORE_LOG")

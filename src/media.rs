@@ -1,7 +1,7 @@
 //! WebRTC building blocks shared by the server's transports and the Rust client (tests and the
 //! load generator), on the `webrtc` crate 0.21 and its `rtc` core.
 //!
-//! Traps this module exists to avoid (measured, see docs/operations.md): the audio-level header
+//! Traps this module exists to avoid (measured, see docs/dependencies.md): the audio-level header
 //! extension is not registered by default; inbound RTCP (a listener's NACK and PLI) reaches the
 //! application only through an interceptor that marks it, one packet per batch; `write_rtp`
 //! returns `Ok` even when the connection drops the packet (before DTLS is up, or with a payload
@@ -177,19 +177,19 @@ impl Interceptor for RtcpToApp {
 
 /// What a listener's RTCP asks of us.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Feedback {
+pub enum RtcpFeedback {
     Nack(Vec<u16>),
     KeyframeRequest,
 }
 
 /// Reads a NACK, PLI or FIR out of an inbound RTCP packet.
-pub fn feedback(packet: &dyn rtc::rtcp::Packet) -> Option<Feedback> {
+pub fn feedback(packet: &dyn rtc::rtcp::Packet) -> Option<RtcpFeedback> {
     let any = packet.as_any();
     if let Some(nack) = any.downcast_ref::<TransportLayerNack>() {
-        return Some(Feedback::Nack(nack.nacks.iter().flat_map(|pair| pair.packet_list()).collect()));
+        return Some(RtcpFeedback::Nack(nack.nacks.iter().flat_map(|pair| pair.packet_list()).collect()));
     }
     if any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>() {
-        return Some(Feedback::KeyframeRequest);
+        return Some(RtcpFeedback::KeyframeRequest);
     }
     None
 }
@@ -206,6 +206,19 @@ pub fn negative_ack(media_ssrc: u32, seqs: &[u16]) -> Box<dyn rtc::rtcp::Packet>
 /// A PLI for a publisher's stream.
 pub fn picture_loss(media_ssrc: u32) -> Box<dyn rtc::rtcp::Packet> {
     Box::new(PictureLossIndication { sender_ssrc: 0, media_ssrc })
+}
+
+/// An RTP packet with the header fields Encore writes (version 2, no CSRC, no extension
+/// yet): the one place headers are built, for the server's listener legs and the client.
+pub fn rtp_packet(payload_type: u8, seq: u16, ts: u32, ssrc: u32, marker: bool) -> RtpPacket {
+    let mut packet = RtpPacket::default();
+    packet.header.version = 2;
+    packet.header.payload_type = payload_type;
+    packet.header.sequence_number = seq;
+    packet.header.timestamp = ts;
+    packet.header.ssrc = ssrc;
+    packet.header.marker = marker;
+    packet
 }
 
 /// RFC 6464: (level 0..=127 in -dBov, V flag) from the negotiated extension id.
@@ -273,13 +286,6 @@ pub fn announce_public_ip(candidate: &str, public_ip: Option<IpAddr>) -> String 
     let ip = ip.to_string();
     fields[4] = &ip;
     fields.join(" ")
-}
-
-pub fn kind_of(media: encore_systems::components::ids::MediaKind) -> RtpCodecKind {
-    match media {
-        encore_systems::components::ids::MediaKind::Audio => RtpCodecKind::Audio,
-        encore_systems::components::ids::MediaKind::Video => RtpCodecKind::Video,
-    }
 }
 
 #[cfg(test)]

@@ -146,10 +146,9 @@ pub fn replay_observed<R: BufRead>(
                 summary.sent_packets += 1;
             }
         }
-        let output = std::mem::take(output);
         observer.tick(&engine, &output)?;
         // Give the vectors back so the next tick reuses them.
-        *engine.last_output() = output;
+        engine.recycle(output);
         summary.peak_buffer_bytes = summary.peak_buffer_bytes.max(engine.buffer_bytes());
         summary.ticks += 1;
         summary.engine_us = now_us;

@@ -570,9 +570,9 @@ async function joinRoom(roomName) {
     setStatus('disconnected', 'not in a room');
     throw error;
   }
-  room.name = data.room || roomName;
+  room.name = data.room;
   room.peer = data.peer;
-  if (Array.isArray(data.roles)) room.roles = data.roles;
+  room.roles = data.roles;
   room.iceServers = sanitizeIceServers(data.ice_servers);
   room.peers.clear();
   for (const p of data.peers || []) {
@@ -616,7 +616,7 @@ function cleanupRoom() {
 
 function installHandlers(sig) {
   sig.on('peer_joined', (m) => {
-    room.peers.set(m.peer, { peer: m.peer, uid: m.uid, roles: m.roles || [], publishing: false });
+    room.peers.set(m.peer, { peer: m.peer, uid: m.uid, roles: m.roles, publishing: false });
     render();
   });
   sig.on('peer_left', (m) => {
@@ -657,15 +657,23 @@ function installHandlers(sig) {
   sig.on('session_expiring', () => {
     refreshToken().catch((error) => showError(error, 'refreshing the sign-in')).finally(render);
   });
+  sig.on('muted', (m) => {
+    // A moderator muted us: the server stopped forwarding our microphone (the send transport is
+    // paused on its side). Show it as muted; Unmute asks the server to resume.
+    room.micPaused = true;
+    for (const track of room.localStream ? room.localStream.getAudioTracks() : []) track.enabled = false;
+    showError(new EncoreError('muted', `${m.by} muted your microphone`));
+    render();
+  });
   sig.on('removed', (m) => {
-    room.removedBy = m.by || 'a moderator';
+    room.removedBy = m.by;
     showError(new EncoreError('removed', `${room.removedBy} removed you from the room`));
   });
   sig.on('error', (m) => {
     if (m.code === 'transport_failed') {
       // The server dropped that transport. If we had closed it ourselves, that is no news;
       // otherwise close our side too, so Talk or Listen can start again.
-      const side = m.transport || (/\brecv\b/i.test(m.message || '') ? 'recv' : /\bsend\b/i.test(m.message || '') ? 'send' : null);
+      const side = m.transport;
       const live = side === 'recv' ? room.recv : side === 'send' ? room.send : null;
       if (side && !live) return;
       if (side === 'recv') stopListeningLocally();
@@ -788,11 +796,11 @@ async function startListening(withVideo) {
   if (!room.sig) throw new EncoreError('conflict', 'join a room first');
   if (room.recv) return;
   const transport = new Transport('recv', room.iceServers, (s) => setTransportState('recv-state', s));
-  room.recv = transport; // exists before `consume` so early server candidates are queued
+  room.recv = transport; // exists before `listen` so early server candidates are queued
   const pc = transport.pc;
   pc.ontrack = (event) => attachRemoteTrack(event);
   try {
-    const data = await room.sig.request('consume', { video: !!withVideo });
+    const data = await room.sig.request('listen', { video: !!withVideo });
     if (transport.closed) return;
     await pc.setRemoteDescription({ type: 'offer', sdp: remoteSdp(data.offer) });
     await transport.remoteDescriptionSet();
@@ -849,20 +857,13 @@ function stopListeningLocally() {
   setTransportState('recv-state', 'closed');
 }
 
-// Ends the personal stream. `unconsume` (the counterpart of `unpublish`) where the server has it;
-// a server without it answers bad_request, and then pausing the stream and closing our side of the
-// transport ends it (the server sees DTLS close and ICE go away, and drops it a little later).
+// Ends the personal stream: `unlisten` (the counterpart of `unpublish`) closes the server's side.
 async function stopListening() {
   const sig = room.sig;
   const had = !!room.recv;
   stopListeningLocally();
   if (!sig || !had) return;
-  try {
-    await sig.request('unconsume');
-  } catch (error) {
-    if (error.code !== 'bad_request') throw error;
-    await sig.request('pause', { transport: 'recv' }).catch(() => {});
-  }
+  await sig.request('unlisten');
 }
 
 async function toggleListening() {

@@ -164,7 +164,7 @@ impl Default for LimitsConfig {
 /// A configuration that cannot run, naming the key at fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid engine configuration: `{key}` {problem}")]
-pub struct ConfigError {
+pub struct EngineConfigError {
     pub key: &'static str,
     pub problem: String,
 }
@@ -172,9 +172,9 @@ pub struct ConfigError {
 impl EngineConfig {
     /// Checks the values that would make the engine misbehave rather than merely behave
     /// differently.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        fn fail(key: &'static str, problem: impl Into<String>) -> Result<(), ConfigError> {
-            Err(ConfigError { key, problem: problem.into() })
+    pub fn validate(&self) -> Result<(), EngineConfigError> {
+        fn fail(key: &'static str, problem: impl Into<String>) -> Result<(), EngineConfigError> {
+            Err(EngineConfigError { key, problem: problem.into() })
         }
         if self.tick_ms == 0 || self.tick_ms > 1000 {
             return fail("tick_ms", format!("must be between 1 and 1000, got {}", self.tick_ms));

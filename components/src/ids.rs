@@ -20,6 +20,12 @@ impl Name {
     }
 }
 
+impl Default for Name {
+    fn default() -> Self {
+        Name::new("")
+    }
+}
+
 impl fmt::Debug for Name {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&*self.0, f)
@@ -150,8 +156,9 @@ impl MediaKind {
     }
 }
 
-/// What a peer may do. `speaker` may publish and listen, `listener` may listen,
-/// `moderator` and `admin` may do both (and more, at the signaling layer).
+/// What a peer may do. Everyone may listen; `speaker` and `admin` may publish; `moderator`
+/// and `admin` may also mute and remove others (at the signaling layer). A moderator who
+/// should speak too carries both roles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {

@@ -1,7 +1,7 @@
 //! Encore's engine data: everything the systems read and write, and nothing that acts.
 //!
 //! This crate holds the ECS components (on the four kinds of entity: [`peer::Peer`],
-//! [`track::Track`], [`utterance::Utterance`] and [`viewer::ViewerSession`]), the resources
+//! [`track::Track`], [`utterance::Utterance`] and [`listener::ListenerSession`]), the resources
 //! (the clock, the input queue, the directory of stable ids, the buffer ledger, counters),
 //! the engine configuration, and the engine's inputs and outputs. The logic lives in the
 //! `encore-systems` crate; the I/O lives in the `encore` crate. Neither this crate nor the
@@ -15,14 +15,15 @@
 pub mod config;
 pub mod ids;
 pub mod input;
+pub mod listener;
 pub mod output;
 pub mod peer;
 pub mod resources;
+pub mod rng;
 pub mod track;
 pub mod utterance;
-pub mod viewer;
 
-pub use config::{ConfigError, EngineConfig};
+pub use config::{EngineConfig, EngineConfigError};
 pub use ids::{MediaKind, Name, PeerKey, Role, UtteranceId, UtteranceOrd};
-pub use input::{FeedbackSignal, Input, RtpIn};
+pub use input::{FeedbackSignal, Input, RtpIn, filler_payload};
 pub use output::{Event, SendPacket, TickOutput};

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::ids::{MediaKind, Name, PeerKey, UtteranceId, UtteranceOrd};
 
@@ -41,7 +41,7 @@ pub struct SendPacket {
 }
 
 /// Why an utterance closed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EndReason {
     /// The speaker fell silent for the hang-over time.
@@ -55,15 +55,15 @@ pub enum EndReason {
 }
 
 /// Why a listener's route changed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RouteReason {
     /// An idle listener starts an utterance in the tick it opens.
     NewUtterance,
     /// A busy listener leaves its utterance for a much better new one.
     Switch,
-    /// The listener just subscribed.
-    Subscribed,
+    /// The listener just started listening.
+    StartedListening,
     /// The listener finished its utterance.
     Finished,
     /// The listener skipped its utterance.
@@ -77,7 +77,7 @@ pub enum RouteReason {
     /// The listener gave feedback while idle.
     Feedback,
     /// The listener stopped listening or left.
-    Unsubscribed,
+    StoppedListening,
 }
 
 /// The named terms of a score; the score is their sum.
@@ -176,6 +176,10 @@ pub struct Counters {
     pub evicted_bytes: u64,
     /// Packets removed from the front of utterances (and pre-roll rings) under buffer pressure.
     pub trimmed_packets: u64,
+    /// Lookups that failed although they cannot unless the engine has a bug (an entity in the
+    /// directory without its components, say). Debug builds assert instead; release builds
+    /// count and skip the item, so one broken entity never takes a room down. Always 0.
+    pub internal_errors: u64,
 }
 
 /// A decision of the engine: the trace records these.
@@ -226,6 +230,8 @@ pub enum Event {
         /// utterance's start time.
         #[serde(skip_serializing_if = "Option::is_none")]
         lag_us: Option<u64>,
+        /// `to` is still open (its speaker still talks) when the route starts.
+        live: bool,
     },
     Stats(Stats),
     KeyframeRequest {

@@ -16,8 +16,8 @@ pub struct Peer {
     pub roles: SmallVec<[Role; 2]>,
     /// Tracks it publishes, in publish order.
     pub tracks: SmallVec<[Entity; 2]>,
-    /// Its viewer session while it listens.
-    pub viewer: Option<Entity>,
+    /// Its listener session while it listens.
+    pub session: Option<Entity>,
 }
 
 impl Peer {

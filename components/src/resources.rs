@@ -8,10 +8,11 @@ use bevy_ecs::prelude::{Entity, Resource};
 use crate::ids::{Name, PeerKey, UtteranceId, UtteranceOrd};
 use crate::input::Input;
 use crate::output::{EndReason, RouteReason, TickOutput};
+use crate::rng::SplitMix64;
 
 /// Engine time: the tick number times the tick length. Nothing else in the engine tells time.
 #[derive(Resource, Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Clock {
+pub struct EngineClock {
     pub tick: u64,
     pub now_us: u64,
     pub tick_us: u64,
@@ -42,13 +43,21 @@ pub struct Directory {
     /// Live tracks by name (ordered: segmentation walks them in name order).
     pub tracks: BTreeMap<Name, Entity>,
     /// Listening peers, in key order.
-    pub viewers: BTreeMap<PeerKey, Entity>,
+    pub listeners: BTreeMap<PeerKey, Entity>,
     /// Utterances in the buffer, in the order they opened.
     pub utterances: BTreeMap<UtteranceOrd, Entity>,
     pub utterance_ids: HashMap<UtteranceId, UtteranceOrd>,
     /// Utterances each speaker name has opened so far (the n of `<speaker>#<n>`).
     pub utterance_counts: BTreeMap<Name, u32>,
     pub next_utterance_ord: u64,
+}
+
+impl Directory {
+    /// Whether an utterance with this id was ever opened (the speaker's count reached it),
+    /// whether or not it is still in the buffer.
+    pub fn utterance_existed(&self, id: &UtteranceId) -> bool {
+        self.utterance_counts.get(id.speaker.as_str()).is_some_and(|n| id.n <= *n)
+    }
 }
 
 /// The buffer's accounted bytes, held under `cap` at the end of every tick.
@@ -116,21 +125,15 @@ impl Default for Outputs {
 
 /// The engine's one source of randomness: SplitMix64 from the configured seed.
 #[derive(Resource, Clone, Debug, PartialEq, Eq)]
-pub struct EngineRng {
-    pub state: u64,
-}
+pub struct EngineRng(pub SplitMix64);
 
 impl EngineRng {
     pub fn new(seed: u64) -> Self {
-        EngineRng { state: seed }
+        EngineRng(SplitMix64::new(seed))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 }
 
@@ -156,7 +159,7 @@ pub struct Choice {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
-    pub viewer: Entity,
+    pub session: Entity,
     pub listener: PeerKey,
     pub kind: DecisionKind,
     /// What the listener played before, when something took it off already (eviction).

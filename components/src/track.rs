@@ -6,7 +6,6 @@ use std::sync::Arc;
 use bevy_ecs::prelude::{Component, Entity};
 
 use crate::ids::{MediaKind, Name, PeerKey};
-use crate::output::EndReason;
 
 #[derive(Component, Clone, Debug)]
 pub struct Track {
@@ -29,7 +28,8 @@ pub struct RtpState {
     pub highest_ext_seq: Option<u64>,
     /// Extended timestamp of the packet with the highest sequence number.
     pub highest_ext_ts: u64,
-    /// Bit i set: extended sequence number `highest_ext_seq - i` was received.
+    /// A ring of bits over the reorder window: the bit of extended sequence number `n` (bit
+    /// `n % (64 * len)`) is set when `n` was received, and cleared as the window moves past it.
     pub received: Vec<u64>,
     /// Packets accepted in the current tick (flood limit).
     pub packets_this_tick: u32,
@@ -78,8 +78,6 @@ pub struct Voice {
     pub run_start_us: Option<u64>,
     /// Arrival time of the newest voiced packet.
     pub last_voiced_us: Option<u64>,
-    /// Arrival time of the newest packet, voiced or not.
-    pub last_packet_us: Option<u64>,
 }
 
 /// The most recent packets of an audio track while no utterance is open: the pre-roll an
@@ -98,12 +96,6 @@ pub struct Recording {
     /// The previous utterance reached the maximum length while the speaker still talks: the
     /// next packet opens its continuation without waiting for a new onset.
     pub continues: Option<(crate::ids::UtteranceId, u64)>,
-}
-
-/// The track is going away this tick; segmentation closes its utterance and despawns it.
-#[derive(Component, Clone, Copy, Debug)]
-pub struct Ending {
-    pub reason: EndReason,
 }
 
 /// Throttle of key-frame requests to a video track.

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use bevy_ecs::prelude::{Component, Entity};
 
 use crate::ids::{Name, PeerKey, UtteranceId, UtteranceOrd};
-use crate::output::EndReason;
 
 #[derive(Component, Clone, Debug)]
 pub struct Utterance {
@@ -15,14 +14,12 @@ pub struct Utterance {
     pub speaker_name: Name,
     pub uid: Option<String>,
     pub track: Entity,
-    pub track_name: Name,
     /// Arrival time of its first packet (the pre-roll's first).
     pub started_us: u64,
     /// Engine time of the tick that opened it.
     pub opened_us: u64,
     /// Set when it closes.
     pub ended_us: Option<u64>,
-    pub end_reason: Option<EndReason>,
 }
 
 impl Utterance {
@@ -75,8 +72,6 @@ pub struct PacketBuffer {
     pub video_track: Option<Entity>,
     /// Accounted bytes: payload allocations, vector capacities and a fixed per-utterance cost.
     pub bytes: u64,
-    /// Packets ever appended (trimming does not lower it).
-    pub packets_total: u64,
     /// Times packets moved: removed from the front, or a late one inserted before others.
     /// A cursor made under another count must search for its place again.
     pub reshapes: u32,

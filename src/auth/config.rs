@@ -151,13 +151,13 @@ impl Default for AuthConfig {
 /// A configuration error, naming the key at fault (`auth.skew_s: ...`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{key}: {message}")]
-pub struct ConfigError {
+pub struct AuthConfigError {
     pub key: &'static str,
     pub message: String,
 }
 
-fn err(key: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError { key, message: message.into() }
+fn err(key: &'static str, message: impl Into<String>) -> AuthConfigError {
+    AuthConfigError { key, message: message.into() }
 }
 
 /// Default emulator address (the one `firebase emulators:start` uses).
@@ -178,7 +178,7 @@ impl AuthConfig {
     /// `ENCORE_FIREBASE_KEYS_URL`, `ENCORE_FIREBASE_TENANT`, `ENCORE_FIREBASE_API_KEY`, and
     /// `FIREBASE_AUTH_EMULATOR_HOST` only when the mode is already firebase-emulator). `env` is a
     /// lookup so tests need not touch the process environment. Call [`AuthConfig::validate`] after.
-    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), AuthConfigError> {
         if let Some(mode) = env("ENCORE_AUTH_MODE") {
             self.mode = mode.parse().map_err(|m| err("auth.mode", format!("from ENCORE_AUTH_MODE: {m}")))?;
         }
@@ -209,7 +209,7 @@ impl AuthConfig {
     }
 
     /// Check every key, and the combinations. The first problem found is returned.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), AuthConfigError> {
         if self.skew_s > MAX_SKEW_S {
             return Err(err("auth.skew_s", format!("must be at most {MAX_SKEW_S} seconds, got {}", self.skew_s)));
         }
@@ -305,7 +305,7 @@ impl AuthConfig {
     }
 }
 
-fn validate_project_id(project: &str) -> Result<(), ConfigError> {
+fn validate_project_id(project: &str) -> Result<(), AuthConfigError> {
     // The project id is spliced into the expected issuer URL; keep it to what GCP allows.
     let ok = !project.is_empty()
         && project.len() <= 64
@@ -322,7 +322,7 @@ fn validate_project_id(project: &str) -> Result<(), ConfigError> {
 
 /// Keys fetched over plain HTTP could be swapped by anyone on the path, which would let them mint
 /// tokens; plain http is therefore allowed only to a loopback host (tests, a local mirror).
-pub(crate) fn validate_keys_url(url: &str) -> Result<(), ConfigError> {
+pub(crate) fn validate_keys_url(url: &str) -> Result<(), AuthConfigError> {
     let uri: axum::http::Uri = url.parse().map_err(|e| err("auth.keys_url", format!("{url:?} is not a URL: {e}")))?;
     let host = uri.host().ok_or_else(|| err("auth.keys_url", format!("{url:?} has no host")))?;
     match uri.scheme_str() {

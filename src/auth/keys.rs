@@ -327,7 +327,7 @@ fn http_client(extra_roots: &[CertificateDer<'static>]) -> Result<HttpClient, Ke
         roots.add(cert.clone()).map_err(|e| KeySourceError::BadRootCert(e.to_string()))?;
     }
     // The provider is named explicitly: the process-wide default may not be installed yet when
-    // auth is built, and it must be ring, never aws-lc (FIELD-NOTES, TLS providers).
+    // auth is built, and it must be ring, never aws-lc (docs/dependencies.md).
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

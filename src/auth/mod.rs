@@ -45,7 +45,7 @@ mod ticket;
 mod verify;
 
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
-pub use config::{AuthConfig, AuthMode, ConfigError, DEFAULT_EMULATOR_HOST, KeysFormat, MAX_SKEW_S};
+pub use config::{AuthConfig, AuthConfigError, AuthMode, DEFAULT_EMULATOR_HOST, KeysFormat, MAX_SKEW_S};
 pub use dev::{DEV_PROJECT_ID, DevIssuer, DevIssuerError};
 pub use encore_systems::components::Role;
 pub use error::AuthError;

@@ -9,7 +9,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use super::clock::{SharedClock, SystemClock};
-use super::config::{AuthConfig, AuthMode, ConfigError, KeysFormat};
+use super::config::{AuthConfig, AuthConfigError, AuthMode, KeysFormat};
 use super::dev::{DEV_PROJECT_ID, DevIssuer, DevIssuerError};
 use super::error::AuthError;
 use super::keys::{KeySource, KeySourceError, KeySourceOptions};
@@ -47,7 +47,7 @@ impl Default for AuthOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum AuthSetupError {
     #[error(transparent)]
-    Config(#[from] ConfigError),
+    Config(#[from] AuthConfigError),
     #[error("auth key source: {0}")]
     Keys(#[from] KeySourceError),
     #[error("dev token issuer: {0}")]

@@ -4,7 +4,7 @@
 //! jsonwebtoken is used for one thing only, the RS256 signature check
 //! (`jsonwebtoken::crypto::verify` with the algorithm fixed by us). Its `decode` with
 //! `Validation` is deliberately not used: its defaults accept an `aud` array, a 60 s leeway, a
-//! missing `iss`, and never look at `iat` or `sub` (FIELD-NOTES), and the emulator's `alg: none`
+//! missing `iss`, and never look at `iat` or `sub` (docs/dependencies.md), and the emulator's `alg: none`
 //! tokens cannot go through it at all. Parsing and every claim check live here, once, for all modes.
 //!
 //! Order of checks: structure; the refusals that recognise other Firebase credentials (custom

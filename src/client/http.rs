@@ -1,48 +1,14 @@
-//! HTTPS calls of the client: tokens in dev mode, tickets; and the TLS trust it uses.
-
-use std::sync::Arc;
+//! HTTPS calls of the client: tokens in dev mode, tickets.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use rustls::pki_types::{CertificateDer, pem::PemObject};
 use serde_json::{Value, json};
 
-use super::signaling::ClientError;
-
-/// Whom the client trusts.
-#[derive(Clone)]
-pub struct ClientTls {
-    pub config: Arc<rustls::ClientConfig>,
-}
-
-impl ClientTls {
-    fn builder() -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier> {
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("ring supports the default protocol versions")
-    }
-
-    /// Trusts exactly the certificates in this PEM file (the server's self-signed one).
-    pub fn trusting(cert_pem: &std::path::Path) -> Result<Self, ClientError> {
-        let pem = std::fs::read(cert_pem).map_err(|e| ClientError::Tls(format!("{}: {e}", cert_pem.display())))?;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.map_err(|e| ClientError::Tls(e.to_string()))?;
-            roots.add(cert).map_err(|e| ClientError::Tls(e.to_string()))?;
-        }
-        Ok(ClientTls { config: Arc::new(Self::builder().with_root_certificates(roots).with_no_client_auth()) })
-    }
-
-    /// The public web roots (a server with a real certificate).
-    pub fn webpki() -> Self {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        ClientTls { config: Arc::new(Self::builder().with_root_certificates(roots).with_no_client_auth()) }
-    }
-}
+use super::error::ClientError;
+use super::tls::ClientTls;
 
 /// One request: the status and the body as JSON (null when it is not JSON).
 async fn request(
@@ -69,17 +35,18 @@ async fn request(
         }
         None => Bytes::new(),
     };
-    let request = request.body(Full::new(body)).map_err(|e| ClientError::Http(e.to_string()))?;
-    let response = client.request(request).await.map_err(|e| ClientError::Http(e.to_string()))?;
+    let failed = |source: Box<dyn std::error::Error + Send + Sync>| ClientError::Http { url: url.to_owned(), source };
+    let request = request.body(Full::new(body)).map_err(|e| failed(e.into()))?;
+    let response = client.request(request).await.map_err(|e| failed(e.into()))?;
     let status = response.status().as_u16();
-    let bytes = response.into_body().collect().await.map_err(|e| ClientError::Http(e.to_string()))?.to_bytes();
+    let bytes = response.into_body().collect().await.map_err(|e| failed(e.into()))?.to_bytes();
     Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
 }
 
 async fn post(tls: &ClientTls, url: &str, bearer: Option<&str>, body: Value) -> Result<Value, ClientError> {
     let (status, value) = request(tls, hyper::Method::POST, url, bearer, Some(body)).await?;
     if !(200..300).contains(&status) {
-        return Err(ClientError::Http(format!("{url}: {status}: {value}")));
+        return Err(ClientError::HttpStatus { url: url.to_owned(), status, body: value.to_string() });
     }
     Ok(value)
 }
@@ -92,11 +59,11 @@ pub async fn get(tls: &ClientTls, url: &str, bearer: Option<&str>) -> Result<(u1
 /// A token from a dev-mode server (`POST /dev/token`).
 pub async fn dev_token(tls: &ClientTls, base: &str, uid: &str, role: &str) -> Result<String, ClientError> {
     let value = post(tls, &format!("{base}/dev/token"), None, json!({"uid": uid, "role": role})).await?;
-    value["idToken"].as_str().map(str::to_owned).ok_or_else(|| ClientError::Http("no idToken in the answer".into()))
+    value["idToken"].as_str().map(str::to_owned).ok_or_else(|| ClientError::Protocol("no idToken in the answer".into()))
 }
 
 /// A single-use WebSocket ticket (`POST /api/ws-ticket`).
 pub async fn ws_ticket(tls: &ClientTls, base: &str, token: &str) -> Result<String, ClientError> {
     let value = post(tls, &format!("{base}/api/ws-ticket"), Some(token), json!({})).await?;
-    value["ticket"].as_str().map(str::to_owned).ok_or_else(|| ClientError::Http("no ticket in the answer".into()))
+    value["ticket"].as_str().map(str::to_owned).ok_or_else(|| ClientError::Protocol("no ticket in the answer".into()))
 }

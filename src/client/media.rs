@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 
 use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
@@ -23,12 +22,10 @@ use webrtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit}
 
 use encore_systems::components::ids::MediaKind;
 
-use super::signaling::{ClientError, Signaling};
+use super::error::ClientError;
+use super::signaling::Signaling;
 use crate::media as m;
-
-fn rtc_error(error: impl std::fmt::Display) -> ClientError {
-    ClientError::WebRtc(error.to_string())
-}
+use crate::protocol::{Done, IceCandidate, Offered, Published, Request, Side};
 
 struct Handler {
     candidates: mpsc::UnboundedSender<RTCIceCandidateInit>,
@@ -63,8 +60,9 @@ struct Connection {
 /// A client peer connection like a browser's: default interceptors (with a NACK responder),
 /// plus the audio-level extension.
 async fn connection() -> Result<Connection, ClientError> {
-    let (mut engine, _) = m::media_engine_and_registry().map_err(rtc_error)?;
-    let registry = register_default_interceptors(Registry::new(), &mut engine).map_err(rtc_error)?;
+    let (mut engine, _) = m::media_engine_and_registry().map_err(ClientError::webrtc("media engine"))?;
+    let registry =
+        register_default_interceptors(Registry::new(), &mut engine).map_err(ClientError::webrtc("interceptors"))?;
     let registry = registry.with(Slot::from(14_000), m::RtcpToApp::default());
     let (candidates, local_candidates) = mpsc::unbounded_channel();
     let (state_tx, state) = watch::channel(RTCPeerConnectionState::New);
@@ -79,33 +77,43 @@ async fn connection() -> Result<Connection, ClientError> {
         .with_udp_addrs(vec!["127.0.0.1:0".to_owned()])
         .build()
         .await
-        .map_err(rtc_error)?;
+        .map_err(ClientError::webrtc("peer connection"))?;
     Ok(Connection { pc: Arc::new(pc), state, tracks, local_candidates })
 }
 
 /// Trickles candidates both ways for one transport.
 fn trickle(
     signaling: &Arc<Signaling>,
-    side: &'static str,
+    side: Side,
     pc: Arc<dyn PeerConnection>,
     mut local: mpsc::UnboundedReceiver<RTCIceCandidateInit>,
 ) {
     let mut remote = signaling.candidates(side);
     let out = signaling.clone();
     tokio::spawn(async move {
-        while let Some(candidate) = local.recv().await {
-            let value = serde_json::to_value(&candidate).unwrap_or(Value::Null);
-            if out.request("candidate", json!({"transport": side, "candidate": value})).await.is_err() {
+        while let Some(init) = local.recv().await {
+            let candidate = IceCandidate {
+                candidate: init.candidate,
+                sdp_mid: init.sdp_mid,
+                sdp_mline_index: init.sdp_mline_index,
+                username_fragment: init.username_fragment,
+            };
+            let request = Request::Candidate { transport: side, candidate: Some(candidate) };
+            if out.request::<Done>(request).await.is_err() {
                 break;
             }
         }
     });
     tokio::spawn(async move {
-        while let Some(value) = remote.recv().await {
-            let Ok(candidate) = serde_json::from_value::<RTCIceCandidateInit>(value) else { continue };
-            if candidate.candidate.is_empty() {
-                continue;
-            }
+        while let Some(candidate) = remote.recv().await {
+            let Some(candidate) = candidate.filter(|c| !c.candidate.is_empty()) else { continue };
+            let candidate = RTCIceCandidateInit {
+                candidate: candidate.candidate,
+                sdp_mid: candidate.sdp_mid,
+                sdp_mline_index: candidate.sdp_mline_index,
+                username_fragment: candidate.username_fragment,
+                ..Default::default()
+            };
             // A connection takes candidates only once it has the remote description.
             while pc.remote_description().await.is_none() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -121,8 +129,8 @@ async fn connected(state: &mut watch::Receiver<RTCPeerConnectionState>) -> Resul
     let wait = state.wait_for(|s| matches!(s, RTCPeerConnectionState::Connected | RTCPeerConnectionState::Failed));
     match tokio::time::timeout(Duration::from_secs(20), wait).await {
         Ok(Ok(state)) if *state == RTCPeerConnectionState::Connected => Ok(()),
-        Ok(_) => Err(ClientError::WebRtc("the connection failed".into())),
-        Err(_) => Err(ClientError::Timeout("ICE and DTLS".into())),
+        Ok(_) => Err(ClientError::Media("the connection failed".into())),
+        Err(_) => Err(ClientError::Timeout("ICE and DTLS")),
     }
 }
 
@@ -130,15 +138,9 @@ fn track(kind: RtpCodecKind, ssrc: u32) -> Arc<TrackLocalStaticRTP> {
     m::local_track(kind, ssrc, &format!("client-{ssrc}"), "client")
 }
 
-/// An RTP packet header; its timestamp is `at` on a `clock_rate` clock.
-fn rtp_packet(payload_type: u8, seq: u16, at: Duration, clock_rate: u64, ssrc: u32) -> m::RtpPacket {
-    let mut packet = m::RtpPacket::default();
-    packet.header.version = 2;
-    packet.header.payload_type = payload_type;
-    packet.header.sequence_number = seq;
-    packet.header.timestamp = (at.as_micros() as u64 * clock_rate / 1_000_000) as u32;
-    packet.header.ssrc = ssrc;
-    packet
+/// An RTP timestamp: `at` on a `clock_rate` clock.
+fn timestamp(at: Duration, clock_rate: u64) -> u32 {
+    (at.as_micros() as u64 * clock_rate / 1_000_000) as u32
 }
 
 /// A publishing client: its send transport, ready to send.
@@ -165,17 +167,17 @@ impl Publisher {
         for t in std::iter::once(&audio).chain(video.iter()) {
             let init = RTCRtpTransceiverInit { direction: RTCRtpTransceiverDirection::Sendonly, ..Default::default() };
             transceivers.push(
-                pc.add_transceiver_from_track(t.clone() as Arc<dyn TrackLocal>, Some(init)).await.map_err(rtc_error)?,
+                pc.add_transceiver_from_track(t.clone() as Arc<dyn TrackLocal>, Some(init))
+                    .await
+                    .map_err(ClientError::webrtc("adding a track"))?,
             );
         }
-        let offer = pc.create_offer(None).await.map_err(rtc_error)?;
-        pc.set_local_description(offer.clone()).await.map_err(rtc_error)?;
-        trickle(signaling, "send", pc.clone(), local_candidates);
-        let answer = signaling.request("publish", json!({"offer": offer.sdp})).await?;
-        let answer = answer["answer"].as_str().ok_or_else(|| ClientError::WebRtc("no answer SDP".into()))?;
-        pc.set_remote_description(RTCSessionDescription::answer(answer.to_owned()).map_err(rtc_error)?)
-            .await
-            .map_err(rtc_error)?;
+        let offer = pc.create_offer(None).await.map_err(ClientError::webrtc("creating the offer"))?;
+        pc.set_local_description(offer.clone()).await.map_err(ClientError::webrtc("setting the offer"))?;
+        trickle(signaling, Side::Send, pc.clone(), local_candidates);
+        let Published { answer } = signaling.request(Request::Publish { offer: offer.sdp }).await?;
+        let answer = RTCSessionDescription::answer(answer).map_err(ClientError::webrtc("reading the answer"))?;
+        pc.set_remote_description(answer).await.map_err(ClientError::webrtc("setting the answer"))?;
         connected(&mut state).await?;
         let level_id = m::negotiated_audio_level(&transceivers[0], false).await;
         let keyframe_requests = Arc::new(AtomicU32::new(0));
@@ -185,7 +187,7 @@ impl Publisher {
                 while let Some(event) = video.poll().await {
                     let TrackLocalEvent::OnRtcpPacket(packets) = event else { continue };
                     for packet in packets {
-                        if m::feedback(packet.as_ref()) == Some(m::Feedback::KeyframeRequest) {
+                        if m::feedback(packet.as_ref()) == Some(m::RtcpFeedback::KeyframeRequest) {
                             count.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -204,12 +206,16 @@ impl Publisher {
         voice: bool,
     ) -> Result<(), ClientError> {
         self.seq[0] = self.seq[0].wrapping_add(1);
-        let mut packet = rtp_packet(m::OPUS_PAYLOAD_TYPE, self.seq[0], at, 48_000, self.audio_ssrc);
+        let mut packet =
+            m::rtp_packet(m::OPUS_PAYLOAD_TYPE, self.seq[0], timestamp(at, 48_000), self.audio_ssrc, false);
         if let Some(id) = self.level_id {
-            packet.header.set_extension(id, Bytes::from(vec![m::audio_level_byte(level, voice)])).map_err(rtc_error)?;
+            packet
+                .header
+                .set_extension(id, Bytes::from(vec![m::audio_level_byte(level, voice)]))
+                .map_err(ClientError::webrtc("the audio-level extension"))?;
         }
         packet.payload = payload;
-        self.audio.write_rtp(packet).await.map_err(rtc_error)
+        self.audio.write_rtp(packet).await.map_err(ClientError::webrtc("sending audio"))
     }
 
     /// Sends one video packet (a whole frame), a VP8 key frame or not.
@@ -219,10 +225,9 @@ impl Publisher {
         let mut payload = vec![0u8; size.max(4)];
         payload[0] = 0x10; // S=1, PID=0
         payload[1] = if keyframe { 0x00 } else { 0x01 }; // P bit
-        let mut packet = rtp_packet(m::VP8_PAYLOAD_TYPE, self.seq[1], at, 90_000, self.video_ssrc);
-        packet.header.marker = true;
+        let mut packet = m::rtp_packet(m::VP8_PAYLOAD_TYPE, self.seq[1], timestamp(at, 90_000), self.video_ssrc, true);
         packet.payload = Bytes::from(payload);
-        video.write_rtp(packet).await.map_err(rtc_error)
+        video.write_rtp(packet).await.map_err(ClientError::webrtc("sending video"))
     }
 
     /// PLIs (and FIRs) the server sent for the video track so far.
@@ -247,28 +252,29 @@ pub struct Received {
     pub payload: Bytes,
 }
 
+/// The tracks a listener's connection received, by media.
+type RemoteTracks = Arc<std::sync::Mutex<Vec<(MediaKind, Arc<dyn TrackRemote>)>>>;
+
 /// A listening client: its receive transport and the packets it gets.
 pub struct Listener {
     pc: Arc<dyn PeerConnection>,
     pub packets: mpsc::UnboundedReceiver<Received>,
-    tracks: Arc<std::sync::Mutex<Vec<(MediaKind, Arc<dyn TrackRemote>)>>>,
+    tracks: RemoteTracks,
 }
 
 impl Listener {
-    /// Consumes (the server offers), answers, and waits until the connection is up.
+    /// Listens (the server offers), answers, and waits until the connection is up.
     pub async fn start(signaling: &Arc<Signaling>, video: bool) -> Result<Self, ClientError> {
         let Connection { pc, mut state, mut tracks, local_candidates } = connection().await?;
-        let offer = signaling.request("consume", json!({"video": video})).await?;
-        let offer = offer["offer"].as_str().ok_or_else(|| ClientError::WebRtc("no offer SDP".into()))?;
-        pc.set_remote_description(RTCSessionDescription::offer(offer.to_owned()).map_err(rtc_error)?)
-            .await
-            .map_err(rtc_error)?;
-        let answer = pc.create_answer(None).await.map_err(rtc_error)?;
-        pc.set_local_description(answer.clone()).await.map_err(rtc_error)?;
-        trickle(signaling, "recv", pc.clone(), local_candidates);
-        signaling.request("answer", json!({"answer": answer.sdp})).await?;
+        let Offered { offer } = signaling.request(Request::Listen { video }).await?;
+        let offer = RTCSessionDescription::offer(offer).map_err(ClientError::webrtc("reading the offer"))?;
+        pc.set_remote_description(offer).await.map_err(ClientError::webrtc("setting the offer"))?;
+        let answer = pc.create_answer(None).await.map_err(ClientError::webrtc("creating the answer"))?;
+        pc.set_local_description(answer.clone()).await.map_err(ClientError::webrtc("setting the answer"))?;
+        trickle(signaling, Side::Recv, pc.clone(), local_candidates);
+        signaling.request::<Done>(Request::Answer { answer: answer.sdp }).await?;
         let (tx, packets) = mpsc::unbounded_channel();
-        let remote: Arc<std::sync::Mutex<Vec<(MediaKind, Arc<dyn TrackRemote>)>>> = Arc::default();
+        let remote: RemoteTracks = Arc::default();
         let known = remote.clone();
         tokio::spawn(async move {
             while let Some(track) = tracks.recv().await {
@@ -308,16 +314,16 @@ impl Listener {
 
     /// Sends a NACK for `seqs` of the personal stream (once a packet of that media came).
     pub async fn nack(&self, media: MediaKind, seqs: &[u16]) -> Result<(), ClientError> {
-        let track = self.track(media).ok_or_else(|| ClientError::WebRtc(format!("no {} track yet", media.as_str())))?;
+        let track = self.track(media).ok_or_else(|| ClientError::Media(format!("no {} track yet", media.as_str())))?;
         let ssrc = track.ssrcs().await.first().copied().unwrap_or(0);
-        track.write_rtcp(vec![m::negative_ack(ssrc, seqs)]).await.map_err(rtc_error)
+        track.write_rtcp(vec![m::negative_ack(ssrc, seqs)]).await.map_err(ClientError::webrtc("sending a NACK"))
     }
 
     /// Sends a PLI for the personal video stream.
     pub async fn request_keyframe(&self) -> Result<(), ClientError> {
-        let track = self.track(MediaKind::Video).ok_or_else(|| ClientError::WebRtc("no video track yet".into()))?;
+        let track = self.track(MediaKind::Video).ok_or_else(|| ClientError::Media("no video track yet".into()))?;
         let ssrc = track.ssrcs().await.first().copied().unwrap_or(0);
-        track.write_rtcp(vec![m::picture_loss(ssrc)]).await.map_err(rtc_error)
+        track.write_rtcp(vec![m::picture_loss(ssrc)]).await.map_err(ClientError::webrtc("sending a PLI"))
     }
 
     pub async fn close(self) {

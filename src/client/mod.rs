@@ -2,10 +2,14 @@
 //! use it, so they exercise the server exactly as a browser does (WSS with a token, trickle ICE,
 //! real DTLS-SRTP over loopback).
 
+pub mod error;
 pub mod http;
 pub mod media;
 pub mod signaling;
+pub mod tls;
 
-pub use http::{ClientTls, dev_token, get, ws_ticket};
+pub use error::ClientError;
+pub use http::{dev_token, get, ws_ticket};
 pub use media::{Listener, Publisher, Received};
-pub use signaling::{ClientError, Signaling};
+pub use signaling::{Signaling, Welcome};
+pub use tls::{ClientTls, TlsTrust, insecure_tls};

@@ -1,5 +1,6 @@
-//! The client side of the signaling protocol (docs/protocol.md): requests with ids, their
-//! answers, notifications, and candidates routed to the transport they belong to.
+//! The client side of the signaling protocol (docs/protocol.md), in the types of
+//! [`crate::protocol`]: requests with ids and their typed answers, notices, and the server's
+//! candidates routed to the transport they belong to.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -7,42 +8,38 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{Value, json};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use super::http::ClientTls;
+use super::error::ClientError;
+use super::tls::ClientTls;
+use crate::protocol::{Answer, IceCandidate, Joined, Notice, Request, RequestId, ServerMessage, Side};
 
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum ClientError {
-    #[error("TLS: {0}")]
-    Tls(String),
-    #[error("HTTP: {0}")]
-    Http(String),
-    #[error("WebSocket: {0}")]
-    WebSocket(String),
-    #[error("the server refused `{kind}`: {code}: {message}")]
-    Refused { kind: String, code: String, message: String },
-    #[error("no answer to `{0}` in time")]
-    Timeout(String),
-    #[error("the connection closed")]
-    Closed,
-    #[error("WebRTC: {0}")]
-    WebRtc(String),
+type Pending = Arc<std::sync::Mutex<HashMap<u64, oneshot::Sender<Answer>>>>;
+type Candidates = Arc<std::sync::Mutex<HashMap<Side, mpsc::UnboundedSender<Option<IceCandidate>>>>>;
+
+/// What the server said when the session opened.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Welcome {
+    pub protocol: u32,
+    pub uid: String,
+    pub roles: Vec<encore_systems::components::Role>,
+    pub session_expires_at: i64,
 }
-
-type Pending = Arc<std::sync::Mutex<HashMap<u64, oneshot::Sender<Value>>>>;
 
 /// A signaling connection.
 pub struct Signaling {
     out: mpsc::Sender<Message>,
     pending: Pending,
     next_id: AtomicU64,
-    notifications: Mutex<mpsc::UnboundedReceiver<Value>>,
-    candidates: Arc<std::sync::Mutex<HashMap<String, mpsc::UnboundedSender<Value>>>>,
-    pub welcome: Value,
+    notices: Mutex<mpsc::UnboundedReceiver<Notice>>,
+    strays: Mutex<mpsc::UnboundedReceiver<Answer>>,
+    candidates: Candidates,
+    pub welcome: Welcome,
     /// The close code and reason, once the server closed the socket.
     pub closed: Arc<std::sync::Mutex<Option<(u16, String)>>>,
 }
@@ -61,26 +58,30 @@ impl Signaling {
             base.replacen("https://", "wss://", 1),
             ticket.map(|t| format!("?ticket={t}")).unwrap_or_default()
         );
-        let mut request = url.as_str().into_client_request().map_err(|e| ClientError::WebSocket(e.to_string()))?;
+        let mut request = url.as_str().into_client_request().map_err(ClientError::WebSocket)?;
         if let Some(token) = token {
-            let value = format!("Bearer {token}").parse().map_err(|_| ClientError::WebSocket("bad token".into()))?;
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| ClientError::Protocol("the token cannot go in a header".into()))?;
             request.headers_mut().insert("authorization", value);
         }
         let host = request.uri().host().unwrap_or("localhost").trim_matches(['[', ']']).to_owned();
         let port = request.uri().port_u16().unwrap_or(443);
-        let tcp = TcpStream::connect((host.as_str(), port)).await.map_err(|e| ClientError::WebSocket(e.to_string()))?;
+        let tcp = TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|source| ClientError::Io { context: format!("connecting to {host}:{port}"), source })?;
         let name =
-            rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| ClientError::Tls(e.to_string()))?;
+            rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| ClientError::tls("server name", e))?;
         let tls_stream = tokio_rustls::TlsConnector::from(tls.config.clone())
             .connect(name, tcp)
             .await
-            .map_err(|e| ClientError::Tls(e.to_string()))?;
+            .map_err(|e| ClientError::tls("handshake", e))?;
         // A small read buffer: tungstenite zero-fills it up to this size on every read (the
         // default 128 KiB costs the load generator, with hundreds of sessions, real CPU).
         let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4 * 1024);
         let (socket, _) = tokio_tungstenite::client_async_with_config(request, tls_stream, Some(config))
             .await
-            .map_err(|e| ClientError::WebSocket(e.to_string()))?;
+            .map_err(ClientError::WebSocket)?;
         let (mut sink, mut stream) = socket.split();
         let (out, mut out_rx) = mpsc::channel::<Message>(256);
         tokio::spawn(async move {
@@ -92,9 +93,10 @@ impl Signaling {
             let _ = sink.close().await;
         });
         let pending: Pending = Arc::default();
-        let candidates: Arc<std::sync::Mutex<HashMap<String, mpsc::UnboundedSender<Value>>>> = Arc::default();
+        let candidates: Candidates = Arc::default();
         let closed: Arc<std::sync::Mutex<Option<(u16, String)>>> = Arc::default();
-        let (notify_tx, notifications) = mpsc::unbounded_channel();
+        let (notice_tx, notices) = mpsc::unbounded_channel();
+        let (stray_tx, strays) = mpsc::unbounded_channel();
         let (welcome_tx, welcome_rx) = oneshot::channel();
         {
             let pending = pending.clone();
@@ -114,34 +116,45 @@ impl Signaling {
                         }
                         _ => continue,
                     };
-                    let Ok(value) = serde_json::from_str::<Value>(&text) else { continue };
-                    if let Some(id) = value.get("id").and_then(Value::as_u64) {
-                        let waiter = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-                        match waiter {
-                            Some(waiter) => {
-                                let _ = waiter.send(value);
-                            }
-                            // An answer to something sent raw: hand it over with the notifications.
-                            None => {
-                                let _ = notify_tx.send(value);
+                    let message = match serde_json::from_str::<ServerMessage>(&text) {
+                        Ok(message) => message,
+                        // A notice of a later protocol revision: not ours to understand.
+                        Err(error) => {
+                            tracing::debug!(%error, "a server message this client does not know");
+                            continue;
+                        }
+                    };
+                    match message {
+                        ServerMessage::Answer(answer) => {
+                            let waiter = match &answer.id {
+                                Some(RequestId::Number(n)) => n
+                                    .as_u64()
+                                    .and_then(|id| pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id)),
+                                _ => None,
+                            };
+                            match waiter {
+                                Some(waiter) => {
+                                    let _ = waiter.send(answer);
+                                }
+                                // An answer to something sent raw, or to a message without a
+                                // usable id.
+                                None => {
+                                    let _ = stray_tx.send(answer);
+                                }
                             }
                         }
-                        continue;
-                    }
-                    match value.get("type").and_then(Value::as_str) {
-                        Some("welcome") => {
+                        ServerMessage::Notice(Notice::Welcome { protocol, uid, roles, session_expires_at }) => {
                             if let Some(tx) = welcome_tx.take() {
-                                let _ = tx.send(value);
+                                let _ = tx.send(Welcome { protocol, uid, roles, session_expires_at });
                             }
                         }
-                        Some("candidate") => {
-                            let side = value["transport"].as_str().unwrap_or("").to_owned();
-                            if let Some(tx) = candidates.lock().unwrap_or_else(|p| p.into_inner()).get(&side) {
-                                let _ = tx.send(value["candidate"].clone());
+                        ServerMessage::Notice(Notice::Candidate { transport, candidate }) => {
+                            if let Some(tx) = candidates.lock().unwrap_or_else(|p| p.into_inner()).get(&transport) {
+                                let _ = tx.send(candidate);
                             }
                         }
-                        _ => {
-                            let _ = notify_tx.send(value);
+                        ServerMessage::Notice(notice) => {
+                            let _ = notice_tx.send(notice);
                         }
                     }
                 }
@@ -150,68 +163,90 @@ impl Signaling {
         }
         let welcome = tokio::time::timeout(Duration::from_secs(10), welcome_rx)
             .await
-            .map_err(|_| ClientError::Timeout("welcome".into()))?
+            .map_err(|_| ClientError::Timeout("welcome"))?
             .map_err(|_| ClientError::Closed)?;
         Ok(Signaling {
             out,
             pending,
             next_id: AtomicU64::new(1),
-            notifications: Mutex::new(notifications),
+            notices: Mutex::new(notices),
+            strays: Mutex::new(strays),
             candidates,
             welcome,
             closed,
         })
     }
 
-    /// Sends a request and waits for its answer's `data`.
-    pub async fn request(&self, kind: &str, fields: Value) -> Result<Value, ClientError> {
+    /// Sends a message with a fresh id and waits for its answer.
+    async fn call(
+        &self,
+        kind: &'static str,
+        mut message: serde_json::Map<String, Value>,
+    ) -> Result<Answer, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        message.insert("id".into(), id.into());
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
+        let text = Value::Object(message).to_string();
+        self.out.send(Message::Text(text.into())).await.map_err(|_| ClientError::Closed)?;
+        tokio::time::timeout(Duration::from_secs(20), rx)
+            .await
+            .map_err(|_| ClientError::Timeout(kind))?
+            .map_err(|_| ClientError::Closed)
+    }
+
+    /// Sends a request and waits for its answer, as the type the request promises
+    /// ([`crate::protocol::Done`], [`Joined`], ...).
+    pub async fn request<T: DeserializeOwned>(&self, request: Request) -> Result<T, ClientError> {
+        let kind = request.kind();
+        let message = match serde_json::to_value(&request) {
+            Ok(Value::Object(map)) => map,
+            _ => return Err(ClientError::Protocol(format!("`{kind}` does not serialise as an object"))),
+        };
+        let answer = self.call(kind, message).await?;
+        answer.into_result().map_err(|source| ClientError::Refused { kind, source })
+    }
+
+    /// Sends any `type` with any fields, as a misbehaving client would; the answer's `data`.
+    pub async fn request_raw(&self, kind: &str, fields: Value) -> Result<Value, ClientError> {
         let mut message = match fields {
             Value::Object(map) => map,
             _ => serde_json::Map::new(),
         };
-        message.insert("id".into(), id.into());
         message.insert("type".into(), kind.into());
-        let (tx, rx) = oneshot::channel();
-        self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
-        self.out
-            .send(Message::Text(Value::Object(message).to_string().into()))
-            .await
-            .map_err(|_| ClientError::Closed)?;
-        let answer = tokio::time::timeout(Duration::from_secs(20), rx)
-            .await
-            .map_err(|_| ClientError::Timeout(kind.into()))?
-            .map_err(|_| ClientError::Closed)?;
-        if answer["ok"] == true {
-            Ok(answer["data"].clone())
-        } else {
-            Err(ClientError::Refused {
-                kind: kind.into(),
-                code: answer["error"]["code"].as_str().unwrap_or("").into(),
-                message: answer["error"]["message"].as_str().unwrap_or("").into(),
-            })
-        }
+        let answer = self.call("raw request", message).await?;
+        answer.into_result().map_err(|source| ClientError::Refused { kind: "raw request", source })
     }
 
-    /// Sends raw text (for tests of malformed input).
+    /// Sends raw text (for tests of malformed input); its answer comes as a stray.
     pub async fn send_raw(&self, text: &str) -> Result<(), ClientError> {
         self.out.send(Message::Text(text.to_owned().into())).await.map_err(|_| ClientError::Closed)
     }
 
-    /// The next notification (not an answer, not a candidate).
-    pub async fn notification(&self, wait: Duration) -> Option<Value> {
-        tokio::time::timeout(wait, self.notifications.lock().await.recv()).await.ok().flatten()
+    /// Sends a binary frame (which the protocol refuses).
+    pub async fn send_binary(&self, bytes: Vec<u8>) -> Result<(), ClientError> {
+        self.out.send(Message::Binary(bytes.into())).await.map_err(|_| ClientError::Closed)
     }
 
-    /// Candidates the server sends for one transport.
-    pub fn candidates(&self, side: &str) -> mpsc::UnboundedReceiver<Value> {
+    /// The next notice (not an answer, not a candidate).
+    pub async fn notification(&self, wait: Duration) -> Option<Notice> {
+        tokio::time::timeout(wait, self.notices.lock().await.recv()).await.ok().flatten()
+    }
+
+    /// The next answer no request waits for (to raw text, or to a message without an id).
+    pub async fn stray_answer(&self, wait: Duration) -> Option<Answer> {
+        tokio::time::timeout(wait, self.strays.lock().await.recv()).await.ok().flatten()
+    }
+
+    /// Candidates the server sends for one transport (`None` at the end).
+    pub fn candidates(&self, side: Side) -> mpsc::UnboundedReceiver<Option<IceCandidate>> {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.candidates.lock().unwrap_or_else(|p| p.into_inner()).insert(side.to_owned(), tx);
+        self.candidates.lock().unwrap_or_else(|p| p.into_inner()).insert(side, tx);
         rx
     }
 
-    pub async fn join(&self, room: &str, name: &str) -> Result<Value, ClientError> {
-        self.request("join", json!({"room": room, "name": name})).await
+    pub async fn join(&self, room: &str, name: &str) -> Result<Joined, ClientError> {
+        self.request(Request::Join { room: room.to_owned(), name: Some(name.to_owned()) }).await
     }
 
     pub fn close_code(&self) -> Option<(u16, String)> {

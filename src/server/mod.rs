@@ -6,6 +6,7 @@
 pub mod http;
 pub mod recorder;
 pub mod rooms;
+pub mod sessions;
 pub mod signaling;
 pub mod tls;
 pub mod transport;
@@ -21,6 +22,7 @@ use tokio::sync::broadcast;
 use crate::auth::{AuthOptions, AuthSetupError, AuthState, DevIssuer, SharedClock};
 use crate::config::ServerConfig;
 use rooms::Rooms;
+use sessions::Sessions;
 use tls::{TlsError, TlsMaterial};
 use transport::TransportSettings;
 
@@ -46,7 +48,7 @@ pub struct AppState {
     pub shutdown: broadcast::Sender<()>,
     pub stopping: Arc<AtomicBool>,
     /// Open signaling sessions: shutdown waits for them to leave their rooms.
-    pub sessions: Arc<tokio::sync::watch::Sender<usize>>,
+    pub sessions: Arc<Sessions>,
 }
 
 /// Test and embedding hooks that the configuration file cannot express.
@@ -84,8 +86,7 @@ impl Server {
         let _ = self.app.shutdown.send(());
         // Sessions close their transports and leave their rooms (upgraded WebSockets are not
         // the HTTP server's connections any more, so they are waited for here).
-        let mut sessions = self.app.sessions.subscribe();
-        let _ = tokio::time::timeout(Duration::from_secs(10), sessions.wait_for(|open| *open == 0)).await;
+        self.app.sessions.closed(Duration::from_secs(10)).await;
         self.handle.graceful_shutdown(Some(Duration::from_secs(5)));
         let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
         let rooms = self.app.rooms.clone();
@@ -102,7 +103,7 @@ impl Server {
 }
 
 pub async fn start(config: ServerConfig, options: StartOptions) -> Result<Server, ServerError> {
-    // rustls has no default provider here (ring is chosen explicitly; see FIELD-NOTES).
+    // rustls has no default provider here (ring is chosen explicitly; see docs/dependencies.md).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let config = Arc::new(config);
     let tls = TlsMaterial::load_or_create(
@@ -144,7 +145,7 @@ pub async fn start(config: ServerConfig, options: StartOptions) -> Result<Server
         transport: Arc::new(TransportSettings::new(&config.media)),
         shutdown,
         stopping: Arc::new(AtomicBool::new(false)),
-        sessions: Arc::new(tokio::sync::watch::channel(0).0),
+        sessions: Arc::new(Sessions::default()),
     };
     let router = http::router(app.clone());
     let rustls = RustlsConfig::from_config(tls.server_config()?);

@@ -1,7 +1,7 @@
-//! One WebSocket session per client: authentication at the upgrade, then the JSON protocol of
-//! docs/protocol.md. The session owns the peer's place in its room and its two transports, and
-//! ends them all when the socket closes, the peer leaves, its token expires without `reauth`, or
-//! the server shuts down.
+//! One WebSocket session per client: authentication at the upgrade, then the protocol of
+//! docs/protocol.md, in the types of [`crate::protocol`]. The session owns the peer's place in
+//! its room and its two transports, and ends them all when the socket closes, the peer leaves,
+//! its token expires without `reauth`, or the server shuts down.
 
 use std::time::{Duration, Instant};
 
@@ -11,30 +11,26 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
-use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use encore_systems::components::ids::{Name, UtteranceId};
 use encore_systems::components::input::{FeedbackSignal, Input};
 
 use super::AppState;
-use super::rooms::{Notice, PEER_EVENTS, RoomCommand, RoomError, RoomLink};
-use super::transport::{RecvTransport, SendTransport, Side, TransportEvent, parse_candidate};
+use super::rooms::{Moderation, PEER_EVENTS, RoomCommand, RoomLink};
+use super::sessions::{SessionKey, Sessions};
+use super::transport::{RecvTransport, SendTransport, TransportEvent};
 use crate::auth::AuthUser;
+use crate::protocol::{
+    Answer, BURST_MESSAGES, Done, ErrorBody, ErrorCode, FLOOD_MESSAGES, Joined, MAX_MESSAGE_BYTES, MAX_MESSAGES_PER_S,
+    MAX_PREFS_NAMES, Notice, Offered, PROTOCOL_VERSION, Published, Reauthed, Request, RequestId, Side, close,
+    parse_request,
+};
 
-pub const PROTOCOL_VERSION: u32 = 1;
-/// Largest message a client may send.
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// The WebSocket read buffer (tungstenite's default is 128 KiB; see `ws_upgrade`).
 const WS_READ_BUFFER_BYTES: usize = 4 * 1024;
-/// Messages a client may send per second (a burst of twice that is tolerated).
-pub const MAX_MESSAGES_PER_S: u32 = 50;
 /// A session whose token is about to expire is warned this long before.
 const EXPIRY_WARNING: Duration = Duration::from_secs(60);
-/// WebSocket close code for an expired session.
-pub const CLOSE_EXPIRED: u16 = 4001;
-pub const CLOSE_REMOVED: u16 = 4003;
-pub const CLOSE_SHUTDOWN: u16 = 1001;
 
 #[derive(Deserialize)]
 pub struct UpgradeQuery {
@@ -63,38 +59,78 @@ pub async fn ws_upgrade(
         .on_upgrade(move |socket| Session::new(app, user).run(socket))
 }
 
-/// A protocol-level failure answered to a request.
-#[derive(Debug)]
-struct Refusal {
-    code: &'static str,
-    message: String,
+fn refuse(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
+    ErrorBody::new(code, message)
 }
 
-fn refuse(code: &'static str, message: impl Into<String>) -> Refusal {
-    Refusal { code, message: message.into() }
+fn bad(message: impl Into<String>) -> ErrorBody {
+    refuse(ErrorCode::BadRequest, message)
 }
 
-fn bad(message: impl Into<String>) -> Refusal {
-    refuse("bad_request", message)
+/// What a request that succeeded answers.
+enum Reply {
+    Done,
+    Joined(Joined),
+    Published(Published),
+    Offered(Offered),
+    Reauthed(Reauthed),
 }
 
-struct Joined {
+impl Reply {
+    fn answer(self, id: RequestId) -> Answer {
+        match self {
+            Reply::Done => Answer::ok(id, &Done {}),
+            Reply::Joined(data) => Answer::ok(id, &data),
+            Reply::Published(data) => Answer::ok(id, &data),
+            Reply::Offered(data) => Answer::ok(id, &data),
+            Reply::Reauthed(data) => Answer::ok(id, &data),
+        }
+    }
+}
+
+/// The session's place in a room.
+struct InRoom {
     link: RoomLink,
     send: Option<SendTransport>,
     recv: Option<RecvTransport>,
 }
 
+/// A token bucket: `MAX_MESSAGES_PER_S` sustained, `BURST_MESSAGES` at once. Every frame a
+/// client sends takes a token, whatever its kind.
+struct RateLimit {
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl RateLimit {
+    fn new(now: Instant) -> Self {
+        RateLimit { tokens: f64::from(BURST_MESSAGES), refilled: now }
+    }
+
+    /// Takes a token; false when there was none (the message is refused).
+    fn take(&mut self, now: Instant) -> bool {
+        let refill = now.duration_since(self.refilled).as_secs_f64() * f64::from(MAX_MESSAGES_PER_S);
+        self.refilled = now;
+        self.tokens = (self.tokens + refill).min(f64::from(BURST_MESSAGES));
+        self.tokens -= 1.0;
+        self.tokens >= 0.0
+    }
+
+    /// The client kept sending long after it was refused: a flood.
+    fn flooded(&self) -> bool {
+        self.tokens < -f64::from(FLOOD_MESSAGES)
+    }
+}
+
 struct Session {
     app: AppState,
     user: AuthUser,
-    joined: Option<Joined>,
+    room: Option<InRoom>,
     notices_tx: mpsc::Sender<Notice>,
     notices: mpsc::Receiver<Notice>,
     transport_tx: mpsc::Sender<TransportEvent>,
     transport_events: mpsc::Receiver<TransportEvent>,
-    /// Token bucket for the message rate.
-    tokens: f64,
-    refilled: Instant,
+    rate: RateLimit,
     expiry_warned: bool,
 }
 
@@ -105,7 +141,36 @@ enum End {
     Removed,
     Shutdown,
     Flooded,
+    TooBig,
 }
+
+impl End {
+    fn close_frame(&self) -> (u16, &'static str) {
+        match self {
+            End::Closed => (close::NORMAL, "bye"),
+            End::Expired => (close::EXPIRED, "session expired: send reauth before the token expires"),
+            End::Removed => (close::REMOVED, "removed by a moderator"),
+            End::Shutdown => (close::GOING_AWAY, "server shutting down"),
+            End::Flooded => (close::POLICY, "too many messages"),
+            End::TooBig => (close::TOO_BIG, "message over 64 KiB"),
+        }
+    }
+}
+
+/// A read error that is the client's message being over the size limit.
+fn too_big(error: &axum::Error) -> bool {
+    use std::error::Error as _;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = error.source();
+    while let Some(error) = source {
+        if let Some(tungstenite::Error::Capacity(_)) = error.downcast_ref::<tungstenite::Error>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
+use tokio_tungstenite::tungstenite;
 
 impl Session {
     fn new(app: AppState, user: AuthUser) -> Self {
@@ -114,13 +179,12 @@ impl Session {
         Session {
             app,
             user,
-            joined: None,
+            room: None,
             notices_tx,
             notices,
             transport_tx,
             transport_events,
-            tokens: f64::from(MAX_MESSAGES_PER_S * 2),
-            refilled: Instant::now(),
+            rate: RateLimit::new(Instant::now()),
             expiry_warned: false,
         }
     }
@@ -135,8 +199,7 @@ impl Session {
     }
 
     async fn run(mut self, socket: WebSocket) {
-        self.app.sessions.send_modify(|open| *open += 1);
-        let _counted = SessionCount(self.app.sessions.clone());
+        let _registered = Registered::new(&self.app.sessions, &self.user.uid, self.notices_tx.clone());
         let (mut sink, mut stream) = socket.split();
         let (out_tx, mut out_rx) = mpsc::channel::<Message>(512);
         let writer = tokio::spawn(async move {
@@ -149,13 +212,12 @@ impl Session {
             let _ = sink.close().await;
         });
         let out = Outbox { tx: out_tx };
-        out.json(json!({
-            "type": "welcome",
-            "protocol": PROTOCOL_VERSION,
-            "uid": self.user.uid,
-            "roles": self.user.roles,
-            "session_expires_at": self.deadline_s(),
-        }));
+        out.notice(&Notice::Welcome {
+            protocol: PROTOCOL_VERSION,
+            uid: self.user.uid.clone(),
+            roles: self.user.roles.clone(),
+            session_expires_at: self.deadline_s(),
+        });
         tracing::info!(uid = %self.user.uid, roles = ?self.user.roles, "session opened");
         let mut shutdown = self.app.shutdown.subscribe();
         // The deadline is by the auth clock, which a test may move: look at it every second.
@@ -164,31 +226,40 @@ impl Session {
             let until = self.until_deadline();
             let warn_in = until.saturating_sub(EXPIRY_WARNING);
             tokio::select! {
-                message = stream.next() => match message {
-                    Some(Ok(Message::Text(text))) => {
-                        if !self.take_token() {
-                            out.reply(&Value::Null, Err(refuse("rate_limited", "more than 50 messages a second")));
-                            if self.tokens < -f64::from(MAX_MESSAGES_PER_S) {
-                                break End::Flooded;
-                            }
-                            continue;
+                message = stream.next() => {
+                    let message = match message {
+                        Some(Ok(Message::Close(_))) | None => break End::Closed,
+                        Some(Err(error)) if too_big(&error) => break End::TooBig,
+                        Some(Err(_)) => break End::Closed,
+                        Some(Ok(message)) => message,
+                    };
+                    // Every frame counts against the rate, pings and binary ones included.
+                    if !self.rate.take(Instant::now()) {
+                        out.answer(Answer::refused(None, refuse(ErrorCode::RateLimited, "more than 50 messages a second")));
+                        if self.rate.flooded() {
+                            break End::Flooded;
                         }
-                        if let Some(end) = self.handle_text(&text, &out).await {
-                            break end;
-                        }
+                        continue;
                     }
-                    Some(Ok(Message::Binary(_))) => out.reply(&Value::Null, Err(bad("messages are JSON text"))),
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break End::Closed,
-                    Some(Ok(_)) => {}
-                },
+                    match message {
+                        Message::Text(text) => {
+                            if let Some(end) = self.handle_text(&text, &out).await {
+                                break end;
+                            }
+                        }
+                        Message::Binary(_) => out.answer(Answer::refused(None, bad("messages are JSON text"))),
+                        // Pings are answered by the WebSocket layer; pongs need nothing.
+                        _ => {}
+                    }
+                }
                 Some(notice) = self.notices.recv() => {
-                    let removed = matches!(notice, Notice::Removed { .. });
-                    if matches!(notice, Notice::Muted { .. })
-                        && let Some(send) = self.joined.as_ref().and_then(|j| j.send.as_ref())
+                    if let Notice::Muted { .. } = notice
+                        && let Some(send) = self.room.as_ref().and_then(|r| r.send.as_ref())
                     {
                         send.pause(true);
                     }
-                    out.json(serde_json::to_value(&notice).unwrap_or(Value::Null));
+                    let removed = matches!(notice, Notice::Removed { .. });
+                    out.notice(&notice);
                     if removed {
                         break End::Removed;
                     }
@@ -196,7 +267,7 @@ impl Session {
                 Some(event) = self.transport_events.recv() => self.transport_event(event, &out).await,
                 _ = tokio::time::sleep(warn_in), if !self.expiry_warned && warn_in > Duration::ZERO => {
                     self.expiry_warned = true;
-                    out.json(json!({"type": "session_expiring", "expires_at": self.deadline_s()}));
+                    out.notice(&Notice::SessionExpiring { expires_at: self.deadline_s() });
                 }
                 _ = tokio::time::sleep(until) => {
                     if self.until_deadline().is_zero() {
@@ -209,19 +280,13 @@ impl Session {
                     }
                     if !self.expiry_warned && self.until_deadline() <= EXPIRY_WARNING {
                         self.expiry_warned = true;
-                        out.json(json!({"type": "session_expiring", "expires_at": self.deadline_s()}));
+                        out.notice(&Notice::SessionExpiring { expires_at: self.deadline_s() });
                     }
                 }
                 _ = shutdown.recv() => break End::Shutdown,
             }
         };
-        let (code, reason) = match end {
-            End::Closed => (1000, "bye"),
-            End::Expired => (CLOSE_EXPIRED, "session expired: send reauth before the token expires"),
-            End::Removed => (CLOSE_REMOVED, "removed by a moderator"),
-            End::Shutdown => (CLOSE_SHUTDOWN, "server shutting down"),
-            End::Flooded => (1008, "too many messages"),
-        };
+        let (code, reason) = end.close_frame();
         tracing::info!(uid = %self.user.uid, code, reason, "session closing");
         self.leave().await;
         out.close(code, reason).await;
@@ -239,292 +304,249 @@ impl Session {
         let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     }
 
-    fn take_token(&mut self) -> bool {
-        let now = Instant::now();
-        let refill = now.duration_since(self.refilled).as_secs_f64() * f64::from(MAX_MESSAGES_PER_S);
-        self.refilled = now;
-        self.tokens = (self.tokens + refill).min(f64::from(MAX_MESSAGES_PER_S * 2));
-        self.tokens -= 1.0;
-        self.tokens >= 0.0
-    }
-
     async fn handle_text(&mut self, text: &str, out: &Outbox) -> Option<End> {
-        let message: Value = match serde_json::from_str(text) {
-            Ok(value) => value,
-            Err(error) => {
-                out.reply(&Value::Null, Err(bad(format!("not JSON: {error}"))));
+        let (id, request) = match parse_request(text) {
+            Ok(parsed) => parsed,
+            Err(unreadable) => {
+                out.answer(Answer::refused(unreadable.id, bad(unreadable.message)));
                 return None;
             }
         };
-        let id = message.get("id").cloned().unwrap_or(Value::Null);
-        let Some(kind) = message.get("type").and_then(Value::as_str) else {
-            out.reply(&id, Err(bad("missing `type`")));
-            return None;
-        };
-        if !(id.is_number() || id.is_string()) {
-            out.reply(&Value::Null, Err(bad("a request needs an `id` (number or string)")));
-            return None;
-        }
-        let kind = kind.to_owned();
-        let result = self.request(&kind, &message, out).await;
-        let leaving = kind == "leave" && result.is_ok();
-        out.reply(&id, result);
-        leaving.then_some(End::Closed)
+        let leaving = matches!(request, Request::Leave);
+        let result = self.request(request).await;
+        let left = leaving && result.is_ok();
+        out.answer(match result {
+            Ok(reply) => reply.answer(id),
+            Err(error) => Answer::refused(Some(id), error),
+        });
+        left.then_some(End::Closed)
     }
 
-    fn joined(&self) -> Result<&Joined, Refusal> {
-        self.joined.as_ref().ok_or_else(|| refuse("conflict", "join a room first"))
+    fn in_room(&self) -> Result<&InRoom, ErrorBody> {
+        self.room.as_ref().ok_or_else(|| refuse(ErrorCode::Conflict, "join a room first"))
     }
 
-    fn joined_mut(&mut self) -> Result<&mut Joined, Refusal> {
-        self.joined.as_mut().ok_or_else(|| refuse("conflict", "join a room first"))
+    fn in_room_mut(&mut self) -> Result<&mut InRoom, ErrorBody> {
+        self.room.as_mut().ok_or_else(|| refuse(ErrorCode::Conflict, "join a room first"))
     }
 
-    async fn request(&mut self, kind: &str, message: &Value, out: &Outbox) -> Result<Value, Refusal> {
-        let field = |name: &str| message.get(name);
-        let text = |name: &str| -> Result<String, Refusal> {
-            field(name)
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-                .ok_or_else(|| bad(format!("missing string `{name}`")))
-        };
-        match kind {
-            "ping" => Ok(json!({})),
-            "join" => {
-                if self.joined.is_some() {
-                    return Err(refuse("conflict", "already in a room"));
-                }
-                let room = text("room")?;
-                if room.is_empty()
-                    || room.len() > 64
-                    || !room.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
-                {
-                    return Err(bad("`room` must be 1 to 64 characters of A-Z, a-z, 0-9, _ . -"));
-                }
-                let name = field("name").and_then(Value::as_str).unwrap_or(&self.user.uid).to_owned();
-                let joined = self
-                    .app
-                    .rooms
-                    .join(&room, &name, Some(self.user.uid.clone()), self.user.roles.clone(), self.notices_tx.clone())
-                    .await;
-                let (link, joined) = joined.map_err(|e| match e {
-                    RoomError::Full(_) | RoomError::TooManyRooms(_) => refuse("conflict", e.to_string()),
-                    RoomError::Closed => refuse("unavailable", e.to_string()),
-                })?;
-                let peer = link.peer.to_string();
-                self.joined = Some(Joined { link, send: None, recv: None });
-                tracing::info!(uid = %self.user.uid, room, peer, "joined");
-                Ok(json!({
-                    "room": room,
-                    "peer": peer,
-                    "roles": self.user.roles,
-                    "ice_servers": self.app.config.media.ice_servers,
-                    "peers": joined.peers,
-                }))
-            }
-            "publish" => {
+    async fn request(&mut self, request: Request) -> Result<Reply, ErrorBody> {
+        match request {
+            Request::Ping => Ok(Reply::Done),
+            Request::Join { room, name } => self.join(room, name).await.map(Reply::Joined),
+            Request::Publish { offer } => {
                 if !self.user.may_publish() {
-                    return Err(refuse("forbidden", format!("role {} may not publish", roles_text(&self.user.roles))));
+                    let roles = roles_text(&self.user.roles);
+                    return Err(refuse(ErrorCode::Forbidden, format!("role {roles} may not publish")));
                 }
-                let offer = text("offer")?;
-                let joined = self.joined()?;
-                if joined.send.is_some() {
-                    return Err(refuse("conflict", "already publishing; unpublish first"));
+                let in_room = self.in_room()?;
+                if in_room.send.is_some() {
+                    return Err(refuse(ErrorCode::Conflict, "already publishing; unpublish first"));
                 }
-                let link = joined.link.clone();
+                let link = in_room.link.clone();
                 let (transport, answer) =
                     SendTransport::accept(&self.app.transport, &offer, link, self.transport_tx.clone())
                         .await
-                        .map_err(|e| bad(e.to_string()))?;
-                self.joined_mut()?.send = Some(transport);
-                Ok(json!({"answer": answer}))
+                        .map_err(|e| refuse(e.code(), e.to_string()))?;
+                self.in_room_mut()?.send = Some(transport);
+                Ok(Reply::Published(Published { answer }))
             }
-            "unpublish" => {
-                let transport = self.joined_mut()?.send.take().ok_or_else(|| refuse("conflict", "not publishing"))?;
+            Request::Unpublish => {
+                let transport =
+                    self.in_room_mut()?.send.take().ok_or_else(|| refuse(ErrorCode::Conflict, "not publishing"))?;
                 transport.close().await;
-                Ok(json!({}))
+                Ok(Reply::Done)
             }
-            "consume" => {
-                let video = field("video").and_then(Value::as_bool).unwrap_or(false);
-                let joined = self.joined()?;
-                if joined.recv.is_some() {
-                    return Err(refuse("conflict", "already consuming"));
+            Request::Listen { video } => {
+                let in_room = self.in_room()?;
+                if in_room.recv.is_some() {
+                    return Err(refuse(ErrorCode::Conflict, "already listening"));
                 }
-                let link = joined.link.clone();
+                let link = in_room.link.clone();
                 let (transport, offer) =
                     RecvTransport::offer(&self.app.transport, video, link, self.transport_tx.clone())
                         .await
-                        .map_err(|e| refuse("internal", e.to_string()))?;
-                self.joined_mut()?.recv = Some(transport);
-                Ok(json!({"offer": offer}))
+                        .map_err(|e| refuse(e.code(), e.to_string()))?;
+                self.in_room_mut()?.recv = Some(transport);
+                Ok(Reply::Offered(Offered { offer }))
             }
-            "unconsume" => {
-                let transport = self.joined_mut()?.recv.take().ok_or_else(|| refuse("conflict", "not consuming"))?;
+            Request::Unlisten => {
+                let transport =
+                    self.in_room_mut()?.recv.take().ok_or_else(|| refuse(ErrorCode::Conflict, "not listening"))?;
                 transport.close().await;
-                Ok(json!({}))
+                Ok(Reply::Done)
             }
-            "answer" => {
-                let answer = text("answer")?;
-                let transport = self.joined_mut()?.recv.as_mut().ok_or_else(|| refuse("conflict", "consume first"))?;
-                transport.accept_answer(&answer).await.map_err(|e| bad(e.to_string()))?;
-                Ok(json!({}))
+            Request::Answer { answer } => {
+                let transport =
+                    self.in_room_mut()?.recv.as_mut().ok_or_else(|| refuse(ErrorCode::Conflict, "listen first"))?;
+                transport.accept_answer(&answer).await.map_err(|e| refuse(e.code(), e.to_string()))?;
+                Ok(Reply::Done)
             }
-            "candidate" => {
-                let side: Side = serde_json::from_value(field("transport").cloned().unwrap_or(Value::Null))
-                    .map_err(|_| bad("`transport` must be \"send\" or \"recv\""))?;
-                let candidate =
-                    parse_candidate(field("candidate").unwrap_or(&Value::Null)).map_err(|e| bad(e.to_string()))?;
-                let joined = self.joined_mut()?;
+            Request::Candidate { transport: side, candidate } => {
+                let in_room = self.in_room_mut()?;
                 let result = match side {
-                    Side::Send => match &joined.send {
+                    Side::Send => match &in_room.send {
                         Some(t) => t.add_candidate(candidate).await,
-                        None => return Err(refuse("conflict", "no send transport")),
+                        None => return Err(refuse(ErrorCode::Conflict, "no send transport")),
                     },
-                    Side::Recv => match &mut joined.recv {
+                    Side::Recv => match &mut in_room.recv {
                         Some(t) => t.add_candidate(candidate).await,
-                        None => return Err(refuse("conflict", "no receive transport")),
+                        None => return Err(refuse(ErrorCode::Conflict, "no receive transport")),
                     },
                 };
-                result.map_err(|e| bad(e.to_string()))?;
-                Ok(json!({}))
+                result.map_err(|e| refuse(e.code(), e.to_string()))?;
+                Ok(Reply::Done)
             }
-            "pause" | "resume" => {
-                let paused = kind == "pause";
-                let side: Side = serde_json::from_value(field("transport").cloned().unwrap_or(Value::Null))
-                    .map_err(|_| bad("`transport` must be \"send\" or \"recv\""))?;
-                let joined = self.joined()?;
-                match side {
-                    Side::Send => {
-                        joined.send.as_ref().ok_or_else(|| refuse("conflict", "not publishing"))?.pause(paused)
-                    }
-                    Side::Recv => {
-                        joined.recv.as_ref().ok_or_else(|| refuse("conflict", "not consuming"))?.pause(paused)
-                    }
+            Request::Pause { transport } => self.pause(transport, true),
+            Request::Resume { transport } => self.pause(transport, false),
+            Request::Prefs { follow, mute } => {
+                if follow.len() > MAX_PREFS_NAMES || mute.len() > MAX_PREFS_NAMES {
+                    return Err(bad(format!("`follow` and `mute` list at most {MAX_PREFS_NAMES} peer names")));
                 }
-                Ok(json!({}))
+                let names = |list: Vec<String>| list.into_iter().map(Name::from).collect();
+                let link = &self.in_room()?.link;
+                link.input(Input::Prefs { peer: link.peer.clone(), follow: names(follow), mute: names(mute) });
+                Ok(Reply::Done)
             }
-            "prefs" => {
-                let names = |name: &str| -> Result<Vec<Name>, Refusal> {
-                    match field(name) {
-                        None | Some(Value::Null) => Ok(Vec::new()),
-                        Some(Value::Array(items)) if items.len() <= 1000 => items
-                            .iter()
-                            .map(|v| v.as_str().map(Name::new).ok_or_else(|| bad(format!("`{name}` lists peer names"))))
-                            .collect(),
-                        Some(_) => Err(bad(format!("`{name}` must be a list of at most 1000 peer names"))),
-                    }
-                };
-                let (follow, mute) = (names("follow")?, names("mute")?);
-                let link = &self.joined()?.link;
-                link.input(Input::Prefs { peer: link.peer.clone(), follow, mute });
-                Ok(json!({}))
-            }
-            "feedback" => {
-                let signal: FeedbackSignal = serde_json::from_value(field("signal").cloned().unwrap_or(Value::Null))
-                    .map_err(|_| bad("`signal` must be \"skip\" or \"like\""))?;
-                let utterance = match field("utterance") {
-                    None | Some(Value::Null) => None,
-                    Some(value) => Some(
-                        value
-                            .as_str()
-                            .and_then(|s| s.parse::<UtteranceId>().ok())
-                            .ok_or_else(|| bad("`utterance` must look like alice#3"))?,
-                    ),
-                };
-                let link = &self.joined()?.link;
-                link.input(Input::Feedback { peer: link.peer.clone(), utterance, signal });
-                Ok(json!({}))
-            }
-            "reauth" => {
-                let token = text("token")?;
+            Request::Feedback { signal, utterance } => self.feedback(signal, utterance).await,
+            Request::Reauth { token } => {
                 let user = self
                     .app
                     .auth
                     .reauthenticate(&self.user, &token)
                     .await
-                    .map_err(|e| refuse("unauthorized", e.to_string()))?;
+                    .map_err(|e| refuse(ErrorCode::Unauthorized, e.to_string()))?;
                 self.user = user;
                 self.expiry_warned = false;
-                Ok(json!({"session_expires_at": self.deadline_s()}))
+                Ok(Reply::Reauthed(Reauthed { session_expires_at: self.deadline_s() }))
             }
-            "mute_peer" | "remove_peer" => {
-                if !self.user.may_moderate() {
-                    return Err(refuse("forbidden", format!("role {} may not moderate", roles_text(&self.user.roles))));
-                }
-                let peer = Name::from(text("peer")?);
-                let link = &self.joined()?.link;
-                let by = link.peer.clone();
-                if kind == "mute_peer" {
-                    link.command(RoomCommand::Mute { peer, by });
-                } else {
-                    link.command(RoomCommand::Remove { peer, by });
-                }
-                Ok(json!({}))
-            }
-            "leave" => {
-                self.joined()?;
-                Ok(json!({}))
-            }
-            other => {
-                let _ = out;
-                Err(bad(format!("unknown message type {other:?}")))
+            Request::MutePeer { peer } => self.moderate(Moderation::Mute, peer).await,
+            Request::RemovePeer { peer } => self.moderate(Moderation::Remove, peer).await,
+            Request::Leave => {
+                self.in_room()?;
+                Ok(Reply::Done)
             }
         }
+    }
+
+    async fn join(&mut self, room: String, name: Option<String>) -> Result<Joined, ErrorBody> {
+        if self.room.is_some() {
+            return Err(refuse(ErrorCode::Conflict, "already in a room"));
+        }
+        if room.is_empty() || room.len() > 64 || !room.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
+            return Err(bad("`room` must be 1 to 64 characters of A-Z, a-z, 0-9, _ . -"));
+        }
+        let name = name.unwrap_or_else(|| self.user.uid.clone());
+        let (link, joined) = self
+            .app
+            .rooms
+            .join(&room, &name, Some(self.user.uid.clone()), self.user.roles.clone(), self.notices_tx.clone())
+            .await
+            .map_err(|e| refuse(e.code(), e.to_string()))?;
+        let peer = link.peer.to_string();
+        self.room = Some(InRoom { link, send: None, recv: None });
+        tracing::info!(uid = %self.user.uid, room, peer, "joined");
+        Ok(Joined {
+            room,
+            peer,
+            roles: self.user.roles.clone(),
+            ice_servers: self.app.config.media.ice_servers.clone(),
+            peers: joined.peers,
+        })
+    }
+
+    fn pause(&self, side: Side, paused: bool) -> Result<Reply, ErrorBody> {
+        let in_room = self.in_room()?;
+        match side {
+            Side::Send => {
+                in_room.send.as_ref().ok_or_else(|| refuse(ErrorCode::Conflict, "not publishing"))?.pause(paused)
+            }
+            Side::Recv => {
+                in_room.recv.as_ref().ok_or_else(|| refuse(ErrorCode::Conflict, "not listening"))?.pause(paused)
+            }
+        }
+        Ok(Reply::Done)
+    }
+
+    async fn feedback(&self, signal: FeedbackSignal, utterance: Option<UtteranceId>) -> Result<Reply, ErrorBody> {
+        let link = &self.in_room()?.link;
+        let peer = link.peer.clone();
+        link.ask(|reply| RoomCommand::Feedback { at: Instant::now(), peer, utterance, signal, reply }).await?;
+        Ok(Reply::Done)
+    }
+
+    async fn moderate(&self, action: Moderation, peer: String) -> Result<Reply, ErrorBody> {
+        if !self.user.may_moderate() {
+            let roles = roles_text(&self.user.roles);
+            return Err(refuse(ErrorCode::Forbidden, format!("role {roles} may not moderate")));
+        }
+        let link = &self.in_room()?.link;
+        let by = link.peer.clone();
+        link.ask(|reply| RoomCommand::Moderate { action, peer: Name::from(peer), by, reply }).await?;
+        Ok(Reply::Done)
     }
 
     async fn transport_event(&mut self, event: TransportEvent, out: &Outbox) {
         match event {
             TransportEvent::Candidate { side, candidate } => {
-                out.json(json!({"type": "candidate", "transport": side, "candidate": candidate}));
+                out.notice(&Notice::Candidate { transport: side, candidate });
             }
             TransportEvent::Connected { side } => {
-                tracing::debug!(uid = %self.user.uid, ?side, "transport connected");
+                tracing::debug!(uid = %self.user.uid, %side, "transport connected");
             }
             TransportEvent::Failed { side } => {
-                tracing::warn!(uid = %self.user.uid, ?side, "transport failed");
-                if let Some(joined) = self.joined.as_mut() {
+                tracing::warn!(uid = %self.user.uid, %side, "transport failed");
+                if let Some(in_room) = self.room.as_mut() {
                     match side {
                         Side::Send => {
-                            if let Some(t) = joined.send.take() {
+                            if let Some(t) = in_room.send.take() {
                                 t.close().await;
                             }
                         }
                         Side::Recv => {
-                            if let Some(t) = joined.recv.take() {
+                            if let Some(t) = in_room.recv.take() {
                                 t.close().await;
                             }
                         }
                     }
                 }
-                out.json(json!({
-                    "type": "error",
-                    "code": "transport_failed",
-                    "transport": side,
-                    "message": format!("the {side:?} transport failed; create it again"),
-                }));
+                out.notice(&Notice::Error {
+                    code: ErrorCode::TransportFailed,
+                    message: format!("the {side} transport failed; create it again"),
+                    transport: Some(side),
+                });
             }
         }
     }
 
     async fn leave(&mut self) {
-        if let Some(joined) = self.joined.take() {
-            if let Some(send) = joined.send {
+        if let Some(in_room) = self.room.take() {
+            if let Some(send) = in_room.send {
                 send.close().await;
             }
-            if let Some(recv) = joined.recv {
+            if let Some(recv) = in_room.recv {
                 recv.close().await;
             }
-            self.app.rooms.leave(&joined.link);
+            self.app.rooms.leave(&in_room.link);
         }
     }
 }
 
-/// Counts a session out when it ends, however it ends.
-struct SessionCount(std::sync::Arc<tokio::sync::watch::Sender<usize>>);
+/// A session's place in the registry, given back when the session ends, however it ends.
+struct Registered {
+    sessions: std::sync::Arc<Sessions>,
+    key: SessionKey,
+}
 
-impl Drop for SessionCount {
+impl Registered {
+    fn new(sessions: &std::sync::Arc<Sessions>, uid: &str, notices: mpsc::Sender<Notice>) -> Self {
+        Registered { sessions: sessions.clone(), key: sessions.open(uid, notices) }
+    }
+}
+
+impl Drop for Registered {
     fn drop(&mut self) {
-        self.0.send_modify(|open| *open = open.saturating_sub(1));
+        self.sessions.close(self.key);
     }
 }
 
@@ -538,23 +560,46 @@ struct Outbox {
 }
 
 impl Outbox {
-    fn json(&self, value: Value) {
-        let _ = self.tx.try_send(Message::Text(Utf8Bytes::from(value.to_string())));
+    fn text(&self, text: String) {
+        let _ = self.tx.try_send(Message::Text(Utf8Bytes::from(text)));
     }
 
-    fn reply(&self, id: &Value, result: Result<Value, Refusal>) {
-        let message = match result {
-            Ok(data) => json!({"id": id, "ok": true, "data": data}),
-            Err(Refusal { code, message }) => {
-                json!({"id": id, "ok": false, "error": {"code": code, "message": message}})
-            }
-        };
-        self.json(message);
+    fn notice(&self, notice: &Notice) {
+        match serde_json::to_string(notice) {
+            Ok(text) => self.text(text),
+            Err(error) => tracing::error!(%error, kind = notice.kind(), "a notice does not serialise"),
+        }
+    }
+
+    fn answer(&self, answer: Answer) {
+        match serde_json::to_string(&answer) {
+            Ok(text) => self.text(text),
+            Err(error) => tracing::error!(%error, "an answer does not serialise"),
+        }
     }
 
     /// The Close frame always goes out, after what is queued (waiting for room if need be).
     async fn close(&self, code: u16, reason: &'static str) {
         let frame = Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }));
         let _ = tokio::time::timeout(Duration::from_secs(2), self.tx.send(frame)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_limit_allows_a_burst_then_the_sustained_rate_then_calls_it_a_flood() {
+        let t0 = Instant::now();
+        let mut rate = RateLimit::new(t0);
+        let allowed = (0..BURST_MESSAGES + 10).filter(|_| rate.take(t0)).count();
+        assert_eq!(allowed as u32, BURST_MESSAGES, "a burst of {BURST_MESSAGES} at once");
+        // A second later, 50 more tokens.
+        let t1 = t0 + Duration::from_secs(1);
+        let refused_so_far = 10.0;
+        let allowed = (0..100).filter(|_| rate.take(t1)).count();
+        assert_eq!(allowed as f64, f64::from(MAX_MESSAGES_PER_S) - refused_so_far);
+        assert!(rate.flooded(), "it kept sending after being refused");
     }
 }

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -33,30 +32,43 @@ use encore_systems::components::output::SendPacket;
 
 use super::rooms::{PEER_MEDIA, PublisherControl, RoomCommand, RoomLink};
 use crate::config::MediaSection;
-use crate::media::{self, Feedback};
+use crate::media::{self, RtcpFeedback};
+use crate::protocol::{ErrorCode, IceCandidate, Side};
 
+/// Why a transport could not be made or take what the client sent.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("bad SDP: {0}")]
-    BadSdp(String),
+    BadSdp(#[source] webrtc::error::Error),
     #[error("bad ICE candidate: {0}")]
-    BadCandidate(String),
-    #[error("WebRTC: {0}")]
-    WebRtc(String),
+    BadCandidate(#[source] webrtc::error::Error),
+    #[error("bad ICE candidate: {0}")]
+    CandidateRefused(&'static str),
+    #[error("this transport has its answer already")]
+    AnsweredTwice,
+    #[error("WebRTC, {during}: {source}")]
+    WebRtc { during: &'static str, source: webrtc::error::Error },
     #[error("no media port free in the configured range")]
     NoPort,
 }
 
-fn webrtc_error(error: impl std::fmt::Display) -> TransportError {
-    TransportError::WebRtc(error.to_string())
+impl TransportError {
+    /// The protocol's error code for it: the client's fault, a state conflict, the server
+    /// out of ports, or a failure of ours.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            TransportError::BadSdp(_) | TransportError::BadCandidate(_) | TransportError::CandidateRefused(_) => {
+                ErrorCode::BadRequest
+            }
+            TransportError::AnsweredTwice => ErrorCode::Conflict,
+            TransportError::NoPort => ErrorCode::Unavailable,
+            TransportError::WebRtc { .. } => ErrorCode::Internal,
+        }
+    }
 }
 
-/// Which of a client's two transports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Side {
-    Send,
-    Recv,
+fn webrtc_error(during: &'static str) -> impl FnOnce(webrtc::error::Error) -> TransportError {
+    move |source| TransportError::WebRtc { during, source }
 }
 
 /// What a transport tells its signaling session.
@@ -65,7 +77,7 @@ pub enum TransportEvent {
     /// A local ICE candidate to trickle to the client (`None`: gathering is complete).
     Candidate {
         side: Side,
-        candidate: Option<RTCIceCandidateInit>,
+        candidate: Option<IceCandidate>,
     },
     Connected {
         side: Side,
@@ -143,9 +155,14 @@ struct Handler {
 #[async_trait::async_trait]
 impl PeerConnectionEventHandler for Handler {
     async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
-        let Ok(mut init) = event.candidate.to_json() else { return };
-        init.candidate = media::announce_public_ip(&init.candidate, self.public_ip);
-        let _ = self.events.try_send(TransportEvent::Candidate { side: self.side, candidate: Some(init) });
+        let Ok(init) = event.candidate.to_json() else { return };
+        let candidate = IceCandidate {
+            candidate: media::announce_public_ip(&init.candidate, self.public_ip),
+            sdp_mid: init.sdp_mid,
+            sdp_mline_index: init.sdp_mline_index,
+            username_fragment: init.username_fragment,
+        };
+        let _ = self.events.try_send(TransportEvent::Candidate { side: self.side, candidate: Some(candidate) });
     }
 
     async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
@@ -183,7 +200,7 @@ async fn build(
     side: Side,
     events: mpsc::Sender<TransportEvent>,
 ) -> Result<Built, TransportError> {
-    let (engine, registry) = media::media_engine_and_registry().map_err(webrtc_error)?;
+    let (engine, registry) = media::media_engine_and_registry().map_err(webrtc_error("media engine"))?;
     let (state_tx, state) = watch::channel(RTCPeerConnectionState::New);
     let (tracks_tx, tracks) = mpsc::unbounded_channel();
     let handler = Handler {
@@ -202,7 +219,7 @@ async fn build(
         .with_udp_addrs(settings.addrs()?)
         .build()
         .await
-        .map_err(webrtc_error)?;
+        .map_err(webrtc_error("peer connection"))?;
     Ok(Built { pc: Arc::new(pc), state, tracks })
 }
 
@@ -218,17 +235,20 @@ async fn closed_on_error<T>(
     result
 }
 
-/// Parses a candidate from the client ({candidate, sdpMid, sdpMLineIndex, usernameFragment}).
-pub fn parse_candidate(value: &serde_json::Value) -> Result<Option<RTCIceCandidateInit>, TransportError> {
-    if value.is_null() {
-        return Ok(None);
+/// A client's candidate for the connection: `None` at the end of gathering (or an empty
+/// one, which browsers send to say the same).
+fn candidate_init(candidate: Option<IceCandidate>) -> Result<Option<RTCIceCandidateInit>, TransportError> {
+    let Some(candidate) = candidate.filter(|c| !c.candidate.is_empty()) else { return Ok(None) };
+    if candidate.candidate.len() > 1024 {
+        return Err(TransportError::CandidateRefused("longer than 1024 characters"));
     }
-    let init: RTCIceCandidateInit =
-        serde_json::from_value(value.clone()).map_err(|e| TransportError::BadCandidate(e.to_string()))?;
-    if init.candidate.len() > 1024 {
-        return Err(TransportError::BadCandidate("longer than 1024 characters".into()));
-    }
-    Ok((!init.candidate.is_empty()).then_some(init))
+    Ok(Some(RTCIceCandidateInit {
+        candidate: candidate.candidate,
+        sdp_mid: candidate.sdp_mid,
+        sdp_mline_index: candidate.sdp_mline_index,
+        username_fragment: candidate.username_fragment,
+        ..Default::default()
+    }))
 }
 
 /// The client-to-server transport of a publisher.
@@ -247,13 +267,12 @@ impl SendTransport {
         link: RoomLink,
         events: mpsc::Sender<TransportEvent>,
     ) -> Result<(Self, String), TransportError> {
-        let offer =
-            RTCSessionDescription::offer(offer.to_owned()).map_err(|e| TransportError::BadSdp(e.to_string()))?;
+        let offer = RTCSessionDescription::offer(offer.to_owned()).map_err(TransportError::BadSdp)?;
         let Built { pc, tracks, .. } = build(settings, Side::Send, events).await?;
         let answer = async {
-            pc.set_remote_description(offer).await.map_err(|e| TransportError::BadSdp(e.to_string()))?;
-            let answer = pc.create_answer(None).await.map_err(webrtc_error)?;
-            pc.set_local_description(answer.clone()).await.map_err(webrtc_error)?;
+            pc.set_remote_description(offer).await.map_err(TransportError::BadSdp)?;
+            let answer = pc.create_answer(None).await.map_err(webrtc_error("creating the answer"))?;
+            pc.set_local_description(answer.clone()).await.map_err(webrtc_error("setting the answer"))?;
             Ok::<_, TransportError>(answer.sdp)
         }
         .await;
@@ -263,11 +282,9 @@ impl SendTransport {
         Ok((SendTransport { pc, paused, tasks: vec![task], link }, answer))
     }
 
-    pub async fn add_candidate(&self, candidate: Option<RTCIceCandidateInit>) -> Result<(), TransportError> {
-        match candidate {
-            Some(candidate) => {
-                self.pc.add_ice_candidate(candidate).await.map_err(|e| TransportError::BadCandidate(e.to_string()))
-            }
+    pub async fn add_candidate(&self, candidate: Option<IceCandidate>) -> Result<(), TransportError> {
+        match candidate_init(candidate)? {
+            Some(candidate) => self.pc.add_ice_candidate(candidate).await.map_err(TransportError::BadCandidate),
             None => Ok(()),
         }
     }
@@ -450,10 +467,10 @@ impl RecvTransport {
                     }),
                 )
                 .await
-                .map_err(webrtc_error)?;
+                .map_err(webrtc_error("adding a track"))?;
             }
-            let offer = pc.create_offer(None).await.map_err(webrtc_error)?;
-            pc.set_local_description(offer.clone()).await.map_err(webrtc_error)?;
+            let offer = pc.create_offer(None).await.map_err(webrtc_error("creating the offer"))?;
+            pc.set_local_description(offer.clone()).await.map_err(webrtc_error("setting the offer"))?;
             Ok::<_, TransportError>(offer.sdp)
         }
         .await;
@@ -476,11 +493,10 @@ impl RecvTransport {
     /// Takes the client's answer; the stream starts once the connection is up.
     pub async fn accept_answer(&mut self, answer: &str) -> Result<(), TransportError> {
         if self.answered {
-            return Err(TransportError::BadSdp("this transport has its answer already".into()));
+            return Err(TransportError::AnsweredTwice);
         }
-        let answer =
-            RTCSessionDescription::answer(answer.to_owned()).map_err(|e| TransportError::BadSdp(e.to_string()))?;
-        self.pc.set_remote_description(answer).await.map_err(|e| TransportError::BadSdp(e.to_string()))?;
+        let answer = RTCSessionDescription::answer(answer.to_owned()).map_err(TransportError::BadSdp)?;
+        self.pc.set_remote_description(answer).await.map_err(TransportError::BadSdp)?;
         self.answered = true;
         for candidate in std::mem::take(&mut self.early_candidates) {
             if let Err(error) = self.pc.add_ice_candidate(candidate).await {
@@ -503,18 +519,16 @@ impl RecvTransport {
         Ok(())
     }
 
-    pub async fn add_candidate(&mut self, candidate: Option<RTCIceCandidateInit>) -> Result<(), TransportError> {
-        match candidate {
+    pub async fn add_candidate(&mut self, candidate: Option<IceCandidate>) -> Result<(), TransportError> {
+        match candidate_init(candidate)? {
             Some(candidate) if !self.answered => {
                 if self.early_candidates.len() >= 64 {
-                    return Err(TransportError::BadCandidate("too many candidates before the answer".into()));
+                    return Err(TransportError::CandidateRefused("too many candidates before the answer"));
                 }
                 self.early_candidates.push(candidate);
                 Ok(())
             }
-            Some(candidate) => {
-                self.pc.add_ice_candidate(candidate).await.map_err(|e| TransportError::BadCandidate(e.to_string()))
-            }
+            Some(candidate) => self.pc.add_ice_candidate(candidate).await.map_err(TransportError::BadCandidate),
             None => Ok(()),
         }
     }
@@ -526,7 +540,7 @@ impl RecvTransport {
 
     pub async fn close(self) {
         self.link.command(RoomCommand::DetachMedia { peer: self.link.peer.clone() });
-        self.link.input(Input::Unsubscribe { peer: self.link.peer.clone() });
+        self.link.input(Input::Unlisten { peer: self.link.peer.clone() });
         let _ = self.pc.close().await;
         for task in self.tasks {
             task.abort();
@@ -560,7 +574,7 @@ async fn forward(
     }
     let (tx, mut rx) = mpsc::channel::<SendPacket>(PEER_MEDIA);
     link.command(RoomCommand::AttachMedia { peer: link.peer.clone(), media: tx });
-    link.input(Input::Subscribe { peer: link.peer.clone() });
+    link.input(Input::Listen { peer: link.peer.clone() });
     tracing::info!(peer = %link.peer, "listening");
     while let Some(packet) = rx.recv().await {
         if paused.load(Ordering::Relaxed) {
@@ -574,13 +588,7 @@ async fn forward(
             },
         };
         let Some(payload_type) = payload_type else { continue };
-        let mut rtp = media::RtpPacket::default();
-        rtp.header.version = 2;
-        rtp.header.payload_type = payload_type;
-        rtp.header.sequence_number = packet.seq;
-        rtp.header.timestamp = packet.ts;
-        rtp.header.ssrc = ssrc;
-        rtp.header.marker = packet.marker;
+        let mut rtp = media::rtp_packet(payload_type, packet.seq, packet.ts, ssrc, packet.marker);
         if let (Some(id), Some(level)) = (level_id, packet.audio_level) {
             let _ = rtp.header.set_extension(id, Bytes::from(vec![media::audio_level_byte(level, false)]));
         }
@@ -600,10 +608,10 @@ async fn read_feedback(track: Arc<TrackLocalStaticRTP>, media: MediaKind, link: 
         let TrackLocalEvent::OnRtcpPacket(packets) = event else { continue };
         for packet in packets {
             match media::feedback(packet.as_ref()) {
-                Some(Feedback::Nack(seqs)) if !seqs.is_empty() => {
+                Some(RtcpFeedback::Nack(seqs)) if !seqs.is_empty() => {
                     link.input(Input::Nack { peer: link.peer.clone(), media, seqs });
                 }
-                Some(Feedback::KeyframeRequest) if media == MediaKind::Video => {
+                Some(RtcpFeedback::KeyframeRequest) if media == MediaKind::Video => {
                     link.input(Input::KeyframeRequest { peer: link.peer.clone() });
                 }
                 _ => {}

@@ -9,8 +9,16 @@
 
 use std::mem::size_of;
 
+use encore_components::resources::BufferLedger;
 use encore_components::track::{PreRoll, StagedPacket};
 use encore_components::utterance::{Audience, BufferedPacket, PacketBuffer, Utterance};
+
+/// The one place the ledger moves: something in the buffer (an utterance, a pre-roll ring)
+/// that was accounted `before` bytes is now accounted `after` (0 when it is gone).
+pub fn account(ledger: &mut BufferLedger, before: u64, after: u64) {
+    assert!(ledger.bytes >= before, "the ledger ({}) holds less than an item in it ({before})", ledger.bytes);
+    ledger.bytes = ledger.bytes - before + after;
+}
 
 /// Bytes the allocator hands out for a request of `request` bytes.
 pub fn allocation_bytes(request: usize) -> u64 {

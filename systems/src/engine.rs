@@ -3,18 +3,18 @@
 use bevy_ecs::prelude::World;
 use bevy_ecs::schedule::Schedule;
 
-use encore_components::config::{ConfigError, EngineConfig};
+use encore_components::config::{EngineConfig, EngineConfigError};
 use encore_components::ids::{MediaKind, Name, PeerKey, UtteranceId, UtteranceOrd};
 use encore_components::input::Input;
+use encore_components::listener::{ListenerSession, Route};
 use encore_components::output::TickOutput;
 use encore_components::peer::{Peer, Prefs};
 use encore_components::resources::{
-    BufferLedger, Clock, ClosedUtterances, Counters, DecisionQueue, Decisions, Departures, Directory, EngineRng,
+    BufferLedger, ClosedUtterances, Counters, DecisionQueue, Decisions, Departures, Directory, EngineClock, EngineRng,
     NackQueue, NewUtterances, Outputs, PendingInputs, TimedInput,
 };
 use encore_components::track::{PreRoll, Track};
 use encore_components::utterance::{Audience, PacketBuffer, Utterance};
-use encore_components::viewer::{Route, ViewerSession};
 
 use crate::accounting::buffer_bytes;
 use crate::schedule::build_schedule;
@@ -22,7 +22,7 @@ use crate::schedule::build_schedule;
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error(transparent)]
-    Config(#[from] ConfigError),
+    Config(#[from] EngineConfigError),
     #[error("the engine schedule does not build: {0}")]
     Schedule(String),
 }
@@ -33,6 +33,10 @@ pub struct Engine {
     schedule: Schedule,
     next_tick: u64,
     tick_us: u64,
+    /// The arrival time of the last input pushed (inputs never go back in time).
+    last_at_us: u64,
+    /// Vectors handed back by [`Engine::recycle`], for the next tick to fill.
+    spare: TickOutput,
 }
 
 /// A read-only picture of the room, for APIs and tests.
@@ -82,7 +86,7 @@ impl Engine {
         config.validate()?;
         let tick_us = config.tick_us();
         let mut world = World::new();
-        world.insert_resource(Clock { tick: 0, now_us: 0, tick_us });
+        world.insert_resource(EngineClock { tick: 0, now_us: 0, tick_us });
         world.insert_resource(BufferLedger {
             bytes: 0,
             cap: config.buffer_max_bytes,
@@ -103,41 +107,57 @@ impl Engine {
         world.init_resource::<Outputs>();
         let mut schedule = build_schedule();
         schedule.initialize(&mut world).map_err(|e| EngineError::Schedule(e.to_string(schedule.graph(), &world)))?;
-        Ok(Engine { world, schedule, next_tick: 0, tick_us })
+        Ok(Engine { world, schedule, next_tick: 0, tick_us, last_at_us: 0, spare: TickOutput::default() })
     }
 
-    /// Queues an input for the next tick. `at_us` is when it arrived; the tick applies its
-    /// inputs in order of `at_us`, then of pushing.
-    pub fn push(&mut self, at_us: u64, input: Input) {
+    /// Queues an input for the next tick and returns the arrival time the engine gives it.
+    ///
+    /// `at_us` is when the input arrived, on the engine clock. Time never goes back and an
+    /// input never arrives after the tick that applies it, so the engine holds `at_us` to
+    /// `last pushed ..= next_tick_us()`: an input stamped earlier than the one before (two
+    /// network tasks racing to a channel) counts as arriving with it; one stamped in the
+    /// future counts as arriving now. A recorder writes the returned time, so a replay
+    /// pushes exactly what the live engine saw. The next tick applies its inputs in order
+    /// of arrival time, then of pushing: a total order.
+    pub fn push(&mut self, at_us: u64, input: Input) -> u64 {
+        let at_us = self.arrival_us(at_us);
+        self.last_at_us = at_us;
         let mut pending = self.world.resource_mut::<PendingInputs>();
         let order = pending.next_order;
         pending.next_order += 1;
         pending.items.push(TimedInput { at_us, order, input });
+        at_us
     }
 
-    /// Runs one tick at time `next_tick() * tick_us` and returns what it produced. The
-    /// vectors are reused by the next tick: take what you keep.
-    pub fn tick(&mut self) -> &mut TickOutput {
+    /// The arrival time [`Engine::push`] would give an input stamped `at_us` now (for a
+    /// recorder that writes the input before pushing it).
+    pub fn arrival_us(&self, at_us: u64) -> u64 {
+        at_us.max(self.last_at_us).min(self.next_tick_us())
+    }
+
+    /// Runs one tick at time `next_tick() * tick_us` and returns what it produced. Hand the
+    /// output back with [`Engine::recycle`] once done with it, and the next tick reuses its
+    /// vectors instead of allocating.
+    pub fn tick(&mut self) -> TickOutput {
         let tick = self.next_tick;
         let now_us = tick * self.tick_us;
-        *self.world.resource_mut::<Clock>() = Clock { tick, now_us, tick_us: self.tick_us };
+        *self.world.resource_mut::<EngineClock>() = EngineClock { tick, now_us, tick_us: self.tick_us };
         self.world.resource_mut::<NewUtterances>().opened.clear();
         self.world.resource_mut::<ClosedUtterances>().closed.clear();
-        {
-            let mut outputs = self.world.resource_mut::<Outputs>();
-            outputs.out.tick = tick;
-            outputs.out.now_us = now_us;
-            outputs.out.events.clear();
-            outputs.out.packets.clear();
-        }
+        let mut out = std::mem::take(&mut self.spare);
+        out.tick = tick;
+        out.now_us = now_us;
+        out.events.clear();
+        out.packets.clear();
+        self.world.resource_mut::<Outputs>().out = out;
         self.schedule.run(&mut self.world);
         self.next_tick += 1;
-        &mut self.world.resource_mut::<Outputs>().into_inner().out
+        std::mem::take(&mut self.world.resource_mut::<Outputs>().out)
     }
 
-    /// What the last tick produced (the same vectors [`Engine::tick`] returned).
-    pub fn last_output(&mut self) -> &mut TickOutput {
-        &mut self.world.resource_mut::<Outputs>().into_inner().out
+    /// Gives a tick's output back so the next tick fills the same vectors.
+    pub fn recycle(&mut self, output: TickOutput) {
+        self.spare = output;
     }
 
     /// Whether sent packets carry their payload (default yes). Headless replay turns it off:
@@ -192,6 +212,20 @@ impl Engine {
         self.world.resource::<Directory>().utterance_ids.get(id).copied()
     }
 
+    /// Whether an utterance with this id was ever opened here (it may be evicted since).
+    pub fn utterance_existed(&self, id: &UtteranceId) -> bool {
+        self.world.resource::<Directory>().utterance_existed(id)
+    }
+
+    /// What a peer hears, as of the last tick: `None` when it is not listening (or not in
+    /// the room), `Some(None)` when it listens to nothing right now.
+    pub fn listening(&self, peer: &str) -> Option<Option<UtteranceId>> {
+        let entity = self.world.resource::<Directory>().peers.get(peer)?;
+        let session = self.world.get::<Peer>(*entity)?.session?;
+        let route = self.world.get::<Route>(session)?;
+        Some(route.playing.as_ref().map(|p| p.id.clone()))
+    }
+
     /// The key of a peer in the room.
     pub fn peer_key(&self, name: &str) -> Option<PeerKey> {
         let entity = self.world.resource::<Directory>().peers.get(name)?;
@@ -233,8 +267,9 @@ impl Engine {
             .filter_map(|entity| {
                 let peer = world.get::<Peer>(*entity)?;
                 let prefs = world.get::<Prefs>(*entity);
-                let viewer = peer.viewer.and_then(|v| Some((world.get::<ViewerSession>(v)?, world.get::<Route>(v)?)));
-                let playing = viewer.and_then(|(_, route)| route.playing.as_ref());
+                let session =
+                    peer.session.and_then(|v| Some((world.get::<ListenerSession>(v)?, world.get::<Route>(v)?)));
+                let playing = session.and_then(|(_, route)| route.playing.as_ref());
                 let lag_us = playing.and_then(|p| {
                     let started = world.get::<Utterance>(p.utterance)?.started_us;
                     Some(p.start_us.saturating_sub(started))
@@ -243,7 +278,7 @@ impl Engine {
                     name: peer.name.clone(),
                     uid: peer.uid.clone(),
                     roles: peer.roles.iter().map(|r| r.as_str().to_owned()).collect(),
-                    listening: viewer.is_some(),
+                    listening: session.is_some(),
                     playing: playing.map(|p| p.id.clone()),
                     lag_us,
                     follow: prefs.map(|p| p.follow.iter().cloned().collect()).unwrap_or_default(),
@@ -335,5 +370,31 @@ mod tests {
         assert_eq!(engine.tick().now_us, 0);
         assert_eq!(engine.tick().now_us, 10_000);
         assert_eq!(engine.next_tick(), 2);
+    }
+
+    #[test]
+    fn pushed_inputs_never_go_back_in_time_nor_arrive_after_their_tick() {
+        let mut engine = Engine::new(EngineConfig::default()).unwrap();
+        let leave = || Input::Leave { peer: Name::new("ghost") };
+        engine.tick();
+        // The next tick runs at 10 ms.
+        assert_eq!(engine.push(4_000, leave()), 4_000);
+        assert_eq!(engine.push(3_000, leave()), 4_000, "earlier than the one before: arrives with it");
+        assert_eq!(engine.push(25_000, leave()), 10_000, "from the future: arrives in the tick that applies it");
+        engine.tick();
+        assert_eq!(engine.push(0, leave()), 10_000);
+        assert_eq!(engine.counters().drops.unknown_peer, 3);
+    }
+
+    #[test]
+    fn a_recycled_output_lends_its_vectors_to_the_next_tick() {
+        let mut engine = Engine::new(EngineConfig::default()).unwrap();
+        let mut output = engine.tick();
+        output.events.reserve(1000);
+        let capacity = output.events.capacity();
+        engine.recycle(output);
+        let next = engine.tick();
+        assert!(next.events.capacity() >= capacity);
+        assert_eq!(next.tick, 1);
     }
 }

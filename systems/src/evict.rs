@@ -24,14 +24,14 @@ use bevy_ecs::prelude::{Entity, World};
 
 use encore_components::config::EngineConfig;
 use encore_components::ids::UtteranceOrd;
+use encore_components::listener::{ListenerSession, Route};
 use encore_components::output::{Event, RouteReason};
-use encore_components::resources::{BufferLedger, Clock, Counters, DecisionNeed, DecisionQueue, Directory};
+use encore_components::resources::{BufferLedger, Counters, DecisionNeed, DecisionQueue, Directory, EngineClock};
 use encore_components::track::{PreRoll, Recording, Voice};
 use encore_components::utterance::{Audience, PacketBuffer, Utterance};
-use encore_components::viewer::{Route, ViewerSession};
 
-use crate::accounting::{buffer_bytes, payload_bytes};
-use crate::shared::{emit, stop_playing};
+use crate::accounting::{account, buffer_bytes, payload_bytes};
+use crate::shared::{emit, stop_playing, world_bug};
 
 /// How far under the cap whole-utterance eviction goes: 1/64 of the cap, at most 4 MiB.
 pub fn headroom(cap: u64) -> u64 {
@@ -55,7 +55,7 @@ pub fn evict(world: &mut World) {
         return;
     }
     let config = world.resource::<EngineConfig>().clone();
-    let clock = *world.resource::<Clock>();
+    let clock = *world.resource::<EngineClock>();
     let target = ledger.cap - headroom(ledger.cap);
     let candidates = candidates(world, &config, &clock);
     let (mut open, mut finished): (Vec<&Candidate>, Vec<&Candidate>) = candidates.iter().partition(|c| c.open);
@@ -109,7 +109,7 @@ enum Trim {
 
 /// Trims the largest of the candidates, again and again, until the buffer is at or under
 /// `cap` or nothing more can go; true when under.
-fn trim_until(world: &mut World, clock: &Clock, candidates: &[&Candidate], cap: u64, mode: Trim) -> bool {
+fn trim_until(world: &mut World, clock: &EngineClock, candidates: &[&Candidate], cap: u64, mode: Trim) -> bool {
     let mut exhausted: Vec<Entity> = Vec::new();
     loop {
         let over = bytes(world).saturating_sub(cap);
@@ -139,14 +139,21 @@ fn trim_until(world: &mut World, clock: &Clock, candidates: &[&Candidate], cap: 
 /// How many audio and video packets at the front of an utterance every listener playing it
 /// has already passed.
 fn passed_by_all(world: &World, entity: Entity) -> (usize, usize) {
-    let Some(buffer) = world.get::<PacketBuffer>(entity) else { return (0, 0) };
+    let Some(buffer) = world.get::<PacketBuffer>(entity) else {
+        debug_assert!(false, "an utterance in the directory has no PacketBuffer");
+        return (0, 0);
+    };
     let listeners = listeners_of(world, entity);
     if listeners.is_empty() {
         return (0, 0);
     }
     let mut limits = (buffer.audio.packets.len(), buffer.video.packets.len());
-    for viewer in listeners {
-        let Some(playing) = world.get::<Route>(viewer).and_then(|r| r.playing.as_ref()) else { continue };
+    for session in listeners {
+        // listeners_of gives only sessions playing this utterance.
+        let Some(playing) = world.get::<Route>(session).and_then(|r| r.playing.as_ref()) else {
+            debug_assert!(false, "a listener of an utterance plays nothing");
+            continue;
+        };
         let passed = |packets: &[encore_components::utterance::BufferedPacket], last: Option<u64>| {
             last.map_or(0, |last| packets.partition_point(|p| p.ext_seq <= last))
         };
@@ -160,9 +167,9 @@ fn bytes(world: &World) -> u64 {
     world.resource::<BufferLedger>().bytes
 }
 
-fn candidates(world: &World, config: &EngineConfig, clock: &Clock) -> Vec<Candidate> {
+fn candidates(world: &World, config: &EngineConfig, clock: &EngineClock) -> Vec<Candidate> {
     let directory = world.resource::<Directory>();
-    let listeners = directory.viewers.len() as u64;
+    let listeners = directory.listeners.len() as u64;
     let window_us = config.recommender.window_ms * 1000;
     directory
         .utterances
@@ -191,24 +198,29 @@ fn listeners_of(world: &World, utterance: Entity) -> Vec<Entity> {
     }
     world
         .resource::<Directory>()
-        .viewers
+        .listeners
         .values()
         .copied()
-        .filter(|viewer| {
-            world.get::<Route>(*viewer).and_then(|r| r.playing.as_ref()).is_some_and(|p| p.utterance == utterance)
+        .filter(|session| {
+            world.get::<Route>(*session).and_then(|r| r.playing.as_ref()).is_some_and(|p| p.utterance == utterance)
         })
         .collect()
 }
 
 fn evict_whole(world: &mut World, entity: Entity) {
-    let Some(utterance) = world.get::<Utterance>(entity).cloned() else { return };
+    let Some(utterance) = world.get::<Utterance>(entity).cloned() else {
+        return world_bug(world, "an utterance in the directory has no Utterance");
+    };
     let (freed, packets) = world
         .get::<PacketBuffer>(entity)
         .map_or((0, 0), |b| (b.bytes, (b.audio.packets.len() + b.video.packets.len()) as u64));
     let listeners = listeners_of(world, entity);
-    for viewer in listeners.iter().copied() {
-        let Some(key) = world.get::<ViewerSession>(viewer).map(|s| s.listener) else { continue };
-        let from = stop_playing(world, viewer);
+    for session in listeners.iter().copied() {
+        let Some(key) = world.get::<ListenerSession>(session).map(|s| s.key) else {
+            world_bug(world, "a session in the directory has no ListenerSession");
+            continue;
+        };
+        let from = stop_playing(world, session);
         world.resource_mut::<DecisionQueue>().needs.insert(key, DecisionNeed { reason: RouteReason::Evicted, from });
     }
     if utterance.is_open()
@@ -218,7 +230,7 @@ fn evict_whole(world: &mut World, entity: Entity) {
         recording.utterance = None;
         let speaking = world.get::<Voice>(utterance.track).is_some_and(|v| v.speaking);
         if speaking {
-            let now = world.resource::<Clock>().now_us;
+            let now = world.resource::<EngineClock>().now_us;
             if let Some(mut recording) = world.get_mut::<Recording>(utterance.track) {
                 recording.continues = Some((utterance.id.clone(), now));
             }
@@ -228,7 +240,7 @@ fn evict_whole(world: &mut World, entity: Entity) {
     directory.utterances.remove(&utterance.ord);
     directory.utterance_ids.remove(&utterance.id);
     let mut ledger = world.resource_mut::<BufferLedger>();
-    ledger.bytes -= freed;
+    account(&mut ledger, freed, 0);
     let buffer_bytes = ledger.bytes;
     let mut counters = world.resource_mut::<Counters>();
     counters.evicted_utterances += 1;
@@ -250,8 +262,11 @@ fn evict_whole(world: &mut World, entity: Entity) {
 /// Removes the oldest packets of an utterance, enough to free `need` bytes (within `limits`
 /// of audio and video packets, when given), and cuts its listeners over to the new first
 /// packet. Returns the packets removed.
-fn trim(world: &mut World, clock: &Clock, entity: Entity, need: u64, limits: Option<(usize, usize)>) -> u64 {
-    let Some(mut buffer) = world.get_mut::<PacketBuffer>(entity) else { return 0 };
+fn trim(world: &mut World, clock: &EngineClock, entity: Entity, need: u64, limits: Option<(usize, usize)>) -> u64 {
+    let Some(mut buffer) = world.get_mut::<PacketBuffer>(entity) else {
+        world_bug(world, "an utterance in the directory has no PacketBuffer");
+        return 0;
+    };
     let before = buffer.bytes;
     let (audio_limit, video_limit) = limits.unwrap_or((usize::MAX, usize::MAX));
     let mut freed = 0;
@@ -288,9 +303,15 @@ fn trim(world: &mut World, clock: &Clock, entity: Entity, need: u64, limits: Opt
     let id = world.get::<Utterance>(entity).map(|u| u.id.clone());
 
     let mut cut_over = 0;
-    for viewer in listeners_of(world, entity) {
-        let Some(mut route) = world.get_mut::<Route>(viewer) else { continue };
-        let Some(playing) = route.playing.as_mut() else { continue };
+    for session in listeners_of(world, entity) {
+        let Some(mut route) = world.get_mut::<Route>(session) else {
+            world_bug(world, "a session in the directory has no Route");
+            continue;
+        };
+        let Some(playing) = route.playing.as_mut() else {
+            debug_assert!(false, "a listener of an utterance plays nothing");
+            continue;
+        };
         let behind = |last: Option<u64>, removed: Option<u64>| match (last, removed) {
             (_, None) => false,
             (None, Some(_)) => true,
@@ -307,14 +328,14 @@ fn trim(world: &mut World, clock: &Clock, entity: Entity, need: u64, limits: Opt
             playing.video = Default::default();
             playing.video_needs_keyframe = true;
             cut_over += 1;
-            if let Some(mut streams) = world.get_mut::<encore_components::viewer::OutStreams>(viewer) {
+            if let Some(mut streams) = world.get_mut::<encore_components::listener::OutStreams>(session) {
                 streams.audio.rebase = true;
                 streams.video.rebase = true;
             }
         }
     }
     let mut ledger = world.resource_mut::<BufferLedger>();
-    ledger.bytes = ledger.bytes + after - before;
+    account(&mut ledger, before, after);
     let buffer_bytes = ledger.bytes;
     world.resource_mut::<Counters>().trimmed_packets += removed;
     if let Some(id) = id {
@@ -347,18 +368,20 @@ fn drain_front(media: &mut encore_components::utterance::MediaBuffer, count: usi
 }
 
 fn clear_preroll(world: &mut World, track: Entity) {
+    // Video tracks have no ring.
     let Some(mut ring) = world.get_mut::<PreRoll>(track) else { return };
     let freed = ring.bytes;
     let packets = ring.packets.len() as u64;
     *ring = PreRoll::default();
-    world.resource_mut::<BufferLedger>().bytes -= freed;
+    account(&mut world.resource_mut::<BufferLedger>(), freed, 0);
     world.resource_mut::<Counters>().trimmed_packets += packets;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testkit::Room;
+    use crate::testkit::{Room, ends, evictions};
+    use encore_components::output::EndReason;
 
     fn small_cap(bytes: u64) -> EngineConfig {
         EngineConfig { buffer_max_bytes: bytes, ..EngineConfig::default() }
@@ -380,9 +403,9 @@ mod tests {
         }
         let trace = room.run_until(17_000_000);
         assert!(room.max_buffer_bytes <= 100_000, "peak {}", room.max_buffer_bytes);
-        let evictions: Vec<_> = trace.iter().filter(|l| l.contains(r#""kind":"evict""#)).collect();
+        let evictions = evictions(&trace);
         assert!(!evictions.is_empty());
-        assert!(evictions.iter().all(|l| l.contains(r#""whole":true"#)), "{evictions:?}");
+        assert!(evictions.iter().all(|(_, whole, _)| *whole), "{evictions:?}");
         assert_eq!(room.engine.buffer_bytes(), room.engine.audit_buffer_bytes());
     }
 
@@ -394,9 +417,10 @@ mod tests {
         room.talk("b1", 0, 10_000_000);
         let trace = room.run_until(11_000_000);
         assert!(room.max_buffer_bytes <= 60_000);
-        assert!(trace.iter().any(|l| l.contains(r#""kind":"evict""#) && l.contains(r#""whole":false"#)));
-        let end = trace.iter().find(|l| l.contains("utterance_end")).unwrap();
-        assert!(end.contains("silence"), "the utterance survives its trimming: {end}");
+        assert!(evictions(&trace).iter().any(|(_, whole, _)| !whole));
+        let ends = ends(&trace);
+        assert_eq!(ends.len(), 1);
+        assert_eq!(ends[0].2, EndReason::Silence, "the utterance survives its trimming: {ends:?}");
         assert_eq!(room.engine.buffer_bytes(), room.engine.audit_buffer_bytes());
     }
 }

@@ -1,5 +1,5 @@
 //! System 1, ingest: applies the tick's inputs in their total order (arrival time, then push
-//! order), spawning and despawning peers, tracks and viewer sessions, and staging RTP
+//! order), spawning and despawning peers, tracks and session sessions, and staging RTP
 //! packets on their tracks. Input that names something unknown, breaks a rule or floods is
 //! dropped and counted, never a panic.
 
@@ -12,21 +12,19 @@ use smallvec::SmallVec;
 use encore_components::config::EngineConfig;
 use encore_components::ids::{MediaKind, Name, PeerKey, Role, UtteranceId};
 use encore_components::input::{FeedbackSignal, Input, RtpIn};
+use encore_components::listener::{History, ListenerSession, OutStream, OutStreams, PendingNacks, Route};
 use encore_components::output::EndReason;
 use encore_components::output::{DropCounts, Event, KeyframeReason, RouteReason};
 use encore_components::peer::{Affinity, Peer, Prefs};
 use encore_components::resources::{
-    Clock, Counters, DecisionNeed, DecisionQueue, Departures, Directory, EngineRng, NackQueue, PendingInputs,
+    Counters, DecisionNeed, DecisionQueue, Departures, Directory, EngineClock, EngineRng, NackQueue, PendingInputs,
     TimedInput,
 };
-use encore_components::track::{
-    Ending, Incoming, KeyframeThrottle, PreRoll, Recording, RtpState, StagedPacket, Track, Voice,
-};
+use encore_components::track::{Incoming, KeyframeThrottle, PreRoll, Recording, RtpState, StagedPacket, Track, Voice};
 use encore_components::utterance::{Audience, Utterance};
-use encore_components::viewer::{History, OutStream, OutStreams, PendingNacks, Route, ViewerSession};
 
 use crate::rtp::{FIRST_SEQ_CYCLE, FIRST_TS_CYCLE, unwrap_seq, unwrap_ts};
-use crate::shared::{emit, request_keyframe, stop_playing};
+use crate::shared::{emit, request_keyframe, stop_playing, world_bug};
 
 pub fn ingest(world: &mut World) {
     let mut items = mem::take(&mut world.resource_mut::<PendingInputs>().items);
@@ -34,7 +32,7 @@ pub fn ingest(world: &mut World) {
     // tasks pushed in.
     items.sort_unstable_by_key(|item| (item.at_us, item.order));
     let config = world.resource::<EngineConfig>().clone();
-    let clock = *world.resource::<Clock>();
+    let clock = *world.resource::<EngineClock>();
     for TimedInput { at_us, input, .. } in items.drain(..) {
         // An input can never arrive after the tick that consumes it.
         let at_us = at_us.min(clock.now_us);
@@ -51,7 +49,7 @@ fn drop_input(world: &mut World, count: impl FnOnce(&mut DropCounts) -> &mut u64
     *count(&mut world.resource_mut::<Counters>().drops) += 1;
 }
 
-fn apply(world: &mut World, config: &EngineConfig, clock: &Clock, at_us: u64, input: Input) {
+fn apply(world: &mut World, config: &EngineConfig, clock: &EngineClock, at_us: u64, input: Input) {
     match input {
         Input::Rtp { track, packet } => rtp(world, config, clock, at_us, &track, packet),
         Input::Join { peer, uid, roles } => join(world, peer, uid, roles),
@@ -60,8 +58,8 @@ fn apply(world: &mut World, config: &EngineConfig, clock: &Clock, at_us: u64, in
             publish(world, config, &peer, track, media, codec, clock_rate, ssrc)
         }
         Input::Unpublish { track } => unpublish(world, &track),
-        Input::Subscribe { peer } => subscribe(world, &peer),
-        Input::Unsubscribe { peer } => unsubscribe(world, &peer),
+        Input::Listen { peer } => listen(world, &peer),
+        Input::Unlisten { peer } => unlisten(world, &peer),
         Input::Prefs { peer, follow, mute } => prefs(world, &peer, follow, mute),
         Input::Feedback { peer, utterance, signal } => feedback(world, config, &peer, utterance, signal),
         Input::Nack { peer, media, seqs } => nack(world, config, &peer, media, seqs),
@@ -85,7 +83,7 @@ fn join(world: &mut World, name: Name, uid: Option<String>, roles: Vec<Role>) {
         roles.push(Role::Listener);
     }
     let key = PeerKey(world.resource::<Directory>().peer_names.len() as u32);
-    let peer = Peer { key, name: name.clone(), uid, roles, tracks: SmallVec::new(), viewer: None };
+    let peer = Peer { key, name: name.clone(), uid, roles, tracks: SmallVec::new(), session: None };
     let entity = world.spawn((peer, Prefs::default(), Affinity::default())).id();
     let mut directory = world.resource_mut::<Directory>();
     directory.peer_names.push(name.clone());
@@ -96,22 +94,26 @@ fn leave(world: &mut World, name: &str) {
     let Some(entity) = peer_entity(world, name) else {
         return drop_input(world, |d| &mut d.unknown_peer);
     };
-    let Some(peer) = world.get::<Peer>(entity).cloned() else { return };
+    let Some(peer) = world.get::<Peer>(entity).cloned() else {
+        return world_bug(world, "a peer in the directory has no Peer");
+    };
     for track in peer.tracks.iter().copied() {
         end_track(world, track, EndReason::Left);
     }
-    if let Some(viewer) = peer.viewer {
-        end_viewer(world, viewer);
+    if let Some(session) = peer.session {
+        end_listening(world, session);
     }
     world.resource_mut::<Directory>().peers.remove(name);
     world.despawn(entity);
 }
 
-/// Takes a track out of the directory and marks it for segmentation to close and despawn.
+/// Takes a track out of the directory and hands it to segmentation, which closes its
+/// utterance and despawns it.
 fn end_track(world: &mut World, track: Entity, reason: EndReason) {
-    let Some(name) = world.get::<Track>(track).map(|t| t.name.clone()) else { return };
+    let Some(name) = world.get::<Track>(track).map(|t| t.name.clone()) else {
+        return world_bug(world, "a peer's track has no Track");
+    };
     world.resource_mut::<Directory>().tracks.remove(name.as_str());
-    world.entity_mut(track).insert(Ending { reason });
     world.resource_mut::<Departures>().tracks.push((name, track, reason));
 }
 
@@ -129,7 +131,9 @@ fn publish(
     let Some(peer_entity) = peer_entity(world, peer_name) else {
         return drop_input(world, |d| &mut d.unknown_peer);
     };
-    let Some(peer) = world.get::<Peer>(peer_entity) else { return };
+    let Some(peer) = world.get::<Peer>(peer_entity) else {
+        return world_bug(world, "a peer in the directory has no Peer");
+    };
     if !peer.may_publish() {
         return drop_input(world, |d| &mut d.forbidden);
     }
@@ -192,77 +196,81 @@ fn new_stream(rng: &mut EngineRng, media: MediaKind) -> OutStream {
         ts_offset: 0,
         source: None,
         rebase: true,
-        sent: 0,
         // Allocated when the stream sends its first packet: many listeners never do.
         history: Vec::new(),
     }
 }
 
-fn subscribe(world: &mut World, name: &str) {
+fn listen(world: &mut World, name: &str) {
     let Some(peer_entity) = peer_entity(world, name) else {
         return drop_input(world, |d| &mut d.unknown_peer);
     };
-    let Some(peer) = world.get::<Peer>(peer_entity) else { return };
-    if peer.viewer.is_some() {
+    let Some(peer) = world.get::<Peer>(peer_entity) else {
+        return world_bug(world, "a peer in the directory has no Peer");
+    };
+    if peer.session.is_some() {
         return drop_input(world, |d| &mut d.invalid);
     }
     if !peer.may_listen() {
         return drop_input(world, |d| &mut d.forbidden);
     }
-    let session = ViewerSession { listener: peer.key, name: peer.name.clone(), peer: peer_entity };
+    let listener = ListenerSession { key: peer.key, name: peer.name.clone(), peer: peer_entity };
     let key = peer.key;
     let mut rng = world.resource_mut::<EngineRng>();
     let streams =
         OutStreams { audio: new_stream(&mut rng, MediaKind::Audio), video: new_stream(&mut rng, MediaKind::Video) };
-    let viewer = world.spawn((session, Route::default(), streams, History::default(), PendingNacks::default())).id();
+    let session = world.spawn((listener, Route::default(), streams, History::default(), PendingNacks::default())).id();
     if let Some(mut peer) = world.get_mut::<Peer>(peer_entity) {
-        peer.viewer = Some(viewer);
+        peer.session = Some(session);
     }
-    world.resource_mut::<Directory>().viewers.insert(key, viewer);
+    world.resource_mut::<Directory>().listeners.insert(key, session);
     world
         .resource_mut::<DecisionQueue>()
         .needs
-        .insert(key, DecisionNeed { reason: RouteReason::Subscribed, from: None });
+        .insert(key, DecisionNeed { reason: RouteReason::StartedListening, from: None });
 }
 
-fn unsubscribe(world: &mut World, name: &str) {
+fn unlisten(world: &mut World, name: &str) {
     let Some(peer_entity) = peer_entity(world, name) else {
         return drop_input(world, |d| &mut d.unknown_peer);
     };
-    match world.get::<Peer>(peer_entity).and_then(|p| p.viewer) {
-        Some(viewer) => end_viewer(world, viewer),
+    match world.get::<Peer>(peer_entity).and_then(|p| p.session) {
+        Some(session) => end_listening(world, session),
         None => drop_input(world, |d| &mut d.not_listening),
     }
 }
 
-/// Ends a viewer session: the listener's route goes idle (traced) and the entity goes.
-fn end_viewer(world: &mut World, viewer: Entity) {
-    let Some(session) = world.get::<ViewerSession>(viewer).cloned() else { return };
-    if let Some(from) = stop_playing(world, viewer) {
+/// Ends a listener session: the listener's route goes idle (traced) and the entity goes.
+fn end_listening(world: &mut World, session: Entity) {
+    let Some(listener) = world.get::<ListenerSession>(session).cloned() else {
+        return world_bug(world, "a peer's session has no ListenerSession");
+    };
+    if let Some(from) = stop_playing(world, session) {
         emit(
             world,
             Event::Route {
-                listener: session.name.clone(),
+                listener: listener.name.clone(),
                 from: Some(from),
                 to: None,
-                reason: RouteReason::Unsubscribed,
+                reason: RouteReason::StoppedListening,
                 score: None,
                 terms: None,
                 lag_us: None,
+                live: false,
             },
         );
     }
-    if let Some(mut peer) = world.get_mut::<Peer>(session.peer) {
-        peer.viewer = None;
+    if let Some(mut peer) = world.get_mut::<Peer>(listener.peer) {
+        peer.session = None;
     }
-    world.resource_mut::<Directory>().viewers.remove(&session.listener);
-    world.resource_mut::<DecisionQueue>().needs.remove(&session.listener);
-    world.despawn(viewer);
+    world.resource_mut::<Directory>().listeners.remove(&listener.key);
+    world.resource_mut::<DecisionQueue>().needs.remove(&listener.key);
+    world.despawn(session);
 }
 
-fn viewer_of(world: &World, peer_entity: Entity) -> Option<(Entity, PeerKey)> {
+fn session_of(world: &World, peer_entity: Entity) -> Option<(Entity, PeerKey)> {
     let peer = world.get::<Peer>(peer_entity)?;
-    Some((peer.viewer?, peer.key))
+    Some((peer.session?, peer.key))
 }
 
 /// Queues a full decision, keeping the first reason given this tick.
@@ -272,8 +280,8 @@ fn need_decision(world: &mut World, key: PeerKey, need: DecisionNeed) {
     }
 }
 
-fn playing_id(world: &World, viewer: Entity) -> Option<(UtteranceId, Name)> {
-    let playing = world.get::<Route>(viewer)?.playing.as_ref()?;
+fn playing_id(world: &World, session: Entity) -> Option<(UtteranceId, Name)> {
+    let playing = world.get::<Route>(session)?.playing.as_ref()?;
     Some((playing.id.clone(), playing.speaker_name.clone()))
 }
 
@@ -282,11 +290,11 @@ fn prefs(world: &mut World, name: &str, follow: Vec<Name>, mute: Vec<Name>) {
         return drop_input(world, |d| &mut d.unknown_peer);
     };
     let prefs = Prefs { follow: follow.into_iter().collect(), mute: mute.into_iter().collect() };
-    let Some((viewer, key)) = viewer_of(world, peer_entity) else {
+    let Some((session, key)) = session_of(world, peer_entity) else {
         world.entity_mut(peer_entity).insert(prefs);
         return;
     };
-    match playing_id(world, viewer) {
+    match playing_id(world, session) {
         // A listener never hears a speaker it muted: reroute now.
         Some((id, speaker)) if prefs.mute.contains(&speaker) => {
             need_decision(world, key, DecisionNeed { reason: RouteReason::Muted, from: Some(id) })
@@ -307,17 +315,16 @@ fn feedback(
     let Some(peer_entity) = peer_entity(world, name) else {
         return drop_input(world, |d| &mut d.unknown_peer);
     };
-    let Some((viewer, key)) = viewer_of(world, peer_entity) else {
+    let Some((session, key)) = session_of(world, peer_entity) else {
         return drop_input(world, |d| &mut d.not_listening);
     };
-    let current = playing_id(world, viewer);
+    let current = playing_id(world, session);
     let Some(id) = utterance.or_else(|| current.as_ref().map(|(id, _)| id.clone())) else {
         return drop_input(world, |d| &mut d.unknown_utterance);
     };
     let directory = world.resource::<Directory>();
     let known = directory.utterance_ids.get(&id).and_then(|ord| Some((*ord, *directory.utterances.get(ord)?)));
-    let counted = directory.utterance_counts.get(id.speaker.as_str()).is_some_and(|n| id.n <= *n);
-    if !counted {
+    if !directory.utterance_existed(&id) {
         // Never existed: the speaker's counter never reached it.
         return drop_input(world, |d| &mut d.unknown_utterance);
     }
@@ -335,7 +342,7 @@ fn feedback(
         return;
     }
     if let Some((ord, utterance_entity)) = known
-        && let Some(mut history) = world.get_mut::<History>(viewer)
+        && let Some(mut history) = world.get_mut::<History>(session)
         && history.heard.insert(ord)
         && let Some(mut audience) = world.get_mut::<Audience>(utterance_entity)
     {
@@ -354,13 +361,13 @@ fn nack(world: &mut World, config: &EngineConfig, name: &str, media: MediaKind, 
     let Some(peer_entity) = peer_entity(world, name) else {
         return drop_input(world, |d| &mut d.unknown_peer);
     };
-    let Some((viewer, key)) = viewer_of(world, peer_entity) else {
+    let Some((session, key)) = session_of(world, peer_entity) else {
         return drop_input(world, |d| &mut d.not_listening);
     };
     if seqs.is_empty() || seqs.len() > config.limits.max_nack_seqs {
         return drop_input(world, |d| &mut d.invalid);
     }
-    if let Some(mut pending) = world.get_mut::<PendingNacks>(viewer) {
+    if let Some(mut pending) = world.get_mut::<PendingNacks>(session) {
         let room = (config.limits.max_nack_seqs * 4).saturating_sub(pending.seqs.len());
         if room < seqs.len() {
             return drop_input(world, |d| &mut d.flood);
@@ -371,14 +378,14 @@ fn nack(world: &mut World, config: &EngineConfig, name: &str, media: MediaKind, 
 }
 
 /// A listener's PLI: only a live utterance can answer it with a fresh key frame.
-fn listener_keyframe_request(world: &mut World, config: &EngineConfig, clock: &Clock, name: &str) {
+fn listener_keyframe_request(world: &mut World, config: &EngineConfig, clock: &EngineClock, name: &str) {
     let Some(peer_entity) = peer_entity(world, name) else {
         return drop_input(world, |d| &mut d.unknown_peer);
     };
-    let Some((viewer, _)) = viewer_of(world, peer_entity) else {
+    let Some((session, _)) = session_of(world, peer_entity) else {
         return drop_input(world, |d| &mut d.not_listening);
     };
-    let Some(utterance) = world.get::<Route>(viewer).and_then(|r| r.playing.as_ref()).map(|p| p.utterance) else {
+    let Some(utterance) = world.get::<Route>(session).and_then(|r| r.playing.as_ref()).map(|p| p.utterance) else {
         return;
     };
     let Some(speaker) = world.get::<Utterance>(utterance).filter(|u| u.is_open()).map(|u| u.speaker_name.clone())
@@ -388,7 +395,7 @@ fn listener_keyframe_request(world: &mut World, config: &EngineConfig, clock: &C
     request_keyframe(world, config, clock, &speaker, KeyframeReason::Listener);
 }
 
-fn rtp(world: &mut World, config: &EngineConfig, clock: &Clock, at_us: u64, name: &str, packet: RtpIn) {
+fn rtp(world: &mut World, config: &EngineConfig, clock: &EngineClock, at_us: u64, name: &str, packet: RtpIn) {
     let Some(track) = world.resource::<Directory>().tracks.get(name).copied() else {
         return drop_input(world, |d| &mut d.unknown_track);
     };
@@ -398,7 +405,9 @@ fn rtp(world: &mut World, config: &EngineConfig, clock: &Clock, at_us: u64, name
     if packet.audio_level.is_some_and(|level| level > 127) {
         return drop_input(world, |d| &mut d.invalid);
     }
-    let Some(mut state) = world.get_mut::<RtpState>(track) else { return };
+    let Some(mut state) = world.get_mut::<RtpState>(track) else {
+        return world_bug(world, "a track in the directory has no RtpState");
+    };
     if state.counted_tick != clock.tick {
         state.counted_tick = clock.tick;
         state.packets_this_tick = 0;
@@ -456,8 +465,9 @@ fn rtp(world: &mut World, config: &EngineConfig, clock: &Clock, at_us: u64, name
         voice: packet.voice,
         payload: packet.payload,
     };
-    if let Some(mut incoming) = world.get_mut::<Incoming>(track) {
-        incoming.packets.push(staged);
+    match world.get_mut::<Incoming>(track) {
+        Some(mut incoming) => incoming.packets.push(staged),
+        None => world_bug(world, "a track in the directory has no Incoming"),
     }
 }
 
@@ -514,7 +524,7 @@ mod tests {
         room.push(at, Input::Join { peer: Name::new(""), uid: None, roles: vec![] });
         room.push(at, Input::Leave { peer: Name::new("ghost") });
         room.push(at, Input::Unpublish { track: Name::new("nope") });
-        room.push(at, Input::Subscribe { peer: Name::new("lena") });
+        room.push(at, Input::Listen { peer: Name::new("lena") });
         room.push(
             at,
             Input::Publish {

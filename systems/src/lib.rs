@@ -4,12 +4,72 @@
 //! # Shape
 //!
 //! The engine is sans-I/O. It never reads a clock, a socket or an unseeded random source:
-//! time is the tick number times the tick length ([`Clock`](encore_components::resources::Clock)),
+//! time is the tick number times the tick length ([`EngineClock`](encore_components::resources::EngineClock)),
 //! randomness comes from a seeded resource, and everything the world does to a room enters
 //! through [`Engine::push`] with the time it arrived. [`Engine::tick`] runs one tick and
 //! returns its [`TickOutput`](encore_components::TickOutput): the decisions (the trace
 //! events) and the packets to send. One code path serves the live server, headless replay
 //! and snapshot tests, and the same inputs give the same outputs, byte for byte.
+//!
+//! # The contract of `push` and `tick`
+//!
+//! - Time is the caller's to give and the engine's to keep. `push(at_us, input)` says when an
+//!   input arrived, on the engine's clock (microseconds since the room started). Arrival
+//!   times never go back and an input never arrives after the tick that applies it: `push`
+//!   holds `at_us` between the previous input's time and [`Engine::next_tick_us`], and
+//!   returns the time it kept, which is what a recorder must write.
+//! - `tick()` applies every input pushed since the previous tick, in (arrival time, push
+//!   order), then runs the systems below once, at time `next_tick() * tick_us`. A caller that
+//!   fell behind the wall clock calls `tick()` again at once; ticks are never skipped by the
+//!   engine, and never run ahead of the inputs a caller meant for them.
+//! - The output is owned by the caller; handing it back with [`Engine::recycle`] lets the
+//!   next tick reuse its vectors (no allocation per tick in steady state).
+//! - Nothing else changes the engine: a live room, a replay and a test that push the same
+//!   inputs at the same times get the same outputs.
+//!
+//! # Panics, errors and unwraps
+//!
+//! - Input from the network is never trusted: an input naming an unknown peer, track or
+//!   utterance, breaking a role, a size or a rate limit, is dropped and counted by cause
+//!   ([`DropCounts`](encore_components::output::DropCounts)), never a panic and never an
+//!   error that stops the room.
+//! - A lookup that cannot fail unless the engine itself is wrong (an entity in the directory
+//!   without its components) goes through [`shared::bug`]: a `debug_assert!` in tests and
+//!   debug builds, a counted `internal_errors` and a skipped item in release.
+//! - Bookkeeping whose error would silently break a promise (the buffer ledger against the
+//!   cap) asserts in every build.
+//! - [`Engine::new`] is the only fallible call: an invalid configuration or schedule.
+//!
+//! # The live loop
+//!
+//! ```
+//! use encore_systems::Engine;
+//! use encore_systems::components::{EngineConfig, Input, Name, Role};
+//!
+//! let mut engine = Engine::new(EngineConfig::default())?;
+//! // What the network delivered, with its arrival on the engine clock (a real worker
+//! // stamps each input when it arrives and ticks when the wall clock reaches the next tick).
+//! let arrivals = vec![
+//!     (1_200, Input::Join { peer: Name::new("alice"), uid: None, roles: vec![Role::Speaker] }),
+//!     (3_400, Input::Join { peer: Name::new("lena"), uid: None, roles: vec![Role::Listener] }),
+//!     (3_900, Input::Listen { peer: Name::new("lena") }),
+//! ];
+//! let mut arrivals = arrivals.into_iter().peekable();
+//! for _ in 0..100 {
+//!     while let Some((at_us, input)) = arrivals.next_if(|(at_us, _)| *at_us <= engine.next_tick_us()) {
+//!         let kept_us = engine.push(at_us, input);
+//!         assert_eq!(kept_us, at_us);
+//!     }
+//!     let output = engine.tick();
+//!     for packet in &output.packets {
+//!         // Encrypt and send `packet` to `packet.listener` here.
+//!         let _ = packet;
+//!     }
+//!     engine.recycle(output);
+//! }
+//! assert_eq!(engine.view().peers.len(), 2);
+//! # Ok::<(), encore_systems::EngineError>(())
+//! ```
 //!
 //! # The tick
 //!

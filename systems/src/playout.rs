@@ -15,13 +15,14 @@
 use bevy_ecs::prelude::{Query, Res, ResMut};
 
 use encore_components::ids::MediaKind;
+use encore_components::listener::{Cursor, ListenerSession, OutStream, OutStreams, Playing, Route, SentRecord};
 use encore_components::output::RouteReason;
 use encore_components::output::SendPacket;
-use encore_components::resources::{Clock, Counters, DecisionNeed, DecisionQueue, Directory, Outputs};
+use encore_components::resources::{Counters, DecisionNeed, DecisionQueue, Directory, EngineClock, Outputs};
 use encore_components::utterance::{BufferedPacket, PacketBuffer, Utterance};
-use encore_components::viewer::{Cursor, OutStream, OutStreams, Playing, Route, SentRecord, ViewerSession};
 
 use crate::rtp::{ts_after, us_to_ticks};
+use crate::shared::bug;
 
 /// Smallest timestamp step at a switch: one 20 ms frame.
 pub const MIN_SWITCH_STEP_US: u64 = 20_000;
@@ -87,7 +88,6 @@ pub fn rewrite(
     stream.last_seq = seq;
     stream.last_ts = ts;
     stream.last_send_us = Some(now_us);
-    stream.sent += 1;
     if stream.history.len() != history_len {
         let empty = SentRecord { ord: playing.ord, ext_seq: 0, ts: 0, seq: seq.wrapping_add(1), marker: false };
         stream.history = vec![empty; history_len];
@@ -99,22 +99,28 @@ pub fn rewrite(
 
 #[allow(clippy::too_many_arguments)]
 pub fn play_out(
-    clock: Res<Clock>,
+    clock: Res<EngineClock>,
     config: Res<encore_components::config::EngineConfig>,
     directory: Res<Directory>,
     mut outputs: ResMut<Outputs>,
     mut counters: ResMut<Counters>,
     mut queue: ResMut<DecisionQueue>,
-    mut viewers: Query<(&ViewerSession, &mut Route, &mut OutStreams)>,
+    mut sessions: Query<(&ListenerSession, &mut Route, &mut OutStreams)>,
     utterances: Query<(&Utterance, &PacketBuffer)>,
 ) {
     let now = clock.now_us;
     let history_len = config.limits.nack_history as usize;
     let payloads = outputs.payloads;
-    for viewer in directory.viewers.values() {
-        let Ok((session, mut route, mut streams)) = viewers.get_mut(*viewer) else { continue };
+    for session in directory.listeners.values() {
+        let Ok((listener, mut route, mut streams)) = sessions.get_mut(*session) else {
+            bug(&mut counters, "a session in the directory lacks its components");
+            continue;
+        };
         let Some(playing) = route.playing.as_mut() else { continue };
-        let Ok((utterance, buffer)) = utterances.get(playing.utterance) else { continue };
+        let Ok((utterance, buffer)) = utterances.get(playing.utterance) else {
+            bug(&mut counters, "a listener plays an utterance that is gone");
+            continue;
+        };
         for media in [MediaKind::Audio, MediaKind::Video] {
             let packets = match media {
                 MediaKind::Audio => &buffer.audio.packets,
@@ -153,7 +159,7 @@ pub fn play_out(
                 let stream = streams.get_mut(media);
                 let (seq, ts, marker) = rewrite(stream, playing, packet, now, history_len);
                 outputs.out.packets.push(SendPacket {
-                    listener: session.listener,
+                    listener: listener.key,
                     media,
                     utterance: utterance.ord,
                     src_seq: packet.seq,
@@ -177,7 +183,7 @@ pub fn play_out(
         if route_finished(utterance, buffer, playing) {
             queue
                 .needs
-                .entry(session.listener)
+                .entry(listener.key)
                 .or_insert(DecisionNeed { reason: RouteReason::Finished, from: Some(playing.id.clone()) });
         }
     }
@@ -248,5 +254,158 @@ mod tests {
         // A late packet (12) went in before the hint: the search finds the right place.
         assert_eq!(resume(&packets, &at(3, Some(11))), 2);
         assert_eq!(resume(&packets, &at(9, Some(14))), 4);
+    }
+}
+
+/// The rewriter alone, step by step on one stream, as mediasoup tests its `SeqManager`: each
+/// row sends one packet and says what the listener must see.
+#[cfg(test)]
+mod rewrite_table {
+    use bevy_ecs::prelude::Entity;
+    use encore_components::ids::{MediaKind, Name, PeerKey, UtteranceOrd};
+    use encore_components::listener::{OutStream, Playing};
+    use encore_components::utterance::BufferedPacket;
+
+    use super::rewrite;
+
+    /// One packet: from utterance `ord`, with source `ts` and `marker`, sent at `now_us`,
+    /// after a cut-over when `cut` (eviction's `rebase`); then the header it must get.
+    struct Row {
+        ord: u64,
+        ts: u32,
+        marker: bool,
+        now_us: u64,
+        cut: bool,
+        expect: (u16, u32, bool),
+    }
+
+    fn row(ord: u64, ts: u32, now_us: u64, expect: (u16, u32, bool)) -> Row {
+        Row { ord, ts, marker: false, now_us, cut: false, expect }
+    }
+
+    fn stream(media: MediaKind, last_seq: u16, last_ts: u32) -> OutStream {
+        OutStream {
+            media,
+            ssrc: 1,
+            clock_rate: if media == MediaKind::Audio { 48_000 } else { 90_000 },
+            last_seq,
+            last_ts,
+            last_send_us: None,
+            ts_offset: 0,
+            source: None,
+            rebase: true,
+            history: Vec::new(),
+        }
+    }
+
+    fn run(mut stream: OutStream, rows: &[Row]) {
+        for (i, row) in rows.iter().enumerate() {
+            let playing = Playing {
+                utterance: Entity::PLACEHOLDER,
+                id: "s#1".parse().unwrap(),
+                ord: UtteranceOrd(row.ord),
+                speaker: PeerKey(0),
+                speaker_name: Name::new("s"),
+                start_us: 0,
+                origin_media_us: 0,
+                score: 0,
+                terms: Default::default(),
+                audio: Default::default(),
+                video: Default::default(),
+                video_needs_keyframe: false,
+            };
+            let packet = BufferedPacket {
+                ext_seq: i as u64,
+                ext_ts: row.ts as u64,
+                seq: i as u16,
+                ts: row.ts,
+                media_us: 0,
+                marker: row.marker,
+                keyframe: false,
+                audio_level: None,
+                payload: std::sync::Arc::from(vec![]),
+            };
+            stream.rebase |= row.cut;
+            let got = rewrite(&mut stream, &playing, &packet, row.now_us, 16);
+            assert_eq!(got, row.expect, "row {i}");
+            let record = stream.history[got.0 as usize % 16];
+            assert_eq!((record.seq, record.ts, record.marker), got, "row {i}: the NACK history has it");
+        }
+    }
+
+    #[test]
+    fn within_a_source_numbers_follow_the_source() {
+        run(
+            stream(MediaKind::Audio, 99, 5_000),
+            &[
+                // The first packet starts at the stream's random initial values, marked.
+                row(0, 70_000, 0, (100, 5_000, true)),
+                row(0, 70_960, 20_000, (101, 5_960, false)),
+                // A gap in the source (DTX) is a gap in the stream's timestamps.
+                row(0, 72_880, 40_000, (102, 7_880, false)),
+                // A source timestamp going back never takes the stream's back.
+                row(0, 72_000, 60_000, (103, 7_880, false)),
+            ],
+        );
+    }
+
+    #[test]
+    fn sequence_numbers_and_timestamps_wrap() {
+        run(
+            stream(MediaKind::Audio, 65_534, u32::MAX - 959),
+            &[
+                row(0, 10, 0, (65_535, u32::MAX - 959, true)),
+                row(0, 970, 20_000, (0, 0, false)),
+                row(0, 1_930, 40_000, (1, 960, false)),
+            ],
+        );
+        // The source's timestamps wrap, not the stream's.
+        run(
+            stream(MediaKind::Audio, 0, 1_000),
+            &[row(0, u32::MAX - 479, 0, (1, 1_000, true)), row(0, 480, 20_000, (2, 1_960, false))],
+        );
+    }
+
+    #[test]
+    fn a_switch_leaves_the_time_that_passed_and_at_least_one_frame() {
+        run(
+            stream(MediaKind::Audio, 9, 0),
+            &[
+                row(0, 1_000, 0, (10, 0, true)),
+                row(0, 1_960, 20_000, (11, 960, false)),
+                // Another utterance 500 ms later: 24 000 ticks of 48 kHz after the last.
+                row(1, 900_000, 520_000, (12, 24_960, true)),
+                row(1, 900_960, 540_000, (13, 25_920, false)),
+                // Back to the first 5 ms later: still one 20 ms frame forward, never less.
+                row(0, 2_920, 545_000, (14, 26_880, true)),
+            ],
+        );
+    }
+
+    #[test]
+    fn a_cut_over_inside_an_utterance_rebases_like_a_switch() {
+        run(
+            stream(MediaKind::Audio, 0, 0),
+            &[
+                row(3, 0, 0, (1, 0, true)),
+                row(3, 960, 20_000, (2, 960, false)),
+                // Eviction cut the front: the cursor jumps 2 s of source ahead, 100 ms later.
+                Row { ord: 3, ts: 96_960, marker: false, now_us: 120_000, cut: true, expect: (3, 5_760, true) },
+                row(3, 97_920, 140_000, (4, 6_720, false)),
+            ],
+        );
+    }
+
+    #[test]
+    fn video_keeps_its_own_markers_at_a_switch() {
+        run(
+            stream(MediaKind::Video, 0, 0),
+            &[
+                Row { ord: 0, ts: 3_000, marker: true, now_us: 0, cut: false, expect: (1, 0, true) },
+                row(0, 6_000, 33_333, (2, 3_000, false)),
+                // A switch 1 s later: 90 000 ticks, and the marker stays the source's.
+                row(1, 50, 1_033_333, (3, 93_000, false)),
+            ],
+        );
     }
 }

@@ -21,16 +21,17 @@ use bevy_ecs::prelude::{Entity, Query, Res, ResMut};
 
 use encore_components::config::{EngineConfig, RecommenderConfig};
 use encore_components::ids::{Name, PeerKey, UtteranceId, UtteranceOrd};
+use encore_components::listener::{History, ListenerSession, Route};
 use encore_components::output::{RouteReason, ScoreTerms};
 use encore_components::peer::{Affinity, Prefs};
 use encore_components::resources::{
-    Choice, Clock, ClosedUtterances, Decision, DecisionKind, DecisionNeed, DecisionQueue, Decisions, Directory,
-    NewUtterances,
+    Choice, ClosedUtterances, Counters, Decision, DecisionKind, DecisionNeed, DecisionQueue, Decisions, Directory,
+    EngineClock, NewUtterances,
 };
 use encore_components::utterance::{PacketBuffer, Utterance};
-use encore_components::viewer::{History, Route, ViewerSession};
 
 use crate::playout::route_finished;
+use crate::shared::bug;
 
 /// What a candidate is, independent of the listener.
 pub struct Candidate {
@@ -155,13 +156,14 @@ fn best(
 #[allow(clippy::too_many_arguments)]
 pub fn recommend(
     config: Res<EngineConfig>,
-    clock: Res<Clock>,
+    clock: Res<EngineClock>,
     directory: Res<Directory>,
     new_utterances: Res<NewUtterances>,
     closed: Res<ClosedUtterances>,
     mut queue: ResMut<DecisionQueue>,
     mut decisions: ResMut<Decisions>,
-    viewers: Query<(&ViewerSession, &Route, &History)>,
+    mut counters: ResMut<Counters>,
+    sessions: Query<(&ListenerSession, &Route, &History)>,
     peers: Query<(Option<&Prefs>, Option<&Affinity>)>,
     utterances: Query<(&Utterance, &PacketBuffer)>,
 ) {
@@ -171,8 +173,11 @@ pub fn recommend(
     // Listeners that had sent everything of an utterance that closed this tick are done
     // (play-out queues those that send the last packet of a closed one).
     if !closed.closed.is_empty() {
-        for (key, viewer) in directory.viewers.iter() {
-            let Ok((_, route, _)) = viewers.get(*viewer) else { continue };
+        for (key, session) in directory.listeners.iter() {
+            let Ok((_, route, _)) = sessions.get(*session) else {
+                bug(&mut counters, "a session in the directory lacks its components");
+                continue;
+            };
             let Some(playing) = &route.playing else { continue };
             if !closed.closed.contains(&playing.ord) {
                 continue;
@@ -208,11 +213,17 @@ pub fn recommend(
             .collect();
         sort_pool(&mut pool);
         for (key, need) in needs.iter() {
-            let Some(viewer) = directory.viewers.get(key).copied() else { continue };
-            let Ok((session, _, history)) = viewers.get(viewer) else { continue };
-            let (prefs, affinity) = peers.get(session.peer).unwrap_or((None, None));
+            let Some(session) = directory.listeners.get(key).copied() else {
+                bug(&mut counters, "a decision is needed for a listener that left");
+                continue;
+            };
+            let Ok((listener, _, history)) = sessions.get(session) else {
+                bug(&mut counters, "a session in the directory lacks its components");
+                continue;
+            };
+            let (prefs, affinity) = peers.get(listener.peer).unwrap_or((None, None));
             decisions.list.push(Decision {
-                viewer,
+                session,
                 listener: *key,
                 kind: DecisionKind::Full(need.reason),
                 from: need.from.clone(),
@@ -227,18 +238,21 @@ pub fn recommend(
     let mut fresh: Vec<Candidate> =
         new_utterances.opened.iter().filter_map(|(ord, entity)| candidate(ord, entity)).collect();
     sort_pool(&mut fresh);
-    let mut merged = Vec::with_capacity(decisions.list.len() + directory.viewers.len());
+    let mut merged = Vec::with_capacity(decisions.list.len() + directory.listeners.len());
     let mut full = std::mem::take(&mut decisions.list).into_iter().peekable();
-    for (key, viewer) in directory.viewers.iter() {
+    for (key, session) in directory.listeners.iter() {
         if let Some(decision) = full.next_if(|d| d.listener == *key) {
             merged.push(decision);
             continue;
         }
-        let Ok((session, _, history)) = viewers.get(*viewer) else { continue };
-        let (prefs, affinity) = peers.get(session.peer).unwrap_or((None, None));
+        let Ok((listener, _, history)) = sessions.get(*session) else {
+            bug(&mut counters, "a session in the directory lacks its components");
+            continue;
+        };
+        let (prefs, affinity) = peers.get(listener.peer).unwrap_or((None, None));
         if let Some(choice) = best(rules, *key, prefs, affinity, history, &fresh) {
             merged.push(Decision {
-                viewer: *viewer,
+                session: *session,
                 listener: *key,
                 kind: DecisionKind::NewUtterance,
                 from: None,
@@ -253,7 +267,7 @@ pub fn recommend(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testkit::Room;
+    use crate::testkit::{Room, routes};
 
     fn utterance(started_us: u64, ended_us: Option<u64>) -> Utterance {
         Utterance {
@@ -263,11 +277,9 @@ mod tests {
             speaker_name: Name::new("s"),
             uid: None,
             track: Entity::PLACEHOLDER,
-            track_name: Name::new("t"),
             started_us,
             opened_us: started_us,
             ended_us,
-            end_reason: None,
         }
     }
 
@@ -374,8 +386,9 @@ mod tests {
         room.talk("a1", 0, 2_000_000);
         room.talk("b1", 1_000_000, 2_500_000);
         let trace = room.run_until(6_000_000);
-        let routes: Vec<_> = trace.iter().filter(|l| l.contains(r#""kind":"route""#)).collect();
-        assert!(routes[0].contains(r#""to":"alice#1""#) && routes[0].contains("new_utterance"), "{routes:?}");
-        assert!(routes[1].contains(r#""from":"alice#1","to":"bob#1""#) && routes[1].contains("finished"), "{routes:?}");
+        let lena: Vec<_> = routes(&trace, "lena").into_iter().map(|(_, from, to, reason)| (from, to, reason)).collect();
+        let some = |id: &str| Some(id.to_owned());
+        assert_eq!(lena[0], (None, some("alice#1"), RouteReason::NewUtterance), "{lena:?}");
+        assert_eq!(lena[1], (some("alice#1"), some("bob#1"), RouteReason::Finished), "{lena:?}");
     }
 }

@@ -8,23 +8,29 @@
 use bevy_ecs::prelude::{Query, Res, ResMut};
 
 use encore_components::ids::MediaKind;
+use encore_components::listener::{ListenerSession, OutStreams, PendingNacks};
 use encore_components::output::SendPacket;
 use encore_components::resources::{Counters, Directory, NackQueue, Outputs};
 use encore_components::utterance::{PacketBuffer, Utterance};
-use encore_components::viewer::{OutStreams, PendingNacks, ViewerSession};
+
+use crate::shared::bug;
 
 pub fn retransmit(
     directory: Res<Directory>,
     mut queue: ResMut<NackQueue>,
     mut outputs: ResMut<Outputs>,
     mut counters: ResMut<Counters>,
-    mut viewers: Query<(&ViewerSession, &mut PendingNacks, &OutStreams)>,
+    mut sessions: Query<(&ListenerSession, &mut PendingNacks, &OutStreams)>,
     utterances: Query<(&Utterance, &PacketBuffer)>,
 ) {
     let payloads = outputs.payloads;
     for key in std::mem::take(&mut queue.listeners) {
-        let Some(viewer) = directory.viewers.get(&key) else { continue };
-        let Ok((session, mut pending, streams)) = viewers.get_mut(*viewer) else { continue };
+        // The listener may have left since its NACK was queued.
+        let Some(session) = directory.listeners.get(&key) else { continue };
+        let Ok((listener, mut pending, streams)) = sessions.get_mut(*session) else {
+            bug(&mut counters, "a session in the directory lacks its components");
+            continue;
+        };
         if pending.seqs.is_empty() {
             continue;
         }
@@ -48,7 +54,7 @@ pub fn retransmit(
                 continue;
             };
             outputs.out.packets.push(SendPacket {
-                listener: session.listener,
+                listener: listener.key,
                 media,
                 utterance: id,
                 src_seq: packet.seq,

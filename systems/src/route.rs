@@ -10,22 +10,28 @@
 use bevy_ecs::prelude::{Query, Res, ResMut};
 
 use encore_components::config::EngineConfig;
+use encore_components::listener::{Cursor, History, ListenerSession, OutStreams, Playing, Route};
 use encore_components::output::{Event, RouteReason};
-use encore_components::resources::{Clock, DecisionKind, Decisions, Outputs};
+use encore_components::resources::{Counters, DecisionKind, Decisions, EngineClock, Outputs};
 use encore_components::utterance::{Audience, PacketBuffer, Utterance};
-use encore_components::viewer::{Cursor, History, OutStreams, Playing, Route, ViewerSession};
+
+use crate::shared::bug;
 
 #[allow(clippy::type_complexity)]
 pub fn route(
     config: Res<EngineConfig>,
-    clock: Res<Clock>,
+    clock: Res<EngineClock>,
     mut decisions: ResMut<Decisions>,
     mut outputs: ResMut<Outputs>,
-    mut viewers: Query<(&ViewerSession, &mut Route, &mut OutStreams, &mut History)>,
+    mut counters: ResMut<Counters>,
+    mut sessions: Query<(&ListenerSession, &mut Route, &mut OutStreams, &mut History)>,
     mut utterances: Query<(&Utterance, &PacketBuffer, &mut Audience)>,
 ) {
     for decision in decisions.list.drain(..) {
-        let Ok((session, mut route, mut streams, mut history)) = viewers.get_mut(decision.viewer) else { continue };
+        let Ok((listener, mut route, mut streams, mut history)) = sessions.get_mut(decision.session) else {
+            bug(&mut counters, "a decision names a session that lacks its components");
+            continue;
+        };
         let current = route.playing.as_ref().map(|p| (p.utterance, p.id.clone(), p.score));
         let reason = match decision.kind {
             DecisionKind::NewUtterance => match (&current, &decision.choice) {
@@ -42,17 +48,21 @@ pub fn route(
         let from = match current {
             Some((entity, id, _)) => {
                 route.playing = None;
-                if let Ok((_, _, mut audience)) = utterances.get_mut(entity) {
-                    audience.playing = audience.playing.saturating_sub(1);
+                match utterances.get_mut(entity) {
+                    Ok((_, _, mut audience)) => audience.playing = audience.playing.saturating_sub(1),
+                    Err(_) => bug(&mut counters, "a listener played an utterance that is gone"),
                 }
                 Some(id)
             }
             None => decision.from,
         };
         let mut lag_us = None;
-        if let Some(choice) = &decision.choice
-            && let Ok((utterance, buffer, mut audience)) = utterances.get_mut(choice.utterance)
-        {
+        let mut live = false;
+        if let Some(choice) = &decision.choice {
+            let Ok((utterance, buffer, mut audience)) = utterances.get_mut(choice.utterance) else {
+                bug(&mut counters, "the recommender chose an utterance that is gone");
+                continue;
+            };
             let origin_media_us = [buffer.audio.packets.first(), buffer.video.packets.first()]
                 .into_iter()
                 .flatten()
@@ -64,6 +74,7 @@ pub fn route(
                 audience.heard += 1;
             }
             lag_us = Some(clock.now_us.saturating_sub(utterance.started_us));
+            live = utterance.is_open();
             route.playing = Some(Playing {
                 utterance: choice.utterance,
                 id: choice.id.clone(),
@@ -86,31 +97,25 @@ pub fn route(
             continue;
         }
         outputs.out.events.push(Event::Route {
-            listener: session.name.clone(),
+            listener: listener.name.clone(),
             from,
             to,
             reason,
             score: decision.choice.as_ref().map(|c| c.score),
             terms: decision.choice.as_ref().map(|c| c.terms),
             lag_us,
+            live,
         });
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::testkit::Room;
+    use crate::testkit::{Room, route, routes};
     use encore_components::config::EngineConfig;
     use encore_components::ids::Name;
     use encore_components::input::{FeedbackSignal, Input};
-
-    fn routes(trace: &[String], listener: &str) -> Vec<String> {
-        trace
-            .iter()
-            .filter(|l| l.contains(r#""kind":"route""#) && l.contains(&format!(r#""listener":"{listener}""#)))
-            .cloned()
-            .collect()
-    }
+    use encore_components::output::RouteReason;
 
     #[test]
     fn a_busy_listener_switches_only_past_the_margin() {
@@ -125,12 +130,17 @@ mod tests {
         room.talk("b1", 500_000, 1_500_000);
         room.talk("c1", 1_000_000, 2_000_000);
         let trace = room.run_until(2_500_000);
-        let lena = routes(&trace, "lena");
-        assert!(lena[0].contains(r#""to":"alice#1""#), "{lena:?}");
-        assert!(lena[1].contains(r#""from":"alice#1","to":"carol#1","reason":"switch""#), "{lena:?}");
-        // bob#1 waited in the buffer and comes after carol's.
-        assert_eq!(lena.len(), 3, "{lena:?}");
-        assert!(lena[2].contains(r#""from":"carol#1","to":"bob#1","reason":"finished""#), "{lena:?}");
+        let lena: Vec<_> = routes(&trace, "lena").into_iter().map(|(_, from, to, reason)| (from, to, reason)).collect();
+        let some = |id: &str| Some(id.to_owned());
+        assert_eq!(
+            lena,
+            vec![
+                (None, some("alice#1"), RouteReason::NewUtterance),
+                (some("alice#1"), some("carol#1"), RouteReason::Switch),
+                // bob#1 waited in the buffer and comes after carol's.
+                (some("carol#1"), some("bob#1"), RouteReason::Finished),
+            ]
+        );
     }
 
     #[test]
@@ -145,8 +155,28 @@ mod tests {
         );
         let trace = room.run_until(1_100_000);
         let lena = routes(&trace, "lena");
-        assert_eq!(lena.len(), 2);
-        assert!(lena[1].contains(r#""from":"alice#1","to":null,"reason":"skip""#), "{lena:?}");
-        assert!(lena[1].contains(r#""tick":100"#), "the skip applies in the tick it arrives: {lena:?}");
+        assert_eq!(lena.len(), 2, "{lena:?}");
+        // The skip applies in the tick it arrives.
+        assert_eq!(lena[1], route(100, Some("alice#1"), None, RouteReason::Skip));
+    }
+
+    #[test]
+    fn a_route_says_whether_its_utterance_is_live() {
+        let mut room = Room::new(EngineConfig::default());
+        room.speaker("alice", "a1");
+        room.speaker("bob", "b1");
+        room.listener("lena");
+        room.talk("a1", 0, 2_000_000);
+        room.talk("b1", 500_000, 1_000_000);
+        let trace = room.run_until(4_000_000);
+        let lives: Vec<_> = trace
+            .iter()
+            .filter_map(|(_, e)| match e {
+                encore_components::output::Event::Route { to: Some(to), live, .. } => Some((to.to_string(), *live)),
+                _ => None,
+            })
+            .collect();
+        // alice is heard live; bob's finished while lena listened to alice.
+        assert_eq!(lives, vec![("alice#1".to_owned(), true), ("bob#1".to_owned(), false)]);
     }
 }

@@ -21,14 +21,14 @@ use encore_components::ids::{MediaKind, Name, PeerKey, UtteranceId, UtteranceOrd
 use encore_components::output::{EndReason, Event, KeyframeReason};
 use encore_components::peer::Peer;
 use encore_components::resources::{
-    BufferLedger, Clock, ClosedUtterances, Counters, Departures, Directory, NewUtterances,
+    BufferLedger, ClosedUtterances, Counters, Departures, Directory, EngineClock, NewUtterances,
 };
 use encore_components::track::{Incoming, PreRoll, Recording, StagedPacket, Track, Voice, VoiceChange};
 use encore_components::utterance::{Audience, BufferedPacket, MediaAnchor, MediaBuffer, PacketBuffer, Utterance};
 
-use crate::accounting::{buffer_bytes, payload_bytes, preroll_bytes};
+use crate::accounting::{account, buffer_bytes, payload_bytes, preroll_bytes};
 use crate::rtp::ticks_to_us;
-use crate::shared::{emit, request_keyframe};
+use crate::shared::{emit, request_keyframe, world_bug};
 
 /// A media timestamp that strays further than this from the packet's arrival re-anchors the
 /// media clock (a publisher restarted its timestamps), so play-out never stalls on it.
@@ -46,7 +46,7 @@ pub struct Scratch {
 
 pub fn segment(world: &mut World, mut scratch: Local<Scratch>) {
     let config = world.resource::<EngineConfig>().clone();
-    let clock = *world.resource::<Clock>();
+    let clock = *world.resource::<EngineClock>();
     let Scratch { audio, video, departing } = &mut *scratch;
     audio.clear();
     video.clear();
@@ -101,8 +101,10 @@ fn track_info(world: &World, entity: Entity) -> Option<TrackInfo> {
     })
 }
 
-fn segment_audio(world: &mut World, config: &EngineConfig, clock: &Clock, entity: Entity) {
-    let Some(mut incoming) = world.get_mut::<Incoming>(entity) else { return };
+fn segment_audio(world: &mut World, config: &EngineConfig, clock: &EngineClock, entity: Entity) {
+    let Some(mut incoming) = world.get_mut::<Incoming>(entity) else {
+        return world_bug(world, "an audio track has no Incoming");
+    };
     if incoming.packets.is_empty() && incoming.changes.is_empty() {
         // Nothing arrived: only the maximum length can end the utterance now.
         check_max_duration(world, config, clock, entity);
@@ -110,7 +112,9 @@ fn segment_audio(world: &mut World, config: &EngineConfig, clock: &Clock, entity
     }
     let packets = mem::take(&mut incoming.packets);
     let changes = mem::take(&mut incoming.changes);
-    let Some(info) = track_info(world, entity) else { return };
+    let Some(info) = track_info(world, entity) else {
+        return world_bug(world, "an audio track has no Track");
+    };
     let max_us = config.max_utterance_ms * 1000;
     let mut changes = changes.iter().copied().peekable();
     let count = packets.len();
@@ -166,9 +170,11 @@ fn set_continues(world: &mut World, entity: Entity, continues: Option<(Utterance
 
 /// Closes the utterance at the maximum length even when no packet arrived this tick; a
 /// speaker still talking continues in a new utterance with the next packet.
-fn check_max_duration(world: &mut World, config: &EngineConfig, clock: &Clock, entity: Entity) {
+fn check_max_duration(world: &mut World, config: &EngineConfig, clock: &EngineClock, entity: Entity) {
     let Some(utterance) = recording(world, entity).utterance else { return };
-    let Some(started) = world.get::<Utterance>(utterance).map(|u| u.started_us) else { return };
+    let Some(started) = world.get::<Utterance>(utterance).map(|u| u.started_us) else {
+        return world_bug(world, "a track records into an utterance that is gone");
+    };
     let limit = started + config.max_utterance_ms * 1000;
     if clock.now_us < limit {
         return;
@@ -182,7 +188,9 @@ fn check_max_duration(world: &mut World, config: &EngineConfig, clock: &Clock, e
 
 fn push_preroll(world: &mut World, config: &EngineConfig, entity: Entity, packet: StagedPacket) {
     let keep_us = config.preroll_ms * 1000 + config.vad.onset_ms * 1000 + RING_MARGIN_US;
-    let Some(mut ring) = world.get_mut::<PreRoll>(entity) else { return };
+    let Some(mut ring) = world.get_mut::<PreRoll>(entity) else {
+        return world_bug(world, "an audio track has no PreRoll");
+    };
     let newest = packet.arrival_us;
     ring.packets.push_back(packet);
     while ring.packets.front().is_some_and(|p| p.arrival_us + keep_us < newest) {
@@ -193,7 +201,10 @@ fn push_preroll(world: &mut World, config: &EngineConfig, entity: Entity, packet
 /// Takes the ring's packets that arrived at or after `from_us`, in sequence order, and
 /// empties the ring.
 fn take_preroll(world: &mut World, entity: Entity, from_us: u64) -> Vec<StagedPacket> {
-    let Some(mut ring) = world.get_mut::<PreRoll>(entity) else { return Vec::new() };
+    let Some(mut ring) = world.get_mut::<PreRoll>(entity) else {
+        world_bug(world, "an audio track has no PreRoll");
+        return Vec::new();
+    };
     let mut packets: Vec<StagedPacket> = ring.packets.drain(..).filter(|p| p.arrival_us >= from_us).collect();
     packets.sort_by_key(|p| p.ext_seq);
     packets
@@ -201,21 +212,22 @@ fn take_preroll(world: &mut World, entity: Entity, from_us: u64) -> Vec<StagedPa
 
 /// Brings the ring's accounted bytes, and the ledger, up to date.
 fn refresh_preroll_bytes(world: &mut World, entity: Entity) {
-    let Some(mut ring) = world.get_mut::<PreRoll>(entity) else { return };
+    let Some(mut ring) = world.get_mut::<PreRoll>(entity) else {
+        return world_bug(world, "an audio track has no PreRoll");
+    };
     if ring.packets.is_empty() && ring.packets.capacity() > 64 {
         ring.packets = VecDeque::new();
     }
     let before = ring.bytes;
     ring.bytes = preroll_bytes(&ring);
     let after = ring.bytes;
-    let mut ledger = world.resource_mut::<BufferLedger>();
-    ledger.bytes = ledger.bytes + after - before;
+    account(&mut world.resource_mut::<BufferLedger>(), before, after);
 }
 
 fn open(
     world: &mut World,
     config: &EngineConfig,
-    clock: &Clock,
+    clock: &EngineClock,
     info: &TrackInfo,
     started_us: u64,
     packets: Vec<StagedPacket>,
@@ -234,11 +246,9 @@ fn open(
         speaker_name: info.speaker.clone(),
         uid: info.uid.clone(),
         track: info.entity,
-        track_name: info.name.clone(),
         started_us,
         opened_us: clock.now_us,
         ended_us: None,
-        end_reason: None,
     };
     let mut buffer = PacketBuffer::default();
     buffer.audio.packets.reserve(packets.len().max(64));
@@ -251,7 +261,7 @@ fn open(
     let mut directory = world.resource_mut::<Directory>();
     directory.utterances.insert(ord, entity);
     directory.utterance_ids.insert(id.clone(), ord);
-    world.resource_mut::<BufferLedger>().bytes += bytes;
+    account(&mut world.resource_mut::<BufferLedger>(), 0, bytes);
     world.resource_mut::<NewUtterances>().opened.push((ord, entity));
     if let Some(mut recording) = world.get_mut::<Recording>(info.entity) {
         recording.utterance = Some(entity);
@@ -295,7 +305,6 @@ fn close(
     }
     let ended_us = at_us.clamp(utterance.started_us, utterance.started_us + config.max_utterance_ms * 1000);
     utterance.ended_us = Some(ended_us);
-    utterance.end_reason = Some(reason);
     let event = Event::UtteranceEnd {
         utterance: utterance.id.clone(),
         duration_us: ended_us - utterance.started_us,
@@ -310,23 +319,24 @@ fn close(
     Some(id)
 }
 
-fn end_audio_track(world: &mut World, config: &EngineConfig, clock: &Clock, entity: Entity, reason: EndReason) {
+fn end_audio_track(world: &mut World, config: &EngineConfig, clock: &EngineClock, entity: Entity, reason: EndReason) {
     if let Some(utterance) = recording(world, entity).utterance {
         close(world, config, entity, utterance, reason, clock.now_us);
     }
     let freed = world.get::<PreRoll>(entity).map_or(0, |ring| ring.bytes);
-    world.resource_mut::<BufferLedger>().bytes -= freed;
+    account(&mut world.resource_mut::<BufferLedger>(), freed, 0);
 }
 
 /// Appends one packet to an utterance in the world and keeps the ledger true.
 fn append(world: &mut World, entity: Entity, media: MediaKind, clock_rate: u32, packet: StagedPacket) {
-    let Some(mut buffer) = world.get_mut::<PacketBuffer>(entity) else { return };
+    let Some(mut buffer) = world.get_mut::<PacketBuffer>(entity) else {
+        return world_bug(world, "a track records into an utterance without a PacketBuffer");
+    };
     let before = buffer.bytes;
     append_to(&mut buffer, media, clock_rate, packet);
     buffer.bytes = buffer_bytes(&buffer);
     let after = buffer.bytes;
-    let mut ledger = world.resource_mut::<BufferLedger>();
-    ledger.bytes = ledger.bytes + after - before;
+    account(&mut world.resource_mut::<BufferLedger>(), before, after);
 }
 
 /// Places a packet in its media buffer, in sequence order, with its media time.
@@ -363,7 +373,6 @@ pub fn append_to(buffer: &mut PacketBuffer, media: MediaKind, clock_rate: u32, p
         }
         _ => target.packets.push(buffered),
     }
-    buffer.packets_total += 1;
 }
 
 fn media_time(anchor: &MediaAnchor, ext_ts: u64) -> i64 {
@@ -375,19 +384,25 @@ fn media_time(anchor: &MediaAnchor, ext_ts: u64) -> i64 {
 /// Puts a video track's packets of this tick into its speaker's open utterance, from a key
 /// frame on.
 fn place_video(world: &mut World, entity: Entity) {
-    let Some(mut incoming) = world.get_mut::<Incoming>(entity) else { return };
+    let Some(mut incoming) = world.get_mut::<Incoming>(entity) else {
+        return world_bug(world, "a video track has no Incoming");
+    };
     if incoming.packets.is_empty() {
         return;
     }
     let packets = mem::take(&mut incoming.packets);
-    let Some((peer, clock_rate)) = world.get::<Track>(entity).map(|t| (t.peer, t.clock_rate)) else { return };
+    let Some((peer, clock_rate)) = world.get::<Track>(entity).map(|t| (t.peer, t.clock_rate)) else {
+        return world_bug(world, "a video track has no Track");
+    };
     let Some(utterance) = open_utterance_of(world, peer) else {
         world.resource_mut::<Counters>().video_unbuffered += packets.len() as u64;
         return;
     };
     let mut unbuffered = 0;
     for packet in packets {
-        let Some(mut buffer) = world.get_mut::<PacketBuffer>(utterance) else { return };
+        let Some(mut buffer) = world.get_mut::<PacketBuffer>(utterance) else {
+            return world_bug(world, "an open utterance has no PacketBuffer");
+        };
         if buffer.video_track != Some(entity) {
             // Video starts at a key frame, and one track feeds an utterance.
             if !packet.keyframe || buffer.video_track.is_some() {
@@ -409,7 +424,8 @@ fn open_utterance_of(world: &World, peer: Entity) -> Option<Entity> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testkit::Room;
+    use crate::testkit::{Room, ends, starts};
+    use encore_components::input::Input;
 
     #[test]
     fn an_utterance_keeps_its_preroll_and_closes_after_the_hangover() {
@@ -419,12 +435,11 @@ mod tests {
         room.talk("a1", 1_000_000, 2_000_000);
         room.silence("a1", 2_000_000, 3_000_000);
         let trace = room.run_until(3_000_000);
-        let start = trace.iter().find(|l| l.contains("utterance_start")).unwrap();
-        // First voiced packet at 1.0 s: the pre-roll starts 200 ms earlier.
-        assert!(start.contains(r#""utterance":"alice#1""#) && start.contains(r#""started_us":800000"#), "{start}");
-        let end = trace.iter().find(|l| l.contains("utterance_end")).unwrap();
+        // First voiced packet at 1.0 s: the pre-roll starts 200 ms earlier; onset after
+        // 40 ms of voice, in the tick of 1.04 s.
+        assert_eq!(starts(&trace), vec![(104, "alice#1".to_owned(), 800_000, None)]);
         // Last voiced packet at 1.98 s, hang-over 400 ms: 2.38 s - 0.8 s.
-        assert!(end.contains(r#""duration_us":1580000"#) && end.contains(r#""reason":"silence""#), "{end}");
+        assert_eq!(ends(&trace), vec![("alice#1".to_owned(), 1_580_000, EndReason::Silence)]);
     }
 
     #[test]
@@ -433,12 +448,12 @@ mod tests {
         room.speaker("bob", "b1");
         room.talk("b1", 0, 20_000_000);
         let trace = room.run_until(21_000_000);
-        let ends: Vec<_> = trace.iter().filter(|l| l.contains("utterance_end")).collect();
+        let ends = ends(&trace);
         assert_eq!(ends.len(), 2, "{ends:?}");
-        assert!(ends[0].contains(r#""duration_us":15000000"#) && ends[0].contains("max_duration"));
-        let second = trace.iter().find(|l| l.contains(r#""utterance":"bob#2""#)).unwrap();
-        assert!(second.contains(r#""continues":"bob#1""#), "{second}");
-        assert!(second.contains(r#""started_us":15000000"#), "{second}");
+        assert_eq!(ends[0], ("bob#1".to_owned(), 15_000_000, EndReason::MaxDuration));
+        let starts = starts(&trace);
+        assert_eq!((starts[1].1.as_str(), starts[1].2), ("bob#2", 15_000_000));
+        assert_eq!(starts[1].3.as_deref(), Some("bob#1"), "bob#2 continues bob#1");
     }
 
     #[test]
@@ -451,10 +466,11 @@ mod tests {
         room.push(1_000_000, Input::Unpublish { track: Name::new("c1") });
         room.push(1_500_000, Input::Leave { peer: Name::new("dave") });
         let trace = room.run_until(3_000_000);
-        let ends: Vec<_> = trace.iter().filter(|l| l.contains("utterance_end")).collect();
-        assert_eq!(ends.len(), 2, "{ends:?}");
-        assert!(ends[0].contains("carol#1") && ends[0].contains("unpublished"));
-        assert!(ends[1].contains("dave#1") && ends[1].contains(r#""reason":"left""#));
+        let reasons: Vec<_> = ends(&trace).into_iter().map(|(id, _, reason)| (id, reason)).collect();
+        assert_eq!(
+            reasons,
+            vec![("carol#1".to_owned(), EndReason::Unpublished), ("dave#1".to_owned(), EndReason::Left)]
+        );
         assert_eq!(room.engine.buffer_bytes(), room.engine.audit_buffer_bytes());
     }
 
@@ -467,12 +483,17 @@ mod tests {
         // Delta frames first, a key frame at 300 ms.
         room.video_frames("e1v", 0, 1_000_000, 300_000);
         let trace = room.run_until(2_000_000);
-        assert!(trace.iter().any(|l| l.contains("keyframe_request") && l.contains("e1v")), "{trace:?}");
+        let requests: Vec<_> = trace
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Event::KeyframeRequest { track, reason } => Some((track.to_string(), *reason)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(requests, vec![("e1v".to_owned(), KeyframeReason::Onset)]);
         let buffer = room.buffer_of("erin#1");
         let first = buffer.video.packets.first().expect("video was buffered");
         assert!(first.keyframe);
         assert_eq!(first.media_us, 333_330, "frame 10, the first at or after 300 ms");
     }
-
-    use encore_components::input::Input;
 }

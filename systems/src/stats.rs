@@ -3,15 +3,15 @@
 
 use bevy_ecs::prelude::{Query, Res, ResMut};
 
+use encore_components::listener::Route;
 use encore_components::output::{Event, Stats};
-use encore_components::resources::{BufferLedger, Clock, Counters, Directory, Outputs};
+use encore_components::resources::{BufferLedger, Counters, Directory, EngineClock, Outputs};
 use encore_components::utterance::Utterance;
-use encore_components::viewer::Route;
 
 pub const STATS_INTERVAL_US: u64 = 1_000_000;
 
 pub fn stats(
-    clock: Res<Clock>,
+    clock: Res<EngineClock>,
     directory: Res<Directory>,
     counters: Res<Counters>,
     mut ledger: ResMut<BufferLedger>,
@@ -34,7 +34,7 @@ pub fn stats(
         buffer_cap_bytes: ledger.cap,
         utterances: directory.utterances.len() as u64,
         open_utterances,
-        listeners: directory.viewers.len() as u64,
+        listeners: directory.listeners.len() as u64,
         playing,
         dropped: counters.drops.total(),
         counters: *counters,
@@ -46,6 +46,7 @@ pub fn stats(
 mod tests {
     use crate::testkit::Room;
     use encore_components::config::EngineConfig;
+    use encore_components::output::{Event, Stats};
 
     #[test]
     fn one_stats_line_a_second_with_the_peak_since_the_last() {
@@ -53,14 +54,17 @@ mod tests {
         room.speaker("alice", "a1");
         room.talk("a1", 0, 1_500_000);
         let trace = room.run_until(3_000_000);
-        let stats: Vec<&String> = trace.iter().filter(|l| l.contains(r#""kind":"stats""#)).collect();
-        assert_eq!(stats.len(), 3, "at 1 s, 2 s and 3 s");
-        assert!(stats[0].contains(r#""tick":100,"#));
-        let peak = |line: &str| -> u64 {
-            let value: serde_json::Value = serde_json::from_str(line).unwrap();
-            value["buffer_peak_bytes"].as_u64().unwrap()
-        };
-        assert!(peak(stats[1]) > peak(stats[0]), "the buffer grew during the second second");
-        assert_eq!(peak(stats[2]), room.engine.buffer_bytes(), "a quiet second peaks at what it holds");
+        let stats: Vec<(u64, &Stats)> = trace
+            .iter()
+            .filter_map(|(tick, e)| match e {
+                Event::Stats(stats) => Some((*tick, stats)),
+                _ => None,
+            })
+            .collect();
+        let ticks: Vec<u64> = stats.iter().map(|(tick, _)| *tick).collect();
+        assert_eq!(ticks, vec![100, 200, 300], "at 1 s, 2 s and 3 s");
+        let peak = |i: usize| stats[i].1.buffer_peak_bytes;
+        assert!(peak(1) > peak(0), "the buffer grew during the second second");
+        assert_eq!(peak(2), room.engine.buffer_bytes(), "a quiet second peaks at what it holds");
     }
 }

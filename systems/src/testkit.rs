@@ -7,7 +7,7 @@ use std::sync::Arc;
 use encore_components::config::EngineConfig;
 use encore_components::ids::{MediaKind, Name, Role, UtteranceId};
 use encore_components::input::{Input, RtpIn};
-use encore_components::output::SendPacket;
+use encore_components::output::{EndReason, Event, RouteReason, SendPacket};
 use encore_components::resources::Directory;
 use encore_components::utterance::PacketBuffer;
 
@@ -17,7 +17,7 @@ pub struct Room {
     pub engine: Engine,
     inputs: Vec<(u64, Input)>,
     next_seq: BTreeMap<String, u16>,
-    pub trace: Vec<String>,
+    pub trace: Vec<(u64, Event)>,
     /// Every packet sent, with the engine time of the tick that sent it.
     pub sent: Vec<(u64, SendPacket)>,
     /// Largest buffer byte count seen at the end of a tick.
@@ -71,7 +71,7 @@ impl Room {
 
     pub fn listener(&mut self, peer: &str) {
         self.push(0, Input::Join { peer: Name::new(peer), uid: None, roles: vec![Role::Listener] });
-        self.push(0, Input::Subscribe { peer: Name::new(peer) });
+        self.push(0, Input::Listen { peer: Name::new(peer) });
     }
 
     fn packet(&mut self, track: &str, at_us: u64, clock_rate: u64, level: Option<u8>, size: usize, keyframe: bool) {
@@ -115,8 +115,8 @@ impl Room {
     }
 
     /// Ticks until the engine time passes `until_us`, feeding each input in the first tick
-    /// at or after its arrival. Returns the whole trace so far.
-    pub fn run_until(&mut self, until_us: u64) -> Vec<String> {
+    /// at or after its arrival. Returns the whole trace so far: each event with its tick.
+    pub fn run_until(&mut self, until_us: u64) -> Vec<(u64, Event)> {
         self.inputs.sort_by_key(|(at, _)| *at);
         let mut rest = std::mem::take(&mut self.inputs).into_iter().peekable();
         while self.engine.next_tick_us() <= until_us {
@@ -124,14 +124,12 @@ impl Room {
             while let Some((at, input)) = rest.next_if(|(at, _)| *at <= now) {
                 self.engine.push(at, input);
             }
-            let out = self.engine.tick();
+            let mut out = self.engine.tick();
             let now = out.now_us;
             let tick = out.tick;
-            for event in &out.events {
-                let json = serde_json::to_string(event).unwrap();
-                self.trace.push(format!(r#"{{"tick":{tick},{}"#, &json[1..]));
-            }
+            self.trace.extend(out.events.drain(..).map(|event| (tick, event)));
             self.sent.extend(out.packets.drain(..).map(|p| (now, p)));
+            self.engine.recycle(out);
             self.max_buffer_bytes = self.max_buffer_bytes.max(self.engine.buffer_bytes());
             assert!(self.engine.buffer_bytes() <= self.engine.buffer_cap(), "cap broken at {now}");
         }
@@ -146,4 +144,62 @@ impl Room {
         let ord = directory.utterance_ids[&id];
         world.get::<PacketBuffer>(directory.utterances[&ord]).unwrap().clone()
     }
+}
+
+/// A route change as the tests compare it: (tick, from, to, reason), ids as text.
+pub type RouteLine = (u64, Option<String>, Option<String>, RouteReason);
+
+/// The route changes of one listener, in order.
+pub fn routes(trace: &[(u64, Event)], listener: &str) -> Vec<RouteLine> {
+    trace
+        .iter()
+        .filter_map(|(tick, event)| match event {
+            Event::Route { listener: who, from, to, reason, .. } if who.as_str() == listener => {
+                Some((*tick, from.as_ref().map(|id| id.to_string()), to.as_ref().map(|id| id.to_string()), *reason))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The utterances that opened: (tick, id, started_us, the one it continues).
+pub fn starts(trace: &[(u64, Event)]) -> Vec<(u64, String, u64, Option<String>)> {
+    trace
+        .iter()
+        .filter_map(|(tick, event)| match event {
+            Event::UtteranceStart { utterance, started_us, continues, .. } => {
+                Some((*tick, utterance.to_string(), *started_us, continues.as_ref().map(|id| id.to_string())))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The utterances that closed: (id, duration_us, reason).
+pub fn ends(trace: &[(u64, Event)]) -> Vec<(String, u64, EndReason)> {
+    trace
+        .iter()
+        .filter_map(|(_, event)| match event {
+            Event::UtteranceEnd { utterance, duration_us, reason, .. } => {
+                Some((utterance.to_string(), *duration_us, *reason))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The evictions: (utterance, whole, listeners cut over or rerouted).
+pub fn evictions(trace: &[(u64, Event)]) -> Vec<(String, bool, u64)> {
+    trace
+        .iter()
+        .filter_map(|(_, event)| match event {
+            Event::Evict { utterance, whole, listeners, .. } => Some((utterance.to_string(), *whole, *listeners)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Shorthand for an expected route line.
+pub fn route(tick: u64, from: Option<&str>, to: Option<&str>, reason: RouteReason) -> RouteLine {
+    (tick, from.map(str::to_owned), to.map(str::to_owned), reason)
 }

@@ -15,7 +15,7 @@
 use bevy_ecs::prelude::{Query, Res};
 
 use encore_components::config::{EngineConfig, VadConfig};
-use encore_components::resources::Clock;
+use encore_components::resources::EngineClock;
 use encore_components::track::{Incoming, StagedPacket, Voice, VoiceChange};
 
 /// A pause this long between voiced packets breaks a run that has not reached onset yet.
@@ -30,7 +30,11 @@ pub fn is_voiced(packet: &StagedPacket, vad: &VadConfig) -> bool {
     }
 }
 
-pub fn detect_voice(config: Res<EngineConfig>, clock: Res<Clock>, mut tracks: Query<(&mut Incoming, &mut Voice)>) {
+pub fn detect_voice(
+    config: Res<EngineConfig>,
+    clock: Res<EngineClock>,
+    mut tracks: Query<(&mut Incoming, &mut Voice)>,
+) {
     let onset_us = config.vad.onset_ms * 1000;
     let hangover_us = config.vad.hangover_ms * 1000;
     for (mut incoming, mut voice) in &mut tracks {
@@ -51,7 +55,7 @@ pub fn detect_voice(config: Res<EngineConfig>, clock: Res<Clock>, mut tracks: Qu
                         voice.run_start_us = None;
                     }
                     let start = *voice.run_start_us.get_or_insert(arrival);
-                    if arrival - start >= onset_us {
+                    if arrival.saturating_sub(start) >= onset_us {
                         voice.speaking = true;
                         voice.run_start_us = None;
                         changes.push(VoiceChange::Onset { after: index, run_start_us: start });
@@ -61,7 +65,6 @@ pub fn detect_voice(config: Res<EngineConfig>, clock: Res<Clock>, mut tracks: Qu
             } else if !voice.speaking {
                 voice.run_start_us = None;
             }
-            voice.last_packet_us = Some(arrival);
         }
         if voice.speaking
             && let Some(last) = voice.last_voiced_us
@@ -107,7 +110,7 @@ mod tests {
         let mut now = 0;
         let mut rest = packets.into_iter().peekable();
         while now <= until_us {
-            world.insert_resource(Clock { tick: now / 10_000, now_us: now, tick_us: 10_000 });
+            world.insert_resource(EngineClock { tick: now / 10_000, now_us: now, tick_us: 10_000 });
             let mut incoming = world.get_mut::<Incoming>(track).unwrap();
             incoming.packets.clear();
             while let Some(p) = rest.next_if(|p| p.arrival_us <= now) {

@@ -1,13 +1,13 @@
 //! `[auth]` config: defaults, validation errors that name the key, env overlay, and the refusal to
 //! mix dev with firebase.
 
-use encore::auth::{AuthConfig, AuthMode, AuthOptions, AuthSetupError, AuthState, ConfigError, KeysFormat, Role};
+use encore::auth::{AuthConfig, AuthConfigError, AuthMode, AuthOptions, AuthSetupError, AuthState, KeysFormat, Role};
 
 fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
     move |name| vars.iter().find(|(n, _)| *n == name).map(|(_, v)| (*v).to_owned())
 }
 
-fn key_of(result: Result<(), ConfigError>) -> &'static str {
+fn key_of(result: Result<(), AuthConfigError>) -> &'static str {
     result.expect_err("config should be refused").key
 }
 

@@ -44,10 +44,10 @@ async fn emulator_token_verifies_as_speaker() {
             .await
             .expect("the emulator token opens a session"),
     );
-    assert_eq!(session.welcome["uid"], uid.as_str());
-    assert_eq!(session.welcome["roles"], serde_json::json!(["speaker"]));
+    assert_eq!(session.welcome.uid, uid.as_str());
+    assert_eq!(session.welcome.roles, vec![encore::auth::Role::Speaker]);
     let joined = session.join("emulator", "speaker").await.expect("join");
-    assert_eq!(joined["roles"], serde_json::json!(["speaker"]));
+    assert_eq!(joined.roles, vec![encore::auth::Role::Speaker]);
     let publisher = encore::client::Publisher::start(&session, false, 9).await.expect("a speaker publishes");
     publisher.close().await;
     server.shutdown().await;

@@ -64,10 +64,10 @@ impl ReplayObserver for Checker {
             self.listening.iter().filter(|l| !self.playing.contains_key(*l)).cloned().collect();
         for input in std::mem::take(&mut self.pending) {
             match input {
-                Input::Subscribe { peer } => {
+                Input::Listen { peer } => {
                     self.listening.insert(peer.to_string());
                 }
-                Input::Unsubscribe { peer } | Input::Leave { peer } => {
+                Input::Unlisten { peer } | Input::Leave { peer } => {
                     self.listening.remove(peer.as_str());
                     self.playing.remove(peer.as_str());
                 }

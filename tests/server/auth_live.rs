@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
+use encore::protocol::{Done, ErrorCode, Notice, Reauthed, Request};
 
 use encore::auth::{Clock, DevIssuer, ManualClock};
 use encore::client::{ClientTls, Publisher, Signaling, dev_token, get, ws_ticket};
@@ -22,10 +22,11 @@ async fn a_listener_trying_to_publish_gets_forbidden() {
     let server = start_server("auth-forbidden", |_| {}, None).await;
     let lea = server.client("lea", "listener").await;
     lea.join("auth", "lea").await.unwrap();
-    let refused = lea.request("publish", json!({"offer": "v=0"})).await.unwrap_err().to_string();
-    assert!(refused.contains("forbidden") && refused.contains("listener"), "{refused}");
-    let refused = lea.request("mute_peer", json!({"peer": "sam"})).await.unwrap_err().to_string();
-    assert!(refused.contains("forbidden"), "{refused}");
+    let refused = lea.request::<Done>(Request::Publish { offer: "v=0".into() }).await.unwrap_err();
+    assert_eq!(refused.refusal(), Some(ErrorCode::Forbidden), "{refused}");
+    assert!(refused.to_string().contains("listener"), "{refused}");
+    let refused = lea.request::<Done>(Request::MutePeer { peer: "sam".into() }).await.unwrap_err();
+    assert_eq!(refused.refusal(), Some(ErrorCode::Forbidden), "{refused}");
     // A speaker may publish.
     let sam = server.client("sam", "speaker").await;
     sam.join("auth", "sam").await.unwrap();
@@ -56,7 +57,7 @@ async fn a_ticket_works_once_and_not_after_thirty_seconds() {
     let ticket = ws_ticket(&server.tls, &server.base, &token).await.unwrap();
     let session =
         Signaling::connect(&server.tls, &server.base, None, Some(&ticket)).await.expect("a fresh ticket works");
-    assert_eq!(session.welcome["uid"], "tia");
+    assert_eq!(session.welcome.uid, "tia");
     let again =
         Signaling::connect(&server.tls, &server.base, None, Some(&ticket)).await.err().expect("a ticket works once");
     assert!(again.to_string().contains("401"), "{again}");
@@ -83,21 +84,22 @@ async fn a_session_is_warned_then_closed_when_its_token_expires_without_reauth()
     let tls = ClientTls::trusting(&dir.join("data/tls/cert.pem")).unwrap();
     let token = dev_token(&tls, &server.url, "eve", "listener").await.unwrap();
     let session = Signaling::connect(&tls, &server.url, Some(&token), None).await.unwrap();
-    let deadline = session.welcome["session_expires_at"].as_i64().unwrap();
+    let deadline = session.welcome.session_expires_at;
     assert_eq!(deadline, clock.now_s() + 3600 + 60, "the token's expiry plus the grace");
 
     // Ten seconds before the deadline the session is warned; a reauth extends it.
     clock.advance(Duration::from_secs(3650));
     let warned = session.notification(Duration::from_secs(5)).await.expect("a warning");
-    assert_eq!(warned["type"], "session_expiring", "{warned}");
+    assert!(matches!(warned, Notice::SessionExpiring { .. }), "{warned:?}");
     let fresh = dev_token(&tls, &server.url, "eve", "listener").await.unwrap();
-    let extended = session.request("reauth", json!({"token": fresh})).await.unwrap();
-    assert!(extended["session_expires_at"].as_i64().unwrap() > deadline);
+    let extended: Reauthed = session.request(Request::Reauth { token: fresh }).await.unwrap();
+    assert!(extended.session_expires_at > deadline);
     // Another uid's token is no reauth.
     let other = dev_token(&tls, &server.url, "mallory", "listener").await.unwrap();
-    assert!(session.request("reauth", json!({"token": other})).await.is_err());
+    let refused = session.request::<Reauthed>(Request::Reauth { token: other }).await.unwrap_err();
+    assert_eq!(refused.refusal(), Some(ErrorCode::Unauthorized), "{refused}");
     clock.advance(Duration::from_secs(3000));
-    session.request("ping", json!({})).await.expect("still open after the reauth");
+    session.request::<Done>(Request::Ping).await.expect("still open after the reauth");
 
     // Past the new deadline without another reauth: closed with 4001.
     clock.advance(Duration::from_secs(700));
@@ -150,7 +152,7 @@ async fn the_logs_of_a_whole_server_run_contain_no_token() {
     let ticket = ws_ticket(&tls, &base, &token).await.unwrap();
     let session = Arc::new(Signaling::connect(&tls, &base, None, Some(&ticket)).await.unwrap());
     session.join("logs", "tom").await.unwrap();
-    session.request("reauth", json!({"token": token})).await.unwrap();
+    session.request::<Reauthed>(Request::Reauth { token: token.clone() }).await.unwrap();
     let publisher = Publisher::start(&session, false, 3).await.unwrap();
     publisher.close().await;
     let bogus = format!("{}x", &token[..token.len() - 1]);

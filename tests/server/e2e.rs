@@ -6,7 +6,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde_json::{Value, json};
+use serde_json::Value;
+
+use encore::protocol::{Done, Notice, Request};
+use encore_systems::rtp::{FIRST_SEQ_CYCLE, unwrap_seq};
 
 use encore::client::{Listener, Publisher, Received, Signaling};
 use encore::components::ids::MediaKind;
@@ -67,7 +70,7 @@ async fn collect(mut listener: Listener, until: Instant) -> (Listener, Vec<Recei
     (listener, got)
 }
 
-async fn notifications(client: &Signaling, until: Instant) -> Vec<(Instant, Value)> {
+async fn notifications(client: &Signaling, until: Instant) -> Vec<(Instant, Notice)> {
     let mut got = Vec::new();
     while let Some(value) = client.notification(until.saturating_duration_since(Instant::now())).await {
         got.push((Instant::now(), value));
@@ -85,21 +88,21 @@ fn assert_continuous(name: &str, packets: &[Received]) {
     assert!(!audio.is_empty(), "{name} received no audio");
     let ssrcs: BTreeSet<u32> = audio.iter().map(|p| p.ssrc).collect();
     assert_eq!(ssrcs.len(), 1, "{name}: one stream, one SSRC: {ssrcs:?}");
-    // Unwrap the 16-bit numbers in arrival order, then look for holes.
+    // Unwrap the 16-bit numbers in arrival order (as the engine does), then look for holes.
     let mut extended = Vec::new();
-    let mut last: Option<i64> = None;
+    let mut highest: Option<u64> = None;
     for p in &audio {
-        let value = match last {
-            None => i64::from(p.seq),
-            Some(last) => last + i64::from(p.seq.wrapping_sub(last as u16) as i16),
+        let value = match highest {
+            None => FIRST_SEQ_CYCLE + u64::from(p.seq),
+            Some(highest) => unwrap_seq(highest, p.seq).expect("within a cycle of the first"),
         };
         extended.push(value);
-        last = Some(value.max(last.unwrap_or(value)));
+        highest = Some(value.max(highest.unwrap_or(value)));
     }
-    let distinct: BTreeSet<i64> = extended.iter().copied().collect();
+    let distinct: BTreeSet<u64> = extended.iter().copied().collect();
     let (first, last) = (*distinct.first().unwrap(), *distinct.last().unwrap());
     assert_eq!(
-        distinct.len() as i64,
+        distinct.len() as u64,
         last - first + 1,
         "{name}: sequence numbers must go up by one per packet, across switches ({} packets from {first} to {last})",
         distinct.len()
@@ -116,22 +119,24 @@ async fn three_speakers_six_listeners_live_time_shifted_continuous_and_muted() {
     for (i, uid) in ["sam", "sue", "sid"].into_iter().enumerate() {
         let client = server.client(uid, "speaker").await;
         let joined = client.join("e2e", uid).await.expect("join");
-        assert_eq!(joined["peer"], uid);
+        assert_eq!(joined.peer, uid);
         speakers.push((i as u8 + 1, client));
     }
     // Listeners: lea and leo plain; lin mutes sid; liv follows sue; lou mutes sam; and sue
     // herself listens too (never to her own voice).
     let mut listeners = Vec::new();
     for (uid, prefs) in [
-        ("lea", json!({})),
-        ("leo", json!({})),
-        ("lin", json!({"mute": ["sid"]})),
-        ("liv", json!({"follow": ["sue"]})),
-        ("lou", json!({"mute": ["sam"]})),
+        ("lea", (vec![], vec![])),
+        ("leo", (vec![], vec![])),
+        ("lin", (vec![], vec!["sid"])),
+        ("liv", (vec!["sue"], vec![])),
+        ("lou", (vec![], vec!["sam"])),
     ] {
         let client = server.client(uid, "listener").await;
         client.join("e2e", uid).await.expect("join");
-        client.request("prefs", prefs).await.expect("prefs");
+        let names = |list: Vec<&str>| list.into_iter().map(str::to_owned).collect();
+        let (follow, mute) = prefs;
+        client.request::<Done>(Request::Prefs { follow: names(follow), mute: names(mute) }).await.expect("prefs");
         listeners.push((uid.to_owned(), client));
     }
     listeners.push(("sue".to_owned(), speakers[1].1.clone()));
@@ -212,19 +217,21 @@ async fn three_speakers_six_listeners_live_time_shifted_continuous_and_muted() {
     let playing: Vec<String> = heard["lea"]
         .1
         .iter()
-        .filter(|(_, n)| n["type"] == "now_playing")
-        .filter_map(|(_, n)| n["utterance"].as_str().map(str::to_owned))
+        .filter_map(|(_, n)| match n {
+            Notice::NowPlaying { utterance: Some(id), .. } => Some(id.to_string()),
+            _ => None,
+        })
         .collect();
     assert!(playing.first().is_some_and(|u| u == "sam#1"), "lea's now playing: {playing:?}");
     assert!(playing.iter().any(|u| u == "sue#1"), "lea's now playing: {playing:?}");
 
     // The recorded trace: every idle listener was routed to sam#1 in the tick it opened.
     for (_, client) in speakers.iter() {
-        let _ = client.request("leave", json!({})).await;
+        let _ = client.request::<Done>(Request::Leave).await;
     }
     for (uid, client) in &listeners {
         if uid != "sue" {
-            let _ = client.request("leave", json!({})).await;
+            let _ = client.request::<Done>(Request::Leave).await;
         }
     }
     server.server.shutdown().await;

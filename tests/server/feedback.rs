@@ -9,6 +9,8 @@ use bytes::Bytes;
 
 use encore::client::{Listener, Publisher, Received};
 use encore::components::ids::MediaKind;
+use encore::components::input::FeedbackSignal;
+use encore::protocol::{Done, ErrorCode, Request};
 
 use super::support::start_server;
 
@@ -40,7 +42,7 @@ async fn nacks_are_answered_from_the_buffer_and_keyframe_requests_reach_the_publ
             if publisher.send_audio(t, Bytes::from(payload), level, voiced).await.is_err() {
                 break;
             }
-            if n % 2 == 0 {
+            if n.is_multiple_of(2) {
                 let _ = publisher.send_video(t, n % 50 == 2, 600).await;
             }
         }
@@ -53,6 +55,15 @@ async fn nacks_are_answered_from_the_buffer_and_keyframe_requests_reach_the_publ
         let packet = tokio::time::timeout(Duration::from_secs(10), listener.packets.recv()).await.unwrap().unwrap();
         heard.push(packet);
     }
+    // Feedback names what exists: vic#1 plays now; vic#99 never existed.
+    let like = |utterance: Option<&str>| Request::Feedback {
+        signal: FeedbackSignal::Like,
+        utterance: utterance.map(|id| id.parse().unwrap()),
+    };
+    lia.request::<Done>(like(None)).await.expect("a like for what plays now");
+    lia.request::<Done>(like(Some("vic#1"))).await.expect("a like by name");
+    let refused = lia.request::<Done>(like(Some("vic#99"))).await.unwrap_err();
+    assert_eq!(refused.refusal(), Some(ErrorCode::NotFound), "{refused}");
     let lost = heard.iter().filter(|p| p.media == MediaKind::Audio).nth(5).unwrap().clone();
     listener.nack(MediaKind::Audio, &[lost.seq]).await.unwrap();
     // And a PLI, past the half-second throttle of the onset's own request.

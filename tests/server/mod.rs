@@ -6,5 +6,6 @@ mod browser;
 mod e2e;
 mod feedback;
 mod loadgen;
+mod protocol;
 mod robustness;
 pub mod support;

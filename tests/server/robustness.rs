@@ -7,23 +7,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde_json::{Value, json};
+use serde_json::json;
 
-use encore::client::{Listener, Publisher, Signaling};
+use encore::components::input::FeedbackSignal;
+use encore::protocol::{Answer, Done, ErrorCode, Offered, Published, Request, RequestId};
+
+use encore::client::{ClientError, Listener, Publisher, Signaling};
 
 use super::support::start_server;
 
-/// Answers to raw messages: the first reply (an `ok:false` answer) to each.
-async fn answer(client: &Signaling, raw: &str) -> Value {
+/// The answer to a raw message (no request of the client waits for it).
+async fn answer(client: &Signaling, raw: &str) -> Answer {
     client.send_raw(raw).await.expect("sent");
-    // An answer to a message without a usable id carries `id: null`: the client hands those
-    // over with the notifications.
-    loop {
-        let value = client.notification(Duration::from_secs(5)).await.expect("an answer");
-        if value.get("ok").is_some() {
-            return value;
-        }
-    }
+    client.stray_answer(Duration::from_secs(5)).await.expect("an answer")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -60,35 +56,41 @@ async fn bad_input_gets_errors_and_other_peers_media_keeps_flowing() {
 
     // Eve, a listener, misbehaves in every way the protocol allows.
     let eve = server.client("eve", "listener").await;
-    let cases: [(&str, &str); 7] = [
-        ("{not json", "bad_request"),
-        (r#"{"id":1,"type":"dance"}"#, "bad_request"),
-        (r#"{"id":2}"#, "bad_request"),
-        (r#"{"id":3,"type":"publish","offer":"v=0"}"#, "forbidden"),
-        (r#"{"id":4,"type":"prefs","follow":"everyone"}"#, "bad_request"),
-        (r#"{"id":5,"type":"prefs","follow":[]}"#, "conflict"),
-        (r#"[1,2,3]"#, "bad_request"),
+    let cases: [(&str, Option<RequestId>, ErrorCode); 7] = [
+        ("{not json", None, ErrorCode::BadRequest),
+        (r#"{"id":1,"type":"dance"}"#, Some(RequestId::from(1)), ErrorCode::BadRequest),
+        (r#"{"id":2}"#, Some(RequestId::from(2)), ErrorCode::BadRequest),
+        (r#"{"id":3,"type":"publish","offer":"v=0"}"#, Some(RequestId::from(3)), ErrorCode::Forbidden),
+        (r#"{"id":4,"type":"prefs","follow":"everyone"}"#, Some(RequestId::from(4)), ErrorCode::BadRequest),
+        (r#"{"id":5,"type":"prefs","follow":[]}"#, Some(RequestId::from(5)), ErrorCode::Conflict),
+        (r#"[1,2,3]"#, None, ErrorCode::BadRequest),
     ];
-    for (raw, code) in cases {
+    for (raw, id, code) in cases {
         let reply = answer(&eve, raw).await;
-        assert_eq!(reply["ok"], false, "{raw}: {reply}");
-        assert_eq!(reply["error"]["code"], code, "{raw}: {reply}");
+        assert!(!reply.ok, "{raw}: {reply:?}");
+        assert_eq!(reply.id, id, "{raw}: the id is echoed when there is one, null otherwise");
+        assert_eq!(reply.error.map(|e| e.code), Some(code), "{raw}");
     }
     eve.join("robust", "eve").await.unwrap();
-    let refused = eve.request("prefs", json!({"follow": "everyone"})).await.unwrap_err().to_string();
-    assert!(refused.contains("bad_request"), "{refused}");
-    let refused = eve.request("feedback", json!({"signal": "boo"})).await.unwrap_err().to_string();
-    assert!(refused.contains("bad_request"), "{refused}");
-    let refused = eve.request("candidate", json!({"transport": "recv", "candidate": {"candidate": "garbage"}})).await;
-    assert!(refused.unwrap_err().to_string().contains("conflict"));
+    let code = |result: Result<serde_json::Value, ClientError>| result.unwrap_err().refusal();
+    assert_eq!(code(eve.request_raw("prefs", json!({"follow": "everyone"})).await), Some(ErrorCode::BadRequest));
+    assert_eq!(code(eve.request_raw("feedback", json!({"signal": "boo"})).await), Some(ErrorCode::BadRequest));
+    let candidate = json!({"transport": "recv", "candidate": {"candidate": "garbage"}});
+    assert_eq!(code(eve.request_raw("candidate", candidate).await), Some(ErrorCode::Conflict));
+    // Names that do not exist: the docs promise not_found, not a silent success.
+    let ghost_utterance =
+        Request::Feedback { signal: FeedbackSignal::Like, utterance: Some("nobody#3".parse().unwrap()) };
+    let refused = eve.request::<Done>(ghost_utterance).await.unwrap_err();
+    assert_eq!(refused.refusal(), Some(ErrorCode::Conflict), "feedback before listening: {refused}");
 
     // Mal, a speaker, sends SDP garbage and a bogus candidate.
     let mal = server.client("mal", "speaker").await;
     mal.join("robust", "mal").await.unwrap();
-    let refused = mal.request("publish", json!({"offer": "this is not SDP"})).await.unwrap_err().to_string();
-    assert!(refused.contains("bad_request") && refused.contains("SDP"), "{refused}");
-    let refused = mal.request("answer", json!({"answer": "v=0"})).await.unwrap_err().to_string();
-    assert!(refused.contains("conflict"), "{refused}");
+    let refused = mal.request::<Published>(Request::Publish { offer: "this is not SDP".into() }).await.unwrap_err();
+    assert_eq!(refused.refusal(), Some(ErrorCode::BadRequest), "{refused}");
+    assert!(refused.to_string().contains("SDP"), "{refused}");
+    let refused = mal.request::<Done>(Request::Answer { answer: "v=0".into() }).await.unwrap_err();
+    assert_eq!(refused.refusal(), Some(ErrorCode::Conflict), "{refused}");
 
     // A flood: far over 50 messages a second gets rate-limited, then the socket closed.
     let flood = server.client("flo", "listener").await;
@@ -98,24 +100,44 @@ async fn bad_input_gets_errors_and_other_peers_media_keeps_flowing() {
         }
     }
     let mut limited = false;
-    while let Some(value) = flood.notification(Duration::from_secs(3)).await {
-        limited |= value["error"]["code"] == "rate_limited";
+    while let Some(answer) = flood.stray_answer(Duration::from_secs(3)).await {
+        limited |= answer.error.is_some_and(|e| e.code == ErrorCode::RateLimited);
     }
     assert!(limited, "the flood was not rate-limited");
     assert_eq!(flood.close_code().map(|(code, _)| code), Some(1008), "the flooding socket is closed");
+    // Binary frames count against the rate like any other.
+    let binary = server.client("bin", "listener").await;
+    for _ in 0..2000 {
+        if binary.send_binary(vec![0u8; 16]).await.is_err() {
+            break;
+        }
+    }
+    let mut limited = false;
+    while let Some(answer) = binary.stray_answer(Duration::from_secs(3)).await {
+        limited |= answer.error.is_some_and(|e| e.code == ErrorCode::RateLimited);
+    }
+    assert!(limited, "binary frames were not rate-limited");
+    assert_eq!(binary.close_code().map(|(code, _)| code), Some(1008), "the binary flood is closed");
 
-    // An oversize message closes the socket (1009: message too big).
+    // An oversize message closes the socket with 1009 (message too big), Close frame and all.
     let big = server.client("big", "listener").await;
     let _ = big.send_raw(&format!(r#"{{"id":1,"type":"ping","pad":"{}"}}"#, "x".repeat(100_000))).await;
-    let _ = big.notification(Duration::from_secs(3)).await;
-    assert!(big.close_code().is_some() || big.request("ping", json!({})).await.is_err(), "oversize message accepted");
+    let mut closed = None;
+    for _ in 0..30 {
+        closed = big.close_code();
+        if closed.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(closed.map(|(code, _)| code), Some(1009), "an oversize message closes with 1009");
 
-    // A client that vanishes mid-handshake: consume, then drop the socket before answering.
+    // A client that vanishes mid-handshake: listen, then drop the socket before answering.
     {
         let ghost = server.client("gho", "listener").await;
         ghost.join("robust", "gho").await.unwrap();
-        let offer = ghost.request("consume", json!({})).await.unwrap();
-        assert!(offer["offer"].as_str().unwrap().starts_with("v=0"));
+        let Offered { offer } = ghost.request(Request::Listen { video: false }).await.unwrap();
+        assert!(offer.starts_with("v=0"));
     }
     // Raw garbage on the TLS port, and a TLS handshake that never speaks HTTP.
     let addr = server.server.addr;

@@ -1,4 +1,4 @@
-//! The ViewerSession entity: a listening peer's personal stream.
+//! The listener session entity: a listening peer's personal stream.
 
 use std::collections::BTreeSet;
 
@@ -8,8 +8,8 @@ use crate::ids::{MediaKind, Name, PeerKey, UtteranceId, UtteranceOrd};
 use crate::output::ScoreTerms;
 
 #[derive(Component, Clone, Debug)]
-pub struct ViewerSession {
-    pub listener: PeerKey,
+pub struct ListenerSession {
+    pub key: PeerKey,
     pub name: Name,
     pub peer: Entity,
 }
@@ -82,7 +82,6 @@ pub struct OutStream {
     pub source: Option<UtteranceOrd>,
     /// The next packet starts a new segment (switch or cut-over): new offset, marker bit.
     pub rebase: bool,
-    pub sent: u64,
     /// Ring of recent sent packets, indexed by `seq % len` (a record whose `seq` differs is
     /// an older one, or none).
     pub history: Vec<SentRecord>,

@@ -1,0 +1,120 @@
+//! Whom the client trusts: the server's own self-signed certificate, the public web roots,
+//! or (load tests on one's own machine only) anything.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, pem::PemObject};
+
+use super::error::ClientError;
+
+/// Whom the client trusts.
+#[derive(Clone)]
+pub struct ClientTls {
+    pub config: Arc<rustls::ClientConfig>,
+}
+
+impl ClientTls {
+    fn builder() -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier> {
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+    }
+
+    /// Trusts exactly the certificates in this PEM file (the server's self-signed one).
+    pub fn trusting(cert_pem: &std::path::Path) -> Result<Self, ClientError> {
+        let pem = std::fs::read(cert_pem)
+            .map_err(|source| ClientError::Io { context: format!("reading {}", cert_pem.display()), source })?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| ClientError::tls("reading the certificate PEM", e))?;
+            roots.add(cert).map_err(|e| ClientError::tls("trusting the certificate", e))?;
+        }
+        Ok(ClientTls { config: Arc::new(Self::builder().with_root_certificates(roots).with_no_client_auth()) })
+    }
+
+    /// The public web roots (a server with a real certificate).
+    pub fn webpki() -> Self {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        ClientTls { config: Arc::new(Self::builder().with_root_certificates(roots).with_no_client_auth()) }
+    }
+}
+
+/// How a client (the load generator, say) trusts the server's HTTPS certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsTrust {
+    /// The public web roots (a server with a real certificate).
+    Webpki,
+    /// Exactly the certificates of this PEM file (the server's self-signed one,
+    /// `<data-dir>/tls/cert.pem`).
+    Cert(PathBuf),
+    /// Any certificate at all. For tests and benchmarks on your own machine only.
+    Insecure,
+}
+
+impl TlsTrust {
+    pub fn client_tls(&self) -> Result<ClientTls, ClientError> {
+        match self {
+            TlsTrust::Webpki => Ok(ClientTls::webpki()),
+            TlsTrust::Cert(path) => ClientTls::trusting(path),
+            TlsTrust::Insecure => Ok(insecure_tls()),
+        }
+    }
+}
+
+/// TEST ONLY: a TLS client configuration that accepts any server certificate (the handshake
+/// signatures are still checked, the certificate's identity is not). It exists so that the load
+/// generator can run against a server whose self-signed certificate file is not at hand; it
+/// gives no protection against an active attacker and must never be used for anything else.
+pub fn insecure_tls() -> ClientTls {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(InsecureAcceptAnyServerCertificate(provider.clone()));
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    ClientTls { config: Arc::new(config) }
+}
+
+/// TEST ONLY (see [`insecure_tls`]): trusts every server certificate, checks handshake
+/// signatures with the provider's algorithms.
+#[derive(Debug)]
+struct InsecureAcceptAnyServerCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for InsecureAcceptAnyServerCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
