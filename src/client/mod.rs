@@ -6,6 +6,6 @@ pub mod http;
 pub mod media;
 pub mod signaling;
 
-pub use http::{ClientTls, dev_token, get, ws_ticket};
+pub use http::{ClientTls, dev_token, get, put, ws_ticket};
 pub use media::{Listener, Publisher, Received};
 pub use signaling::{ClientError, Signaling};
