@@ -20,6 +20,8 @@ pub struct TestServer {
     pub server: Server,
     pub base: String,
     pub tls: ClientTls,
+    /// The server's data folder (its certificate, dev mode's role table).
+    pub data_dir: PathBuf,
 }
 
 pub fn temp_dir(name: &str) -> PathBuf {
@@ -44,7 +46,7 @@ pub async fn start_server(name: &str, configure: impl FnOnce(&mut ServerConfig),
     let server = start(config, StartOptions { clock, dev_issuer: Some(dev_issuer()) }).await.expect("the server starts");
     let tls = ClientTls::trusting(&dir.join("data/tls/cert.pem")).expect("the server's certificate");
     let base = server.url.clone();
-    TestServer { server, base, tls }
+    TestServer { server, base, tls, data_dir: dir.join("data") }
 }
 
 impl TestServer {
