@@ -318,12 +318,17 @@ impl ServiceAccount {
         if text.len() as u64 > MAX_KEY_FILE_BYTES {
             return Err(file_error(format!("larger than {MAX_KEY_FILE_BYTES} bytes")));
         }
-        Self::from_json(&text).map_err(file_error)
+        Self::parse(&text).map_err(file_error)
     }
 
-    /// Parse a key file's JSON. Fields are read one by one so that no error message can quote
-    /// the file (serde's messages quote the values they choke on, and one of them is the key).
-    pub fn from_json(text: &str) -> Result<Self, String> {
+    /// A key file's JSON, given in full (e.g. from a secret store).
+    pub fn from_json(text: &str) -> Result<Self, AdminError> {
+        Self::parse(text).map_err(|reason| AdminError::CredentialFile { path: "(JSON given in full)".into(), reason })
+    }
+
+    /// Fields are read one by one so that no error message can quote the file (serde's messages
+    /// quote the values they choke on, and one of them is the key).
+    fn parse(text: &str) -> Result<Self, String> {
         let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(text) else {
             return Err("not a JSON object (expected a service account key file from the Google Cloud console)".into());
         };
@@ -999,11 +1004,12 @@ mod tests {
         ];
         for case in cases {
             let error = ServiceAccount::from_json(&case.to_string()).unwrap_err();
-            assert!(!error.contains("TOPSECRET"), "{error}");
+            assert_eq!(error.code(), "invalid-credential");
+            assert!(!error.to_string().contains("TOPSECRET"), "{error}");
         }
         let error = ServiceAccount::from_json("{\"private_key\": \"TOPSECRET").unwrap_err();
-        assert!(!error.contains("TOPSECRET"), "{error}");
+        assert!(!error.to_string().contains("TOPSECRET"), "{error}");
         let plain = json!({"client_email": "a@b", "token_uri": "http://example.com/token", "private_key": secret});
-        assert!(ServiceAccount::from_json(&plain.to_string()).unwrap_err().contains("https"));
+        assert!(ServiceAccount::from_json(&plain.to_string()).unwrap_err().to_string().contains("https"));
     }
 }
