@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use encore::auth::AuthMode;
+use encore::auth::{AuthMode, ClaimsAdmin, DEV_ROLES_FILE, DevRoles, Role, SystemClock, UserRoles, parse_role};
 use encore::components::config::EngineConfig;
 use encore::config::{Overrides, ServerConfig};
 use encore::generate::{GenerateOptions, generate};
@@ -42,6 +42,51 @@ enum Command {
         #[command(subcommand)]
         command: ScenarioCommand,
     },
+    /// Manage roles: the `role` custom claim, in Firebase (as a service account), the Auth
+    /// Emulator or dev mode, whichever the configuration's auth.mode names (docs/auth.md).
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Give a user a role; it takes effect in the user's next ID token (sign-in or refresh).
+    SetRole {
+        #[command(flatten)]
+        common: AdminArgs,
+        #[arg(long)]
+        uid: String,
+        /// speaker, listener, moderator or admin.
+        #[arg(long)]
+        role: String,
+    },
+    /// The roles a user's claims grant.
+    GetRole {
+        #[command(flatten)]
+        common: AdminArgs,
+        #[arg(long)]
+        uid: String,
+    },
+    /// Every user whose claims grant a role.
+    ListRoles {
+        #[command(flatten)]
+        common: AdminArgs,
+    },
+}
+
+#[derive(Args)]
+struct AdminArgs {
+    /// The server's TOML configuration file (its [auth] section chooses the backend).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The server's data folder (dev mode keeps its roles there; default ./data).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Print JSON instead of lines.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -163,6 +208,7 @@ fn main() -> ExitCode {
         Command::Replay(args) => run_replay(args),
         Command::Loadgen(args) => run_loadgen(args),
         Command::Scenario { command: ScenarioCommand::Generate(args) } => run_generate(args),
+        Command::Admin { command } => run_admin(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -218,6 +264,89 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         }
         Ok::<(), anyhow::Error>(())
     })
+}
+
+fn run_admin(command: AdminCommand) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ENCORE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(io::stderr)
+        .init();
+    let common = match &command {
+        AdminCommand::SetRole { common, .. }
+        | AdminCommand::GetRole { common, .. }
+        | AdminCommand::ListRoles { common } => common,
+    };
+    let overrides = Overrides { data_dir: common.data_dir.clone(), ..Overrides::default() };
+    let config = ServerConfig::load(common.config.as_deref(), |key| std::env::var(key).ok(), &overrides)?;
+    let dev_roles = std::sync::Arc::new(DevRoles::with_file(config.server.data_dir.join(DEV_ROLES_FILE)));
+    if config.auth.mode == AuthMode::Dev {
+        eprintln!(
+            "encore admin: auth.mode = dev: roles are kept in {} (a dev server reads them at every /dev/token)",
+            config.server.data_dir.join(DEV_ROLES_FILE).display()
+        );
+    }
+    let admin = ClaimsAdmin::from_config(&config.auth, Some(dev_roles), std::sync::Arc::new(SystemClock))?
+        .ok_or(encore::auth::AdminError::NotConfigured)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting tokio")?;
+    let json = common.json;
+    let mut out = io::stdout().lock();
+    match command {
+        AdminCommand::SetRole { uid, role, .. } => {
+            let role = parse_role(&role)?;
+            let change = runtime.block_on(admin.set_role(&uid, role))?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&change)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "{}: role {} (was {}); it takes effect at the user's next sign-in or token refresh",
+                    change.uid,
+                    change.role.as_str(),
+                    roles_text(&change.previous)
+                )?;
+            }
+        }
+        AdminCommand::GetRole { uid, .. } => {
+            let user = runtime.block_on(admin.get_role(&uid))?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&user)?)?;
+            } else {
+                print_user(&mut out, &user, config.auth.default_role)?;
+            }
+        }
+        AdminCommand::ListRoles { .. } => {
+            let users = runtime.block_on(admin.list_roles())?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&users)?)?;
+            } else {
+                for user in &users {
+                    print_user(&mut out, user, config.auth.default_role)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn roles_text(roles: &[Role]) -> String {
+    if roles.is_empty() {
+        "no role claim".to_owned()
+    } else {
+        roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(",")
+    }
+}
+
+/// `uid  roles  email`, tab-separated.
+fn print_user(out: &mut impl Write, user: &UserRoles, default_role: Role) -> Result<()> {
+    let roles = match user.roles.as_slice() {
+        [] => format!("{} (no role claim: the default)", default_role.as_str()),
+        roles => roles_text(roles),
+    };
+    writeln!(out, "{}\t{}\t{}", user.uid, roles, user.email.as_deref().unwrap_or("-"))?;
+    Ok(())
 }
 
 /// Ctrl-C or SIGTERM.

@@ -2,6 +2,7 @@
 //! offending key, so a misconfigured server refuses to start instead of refusing every user.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use encore_systems::components::Role;
@@ -111,6 +112,11 @@ pub struct AuthConfig {
     /// Lifetime of tokens minted by `POST /dev/token` (dev mode; default 3600 s like Firebase's).
     #[serde(default = "default_dev_token_ttl_s")]
     pub dev_token_ttl_s: u64,
+    /// A Google service account key file (JSON), used only to manage roles (`encore admin`,
+    /// `PUT /api/users/{uid}/role`) in firebase mode. Env: `ENCORE_SERVICE_ACCOUNT_FILE`, else
+    /// `GOOGLE_APPLICATION_CREDENTIALS` (firebase mode only, and only when this key is unset).
+    #[serde(default)]
+    pub service_account_file: Option<PathBuf>,
 }
 
 fn default_skew_s() -> u64 {
@@ -144,6 +150,7 @@ impl Default for AuthConfig {
             web_api_key: None,
             emulator_host: None,
             dev_token_ttl_s: default_dev_token_ttl_s(),
+            service_account_file: None,
         }
     }
 }
@@ -175,9 +182,11 @@ impl AuthConfig {
     }
 
     /// Overlay the environment (`ENCORE_AUTH_MODE`, `ENCORE_FIREBASE_PROJECT_ID`,
-    /// `ENCORE_FIREBASE_KEYS_URL`, `ENCORE_FIREBASE_TENANT`, `ENCORE_FIREBASE_API_KEY`, and
-    /// `FIREBASE_AUTH_EMULATOR_HOST` only when the mode is already firebase-emulator). `env` is a
-    /// lookup so tests need not touch the process environment. Call [`AuthConfig::validate`] after.
+    /// `ENCORE_FIREBASE_KEYS_URL`, `ENCORE_FIREBASE_TENANT`, `ENCORE_FIREBASE_API_KEY`,
+    /// `ENCORE_SERVICE_ACCOUNT_FILE`, `FIREBASE_AUTH_EMULATOR_HOST` only when the mode is already
+    /// firebase-emulator, and `GOOGLE_APPLICATION_CREDENTIALS` only in firebase mode with no
+    /// service account file set otherwise). `env` is a lookup so tests need not touch the process
+    /// environment. Call [`AuthConfig::validate`] after.
     pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), AuthConfigError> {
         if let Some(mode) = env("ENCORE_AUTH_MODE") {
             self.mode = mode.parse().map_err(|m| err("auth.mode", format!("from ENCORE_AUTH_MODE: {m}")))?;
@@ -193,6 +202,17 @@ impl AuthConfig {
         }
         if let Some(key) = env("ENCORE_FIREBASE_API_KEY") {
             self.web_api_key = Some(key);
+        }
+        if let Some(path) = env("ENCORE_SERVICE_ACCOUNT_FILE") {
+            self.service_account_file = Some(PathBuf::from(path));
+        } else if let Some(path) = env("GOOGLE_APPLICATION_CREDENTIALS")
+            && self.mode == AuthMode::Firebase
+            && self.service_account_file.is_none()
+        {
+            // The Google-wide convention comes last: a setting made for Encore wins over one made
+            // for every Google client on the machine. Outside firebase mode it is ignored, so a
+            // developer's own credentials never stop a dev or emulator server from starting.
+            self.service_account_file = Some(PathBuf::from(path));
         }
         if let Some(host) = env("FIREBASE_AUTH_EMULATOR_HOST") {
             if self.mode == AuthMode::FirebaseEmulator {
@@ -237,6 +257,7 @@ impl AuthConfig {
                     ("auth.keys_url", self.keys_url.is_some()),
                     ("auth.web_api_key", self.web_api_key.is_some()),
                     ("auth.emulator_host", self.emulator_host.is_some()),
+                    ("auth.service_account_file", self.service_account_file.is_some()),
                 ];
                 if let Some((key, _)) = conflict.iter().find(|(_, set)| *set) {
                     return Err(err(
@@ -272,6 +293,11 @@ impl AuthConfig {
                     return Err(err(
                         "auth.keys_url",
                         "is not used in firebase-emulator mode (emulator tokens are unsigned)",
+                    ));
+                } else if self.service_account_file.is_some() {
+                    return Err(err(
+                        "auth.service_account_file",
+                        "is not used in firebase-emulator mode (the emulator takes its `Bearer owner` admin token)",
                     ));
                 }
             }
@@ -323,15 +349,19 @@ fn validate_project_id(project: &str) -> Result<(), AuthConfigError> {
 /// Keys fetched over plain HTTP could be swapped by anyone on the path, which would let them mint
 /// tokens; plain http is therefore allowed only to a loopback host (tests, a local mirror).
 pub(crate) fn validate_keys_url(url: &str) -> Result<(), AuthConfigError> {
-    let uri: axum::http::Uri = url.parse().map_err(|e| err("auth.keys_url", format!("{url:?} is not a URL: {e}")))?;
-    let host = uri.host().ok_or_else(|| err("auth.keys_url", format!("{url:?} has no host")))?;
+    validate_https_url("auth.keys_url", url)
+}
+
+/// An `https://` URL, or plain `http://` to a loopback host only. Used for every URL auth sends
+/// credentials to or trusts answers from (keys, the service account's token endpoint).
+pub(crate) fn validate_https_url(key: &'static str, url: &str) -> Result<(), AuthConfigError> {
+    let uri: axum::http::Uri = url.parse().map_err(|e| err(key, format!("{url:?} is not a URL: {e}")))?;
+    let host = uri.host().ok_or_else(|| err(key, format!("{url:?} has no host")))?;
     match uri.scheme_str() {
         Some("https") => Ok(()),
         Some("http") if is_loopback_host(host) => Ok(()),
-        Some("http") => {
-            Err(err("auth.keys_url", format!("{url:?} must use https (plain http only to a loopback host)")))
-        }
-        _ => Err(err("auth.keys_url", format!("{url:?} must be an https URL"))),
+        Some("http") => Err(err(key, format!("{url:?} must use https (plain http only to a loopback host)"))),
+        _ => Err(err(key, format!("{url:?} must be an https URL"))),
     }
 }
 

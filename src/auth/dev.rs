@@ -4,8 +4,13 @@
 //! `POST /dev/token`. The server verifies those tokens with the very same verifier and key cache
 //! as in firebase mode, fetching `/dev/keys` over real HTTP, so development exercises the
 //! production path end to end. The key lives only in memory and dies with the process.
+//!
+//! Dev mode's stand-in for custom claims is [`DevRoles`]: the role an admin set for a uid, which
+//! every later `/dev/token` for that uid carries.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use encore_systems::components::Role;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -17,6 +22,8 @@ use super::verify::{ID_TOKEN_ISSUER_PREFIX, MAX_UID_LEN};
 
 /// The project dev tokens are issued for.
 pub const DEV_PROJECT_ID: &str = "encore-dev";
+/// The file a server's dev role table lives in, inside its data folder.
+pub const DEV_ROLES_FILE: &str = "dev-roles.json";
 /// RSA modulus size, as Google's signing keys.
 const RSA_BITS: usize = 2048;
 
@@ -31,6 +38,8 @@ pub enum DevIssuerError {
     Sign(String),
     #[error("invalid dev token request: {0}")]
     BadRequest(String),
+    #[error("dev role store {path}: {reason}")]
+    RoleStore { path: String, reason: String },
 }
 
 /// The in-process issuer of dev tokens.
@@ -129,4 +138,105 @@ impl DevIssuer {
             .map_err(|e| DevIssuerError::Sign(e.to_string()))?;
         Ok((token, self.ttl_s))
     }
+}
+
+/// Dev mode's custom claims: the role set per uid by an admin (`encore admin set-role`, `PUT
+/// /api/users/{uid}/role`). `POST /dev/token` puts it in every token it mints for that uid, in
+/// place of whatever role the request asked for, as a real custom claim outranks whatever a client
+/// would like to be.
+///
+/// With a file (`<data_dir>/dev-roles.json` for a server), the roles live there: every read loads
+/// the file and every write replaces it (written aside, then renamed, so a reader never sees half a
+/// file). That is what lets `encore admin`, another process, change the roles of a running dev
+/// server, and what keeps them across restarts, like Firebase keeps claims. Without a file (auth
+/// tests), they live in memory. Two processes writing at the same instant may lose one write;
+/// this is a development tool, not a database.
+#[derive(Debug)]
+pub struct DevRoles {
+    file: Option<PathBuf>,
+    /// The roles when there is no file; with a file, only a lock that orders this process's
+    /// read-modify-write cycles.
+    memory: Mutex<BTreeMap<String, Role>>,
+}
+
+/// The file's shape: `{"roles": {"<uid>": "<role>"}}`.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct DevRolesFile {
+    #[serde(default)]
+    roles: BTreeMap<String, Role>,
+}
+
+impl DevRoles {
+    /// Roles kept in memory, for as long as the process lives.
+    pub fn in_memory() -> Self {
+        DevRoles { file: None, memory: Mutex::new(BTreeMap::new()) }
+    }
+
+    /// Roles kept in `path` (created at the first write).
+    pub fn with_file(path: impl Into<PathBuf>) -> Self {
+        DevRoles { file: Some(path.into()), memory: Mutex::new(BTreeMap::new()) }
+    }
+
+    pub fn file(&self) -> Option<&Path> {
+        self.file.as_deref()
+    }
+
+    /// The role set for `uid`, if any.
+    pub fn get(&self, uid: &str) -> Result<Option<Role>, DevIssuerError> {
+        Ok(self.all()?.get(uid).copied())
+    }
+
+    /// Every role set, by uid.
+    pub fn all(&self) -> Result<BTreeMap<String, Role>, DevIssuerError> {
+        let memory = self.lock();
+        match &self.file {
+            Some(path) => load(path),
+            None => Ok(memory.clone()),
+        }
+    }
+
+    /// Set `uid`'s role; returns the one it replaced.
+    pub fn set(&self, uid: &str, role: Role) -> Result<Option<Role>, DevIssuerError> {
+        let mut memory = self.lock();
+        match &self.file {
+            Some(path) => {
+                let mut roles = load(path)?;
+                let previous = roles.insert(uid.to_owned(), role);
+                store(path, roles)?;
+                Ok(previous)
+            }
+            None => Ok(memory.insert(uid.to_owned(), role)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Role>> {
+        // A map updated by single inserts cannot be left half-written by a panic.
+        self.memory.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn role_store_error(path: &Path, reason: impl std::fmt::Display) -> DevIssuerError {
+    DevIssuerError::RoleStore { path: path.display().to_string(), reason: reason.to_string() }
+}
+
+fn load(path: &Path) -> Result<BTreeMap<String, Role>, DevIssuerError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str::<DevRolesFile>(&text)
+            .map(|file| file.roles)
+            .map_err(|e| role_store_error(path, format!("not a roles file ({e}); fix or delete it"))),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(error) => Err(role_store_error(path, error)),
+    }
+}
+
+fn store(path: &Path, roles: BTreeMap<String, Role>) -> Result<(), DevIssuerError> {
+    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| role_store_error(path, e))?;
+    }
+    let text = serde_json::to_string_pretty(&DevRolesFile { roles }).map_err(|e| role_store_error(path, e))?;
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".{}.tmp", std::process::id()));
+    let aside = PathBuf::from(aside);
+    std::fs::write(&aside, text + "\n").map_err(|e| role_store_error(&aside, e))?;
+    std::fs::rename(&aside, path).map_err(|e| role_store_error(path, e))
 }

@@ -10,7 +10,7 @@ use axum::{Json, Router};
 use encore_systems::components::Role;
 use serde::Deserialize;
 use serde_json::json;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::error::AuthError;
 use super::state::AuthState;
@@ -128,9 +128,21 @@ async fn dev_token(State(auth): State<AuthState>, body: Result<Json<DevTokenRequ
     roles.extend(request.role);
     roles.sort();
     roles.dedup();
+    // A role set by an admin is dev mode's custom claim: it wins over the role asked for, as a
+    // real claim wins over whatever a client would like to be.
+    let set_by_admin = match auth.dev_roles().map(|table| table.get(&request.uid)).transpose() {
+        Ok(role) => role.flatten(),
+        Err(error) => {
+            warn!(uid = %request.uid, %error, "dev role table unreadable");
+            return json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal-error", &error.to_string());
+        }
+    };
+    if let Some(role) = set_by_admin {
+        roles = vec![role];
+    }
     match dev.mint(&request.uid, &roles, request.email.as_deref()) {
         Ok((token, expires_in)) => {
-            info!(uid = %request.uid, ?roles, expires_in, "dev token minted");
+            info!(uid = %request.uid, ?roles, set_by_admin = set_by_admin.is_some(), expires_in, "dev token minted");
             no_store(Json(json!({ "idToken": token, "expiresIn": expires_in, "uid": request.uid })).into_response())
         }
         Err(error) => json_error(StatusCode::BAD_REQUEST, "argument-error", &error.to_string()),

@@ -320,7 +320,17 @@ impl KeySource {
     }
 }
 
-fn http_client(extra_roots: &[CertificateDer<'static>]) -> Result<HttpClient, KeySourceError> {
+/// The auth module's one HTTPS client recipe (rustls with ring, webpki roots plus `extra_roots`,
+/// plain http allowed for loopback test servers), for any request body type: the key cache sends
+/// none, the admin module sends forms and JSON.
+pub(crate) fn http_client<B>(
+    extra_roots: &[CertificateDer<'static>],
+) -> Result<Client<HttpsConnector<HttpConnector>, B>, KeySourceError>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     for cert in extra_roots {
@@ -338,7 +348,7 @@ fn http_client(extra_roots: &[CertificateDer<'static>]) -> Result<HttpClient, Ke
     Ok(Client::builder(TokioExecutor::new()).build(https))
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -20,6 +20,9 @@
 //! - Time is injected ([`Clock`]), so expiry, key caching and tickets are tested without sleeping.
 //! - Errors are typed ([`AuthError`]) with Admin-SDK-like codes, and no token, signature or ticket
 //!   is ever logged or put in an error.
+//! - Roles are managed as well as read: [`ClaimsAdmin`] sets and reads the `role` custom claim
+//!   through the Identity Toolkit API as a service account (JWT-bearer grant, token cached), the
+//!   Auth Emulator, or dev mode's role table ([`DevRoles`]). See `admin.rs`.
 //!
 //! # Mounting
 //!
@@ -34,6 +37,7 @@
 //!
 //! See docs/auth.md for the modes, config keys, error codes and the ticket flow.
 
+pub mod admin;
 mod clock;
 mod config;
 pub mod dev;
@@ -44,9 +48,13 @@ mod state;
 mod ticket;
 mod verify;
 
+pub use admin::{
+    AccessToken, AdminError, ClaimsAdmin, FirebaseAdminOptions, RoleChange, ServiceAccount, ServiceAccountCredential,
+    UserRoles, parse_role,
+};
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use config::{AuthConfig, AuthConfigError, AuthMode, DEFAULT_EMULATOR_HOST, KeysFormat, MAX_SKEW_S};
-pub use dev::{DEV_PROJECT_ID, DevIssuer, DevIssuerError};
+pub use dev::{DEV_PROJECT_ID, DEV_ROLES_FILE, DevIssuer, DevIssuerError, DevRoles};
 pub use encore_systems::components::Role;
 pub use error::AuthError;
 pub use http::router;

@@ -1,5 +1,6 @@
 //! [`AuthState`]: everything the server needs for auth, built once from [`AuthConfig`].
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,9 +9,10 @@ use rustls::pki_types::CertificateDer;
 use serde::Serialize;
 use tracing::{info, warn};
 
+use super::admin::{AdminError, ClaimsAdmin};
 use super::clock::{SharedClock, SystemClock};
 use super::config::{AuthConfig, AuthConfigError, AuthMode, KeysFormat};
-use super::dev::{DEV_PROJECT_ID, DevIssuer, DevIssuerError};
+use super::dev::{DEV_PROJECT_ID, DevIssuer, DevIssuerError, DevRoles};
 use super::error::AuthError;
 use super::keys::{KeySource, KeySourceError, KeySourceOptions};
 use super::ticket::{IssuedTicket, TicketStore};
@@ -30,6 +32,9 @@ pub struct AuthOptions {
     /// A dev issuer made in advance (tests reuse one key; RSA generation costs time). `None`
     /// makes a fresh key in dev mode.
     pub dev_issuer: Option<Arc<DevIssuer>>,
+    /// Where dev mode keeps the roles admins set (a server: `<data_dir>/dev-roles.json`, shared
+    /// with `encore admin`). `None` keeps them in memory.
+    pub dev_roles_file: Option<PathBuf>,
 }
 
 impl Default for AuthOptions {
@@ -39,6 +44,7 @@ impl Default for AuthOptions {
             self_base_url: None,
             extra_root_certs: Vec::new(),
             dev_issuer: None,
+            dev_roles_file: None,
         }
     }
 }
@@ -54,6 +60,8 @@ pub enum AuthSetupError {
     Dev(#[from] DevIssuerError),
     #[error("dev mode needs AuthOptions::self_base_url (the server's own address) to fetch /dev/keys")]
     MissingSelfUrl,
+    #[error("role admin: {0}")]
+    Admin(#[from] AdminError),
 }
 
 /// `GET /api/client-config`: what the web page needs to sign in.
@@ -76,6 +84,8 @@ struct Inner {
     verifier: Verifier,
     tickets: TicketStore,
     dev: Option<Arc<DevIssuer>>,
+    dev_roles: Option<Arc<DevRoles>>,
+    admin: Option<ClaimsAdmin>,
     clock: SharedClock,
 }
 
@@ -148,9 +158,17 @@ impl AuthState {
                 (Verifier::emulator(settings, clock.clone()), None)
             }
         };
-        Ok(AuthState {
-            inner: Arc::new(Inner { config, verifier, tickets: TicketStore::new(clock.clone()), dev, clock }),
-        })
+        let dev_roles = dev.as_ref().map(|_| {
+            Arc::new(match &options.dev_roles_file {
+                Some(path) => DevRoles::with_file(path),
+                None => DevRoles::in_memory(),
+            })
+        });
+        // A service account file is read now: a bad or world-readable one stops the start, not
+        // the first promotion.
+        let admin = ClaimsAdmin::from_config(&config, dev_roles.clone(), clock.clone())?;
+        let tickets = TicketStore::new(clock.clone());
+        Ok(AuthState { inner: Arc::new(Inner { config, verifier, tickets, dev, dev_roles, admin, clock }) })
     }
 
     /// The auth clock's time in Unix seconds (sessions expire by it).
@@ -176,6 +194,17 @@ impl AuthState {
 
     pub fn dev_issuer(&self) -> Option<&Arc<DevIssuer>> {
         self.inner.dev.as_ref()
+    }
+
+    /// Dev mode's role table (what `/dev/token` puts in tokens), in dev mode.
+    pub fn dev_roles(&self) -> Option<&Arc<DevRoles>> {
+        self.inner.dev_roles.as_ref()
+    }
+
+    /// The role admin of this mode; [`AdminError::NotConfigured`] in firebase mode without a
+    /// service account.
+    pub fn admin(&self) -> Result<&ClaimsAdmin, AdminError> {
+        self.inner.admin.as_ref().ok_or(AdminError::NotConfigured)
     }
 
     /// Verify an ID token.

@@ -381,6 +381,16 @@ fn integer_claim(claims: &Map<String, Value>, name: &'static str) -> Result<i64,
 /// Roles from the custom claims `role` (a string) and `roles` (an array of strings), merged.
 /// Unknown names grant nothing and are skipped; with no known role, the default applies.
 pub(crate) fn roles_from_claims(claims: &Map<String, Value>, default: Role, uid: &str) -> Vec<Role> {
+    let mut roles = claimed_roles(claims, uid);
+    if roles.is_empty() {
+        roles.push(default);
+    }
+    roles
+}
+
+/// The roles the `role`/`roles` claims grant, sorted and deduplicated, without the default: empty
+/// when the claims grant none. The admin module reads stored claims with the same rules.
+pub(crate) fn claimed_roles(claims: &Map<String, Value>, uid: &str) -> Vec<Role> {
     let mut names: Vec<&str> = Vec::new();
     match claims.get("role") {
         Some(Value::String(name)) => names.push(name),
@@ -408,8 +418,5 @@ pub(crate) fn roles_from_claims(claims: &Map<String, Value>, default: Role, uid:
     }
     roles.sort();
     roles.dedup();
-    if roles.is_empty() {
-        roles.push(default);
-    }
     roles
 }

@@ -56,6 +56,11 @@ pub async fn get(tls: &ClientTls, url: &str, bearer: Option<&str>) -> Result<(u1
     request(tls, hyper::Method::GET, url, bearer, None).await
 }
 
+/// `PUT url` with a JSON body: the status and the body as JSON (null when it is not JSON).
+pub async fn put(tls: &ClientTls, url: &str, bearer: Option<&str>, body: Value) -> Result<(u16, Value), ClientError> {
+    request(tls, hyper::Method::PUT, url, bearer, Some(body)).await
+}
+
 /// A token from a dev-mode server (`POST /dev/token`).
 pub async fn dev_token(tls: &ClientTls, base: &str, uid: &str, role: &str) -> Result<String, ClientError> {
     let value = post(tls, &format!("{base}/dev/token"), None, json!({"uid": uid, "role": role})).await?;

@@ -5,18 +5,19 @@ use std::sync::atomic::Ordering;
 
 use axum::Json;
 use axum::Router;
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRef, Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use serde::Serialize;
+use axum::routing::{get, put};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use encore_systems::RoomView;
 
 use super::AppState;
 use super::signaling::ws_upgrade;
-use crate::auth::{AuthState, AuthUser};
+use crate::auth::{AdminError, AuthState, AuthUser, Role, parse_role};
 
 impl FromRef<AppState> for AuthState {
     fn from_ref(app: &AppState) -> AuthState {
@@ -33,6 +34,7 @@ pub fn router(app: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/api/rooms", get(rooms))
         .route("/api/rooms/{id}", get(room))
+        .route("/api/users/{uid}/role", put(set_user_role))
         .route("/ws", get(ws_upgrade))
         .merge(crate::auth::router(app.auth.clone()))
         .with_state(app)
@@ -175,6 +177,49 @@ async fn room(State(app): State<AppState>, _user: AuthUser, Path(id): Path<Strin
         None => {
             (StatusCode::NOT_FOUND, Json(json!({"error": {"code": "not_found", "message": format!("no room {id:?}")}})))
                 .into_response()
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoleRequest {
+    role: String,
+}
+
+/// `PUT /api/users/{uid}/role` `{"role": "speaker"}`, for admins: sets the user's `role` claim
+/// (auth::admin does the work, in whichever backend the mode has) and answers `{"uid", "role"}`.
+/// The user's sessions keep their roles until their next token.
+async fn set_user_role(
+    State(app): State<AppState>,
+    user: AuthUser,
+    Path(uid): Path<String>,
+    body: Result<Json<RoleRequest>, JsonRejection>,
+) -> Response {
+    let result = async {
+        if !user.has_role(Role::Admin) {
+            return Err(AdminError::Forbidden("only an admin may change roles".into()));
+        }
+        let Json(request) = body.map_err(|rejection| {
+            AdminError::BadRequest(format!("expected {{\"role\": \"speaker\"}}: {}", rejection.body_text()))
+        })?;
+        let role = parse_role(&request.role)?;
+        app.auth.admin()?.set_role(&uid, role).await
+    }
+    .await;
+    match result {
+        Ok(change) => {
+            // `change` says which uid now has which role: what that uid's live sessions would
+            // be told (a `role_changed` notification), were the server to tell them.
+            tracing::info!(by = %user.uid, uid = %change.uid, role = change.role.as_str(), "role changed over HTTP");
+            let mut response = Json(json!({"uid": change.uid, "role": change.role})).into_response();
+            response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            response
+        }
+        Err(error) => {
+            // Debug-quoted: the uid comes from the URL, and must not forge log lines.
+            tracing::info!(by = %user.uid, uid = ?uid, code = error.code(), %error, "role change refused");
+            error.into_response()
         }
     }
 }

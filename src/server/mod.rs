@@ -123,6 +123,8 @@ pub async fn start(config: ServerConfig, options: StartOptions) -> Result<Server
         self_base_url: Some(url.clone()),
         extra_root_certs: if tls.self_signed { tls.chain.clone() } else { Vec::new() },
         dev_issuer: options.dev_issuer,
+        // Kept with the certificate, where `encore admin` (another process) finds it too.
+        dev_roles_file: Some(config.server.data_dir.join(crate::auth::DEV_ROLES_FILE)),
     };
     let auth_config = config.auth.clone();
     // Dev mode makes an RSA key: CPU work, off the async threads.

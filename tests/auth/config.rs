@@ -174,3 +174,40 @@ fn auth_state_refuses_invalid_config_and_dev_without_its_own_address() {
         other => panic!("expected MissingSelfUrl, got {other:?}"),
     }
 }
+
+#[test]
+fn the_service_account_file_comes_from_the_config_then_encore_then_google_variables() {
+    use std::path::PathBuf;
+    let file: AuthConfig = toml::from_str(
+        "mode = \"firebase\"\nproject_id = \"my-project\"\nservice_account_file = \"/etc/encore/sa.json\"",
+    )
+    .expect("toml");
+    file.validate().expect("valid");
+    assert_eq!(file.service_account_file, Some(PathBuf::from("/etc/encore/sa.json")));
+
+    // ENCORE_SERVICE_ACCOUNT_FILE overrides the file, as every ENCORE_ variable does.
+    let mut config = file.clone();
+    let vars = [("ENCORE_SERVICE_ACCOUNT_FILE", "/run/secrets/sa.json"), ("GOOGLE_APPLICATION_CREDENTIALS", "/g.json")];
+    config.apply_env(env(&vars)).expect("env");
+    assert_eq!(config.service_account_file, Some(PathBuf::from("/run/secrets/sa.json")));
+    // GOOGLE_APPLICATION_CREDENTIALS only fills a gap: the file's setting wins over it...
+    let mut config = file.clone();
+    config.apply_env(env(&[("GOOGLE_APPLICATION_CREDENTIALS", "/g.json")])).expect("env");
+    assert_eq!(config.service_account_file, Some(PathBuf::from("/etc/encore/sa.json")));
+    // ...and it is used when nothing else is set.
+    let mut config = AuthConfig::firebase("my-project");
+    config.apply_env(env(&[("GOOGLE_APPLICATION_CREDENTIALS", "/g.json")])).expect("env");
+    assert_eq!(config.service_account_file, Some(PathBuf::from("/g.json")));
+
+    // Outside firebase mode a developer's Google credentials change nothing (and stop nothing).
+    for mut config in [AuthConfig::default(), AuthConfig::emulator("demo-encore")] {
+        config.apply_env(env(&[("GOOGLE_APPLICATION_CREDENTIALS", "/g.json")])).expect("env");
+        assert_eq!(config.service_account_file, None);
+        config.validate().expect("still valid");
+    }
+    // Set explicitly there, it is refused, naming the key.
+    let config = AuthConfig { service_account_file: Some("/sa.json".into()), ..Default::default() };
+    assert_eq!(key_of(config.validate()), "auth.service_account_file");
+    let config = AuthConfig { service_account_file: Some("/sa.json".into()), ..AuthConfig::emulator("demo-encore") };
+    assert_eq!(key_of(config.validate()), "auth.service_account_file");
+}

@@ -1,5 +1,6 @@
 //! Tokens never appear in logs: drive the auth paths (accepted and refused tokens, tickets, dev
-//! mode, the emulator) with every event captured at TRACE, then search the capture.
+//! mode, the emulator, managing roles as a service account) with every event captured at TRACE,
+//! then search the capture for tokens, tickets, assertions, access tokens and the private key.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -140,6 +141,27 @@ async fn log_capture_child() {
     secrets.push(dev_token);
     server.abort();
 
+    // Managing roles as a service account: an exchange, API calls, a revoked token replaced, a
+    // refused exchange. The assertions and access tokens are what the fake Google saw and issued.
+    let google = super::admin::FakeGoogle::start(&clock).await;
+    google.add_user("alice", Some("alice@example.com"), Some(r#"{"tier":"gold"}"#));
+    let mut config = AuthConfig::firebase(PROJECT);
+    config.keys_url = Some(keys.url());
+    config.service_account_file = Some(super::admin::key_file(&google.service_account_json(), 0o600));
+    AuthState::new(config, AuthOptions { clock: clock.shared(), ..Default::default() }).expect("auth");
+    let admin = google.admin(&clock);
+    admin.set_role("alice", Role::Speaker).await.expect("set-role");
+    google.revoke_all();
+    admin.get_role("alice").await.expect("a new token after the 401");
+    google.revoke_all();
+    google.set_refuse_grants(true);
+    assert!(admin.get_role("alice").await.is_err(), "the new exchange is refused");
+    assert!(google.assertions().len() >= 3 && google.issued().len() >= 2);
+    secrets.extend(google.assertions());
+    secrets.extend(google.issued());
+    let dev_admin = dev_auth.admin().expect("dev admin");
+    dev_admin.set_role("erin", Role::Speaker).await.expect("dev set-role");
+
     // Emulator mode.
     let emulator =
         AuthState::new(AuthConfig::emulator(PROJECT), AuthOptions { clock: clock.shared(), ..Default::default() })
@@ -160,8 +182,16 @@ async fn log_capture_child() {
         "public key refresh failed",
         "DEV MODE",
         "FIREBASE-EMULATOR MODE",
+        "managing roles as a service account",
+        "service account access token obtained",
+        "role claim set",
+        "access token refused",
     ] {
         assert!(log.contains(expected), "log lacks {expected:?}:\n{log}");
+    }
+    // Not a line of the service account's private key.
+    for line in key_a().private_pem.lines().filter(|line| !line.starts_with("-----") && line.len() >= 16) {
+        assert!(!log.contains(line), "a line of the private key appears in the log");
     }
     for secret in &secrets {
         assert!(!log.contains(secret.as_str()), "a token or ticket appears in the log");

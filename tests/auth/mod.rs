@@ -1,8 +1,9 @@
 //! Auth (issue 3): the verifier, the key cache, the axum pieces and the config, against real RSA
-//! keys and real HTTP servers on loopback.
+//! keys and real HTTP servers on loopback; and (issue 14) managing roles.
 
 mod support;
 
+mod admin;
 mod config;
 mod emulator;
 mod http;

@@ -18,6 +18,8 @@ pub struct TestServer {
     pub server: Server,
     pub base: String,
     pub tls: ClientTls,
+    /// The server's data folder (its certificate, dev mode's role table).
+    pub data_dir: PathBuf,
 }
 
 pub fn temp_dir(name: &str) -> PathBuf {
@@ -47,7 +49,7 @@ pub async fn start_server(
         start(config, StartOptions { clock, dev_issuer: Some(dev_issuer()) }).await.expect("the server starts");
     let tls = ClientTls::trusting(&dir.join("data/tls/cert.pem")).expect("the server's certificate");
     let base = server.url.clone();
-    TestServer { server, base, tls }
+    TestServer { server, base, tls, data_dir: dir.join("data") }
 }
 
 impl TestServer {
