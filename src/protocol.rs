@@ -498,6 +498,20 @@ impl Notice {
     ];
 }
 
+/// The JSON body of a refused WebSocket upgrade (HTTP 401, or 503 when the auth keys cannot be
+/// had): the protocol's code, and the auth layer's own (`auth/id-token-expired`, ...).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeRefusal {
+    pub error: UpgradeError,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeError {
+    pub code: ErrorCode,
+    pub auth_code: String,
+    pub message: String,
+}
+
 /// Anything the server sends: an answer (it has `id` and `ok`) or a notice.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]

@@ -3,7 +3,10 @@
 //! certificate as an X.509 map (Google's format) at `/dev/keys`, and mints RS256 ID tokens on
 //! `POST /dev/token`. The server verifies those tokens with the very same verifier and key cache
 //! as in firebase mode, fetching `/dev/keys` over real HTTP, so development exercises the
-//! production path end to end. The key lives only in memory and dies with the process.
+//! production path end to end. The server keeps the key in its data folder
+//! ([`DEV_KEY_FILE`], readable by its owner only), like its TLS certificate, so a restart does
+//! not invalidate the tokens its users hold; the key id is derived from the key, so it is the
+//! same after a restart too.
 //!
 //! Dev mode's stand-in for custom claims is [`DevRoles`]: the role an admin set for a uid, which
 //! every later `/dev/token` for that uid carries.
@@ -24,6 +27,8 @@ use super::verify::{ID_TOKEN_ISSUER_PREFIX, MAX_UID_LEN};
 pub const DEV_PROJECT_ID: &str = "encore-dev";
 /// The file a server's dev role table lives in, inside its data folder.
 pub const DEV_ROLES_FILE: &str = "dev-roles.json";
+/// The file a server's dev signing key (PKCS#8 PEM) lives in, inside its data folder.
+pub const DEV_KEY_FILE: &str = "dev-signing-key.pem";
 /// RSA modulus size, as Google's signing keys.
 const RSA_BITS: usize = 2048;
 
@@ -40,6 +45,8 @@ pub enum DevIssuerError {
     BadRequest(String),
     #[error("dev role store {path}: {reason}")]
     RoleStore { path: String, reason: String },
+    #[error("dev signing key {path}: {source}")]
+    KeyFile { path: String, source: std::io::Error },
 }
 
 /// The in-process issuer of dev tokens.
@@ -68,6 +75,26 @@ impl DevIssuer {
         Self::from_pkcs8_pem(&pkcs8_pem, ttl_s, clock)
     }
 
+    /// The issuer of the key kept at `path`, made and saved there (mode 0600) on first use.
+    pub fn load_or_generate(path: &Path, ttl_s: u64, clock: SharedClock) -> Result<Self, DevIssuerError> {
+        let failed = |source| DevIssuerError::KeyFile { path: path.display().to_string(), source };
+        match std::fs::read_to_string(path) {
+            Ok(pem) => Self::from_pkcs8_pem(&pem, ttl_s, clock),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                let mut rng = rsa::rand_core::OsRng;
+                let private =
+                    rsa::RsaPrivateKey::new(&mut rng, RSA_BITS).map_err(|e| DevIssuerError::KeyGen(e.to_string()))?;
+                let pem = private.to_pkcs8_pem(LineEnding::LF).map_err(|e| DevIssuerError::KeyGen(e.to_string()))?;
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(failed)?;
+                }
+                write_private(path, pem.as_bytes()).map_err(failed)?;
+                Self::from_pkcs8_pem(&pem, ttl_s, clock)
+            }
+            Err(error) => Err(failed(error)),
+        }
+    }
+
     /// An issuer for an existing RSA private key (PKCS#8 PEM), e.g. one a test generated once.
     pub fn from_pkcs8_pem(pkcs8_pem: &str, ttl_s: u64, clock: SharedClock) -> Result<Self, DevIssuerError> {
         let key_pair = rcgen::KeyPair::from_pkcs8_pem_and_sign_algo(pkcs8_pem, &rcgen::PKCS_RSA_SHA256)
@@ -78,9 +105,10 @@ impl DevIssuer {
         let certificate = params.self_signed(&key_pair).map_err(|e| DevIssuerError::Certificate(e.to_string()))?;
         let encoding_key =
             EncodingKey::from_rsa_pem(pkcs8_pem.as_bytes()).map_err(|e| DevIssuerError::KeyGen(e.to_string()))?;
-        let mut kid_bytes = [0u8; 20];
-        getrandom::fill(&mut kid_bytes).map_err(|e| DevIssuerError::KeyGen(e.to_string()))?;
-        let kid = kid_bytes.iter().map(|b| format!("{b:02x}")).collect();
+        // The key id names the key: the same key (a restart) gives the same id, so tokens minted
+        // before a restart still find their key.
+        let digest = ring::digest::digest(&ring::digest::SHA256, key_pair.public_key_raw());
+        let kid = digest.as_ref()[..20].iter().map(|b| format!("{b:02x}")).collect();
         Ok(DevIssuer { kid, encoding_key, certificate_pem: certificate.pem(), ttl_s, clock })
     }
 
@@ -239,4 +267,19 @@ fn store(path: &Path, roles: BTreeMap<String, Role>) -> Result<(), DevIssuerErro
     let aside = PathBuf::from(aside);
     std::fs::write(&aside, text + "\n").map_err(|e| role_store_error(&aside, e))?;
     std::fs::rename(&aside, path).map_err(|e| role_store_error(path, e))
+}
+
+/// Writes a file only its owner may read (a private key).
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
 }

@@ -54,7 +54,7 @@ pub use admin::{
 };
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use config::{AuthConfig, AuthConfigError, AuthMode, DEFAULT_EMULATOR_HOST, KeysFormat, MAX_SKEW_S};
-pub use dev::{DEV_PROJECT_ID, DEV_ROLES_FILE, DevIssuer, DevIssuerError, DevRoles};
+pub use dev::{DEV_KEY_FILE, DEV_PROJECT_ID, DEV_ROLES_FILE, DevIssuer, DevIssuerError, DevRoles};
 pub use encore_systems::components::Role;
 pub use error::AuthError;
 pub use http::router;

@@ -35,6 +35,8 @@ pub struct AuthOptions {
     /// Where dev mode keeps the roles admins set (a server: `<data_dir>/dev-roles.json`, shared
     /// with `encore admin`). `None` keeps them in memory.
     pub dev_roles_file: Option<PathBuf>,
+    /// Where dev mode keeps its signing key across restarts (none: a new key in memory).
+    pub dev_key_file: Option<PathBuf>,
 }
 
 impl Default for AuthOptions {
@@ -45,6 +47,7 @@ impl Default for AuthOptions {
             extra_root_certs: Vec::new(),
             dev_issuer: None,
             dev_roles_file: None,
+            dev_key_file: None,
         }
     }
 }
@@ -130,7 +133,10 @@ impl AuthState {
                 let base = options.self_base_url.as_deref().ok_or(AuthSetupError::MissingSelfUrl)?;
                 let dev = match options.dev_issuer.clone() {
                     Some(dev) => dev,
-                    None => Arc::new(DevIssuer::generate(config.dev_token_ttl_s, clock.clone())?),
+                    None => Arc::new(match &options.dev_key_file {
+                        Some(path) => DevIssuer::load_or_generate(path, config.dev_token_ttl_s, clock.clone())?,
+                        None => DevIssuer::generate(config.dev_token_ttl_s, clock.clone())?,
+                    }),
                 };
                 let url = format!("{}/dev/keys", base.trim_end_matches('/'));
                 let keys = Arc::new(KeySource::new(key_options(url.clone(), KeysFormat::X509), clock.clone())?);

@@ -1,6 +1,6 @@
 //! What can go wrong for a client, with the cause kept as a source and a stable code.
 
-use crate::protocol::{ErrorBody, ErrorCode};
+use crate::protocol::{ErrorBody, ErrorCode, UpgradeRefusal};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -20,6 +20,9 @@ pub enum ClientError {
     HttpStatus { url: String, status: u16, body: String },
     #[error("WebSocket: {0}")]
     WebSocket(#[source] tokio_tungstenite::tungstenite::Error),
+    /// The server refused the WebSocket upgrade (the credentials, or no keys to check them).
+    #[error("the server refused the session: HTTP {status}: {}", refusal.as_ref().map_or("(no body)", |r| r.error.message.as_str()))]
+    UpgradeRefused { status: u16, refusal: Option<UpgradeRefusal> },
     /// The server refused a request.
     #[error("the server refused `{kind}`: {source}")]
     Refused { kind: &'static str, source: ErrorBody },
@@ -45,6 +48,8 @@ impl ClientError {
             ClientError::Tls { .. } => "tls",
             ClientError::Http { .. } | ClientError::HttpStatus { .. } => "http",
             ClientError::WebSocket(_) => "websocket",
+            ClientError::UpgradeRefused { refusal: Some(refusal), .. } => refusal.error.code.as_str(),
+            ClientError::UpgradeRefused { .. } => "unauthorized",
             ClientError::Refused { source, .. } => source.code.as_str(),
             ClientError::Protocol(_) => "protocol",
             ClientError::Timeout(_) => "timeout",
@@ -57,6 +62,7 @@ impl ClientError {
     pub fn refusal(&self) -> Option<ErrorCode> {
         match self {
             ClientError::Refused { source, .. } => Some(source.code),
+            ClientError::UpgradeRefused { refusal: Some(refusal), .. } => Some(refusal.error.code),
             _ => None,
         }
     }

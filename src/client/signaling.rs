@@ -81,7 +81,13 @@ impl Signaling {
         let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4 * 1024);
         let (socket, _) = tokio_tungstenite::client_async_with_config(request, tls_stream, Some(config))
             .await
-            .map_err(ClientError::WebSocket)?;
+            .map_err(|error| match error {
+                tokio_tungstenite::tungstenite::Error::Http(response) => ClientError::UpgradeRefused {
+                    status: response.status().as_u16(),
+                    refusal: response.body().as_deref().and_then(|body| serde_json::from_slice(body).ok()),
+                },
+                other => ClientError::WebSocket(other),
+            })?;
         let (mut sink, mut stream) = socket.split();
         let (out, mut out_rx) = mpsc::channel::<Message>(256);
         tokio::spawn(async move {

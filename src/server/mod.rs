@@ -125,6 +125,7 @@ pub async fn start(config: ServerConfig, options: StartOptions) -> Result<Server
         dev_issuer: options.dev_issuer,
         // Kept with the certificate, where `encore admin` (another process) finds it too.
         dev_roles_file: Some(config.server.data_dir.join(crate::auth::DEV_ROLES_FILE)),
+        dev_key_file: Some(config.server.data_dir.join(crate::auth::DEV_KEY_FILE)),
     };
     let auth_config = config.auth.clone();
     // Dev mode makes an RSA key: CPU work, off the async threads.

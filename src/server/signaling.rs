@@ -20,10 +20,10 @@ use super::AppState;
 use super::rooms::{Moderation, PEER_EVENTS, RoomCommand, RoomLink};
 use super::sessions::{SessionKey, Sessions};
 use super::transport::{RecvTransport, SendTransport, TransportEvent};
-use crate::auth::AuthUser;
+use crate::auth::{AuthError, AuthUser};
 use crate::protocol::{
     Answer, BURST_MESSAGES, Done, ErrorBody, ErrorCode, FLOOD_MESSAGES, Joined, MAX_MESSAGE_BYTES, MAX_MESSAGES_PER_S,
-    MAX_PREFS_NAMES, Notice, Offered, PROTOCOL_VERSION, Published, Reauthed, Request, RequestId, Side, close,
+    MAX_PREFS_NAMES, Notice, Offered, PROTOCOL_VERSION, Published, Reauthed, Request, RequestId, Side, UpgradeError, UpgradeRefusal, close,
     parse_request,
 };
 
@@ -46,7 +46,7 @@ pub async fn ws_upgrade(
 ) -> Response {
     let user = match app.auth.authenticate_upgrade(&headers, query.ticket.as_deref()).await {
         Ok(user) => user,
-        Err(error) => return error.into_response(),
+        Err(error) => return upgrade_refused(error),
     };
     upgrade
         .max_message_size(MAX_MESSAGE_BYTES)
@@ -57,6 +57,24 @@ pub async fn ws_upgrade(
         // Larger messages still arrive whole; the buffer grows to the frame's length.
         .read_buffer_size(WS_READ_BUFFER_BYTES)
         .on_upgrade(move |socket| Session::new(app, user).run(socket))
+}
+
+/// A refused upgrade: the auth layer's status and headers (`WWW-Authenticate`, `Retry-After`),
+/// with the protocol's error code in the body beside the auth layer's own.
+fn upgrade_refused(error: AuthError) -> Response {
+    let code = match error.status().as_u16() {
+        401 => ErrorCode::Unauthorized,
+        403 => ErrorCode::Forbidden,
+        503 => ErrorCode::Unavailable,
+        _ => ErrorCode::BadRequest,
+    };
+    let body = UpgradeRefusal {
+        error: UpgradeError { code, auth_code: error.code().to_owned(), message: error.to_string() },
+    };
+    let mut response = error.into_response();
+    let json = serde_json::to_vec(&body).unwrap_or_default();
+    *response.body_mut() = axum::body::Body::from(json);
+    response
 }
 
 fn refuse(code: ErrorCode, message: impl Into<String>) -> ErrorBody {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use encore::protocol::{Done, ErrorCode, Notice, Reauthed, Request};
 
 use encore::auth::{Clock, DevIssuer, ManualClock};
-use encore::client::{ClientTls, Publisher, Signaling, dev_token, get, ws_ticket};
+use encore::client::{ClientError, ClientTls, Publisher, Signaling, dev_token, get, ws_ticket};
 
 use super::support::{start_server, temp_dir};
 
@@ -61,6 +61,14 @@ async fn a_ticket_works_once_and_not_after_thirty_seconds() {
     let again =
         Signaling::connect(&server.tls, &server.base, None, Some(&ticket)).await.err().expect("a ticket works once");
     assert!(again.to_string().contains("401"), "{again}");
+    // The body says so in the protocol's words, with the auth layer's reason beside them.
+    match &again {
+        ClientError::UpgradeRefused { status: 401, refusal: Some(refusal) } => {
+            assert_eq!(refusal.error.code, ErrorCode::Unauthorized);
+            assert_eq!(refusal.error.auth_code, "invalid-ticket");
+        }
+        other => panic!("a refused upgrade, with its body: {other:?}"),
+    }
     let late = ws_ticket(&server.tls, &server.base, &token).await.unwrap();
     clock.advance(Duration::from_secs(31));
     let refused = Signaling::connect(&server.tls, &server.base, None, Some(&late)).await.err().expect("tickets expire");
@@ -186,4 +194,33 @@ async fn the_logs_of_a_whole_server_run_contain_no_token() {
     while let Some(event) = reader.next_event() {
         event.expect("every recorded line reads back");
     }
+}
+
+/// A restart keeps the dev signing key (in the data folder, like the certificate): tokens minted
+/// before it open sessions after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_tokens_outlive_a_restart_of_the_server() {
+    let dir = temp_dir("auth-restart");
+    let start = || {
+        let mut config = encore::config::ServerConfig::default();
+        config.server.listen = "127.0.0.1:0".parse().unwrap();
+        config.server.data_dir = dir.join("data");
+        config.media.bind_ips = vec!["127.0.0.1".parse().unwrap()];
+        encore::server::start(config, encore::server::StartOptions::default())
+    };
+    let first = start().await.unwrap();
+    let tls = ClientTls::trusting(&dir.join("data/tls/cert.pem")).unwrap();
+    let token = dev_token(&tls, &first.url, "ray", "speaker").await.unwrap();
+    first.shutdown().await;
+    let key = dir.join("data").join(encore::auth::DEV_KEY_FILE);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the dev signing key is for its owner's eyes only: {mode:o}");
+    }
+    let second = start().await.unwrap();
+    let session = Signaling::connect(&tls, &second.url, Some(&token), None).await.expect("the old token still works");
+    assert_eq!(session.welcome.uid, "ray");
+    second.shutdown().await;
 }

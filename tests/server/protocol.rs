@@ -9,7 +9,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use encore::protocol::{Answer, Done, ErrorCode, Joined, Notice, Offered, Published, Reauthed, Request, parse_request};
+use encore::protocol::{
+    Answer, Done, ErrorCode, Joined, Notice, Offered, Published, Reauthed, Request, UpgradeRefusal, parse_request,
+};
 
 use super::support::start_server;
 
@@ -49,7 +51,9 @@ fn every_example_in_the_protocol_document_parses_with_the_protocol_types() {
         for line in block {
             examples += 1;
             let value: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON: {e}: {line}"));
-            if value.get("ok").is_some() {
+            if value.get("error").is_some() && value.get("type").is_none() && value.get("ok").is_none() {
+                let _: UpgradeRefusal = round_trip("an upgrade refusal", &value);
+            } else if value.get("ok").is_some() {
                 let answer: Answer = round_trip("an answer", &value);
                 let Some(data) = answer.data.clone() else { continue };
                 // The answer's data is the type its request promises.
