@@ -75,26 +75,36 @@ impl Default for ServerSection {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MediaSection {
-    /// Addresses whose interfaces carry media (UDP). `0.0.0.0` means every interface of the
-    /// machine; loopback is always added so local clients work.
-    pub bind_ips: Vec<IpAddr>,
-    /// UDP port range for media; 0 and 0 mean ephemeral ports.
-    pub udp_port_min: u16,
-    pub udp_port_max: u16,
-    /// The address announced to clients in place of the host's (1:1 NAT).
+    /// The address the workers' media sockets bind. `0.0.0.0` means every interface: the host
+    /// candidates then announce the machine's addresses (and loopback).
+    pub bind_ip: IpAddr,
+    /// UDP: worker `i` binds `udp_port + i` (one port per worker, every connection of its rooms
+    /// on it); 0 lets each worker take any free port.
+    pub udp_port: u16,
+    /// ICE over TCP (RFC 6544, for clients whose UDP is blocked) on this one port; 0 takes any
+    /// free port.
+    pub tcp_port: u16,
+    /// Offer the ICE-TCP candidate at all.
+    pub ice_tcp: bool,
+    /// The address announced in every host candidate instead of the machine's (1:1 NAT).
     pub public_ip: Option<IpAddr>,
     /// ICE servers handed to clients.
     pub ice_servers: Vec<IceServer>,
+    /// A transport not connected (ICE and DTLS) this long after it was made is closed, and its
+    /// client told (`transport_failed`).
+    pub connect_timeout_s: u64,
 }
 
 impl Default for MediaSection {
     fn default() -> Self {
         MediaSection {
-            bind_ips: vec!["0.0.0.0".parse().expect("an address")],
-            udp_port_min: 0,
-            udp_port_max: 0,
+            bind_ip: "0.0.0.0".parse().expect("an address"),
+            udp_port: 0,
+            tcp_port: 0,
+            ice_tcp: true,
             public_ip: None,
             ice_servers: Vec::new(),
+            connect_timeout_s: 15,
         }
     }
 }
@@ -172,11 +182,14 @@ impl ServerConfig {
         if let Some(v) = env("ENCORE_PUBLIC_IP") {
             m.public_ip = Some(parse("media.public_ip", "ENCORE_PUBLIC_IP", v)?);
         }
-        if let Some(v) = env("ENCORE_UDP_PORT_MIN") {
-            m.udp_port_min = parse("media.udp_port_min", "ENCORE_UDP_PORT_MIN", v)?;
+        if let Some(v) = env("ENCORE_BIND_IP") {
+            m.bind_ip = parse("media.bind_ip", "ENCORE_BIND_IP", v)?;
         }
-        if let Some(v) = env("ENCORE_UDP_PORT_MAX") {
-            m.udp_port_max = parse("media.udp_port_max", "ENCORE_UDP_PORT_MAX", v)?;
+        if let Some(v) = env("ENCORE_UDP_PORT") {
+            m.udp_port = parse("media.udp_port", "ENCORE_UDP_PORT", v)?;
+        }
+        if let Some(v) = env("ENCORE_TCP_PORT") {
+            m.tcp_port = parse("media.tcp_port", "ENCORE_TCP_PORT", v)?;
         }
         let e = &mut self.engine;
         if let Some(v) = env("ENCORE_TICK_MS") {
@@ -225,14 +238,17 @@ impl ServerConfig {
             return Err(invalid("server.max_peers_per_room", "must be at least 1"));
         }
         let m = &self.media;
-        if (m.udp_port_min == 0) != (m.udp_port_max == 0) || m.udp_port_min > m.udp_port_max {
+        if m.udp_port != 0 && usize::from(m.udp_port) + self.worker_count() > 65_536 {
             return Err(invalid(
-                "media.udp_port_min",
-                format!("and media.udp_port_max must both be 0 or a range, got {}..{}", m.udp_port_min, m.udp_port_max),
+                "media.udp_port",
+                format!("{} plus one port per worker ({}) runs past 65535", m.udp_port, self.worker_count()),
             ));
         }
-        if m.bind_ips.is_empty() {
-            return Err(invalid("media.bind_ips", "must name at least one address"));
+        if m.public_ip.is_some_and(|ip| ip.is_unspecified()) {
+            return Err(invalid("media.public_ip", "must be a reachable address, not 0.0.0.0"));
+        }
+        if m.connect_timeout_s == 0 || m.connect_timeout_s > 600 {
+            return Err(invalid("media.connect_timeout_s", "must be between 1 and 600"));
         }
         for server in &m.ice_servers {
             if server.urls.is_empty()
@@ -310,7 +326,8 @@ mod tests {
         let cases: Vec<(&str, &str)> = vec![
             ("[server]\nlisten = \"nowhere\"\n", "listen"),
             ("[server]\nlistn = \"127.0.0.1:1\"\n", "listn"),
-            ("[media]\nudp_port_min = 5000\n", "media.udp_port_min"),
+            ("[media]\nudp_port = 65535\n", "media.udp_port"),
+            ("[media]\nudp_port_min = 5000\n", "udp_port_min"),
             ("[engine]\ntick_ms = 0\n", "engine.tick_ms"),
             ("[server]\ntls_cert = \"a.pem\"\n", "server.tls_cert"),
             ("[media]\nice_servers = [{urls = [\"http://x\"]}]\n", "media.ice_servers"),

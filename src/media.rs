@@ -1,36 +1,28 @@
-//! WebRTC building blocks shared by the server's transports and the Rust client (tests and the
-//! load generator), on the `webrtc` crate 0.21 and its `rtc` core.
+//! WebRTC building blocks shared by the server's media path (the sans-I/O `rtc` core) and the
+//! Rust client (the `webrtc` crate, whose types are `rtc`'s, re-exported): codecs, the media
+//! engine and interceptor chain of a leg, RTCP feedback, the RFC 6464 level, VP8 key frames and
+//! the one RTP header builder.
 //!
 //! Traps this module exists to avoid (measured, see docs/dependencies.md): the audio-level header
 //! extension is not registered by default; inbound RTCP (a listener's NACK and PLI) reaches the
-//! application only through an interceptor that marks it, one packet per batch; `write_rtp`
-//! returns `Ok` even when the connection drops the packet (before DTLS is up, or with a payload
-//! type, SSRC or extension id the leg did not negotiate).
+//! application only through an interceptor that marks it, one packet per batch.
 
 use std::collections::VecDeque;
-use std::net::IpAddr;
-use std::sync::Arc;
 use std::time::Instant;
 
 use rtc::interceptor::{
-    Attribute, AttributedPacket, Interceptor, NackGeneratorBuilder, Packet, StreamInfo, TaggedPacket,
+    Attribute, AttributedPacket, Interceptor, NackGeneratorBuilder, Packet, Registry, Slot, StreamInfo, TaggedPacket,
 };
-use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_OPUS, MIME_TYPE_VP8};
+use rtc::peer_connection::configuration::interceptor_registry::{configure_rtcp_reports, configure_twcc_receiver_only};
+use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_OPUS, MIME_TYPE_VP8, MediaEngine};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
+use rtc::rtp_transceiver::RTCRtpTransceiverDirection;
 use rtc::rtp_transceiver::rtp_sender::{
-    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters,
-    RTCRtpHeaderExtensionCapability, RtpCodecKind,
+    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
 use rtc::sansio::Protocol;
-use webrtc::media_stream::MediaStreamTrack;
-use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
-use webrtc::peer_connection::{
-    MediaEngine, Registry, SettingEngine, SettingEngineBuilder, Slot, configure_rtcp_reports,
-    configure_twcc_receiver_only,
-};
-use webrtc::rtp_transceiver::{RTCRtpTransceiverDirection, RtpTransceiver};
 
 pub use rtc::rtp::Packet as RtpPacket;
 pub use rtc::rtp_transceiver::rtp_sender::RtpCodecKind as Kind;
@@ -57,23 +49,6 @@ pub fn vp8_codec() -> RTCRtpCodec {
         sdp_fmtp_line: String::new(),
         rtcp_feedback: vec![],
     }
-}
-
-/// A track we send on: Opus or VP8, with the SSRC we choose (the stream id groups tracks in the
-/// remote's `a=msid`).
-pub fn local_track(kind: RtpCodecKind, ssrc: u32, stream_id: &str, label: &str) -> Arc<TrackLocalStaticRTP> {
-    let codec = if kind == RtpCodecKind::Audio { opus_codec() } else { vp8_codec() };
-    Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
-        stream_id.to_owned(),
-        format!("{stream_id}-{kind}"),
-        format!("{label} ({kind})"),
-        kind,
-        vec![RTCRtpEncodingParameters {
-            rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
-            codec,
-            ..Default::default()
-        }],
-    )))
 }
 
 /// Opus and VP8 with the audio-level extension, and the interceptors of an SFU leg: NACK
@@ -107,12 +82,6 @@ pub fn media_engine_and_registry() -> Result<(MediaEngine, Registry), rtc::share
     let registry = configure_twcc_receiver_only(registry, &mut engine)?;
     let registry = registry.with(Slot::from(14_000), RtcpToApp::default());
     Ok((engine, registry))
-}
-
-/// mDNS off: a server announces reachable host addresses, and each connection would otherwise
-/// bind one more multicast socket.
-pub fn setting_engine() -> SettingEngine {
-    SettingEngineBuilder::new().with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled).build()
 }
 
 /// The last interceptor: hands NACK, PLI and FIR to the application, one packet per message
@@ -175,21 +144,26 @@ impl Interceptor for RtcpToApp {
     fn unbind_remote_stream(&mut self, _: &StreamInfo) {}
 }
 
-/// What a listener's RTCP asks of us.
+/// What a listener's RTCP asks of us, and of which of its streams (the media SSRC).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RtcpFeedback {
-    Nack(Vec<u16>),
-    KeyframeRequest,
+    Nack { media_ssrc: u32, seqs: Vec<u16> },
+    KeyframeRequest { media_ssrc: u32 },
 }
 
 /// Reads a NACK, PLI or FIR out of an inbound RTCP packet.
 pub fn feedback(packet: &dyn rtc::rtcp::Packet) -> Option<RtcpFeedback> {
     let any = packet.as_any();
     if let Some(nack) = any.downcast_ref::<TransportLayerNack>() {
-        return Some(RtcpFeedback::Nack(nack.nacks.iter().flat_map(|pair| pair.packet_list()).collect()));
+        let seqs = nack.nacks.iter().flat_map(|pair| pair.packet_list()).collect();
+        return Some(RtcpFeedback::Nack { media_ssrc: nack.media_ssrc, seqs });
     }
-    if any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>() {
-        return Some(RtcpFeedback::KeyframeRequest);
+    if let Some(pli) = any.downcast_ref::<PictureLossIndication>() {
+        return Some(RtcpFeedback::KeyframeRequest { media_ssrc: pli.media_ssrc });
+    }
+    if let Some(fir) = any.downcast_ref::<FullIntraRequest>() {
+        let media_ssrc = fir.fir.first().map_or(fir.media_ssrc, |entry| entry.ssrc);
+        return Some(RtcpFeedback::KeyframeRequest { media_ssrc });
     }
     None
 }
@@ -222,8 +196,8 @@ pub fn rtp_packet(payload_type: u8, seq: u16, ts: u32, ssrc: u32, marker: bool) 
 }
 
 /// RFC 6464: (level 0..=127 in -dBov, V flag) from the negotiated extension id.
-pub fn audio_level(packet: &RtpPacket, extension_id: u8) -> Option<(u8, bool)> {
-    let value = *packet.header.get_extension(extension_id)?.first()?;
+pub fn audio_level(header: &rtc::rtp::header::Header, extension_id: u8) -> Option<(u8, bool)> {
+    let value = *header.get_extension(extension_id)?.first()?;
     Some((value & 0x7f, value & 0x80 != 0))
 }
 
@@ -258,36 +232,6 @@ pub fn vp8_keyframe_start(payload: &[u8]) -> bool {
     payload.get(index).is_some_and(|header| header & 0x01 == 0)
 }
 
-/// The negotiated id of the audio-level extension on a transceiver's sender or receiver.
-pub async fn negotiated_audio_level(transceiver: &Arc<dyn RtpTransceiver>, receiving: bool) -> Option<u8> {
-    let extensions = if receiving {
-        transceiver.receiver().await.ok()??.get_parameters().await.ok()?.rtp_parameters.header_extensions
-    } else {
-        transceiver.sender().await.ok()??.get_parameters().await.ok()?.rtp_parameters.header_extensions
-    };
-    extensions.iter().find(|e| e.uri == AUDIO_LEVEL_URI).and_then(|e| u8::try_from(e.id).ok())
-}
-
-/// The payload type the sender negotiated for its codec.
-pub async fn negotiated_payload_type(transceiver: &Arc<dyn RtpTransceiver>) -> Option<u8> {
-    let parameters = transceiver.sender().await.ok()??.get_parameters().await.ok()?;
-    parameters.rtp_parameters.codecs.first().map(|c| c.payload_type)
-}
-
-/// Puts `public_ip` in place of a host candidate's address (1:1 NAT), since the crate's own
-/// setting for it is not applied in 0.21.
-pub fn announce_public_ip(candidate: &str, public_ip: Option<IpAddr>) -> String {
-    let Some(ip) = public_ip else { return candidate.to_owned() };
-    let mut fields: Vec<&str> = candidate.split(' ').collect();
-    let is_host = fields.windows(2).any(|w| w[0] == "typ" && w[1] == "host");
-    if !is_host || fields.len() < 6 {
-        return candidate.to_owned();
-    }
-    let ip = ip.to_string();
-    fields[4] = &ip;
-    fields.join(" ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,17 +250,7 @@ mod tests {
     fn audio_levels_round_trip_through_the_extension_byte() {
         let mut packet = RtpPacket::default();
         packet.header.set_extension(3, bytes::Bytes::from(vec![audio_level_byte(42, true)])).unwrap();
-        assert_eq!(audio_level(&packet, 3), Some((42, true)));
-        assert_eq!(audio_level(&packet, 4), None);
-    }
-
-    #[test]
-    fn a_public_ip_replaces_host_addresses_only() {
-        let ip: IpAddr = "203.0.113.7".parse().unwrap();
-        let host = "candidate:1 1 udp 2130706431 10.0.0.5 50000 typ host";
-        assert_eq!(announce_public_ip(host, Some(ip)), "candidate:1 1 udp 2130706431 203.0.113.7 50000 typ host");
-        let srflx = "candidate:2 1 udp 1694498815 198.51.100.1 50000 typ srflx raddr 10.0.0.5 rport 50000";
-        assert_eq!(announce_public_ip(srflx, Some(ip)), srflx);
-        assert_eq!(announce_public_ip(host, None), host);
+        assert_eq!(audio_level(&packet.header, 3), Some((42, true)));
+        assert_eq!(audio_level(&packet.header, 4), None);
     }
 }

@@ -10,15 +10,17 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
+use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodingParameters, RTCRtpEncodingParameters};
+use webrtc::media_stream::MediaStreamTrack;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
     PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder, RTCIceCandidateInit,
-    RTCPeerConnectionIceEvent, RTCPeerConnectionState, RTCSessionDescription, Registry, Slot,
-    register_default_interceptors,
+    RTCPeerConnectionIceEvent, RTCPeerConnectionState, RTCSessionDescription, Registry, SettingEngine,
+    SettingEngineBuilder, Slot, register_default_interceptors,
 };
-use webrtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+use webrtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit, RtpTransceiver};
 
 use encore_systems::components::ids::MediaKind;
 
@@ -71,7 +73,7 @@ async fn connection() -> Result<Connection, ClientError> {
     let pc = PeerConnectionBuilder::new()
         .with_configuration(RTCConfigurationBuilder::new().build())
         .with_media_engine(engine)
-        .with_setting_engine(m::setting_engine())
+        .with_setting_engine(setting_engine())
         .with_interceptor_registry(registry)
         .with_handler(Arc::new(handler))
         .with_udp_addrs(vec!["127.0.0.1:0".to_owned()])
@@ -79,6 +81,36 @@ async fn connection() -> Result<Connection, ClientError> {
         .await
         .map_err(ClientError::webrtc("peer connection"))?;
     Ok(Connection { pc: Arc::new(pc), state, tracks, local_candidates })
+}
+
+/// mDNS off: the client is on loopback with the server, and each connection would otherwise
+/// bind one more multicast socket.
+fn setting_engine() -> SettingEngine {
+    SettingEngineBuilder::new().with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled).build()
+}
+
+/// A track we send on: Opus or VP8, with the SSRC we choose (the stream id groups tracks in the
+/// remote's `a=msid`).
+fn local_track(kind: RtpCodecKind, ssrc: u32, stream_id: &str, label: &str) -> Arc<TrackLocalStaticRTP> {
+    let codec = if kind == RtpCodecKind::Audio { m::opus_codec() } else { m::vp8_codec() };
+    Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+        stream_id.to_owned(),
+        format!("{stream_id}-{kind}"),
+        format!("{label} ({kind})"),
+        kind,
+        vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
+            codec,
+            ..Default::default()
+        }],
+    )))
+}
+
+/// The negotiated id of the audio-level extension on a sending transceiver.
+async fn negotiated_audio_level(transceiver: &Arc<dyn RtpTransceiver>) -> Option<u8> {
+    let parameters = transceiver.sender().await.ok()??.get_parameters().await.ok()?;
+    let extensions = parameters.rtp_parameters.header_extensions;
+    extensions.iter().find(|e| e.uri == m::AUDIO_LEVEL_URI).and_then(|e| u8::try_from(e.id).ok())
 }
 
 /// Trickles candidates both ways for one transport.
@@ -135,7 +167,7 @@ async fn connected(state: &mut watch::Receiver<RTCPeerConnectionState>) -> Resul
 }
 
 fn track(kind: RtpCodecKind, ssrc: u32) -> Arc<TrackLocalStaticRTP> {
-    m::local_track(kind, ssrc, &format!("client-{ssrc}"), "client")
+    local_track(kind, ssrc, &format!("client-{ssrc}"), "client")
 }
 
 /// An RTP timestamp: `at` on a `clock_rate` clock.
@@ -179,7 +211,7 @@ impl Publisher {
         let answer = RTCSessionDescription::answer(answer).map_err(ClientError::webrtc("reading the answer"))?;
         pc.set_remote_description(answer).await.map_err(ClientError::webrtc("setting the answer"))?;
         connected(&mut state).await?;
-        let level_id = m::negotiated_audio_level(&transceivers[0], false).await;
+        let level_id = negotiated_audio_level(&transceivers[0]).await;
         let keyframe_requests = Arc::new(AtomicU32::new(0));
         if let Some(video) = &video {
             let (video, count) = (video.clone(), keyframe_requests.clone());
@@ -187,7 +219,7 @@ impl Publisher {
                 while let Some(event) = video.poll().await {
                     let TrackLocalEvent::OnRtcpPacket(packets) = event else { continue };
                     for packet in packets {
-                        if m::feedback(packet.as_ref()) == Some(m::RtcpFeedback::KeyframeRequest) {
+                        if matches!(m::feedback(packet.as_ref()), Some(m::RtcpFeedback::KeyframeRequest { .. })) {
                             count.fetch_add(1, Ordering::Relaxed);
                         }
                     }

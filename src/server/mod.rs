@@ -4,12 +4,12 @@
 //! (which close their peers' transports), close the rooms (flushing recordings), stop workers.
 
 pub mod http;
+pub mod media;
 pub mod recorder;
 pub mod rooms;
 pub mod sessions;
 pub mod signaling;
 pub mod tls;
-pub mod transport;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -21,10 +21,9 @@ use tokio::sync::broadcast;
 
 use crate::auth::{AuthOptions, AuthSetupError, AuthState, DevIssuer, SharedClock};
 use crate::config::ServerConfig;
-use rooms::Rooms;
+use rooms::{MediaPlan, Rooms};
 use sessions::Sessions;
 use tls::{TlsError, TlsMaterial};
-use transport::TransportSettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -36,6 +35,24 @@ pub enum ServerError {
     Auth(#[from] AuthSetupError),
     #[error("starting: {0}")]
     Start(String),
+    #[error("binding the media ports: {source}")]
+    Media { source: std::io::Error },
+}
+
+/// The workers' media path from the configuration: what to bind, what to announce.
+fn media_plan(media: &crate::config::MediaSection) -> MediaPlan {
+    let announced = match media.public_ip {
+        Some(ip) => vec![ip],
+        None if media.bind_ip.is_unspecified() => media::udp::interface_ips(),
+        None => vec![media.bind_ip],
+    };
+    MediaPlan {
+        bind_ip: media.bind_ip,
+        udp_port: media.udp_port,
+        tcp_port: media.ice_tcp.then_some(media.tcp_port),
+        announced,
+        connect_timeout: Duration::from_secs(media.connect_timeout_s),
+    }
 }
 
 /// What every handler and session shares.
@@ -44,7 +61,6 @@ pub struct AppState {
     pub config: Arc<ServerConfig>,
     pub auth: AuthState,
     pub rooms: Arc<Rooms>,
-    pub transport: Arc<TransportSettings>,
     pub shutdown: broadcast::Sender<()>,
     pub stopping: Arc<AtomicBool>,
     /// Open signaling sessions: shutdown waits for them to leave their rooms.
@@ -139,13 +155,15 @@ pub async fn start(config: ServerConfig, options: StartOptions) -> Result<Server
         config.server.record_dir.clone(),
         config.server.max_rooms,
         config.server.max_peers_per_room,
-    );
+        &media_plan(&config.media),
+    )
+    .map_err(|source| ServerError::Media { source })?;
+    tracing::info!(udp = ?rooms.media_ports.udp, tcp = ?rooms.media_ports.tcp, "media ports");
     let (shutdown, _) = broadcast::channel(1);
     let app = AppState {
         config: config.clone(),
         auth,
         rooms,
-        transport: Arc::new(TransportSettings::new(&config.media)),
         shutdown,
         stopping: Arc::new(AtomicBool::new(false)),
         sessions: Arc::new(Sessions::default()),

@@ -19,12 +19,11 @@ use encore_systems::components::input::{FeedbackSignal, Input};
 use super::AppState;
 use super::rooms::{Moderation, PEER_EVENTS, RoomCommand, RoomLink};
 use super::sessions::{SessionKey, Sessions};
-use super::transport::{RecvTransport, SendTransport, TransportEvent};
 use crate::auth::{AuthError, AuthUser};
 use crate::protocol::{
     Answer, BURST_MESSAGES, Done, ErrorBody, ErrorCode, FLOOD_MESSAGES, Joined, MAX_MESSAGE_BYTES, MAX_MESSAGES_PER_S,
-    MAX_PREFS_NAMES, Notice, Offered, PROTOCOL_VERSION, Published, Reauthed, Request, RequestId, Side, UpgradeError, UpgradeRefusal, close,
-    parse_request,
+    MAX_PREFS_NAMES, Notice, Offered, PROTOCOL_VERSION, Published, Reauthed, Request, RequestId, Side, UpgradeError,
+    UpgradeRefusal, close, parse_request,
 };
 
 /// The WebSocket read buffer (tungstenite's default is 128 KiB; see `ws_upgrade`).
@@ -68,9 +67,8 @@ fn upgrade_refused(error: AuthError) -> Response {
         503 => ErrorCode::Unavailable,
         _ => ErrorCode::BadRequest,
     };
-    let body = UpgradeRefusal {
-        error: UpgradeError { code, auth_code: error.code().to_owned(), message: error.to_string() },
-    };
+    let body =
+        UpgradeRefusal { error: UpgradeError { code, auth_code: error.code().to_owned(), message: error.to_string() } };
     let mut response = error.into_response();
     let json = serde_json::to_vec(&body).unwrap_or_default();
     *response.body_mut() = axum::body::Body::from(json);
@@ -106,11 +104,9 @@ impl Reply {
     }
 }
 
-/// The session's place in a room.
+/// The session's place in a room. Its transports live in the room, on the room's worker.
 struct InRoom {
     link: RoomLink,
-    send: Option<SendTransport>,
-    recv: Option<RecvTransport>,
 }
 
 /// A token bucket: `MAX_MESSAGES_PER_S` sustained, `BURST_MESSAGES` at once. Every frame a
@@ -146,8 +142,6 @@ struct Session {
     room: Option<InRoom>,
     notices_tx: mpsc::Sender<Notice>,
     notices: mpsc::Receiver<Notice>,
-    transport_tx: mpsc::Sender<TransportEvent>,
-    transport_events: mpsc::Receiver<TransportEvent>,
     rate: RateLimit,
     expiry_warned: bool,
 }
@@ -193,15 +187,12 @@ use tokio_tungstenite::tungstenite;
 impl Session {
     fn new(app: AppState, user: AuthUser) -> Self {
         let (notices_tx, notices) = mpsc::channel(PEER_EVENTS);
-        let (transport_tx, transport_events) = mpsc::channel(256);
         Session {
             app,
             user,
             room: None,
             notices_tx,
             notices,
-            transport_tx,
-            transport_events,
             rate: RateLimit::new(Instant::now()),
             expiry_warned: false,
         }
@@ -271,10 +262,8 @@ impl Session {
                     }
                 }
                 Some(notice) = self.notices.recv() => {
-                    if let Notice::Muted { .. } = notice
-                        && let Some(send) = self.room.as_ref().and_then(|r| r.send.as_ref())
-                    {
-                        send.pause(true);
+                    if let Notice::Error { code: ErrorCode::TransportFailed, transport, .. } = &notice {
+                        tracing::warn!(uid = %self.user.uid, transport = ?transport, "transport failed");
                     }
                     let removed = matches!(notice, Notice::Removed { .. });
                     out.notice(&notice);
@@ -282,7 +271,6 @@ impl Session {
                         break End::Removed;
                     }
                 }
-                Some(event) = self.transport_events.recv() => self.transport_event(event, &out).await,
                 _ = tokio::time::sleep(warn_in), if !self.expiry_warned && warn_in > Duration::ZERO => {
                     self.expiry_warned = true;
                     out.notice(&Notice::SessionExpiring { expires_at: self.deadline_s() });
@@ -344,10 +332,6 @@ impl Session {
         self.room.as_ref().ok_or_else(|| refuse(ErrorCode::Conflict, "join a room first"))
     }
 
-    fn in_room_mut(&mut self) -> Result<&mut InRoom, ErrorBody> {
-        self.room.as_mut().ok_or_else(|| refuse(ErrorCode::Conflict, "join a room first"))
-    }
-
     async fn request(&mut self, request: Request) -> Result<Reply, ErrorBody> {
         match request {
             Request::Ping => Ok(Reply::Done),
@@ -357,66 +341,38 @@ impl Session {
                     let roles = roles_text(&self.user.roles);
                     return Err(refuse(ErrorCode::Forbidden, format!("role {roles} may not publish")));
                 }
-                let in_room = self.in_room()?;
-                if in_room.send.is_some() {
-                    return Err(refuse(ErrorCode::Conflict, "already publishing; unpublish first"));
-                }
-                let link = in_room.link.clone();
-                let (transport, answer) =
-                    SendTransport::accept(&self.app.transport, &offer, link, self.transport_tx.clone())
-                        .await
-                        .map_err(|e| refuse(e.code(), e.to_string()))?;
-                self.in_room_mut()?.send = Some(transport);
+                let link = &self.in_room()?.link;
+                let peer = link.peer.clone();
+                let answer = link.ask_for(|reply| RoomCommand::Publish { peer, offer, reply }).await?;
                 Ok(Reply::Published(Published { answer }))
             }
-            Request::Unpublish => {
-                let transport =
-                    self.in_room_mut()?.send.take().ok_or_else(|| refuse(ErrorCode::Conflict, "not publishing"))?;
-                transport.close().await;
-                Ok(Reply::Done)
-            }
+            Request::Unpublish => self.close_transport(Side::Send).await,
             Request::Listen { video } => {
-                let in_room = self.in_room()?;
-                if in_room.recv.is_some() {
-                    return Err(refuse(ErrorCode::Conflict, "already listening"));
-                }
-                let link = in_room.link.clone();
-                let (transport, offer) =
-                    RecvTransport::offer(&self.app.transport, video, link, self.transport_tx.clone())
-                        .await
-                        .map_err(|e| refuse(e.code(), e.to_string()))?;
-                self.in_room_mut()?.recv = Some(transport);
+                let link = &self.in_room()?.link;
+                let peer = link.peer.clone();
+                let offer = link.ask_for(|reply| RoomCommand::Listen { peer, video, reply }).await?;
                 Ok(Reply::Offered(Offered { offer }))
             }
-            Request::Unlisten => {
-                let transport =
-                    self.in_room_mut()?.recv.take().ok_or_else(|| refuse(ErrorCode::Conflict, "not listening"))?;
-                transport.close().await;
-                Ok(Reply::Done)
-            }
+            Request::Unlisten => self.close_transport(Side::Recv).await,
             Request::Answer { answer } => {
-                let transport =
-                    self.in_room_mut()?.recv.as_mut().ok_or_else(|| refuse(ErrorCode::Conflict, "listen first"))?;
-                transport.accept_answer(&answer).await.map_err(|e| refuse(e.code(), e.to_string()))?;
+                let link = &self.in_room()?.link;
+                let peer = link.peer.clone();
+                link.ask(|reply| RoomCommand::Answer { peer, answer, reply }).await?;
                 Ok(Reply::Done)
             }
             Request::Candidate { transport: side, candidate } => {
-                let in_room = self.in_room_mut()?;
-                let result = match side {
-                    Side::Send => match &in_room.send {
-                        Some(t) => t.add_candidate(candidate).await,
-                        None => return Err(refuse(ErrorCode::Conflict, "no send transport")),
-                    },
-                    Side::Recv => match &mut in_room.recv {
-                        Some(t) => t.add_candidate(candidate).await,
-                        None => return Err(refuse(ErrorCode::Conflict, "no receive transport")),
-                    },
-                };
-                result.map_err(|e| refuse(e.code(), e.to_string()))?;
+                // The server is ICE-lite: it learns the client's addresses from the client's
+                // checks, so a trickled candidate is checked and needs nothing more.
+                if candidate.as_ref().is_some_and(|c| c.candidate.len() > 1024) {
+                    return Err(bad("a candidate is at most 1024 characters"));
+                }
+                let link = &self.in_room()?.link;
+                let peer = link.peer.clone();
+                link.ask(|reply| RoomCommand::HasTransport { peer, side, reply }).await?;
                 Ok(Reply::Done)
             }
-            Request::Pause { transport } => self.pause(transport, true),
-            Request::Resume { transport } => self.pause(transport, false),
+            Request::Pause { transport } => self.pause(transport, true).await,
+            Request::Resume { transport } => self.pause(transport, false).await,
             Request::Prefs { follow, mute } => {
                 if follow.len() > MAX_PREFS_NAMES || mute.len() > MAX_PREFS_NAMES {
                     return Err(bad(format!("`follow` and `mute` list at most {MAX_PREFS_NAMES} peer names")));
@@ -462,7 +418,7 @@ impl Session {
             .await
             .map_err(|e| refuse(e.code(), e.to_string()))?;
         let peer = link.peer.to_string();
-        self.room = Some(InRoom { link, send: None, recv: None });
+        self.room = Some(InRoom { link });
         tracing::info!(uid = %self.user.uid, room, peer, "joined");
         Ok(Joined {
             room,
@@ -473,16 +429,17 @@ impl Session {
         })
     }
 
-    fn pause(&self, side: Side, paused: bool) -> Result<Reply, ErrorBody> {
-        let in_room = self.in_room()?;
-        match side {
-            Side::Send => {
-                in_room.send.as_ref().ok_or_else(|| refuse(ErrorCode::Conflict, "not publishing"))?.pause(paused)
-            }
-            Side::Recv => {
-                in_room.recv.as_ref().ok_or_else(|| refuse(ErrorCode::Conflict, "not listening"))?.pause(paused)
-            }
-        }
+    async fn pause(&self, side: Side, paused: bool) -> Result<Reply, ErrorBody> {
+        let link = &self.in_room()?.link;
+        let peer = link.peer.clone();
+        link.ask(|reply| RoomCommand::Pause { peer, side, paused, reply }).await?;
+        Ok(Reply::Done)
+    }
+
+    async fn close_transport(&self, side: Side) -> Result<Reply, ErrorBody> {
+        let link = &self.in_room()?.link;
+        let peer = link.peer.clone();
+        link.ask(|reply| RoomCommand::CloseTransport { peer, side, reply }).await?;
         Ok(Reply::Done)
     }
 
@@ -504,47 +461,9 @@ impl Session {
         Ok(Reply::Done)
     }
 
-    async fn transport_event(&mut self, event: TransportEvent, out: &Outbox) {
-        match event {
-            TransportEvent::Candidate { side, candidate } => {
-                out.notice(&Notice::Candidate { transport: side, candidate });
-            }
-            TransportEvent::Connected { side } => {
-                tracing::debug!(uid = %self.user.uid, %side, "transport connected");
-            }
-            TransportEvent::Failed { side } => {
-                tracing::warn!(uid = %self.user.uid, %side, "transport failed");
-                if let Some(in_room) = self.room.as_mut() {
-                    match side {
-                        Side::Send => {
-                            if let Some(t) = in_room.send.take() {
-                                t.close().await;
-                            }
-                        }
-                        Side::Recv => {
-                            if let Some(t) = in_room.recv.take() {
-                                t.close().await;
-                            }
-                        }
-                    }
-                }
-                out.notice(&Notice::Error {
-                    code: ErrorCode::TransportFailed,
-                    message: format!("the {side} transport failed; create it again"),
-                    transport: Some(side),
-                });
-            }
-        }
-    }
-
+    /// Leaves the room: the room closes the peer's transports with it.
     async fn leave(&mut self) {
         if let Some(in_room) = self.room.take() {
-            if let Some(send) = in_room.send {
-                send.close().await;
-            }
-            if let Some(recv) = in_room.recv {
-                recv.close().await;
-            }
             self.app.rooms.leave(&in_room.link);
         }
     }

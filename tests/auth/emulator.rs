@@ -41,7 +41,7 @@ async fn emulator_tokens_carry_the_role_set_by_encore_admin() {
     let mut config = encore::config::ServerConfig::default();
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config.server.data_dir = dir.join("data");
-    config.media.bind_ips = vec!["127.0.0.1".parse().unwrap()];
+    config.media.bind_ip = "127.0.0.1".parse().unwrap();
     config.auth = AuthConfig::emulator(&project);
     let server =
         encore::server::start(config, encore::server::StartOptions::default()).await.expect("the server starts");

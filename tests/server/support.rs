@@ -43,7 +43,7 @@ pub async fn start_server(
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config.server.data_dir = dir.join("data");
     config.server.workers = 2;
-    config.media.bind_ips = vec!["127.0.0.1".parse().unwrap()];
+    config.media.bind_ip = "127.0.0.1".parse().unwrap();
     configure(&mut config);
     let server =
         start(config, StartOptions { clock, dev_issuer: Some(dev_issuer()) }).await.expect("the server starts");

@@ -9,18 +9,21 @@
 //!
 //! - this module: the registry of rooms ([`Rooms`]), the commands, and a session's handle on
 //!   its room ([`RoomLink`]);
-//! - [`room`]: one room as its worker runs it (the engine, its peers' channels, the recorder);
-//! - [`worker`]: the worker threads and the missed-tick policy ([`worker::Pacer`]).
+//! - [`room`]: one room as its worker runs it (the engine, its peers' channels and transports,
+//!   the recorder);
+//! - [`worker`]: the worker threads, each owning its media socket ([`MediaIo`]) and its rooms,
+//!   and the missed-tick policy ([`worker::Pacer`]).
 
 mod room;
 pub mod worker;
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
@@ -28,26 +31,17 @@ use tokio::sync::{mpsc, oneshot};
 use encore_systems::components::config::EngineConfig;
 use encore_systems::components::ids::{Name, Role, UtteranceId};
 use encore_systems::components::input::{FeedbackSignal, Input};
-use encore_systems::components::output::SendPacket;
 use encore_systems::{Engine, RoomView};
 
+use super::media::{MediaIo, MediaSettings, tcp};
 use super::recorder::Recorder;
-use crate::protocol::{ErrorBody, ErrorCode, Notice, PeerInfo};
+use crate::protocol::{ErrorBody, ErrorCode, Notice, PeerInfo, Side};
 use room::Room;
 
 /// Commands a room's channel holds; most rooms see a few thousand a second.
 pub const ROOM_CHANNEL: usize = 8192;
 /// Notifications queued per peer before the slowest are dropped.
 pub const PEER_EVENTS: usize = 256;
-/// Media packets queued per listener before they are dropped (about 2.5 s of audio).
-pub const PEER_MEDIA: usize = 128;
-
-/// What a publisher's transport is asked to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PublisherControl {
-    /// Send a PLI: the engine wants a key frame.
-    KeyframeRequest,
-}
 
 /// The room's answer to a join.
 #[derive(Debug, Clone)]
@@ -117,23 +111,40 @@ pub enum RoomCommand {
         signal: FeedbackSignal,
         reply: Verdict,
     },
-    /// The listener's receive transport is ready for packets.
-    AttachMedia {
+    /// A publisher's offer: its send transport is made on the room's worker; the answer SDP.
+    Publish {
         peer: Name,
-        media: mpsc::Sender<SendPacket>,
+        offer: String,
+        reply: oneshot::Sender<Result<String, ErrorBody>>,
     },
-    DetachMedia {
+    /// A listener's receive transport is made on the room's worker; the offer SDP.
+    Listen {
         peer: Name,
+        video: bool,
+        reply: oneshot::Sender<Result<String, ErrorBody>>,
     },
-    /// A published track's transport, for key-frame requests.
-    AttachPublisher {
+    /// The listener's answer to that offer.
+    Answer {
         peer: Name,
-        track: Name,
-        control: mpsc::Sender<PublisherControl>,
+        answer: String,
+        reply: Verdict,
     },
-    SetPublishing {
+    /// Whether the peer has that transport (a client's trickled candidate needs one).
+    HasTransport {
         peer: Name,
-        publishing: bool,
+        side: Side,
+        reply: Verdict,
+    },
+    Pause {
+        peer: Name,
+        side: Side,
+        paused: bool,
+        reply: Verdict,
+    },
+    CloseTransport {
+        peer: Name,
+        side: Side,
+        reply: Verdict,
     },
     /// A moderator's act on another peer: `not_found` when no such peer is in the room.
     Moderate {
@@ -173,12 +184,19 @@ impl RoomLink {
 
     /// Sends a command that the room answers, and waits for its verdict.
     pub async fn ask(&self, command: impl FnOnce(Verdict) -> RoomCommand) -> Result<(), ErrorBody> {
-        let (reply, verdict) = oneshot::channel();
-        let closed = || ErrorBody::new(ErrorCode::Unavailable, RoomError::Closed.to_string());
+        self.ask_for(command).await
+    }
+
+    /// Sends a command that the room answers with a value, and waits for it.
+    pub async fn ask_for<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<T, ErrorBody>>) -> RoomCommand,
+    ) -> Result<T, ErrorBody> {
+        let (reply, answer) = oneshot::channel();
         if !self.command(command(reply)) {
             return Err(ErrorBody::new(ErrorCode::Unavailable, "the room is too busy to take it; try again"));
         }
-        verdict.await.map_err(|_| closed())?
+        answer.await.map_err(|_| ErrorBody::new(ErrorCode::Unavailable, RoomError::Closed.to_string()))?
     }
 
     /// Inputs this room could not queue since it started.
@@ -207,6 +225,16 @@ struct RoomEntry {
 struct RoomsState {
     rooms: BTreeMap<String, RoomEntry>,
     next_worker: usize,
+    next_serial: u64,
+}
+
+/// Where the workers' media listens, as it was bound.
+#[derive(Debug, Clone)]
+pub struct MediaPorts {
+    /// Each worker's UDP port, by worker index.
+    pub udp: Vec<SocketAddr>,
+    /// The server's ICE-TCP port, when on.
+    pub tcp: Option<SocketAddr>,
 }
 
 /// Every room of the server and the workers that run them.
@@ -219,32 +247,81 @@ pub struct Rooms {
     record_dir: Option<PathBuf>,
     max_rooms: usize,
     max_peers: usize,
+    pub media_ports: MediaPorts,
+}
+
+/// How to start the workers' media path.
+#[derive(Debug, Clone)]
+pub struct MediaPlan {
+    pub bind_ip: IpAddr,
+    /// Worker `i` binds `udp_port + i`; 0: any free port.
+    pub udp_port: u16,
+    /// The ICE-TCP port (0: any free one); none: no ICE over TCP.
+    pub tcp_port: Option<u16>,
+    /// Announced in host candidates.
+    pub announced: Vec<IpAddr>,
+    pub connect_timeout: Duration,
 }
 
 impl Rooms {
-    /// Starts `workers` worker threads.
+    /// Binds each worker's media socket (and the ICE-TCP port), then starts `workers` worker
+    /// threads, each owning its socket and the rooms given to it.
     pub fn start(
         workers: usize,
         engine: EngineConfig,
         record_dir: Option<PathBuf>,
         max_rooms: usize,
         max_peers: usize,
-    ) -> Arc<Self> {
+        media: &MediaPlan,
+    ) -> std::io::Result<Arc<Self>> {
+        let workers = workers.clamp(1, 256);
         let stopping = Arc::new(AtomicBool::new(false));
+        let tcp_listener = match media.tcp_port {
+            Some(port) => Some(std::net::TcpListener::bind(SocketAddr::new(media.bind_ip, port))?),
+            None => None,
+        };
+        let tcp_addr = tcp_listener.as_ref().map(std::net::TcpListener::local_addr).transpose()?;
+        let mut ios = Vec::new();
+        let mut tcp_senders = Vec::new();
+        for index in 0..workers {
+            let port = if media.udp_port == 0 { 0 } else { media.udp_port + index as u16 };
+            let settings = MediaSettings {
+                worker: index,
+                udp_bind: SocketAddr::new(media.bind_ip, port),
+                announced: media.announced.clone(),
+                tcp_port: tcp_addr.map(|a| a.port()),
+                connect_timeout: media.connect_timeout,
+                ice_disconnected: Duration::from_secs(5),
+                ice_failed: Duration::from_secs(25),
+                ice_keepalive: Duration::from_secs(2),
+            };
+            let (tcp_tx, tcp_rx) = std::sync::mpsc::channel();
+            ios.push(MediaIo::bind(settings, tcp_listener.is_some().then_some(tcp_rx))?);
+            tcp_senders.push(tcp_tx);
+        }
+        let media_ports = MediaPorts { udp: ios.iter().map(MediaIo::udp_addr).collect(), tcp: tcp_addr };
         let mut senders = Vec::new();
         let mut handles = Vec::new();
-        for index in 0..workers.max(1) {
+        if let Some(listener) = tcp_listener {
+            let stopping = stopping.clone();
+            let stats = Arc::new(tcp::TcpAcceptStats::default());
+            handles.push(
+                std::thread::Builder::new()
+                    .name("encore-ice-tcp".into())
+                    .spawn(move || tcp::run(listener, tcp_senders, stopping, stats))?,
+            );
+        }
+        for (index, io) in ios.into_iter().enumerate() {
             let (tx, rx) = std::sync::mpsc::channel::<Room>();
             let stopping = stopping.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("encore-worker-{index}"))
-                .spawn(move || worker::run(index, rx, stopping))
-                .expect("spawning a worker thread");
+                .spawn(move || worker::run(index, rx, stopping, io))?;
             senders.push(tx);
             handles.push(handle);
         }
-        Arc::new(Rooms {
-            state: Mutex::new(RoomsState { rooms: BTreeMap::new(), next_worker: 0 }),
+        Ok(Arc::new(Rooms {
+            state: Mutex::new(RoomsState { rooms: BTreeMap::new(), next_worker: 0, next_serial: 1 }),
             workers: senders,
             handles: Mutex::new(handles),
             stopping,
@@ -252,7 +329,8 @@ impl Rooms {
             record_dir,
             max_rooms,
             max_peers,
-        })
+            media_ports,
+        }))
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, RoomsState> {
@@ -298,7 +376,9 @@ impl Rooms {
                     }
                 });
                 let dropped = Arc::new(AtomicU64::new(0));
-                let room_state = Room::new(room.to_owned(), engine, rx, recorder);
+                let serial = state.next_serial;
+                state.next_serial += 1;
+                let room_state = Room::new(room.to_owned(), serial, engine, rx, recorder);
                 if self.workers[worker].send(room_state).is_err() {
                     return Err(RoomError::Closed);
                 }

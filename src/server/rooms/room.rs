@@ -1,43 +1,74 @@
-//! One room as its worker runs it: the engine, its peers' channels, its recorder.
+//! One room as its worker runs it: the engine, its peers' channels and transports, its
+//! recorder.
+//!
+//! The room's transports live on its worker's [`MediaIo`]: a publisher's RTP becomes an engine
+//! input here, on the worker's thread, and the engine's packets for a listener go from here to
+//! its connection, without a channel or a task in between.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use encore_systems::components::ids::{Name, PeerKey, Role};
-use encore_systems::components::input::Input;
+use encore_systems::components::ids::{MediaKind, Name, PeerKey, Role};
+use encore_systems::components::input::{Input, RtpIn};
 use encore_systems::components::output::{Event, SendPacket};
 use encore_systems::{Engine, RoomView};
 
 use super::worker::Pacer;
-use super::{JoinedRoom, Moderation, PublisherControl, RoomCommand};
-use crate::protocol::{ErrorBody, ErrorCode, Notice, PeerInfo};
+use super::{JoinedRoom, Moderation, RoomCommand};
+use crate::media::{self as m, RtcpFeedback};
+use crate::protocol::{ErrorBody, ErrorCode, Notice, PeerInfo, Side};
+use crate::server::media::{ConnKey, MediaEvent, MediaIo};
 use crate::server::recorder::Recorder;
 
 /// Commands applied per room per tick at most (the rest wait for the next tick).
 const MAX_COMMANDS_PER_TICK: usize = 20_000;
 
-/// A peer's channels, as the room keeps them.
+/// A listener's receive transport.
+struct RecvLeg {
+    conn: ConnKey,
+    connected: bool,
+    paused: bool,
+}
+
+/// A peer's channels and transports, as the room keeps them.
 struct PeerSlot {
     uid: Option<String>,
     roles: Vec<Role>,
     events: mpsc::Sender<Notice>,
-    media: Option<mpsc::Sender<SendPacket>>,
+    send: Option<ConnKey>,
+    send_paused: bool,
+    recv: Option<RecvLeg>,
     publishing: bool,
+}
+
+/// A published track, as the engine names it.
+#[derive(Clone)]
+struct PublishedTrack {
+    name: Name,
+    peer: Name,
+    conn: ConnKey,
+    ssrc: u32,
 }
 
 /// One room on its worker.
 pub struct Room {
     id: String,
+    serial: u64,
     engine: Engine,
     rx: mpsc::Receiver<RoomCommand>,
     pacer: Pacer,
     peers: BTreeMap<Name, PeerSlot>,
-    /// Media channel per listener key, filled on its first packet.
-    media_by_key: HashMap<PeerKey, Option<mpsc::Sender<SendPacket>>>,
-    /// Published tracks: their peer and their transport's control channel.
-    publishers: BTreeMap<Name, (Name, mpsc::Sender<PublisherControl>)>,
+    /// Whose each connection is, and which side.
+    conns: HashMap<ConnKey, (Name, Side)>,
+    /// Published tracks by their connection and SSRC, and by engine name.
+    tracks: HashMap<(ConnKey, u32), PublishedTrack>,
+    track_names: BTreeMap<Name, PublishedTrack>,
+    /// A listener's receive connection by engine key, filled on its first packet.
+    recv_by_key: HashMap<PeerKey, Option<(ConnKey, Name)>>,
     recorder: Option<Recorder>,
     closed: bool,
     skipped_ticks: u64,
@@ -46,22 +77,35 @@ pub struct Room {
 }
 
 impl Room {
-    pub fn new(id: String, engine: Engine, rx: mpsc::Receiver<RoomCommand>, recorder: Option<Recorder>) -> Self {
+    pub fn new(
+        id: String,
+        serial: u64,
+        engine: Engine,
+        rx: mpsc::Receiver<RoomCommand>,
+        recorder: Option<Recorder>,
+    ) -> Self {
         let pacer = Pacer::new(Instant::now(), engine.tick_us());
         Room {
             id,
+            serial,
             engine,
             rx,
             pacer,
             peers: BTreeMap::new(),
-            media_by_key: HashMap::new(),
-            publishers: BTreeMap::new(),
+            conns: HashMap::new(),
+            tracks: HashMap::new(),
+            track_names: BTreeMap::new(),
+            recv_by_key: HashMap::new(),
             recorder,
             closed: false,
             skipped_ticks: 0,
             dropped_media: 0,
             dropped_events: 0,
         }
+    }
+
+    pub fn serial(&self) -> u64 {
+        self.serial
     }
 
     pub fn is_closed(&self) -> bool {
@@ -79,7 +123,7 @@ impl Room {
     }
 
     /// Runs the ticks whose time has come.
-    pub fn run_due(&mut self, now: Instant) {
+    pub fn run_due(&mut self, now: Instant, media: &mut MediaIo) {
         let due = self.pacer.due(self.engine.next_tick(), now);
         if due.skipped > 0 {
             self.skipped_ticks += due.skipped;
@@ -89,7 +133,7 @@ impl Room {
             if self.closed {
                 return;
             }
-            self.tick_once();
+            self.tick_once(media);
         }
     }
 
@@ -106,10 +150,10 @@ impl Room {
         self.engine.push(at_us, input);
     }
 
-    fn tick_once(&mut self) {
+    fn tick_once(&mut self, media: &mut MediaIo) {
         for _ in 0..MAX_COMMANDS_PER_TICK {
             match self.rx.try_recv() {
-                Ok(command) => self.apply(command),
+                Ok(command) => self.apply(command, media),
                 Err(_) => break,
             }
             if self.closed {
@@ -124,10 +168,11 @@ impl Room {
             self.recorder = None;
         }
         for event in &output.events {
-            self.notify(event);
+            self.notify(event, media);
         }
+        let now = Instant::now();
         for packet in output.packets.drain(..) {
-            self.deliver(packet);
+            self.deliver(now, packet, media);
         }
         self.engine.recycle(output);
     }
@@ -174,7 +219,7 @@ impl Room {
         }
     }
 
-    fn apply(&mut self, command: RoomCommand) {
+    fn apply(&mut self, command: RoomCommand, media: &mut MediaIo) {
         match command {
             RoomCommand::Join { at, name, uid, roles, events, reply } => {
                 let peer = self.unique_name(&name);
@@ -190,14 +235,21 @@ impl Room {
                     .collect();
                 self.push(at, Input::Join { peer: peer.clone(), uid: uid.clone(), roles: roles.clone() });
                 self.broadcast(Notice::PeerJoined { peer: peer.to_string(), uid: uid.clone(), roles: roles.clone() });
-                self.peers.insert(peer.clone(), PeerSlot { uid, roles, events, media: None, publishing: false });
+                let slot =
+                    PeerSlot { uid, roles, events, send: None, send_paused: false, recv: None, publishing: false };
+                self.peers.insert(peer.clone(), slot);
                 let _ = reply.send(JoinedRoom { peer, peers });
             }
             RoomCommand::Leave { at, peer } => {
+                if let Some(slot) = self.peers.get(&peer) {
+                    let conns: Vec<ConnKey> = slot.send.into_iter().chain(slot.recv.as_ref().map(|r| r.conn)).collect();
+                    for conn in conns {
+                        self.forget_conn(conn, media);
+                    }
+                }
                 if let Some(slot) = self.peers.remove(&peer) {
                     self.push(at, Input::Leave { peer: peer.clone() });
-                    self.media_by_key.clear();
-                    self.publishers.retain(|_, (owner, _)| *owner != peer);
+                    self.recv_by_key.clear();
                     self.broadcast(Notice::PeerLeft { peer: peer.to_string(), uid: slot.uid, roles: slot.roles });
                 }
             }
@@ -209,28 +261,65 @@ impl Room {
                 }
                 let _ = reply.send(verdict);
             }
-            RoomCommand::AttachMedia { peer, media } => {
-                if let Some(slot) = self.peers.get_mut(&peer) {
-                    slot.media = Some(media);
-                    self.media_by_key.clear();
-                }
+            RoomCommand::Publish { peer, offer, reply } => {
+                let _ = reply.send(self.publish(&peer, &offer, media));
             }
-            RoomCommand::DetachMedia { peer } => {
-                if let Some(slot) = self.peers.get_mut(&peer) {
-                    slot.media = None;
-                    self.media_by_key.clear();
-                }
+            RoomCommand::Listen { peer, video, reply } => {
+                let _ = reply.send(self.listen(&peer, video, media));
             }
-            RoomCommand::AttachPublisher { peer, track, control } => {
-                self.publishers.insert(track, (peer, control));
+            RoomCommand::Answer { peer, answer, reply } => {
+                let result = match self.peers.get(&peer).and_then(|s| s.recv.as_ref()) {
+                    None => Err(ErrorBody::new(ErrorCode::Conflict, "listen first")),
+                    Some(leg) => media
+                        .accept_answer(Instant::now(), leg.conn, &answer)
+                        .map_err(|e| ErrorBody::new(e.code(), e.to_string())),
+                };
+                let _ = reply.send(result);
             }
-            RoomCommand::SetPublishing { peer, publishing } => {
-                if let Some(slot) = self.peers.get_mut(&peer)
-                    && slot.publishing != publishing
-                {
-                    slot.publishing = publishing;
-                    self.broadcast(Notice::Publishing { peer: peer.to_string(), publishing });
-                }
+            RoomCommand::HasTransport { peer, side, reply } => {
+                let slot = self.peers.get(&peer);
+                let has = match side {
+                    Side::Send => slot.is_some_and(|s| s.send.is_some()),
+                    Side::Recv => slot.is_some_and(|s| s.recv.is_some()),
+                };
+                let _ = reply.send(if has {
+                    Ok(())
+                } else {
+                    let which = if side == Side::Send { "send" } else { "receive" };
+                    Err(ErrorBody::new(ErrorCode::Conflict, format!("no {which} transport")))
+                });
+            }
+            RoomCommand::Pause { peer, side, paused, reply } => {
+                let result = match (self.peers.get_mut(&peer), side) {
+                    (Some(slot), Side::Send) if slot.send.is_some() => {
+                        slot.send_paused = paused;
+                        Ok(())
+                    }
+                    (Some(slot), Side::Recv) if slot.recv.is_some() => {
+                        if let Some(leg) = slot.recv.as_mut() {
+                            leg.paused = paused;
+                        }
+                        Ok(())
+                    }
+                    (_, Side::Send) => Err(ErrorBody::new(ErrorCode::Conflict, "not publishing")),
+                    (_, Side::Recv) => Err(ErrorBody::new(ErrorCode::Conflict, "not listening")),
+                };
+                let _ = reply.send(result);
+            }
+            RoomCommand::CloseTransport { peer, side, reply } => {
+                let conn = self.peers.get(&peer).and_then(|slot| match side {
+                    Side::Send => slot.send,
+                    Side::Recv => slot.recv.as_ref().map(|r| r.conn),
+                });
+                let result = match conn {
+                    Some(conn) => {
+                        self.forget_conn(conn, media);
+                        Ok(())
+                    }
+                    None if side == Side::Send => Err(ErrorBody::new(ErrorCode::Conflict, "not publishing")),
+                    None => Err(ErrorBody::new(ErrorCode::Conflict, "not listening")),
+                };
+                let _ = reply.send(result);
             }
             RoomCommand::Moderate { action, peer, by, reply } => {
                 let _ = reply.send(self.moderate(action, &peer, &by));
@@ -239,9 +328,176 @@ impl Room {
                 let _ = reply.send(self.view());
             }
             RoomCommand::Close => {
-                self.close();
+                self.close(media);
             }
         }
+    }
+
+    fn publish(&mut self, peer: &Name, offer: &str, media: &mut MediaIo) -> Result<String, ErrorBody> {
+        let slot = self.peers.get(peer).ok_or_else(|| ErrorBody::new(ErrorCode::Conflict, "join a room first"))?;
+        if slot.send.is_some() {
+            return Err(ErrorBody::new(ErrorCode::Conflict, "already publishing; unpublish first"));
+        }
+        let (conn, answer) = media
+            .accept_offer(Instant::now(), self.serial, offer)
+            .map_err(|e| ErrorBody::new(e.code(), e.to_string()))?;
+        if let Some(slot) = self.peers.get_mut(peer) {
+            slot.send = Some(conn);
+            slot.send_paused = false;
+        }
+        self.conns.insert(conn, (peer.clone(), Side::Send));
+        Ok(answer)
+    }
+
+    fn listen(&mut self, peer: &Name, video: bool, media: &mut MediaIo) -> Result<String, ErrorBody> {
+        let slot = self.peers.get(peer).ok_or_else(|| ErrorBody::new(ErrorCode::Conflict, "join a room first"))?;
+        if slot.recv.is_some() {
+            return Err(ErrorBody::new(ErrorCode::Conflict, "already listening"));
+        }
+        // The wire SSRCs are the connection's own (they are in its SDP); the engine writes its
+        // stream's sequence numbers and timestamps under them.
+        let audio_ssrc = random_ssrc();
+        let video_ssrc = video.then(random_ssrc);
+        let (conn, offer) = media
+            .offer_listener(Instant::now(), self.serial, audio_ssrc, video_ssrc)
+            .map_err(|e| ErrorBody::new(e.code(), e.to_string()))?;
+        if let Some(slot) = self.peers.get_mut(peer) {
+            slot.recv = Some(RecvLeg { conn, connected: false, paused: false });
+        }
+        self.conns.insert(conn, (peer.clone(), Side::Recv));
+        Ok(offer)
+    }
+
+    /// Closes a connection and takes what it carried out of the engine.
+    fn forget_conn(&mut self, conn: ConnKey, media: &mut MediaIo) {
+        media.close(conn);
+        self.conn_gone(Instant::now(), conn, false);
+    }
+
+    /// A connection is gone (closed by us or the client, or failed): its tracks end, its
+    /// listener stops, and its client hears of a failure.
+    fn conn_gone(&mut self, at: Instant, conn: ConnKey, failed: bool) {
+        let Some((peer, side)) = self.conns.remove(&conn) else { return };
+        match side {
+            Side::Send => {
+                let gone: Vec<PublishedTrack> = self.tracks.values().filter(|t| t.conn == conn).cloned().collect();
+                for track in gone {
+                    self.tracks.remove(&(conn, track.ssrc));
+                    self.track_names.remove(&track.name);
+                    self.push(at, Input::Unpublish { track: track.name });
+                }
+                if let Some(slot) = self.peers.get_mut(&peer)
+                    && slot.send == Some(conn)
+                {
+                    slot.send = None;
+                    if slot.publishing {
+                        slot.publishing = false;
+                        self.broadcast(Notice::Publishing { peer: peer.to_string(), publishing: false });
+                    }
+                }
+            }
+            Side::Recv => {
+                let was_listening = self
+                    .peers
+                    .get_mut(&peer)
+                    .and_then(|slot| slot.recv.take_if(|leg| leg.conn == conn))
+                    .is_some_and(|leg| leg.connected);
+                self.recv_by_key.clear();
+                if was_listening {
+                    self.push(at, Input::Unlisten { peer: peer.clone() });
+                }
+            }
+        }
+        if failed {
+            tracing::info!(room = %self.id, %peer, %side, "transport failed");
+            self.tell(
+                &peer,
+                Notice::Error {
+                    code: ErrorCode::TransportFailed,
+                    message: format!("the {side} transport failed; create it again"),
+                    transport: Some(side),
+                },
+            );
+        }
+    }
+
+    /// What the room's connections tell it, from the worker's media path.
+    pub fn media_event(&mut self, event: MediaEvent, media: &mut MediaIo) {
+        match event {
+            MediaEvent::Connected { conn, .. } => {
+                let Some((peer, side)) = self.conns.get(&conn).cloned() else { return };
+                tracing::debug!(room = %self.id, %peer, %side, "transport connected");
+                if side == Side::Recv
+                    && let Some(leg) = self.peers.get_mut(&peer).and_then(|s| s.recv.as_mut())
+                    && leg.conn == conn
+                {
+                    leg.connected = true;
+                    self.recv_by_key.clear();
+                    self.push(Instant::now(), Input::Listen { peer: peer.clone() });
+                    tracing::info!(room = %self.id, %peer, "listening");
+                }
+            }
+            MediaEvent::Closed { conn, failed, .. } => self.conn_gone(Instant::now(), conn, failed),
+            MediaEvent::TrackOpen { conn, media: kind, codec, clock_rate, ssrc, .. } => {
+                let Some((peer, Side::Send)) = self.conns.get(&conn).cloned() else { return };
+                let name = Name::from(format!("{peer}:{}", kind.as_str()));
+                if self.track_names.contains_key(&name) {
+                    return;
+                }
+                let track = PublishedTrack { name: name.clone(), peer: peer.clone(), conn, ssrc };
+                self.tracks.insert((conn, ssrc), track.clone());
+                self.track_names.insert(name.clone(), track);
+                self.push(
+                    Instant::now(),
+                    Input::Publish {
+                        peer: peer.clone(),
+                        track: name.clone(),
+                        media: kind,
+                        codec: codec.clone(),
+                        clock_rate,
+                        ssrc,
+                    },
+                );
+                tracing::info!(room = %self.id, %peer, track = %name, %codec, "publishing");
+                if let Some(slot) = self.peers.get_mut(&peer)
+                    && !slot.publishing
+                {
+                    slot.publishing = true;
+                    self.broadcast(Notice::Publishing { peer: peer.to_string(), publishing: true });
+                }
+            }
+            MediaEvent::Rtp { conn, media: kind, ssrc, at, packet, level, .. } => {
+                let Some(track) = self.tracks.get(&(conn, ssrc)) else { return };
+                let paused = self.peers.get(&track.peer).is_none_or(|slot| slot.send_paused);
+                if paused {
+                    return;
+                }
+                let name = track.name.clone();
+                let rtp = RtpIn {
+                    seq: packet.header.sequence_number,
+                    ts: packet.header.timestamp,
+                    marker: packet.header.marker,
+                    keyframe: kind == MediaKind::Video && m::vp8_keyframe_start(&packet.payload),
+                    payload: Arc::from(&packet.payload[..]),
+                    audio_level: level.map(|(level, _)| level),
+                    voice: level.map(|(_, voice)| voice),
+                };
+                self.push(at, Input::Rtp { track: name, packet: rtp });
+            }
+            MediaEvent::Feedback { conn, media: kind, feedback, .. } => {
+                let Some((peer, Side::Recv)) = self.conns.get(&conn).cloned() else { return };
+                match feedback {
+                    RtcpFeedback::Nack { seqs, .. } if !seqs.is_empty() => {
+                        self.push(Instant::now(), Input::Nack { peer, media: kind, seqs });
+                    }
+                    RtcpFeedback::KeyframeRequest { .. } if kind == MediaKind::Video => {
+                        self.push(Instant::now(), Input::KeyframeRequest { peer });
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let _ = media;
     }
 
     /// Feedback must name an utterance this room had, or, without one, come from a listener
@@ -264,11 +520,15 @@ impl Room {
     }
 
     fn moderate(&mut self, action: Moderation, peer: &str, by: &str) -> Result<(), ErrorBody> {
-        if !self.peers.contains_key(peer) {
+        let Some(slot) = self.peers.get_mut(peer) else {
             return Err(ErrorBody::new(ErrorCode::NotFound, format!("no peer {peer:?} in this room")));
-        }
+        };
         let notice = match action {
-            Moderation::Mute => Notice::Muted { by: by.to_owned() },
+            Moderation::Mute => {
+                // The microphone stops being forwarded here; the peer is told.
+                slot.send_paused = true;
+                Notice::Muted { by: by.to_owned() }
+            }
             Moderation::Remove => Notice::Removed { by: by.to_owned() },
         };
         self.tell(peer, notice);
@@ -279,7 +539,7 @@ impl Room {
         self.engine.view()
     }
 
-    fn notify(&mut self, event: &Event) {
+    fn notify(&mut self, event: &Event, media: &mut MediaIo) {
         match event {
             Event::UtteranceStart { utterance, speaker, uid, .. } => {
                 let notice = Notice::UtteranceStarted {
@@ -312,36 +572,56 @@ impl Room {
                 self.tell(listener, notice);
             }
             Event::KeyframeRequest { track, .. } => {
-                if let Some((_, control)) = self.publishers.get(track) {
-                    let _ = control.try_send(PublisherControl::KeyframeRequest);
+                if let Some(track) = self.track_names.get(track) {
+                    media.request_keyframe(Instant::now(), track.conn, track.ssrc);
                 }
             }
             Event::Evict { .. } | Event::Stats(_) => {}
         }
     }
 
-    fn deliver(&mut self, packet: SendPacket) {
+    /// One packet of the engine's to its listener's connection.
+    fn deliver(&mut self, now: Instant, packet: SendPacket, media: &mut MediaIo) {
         let key = packet.listener;
-        if !self.media_by_key.contains_key(&key) {
-            let sender = self
-                .engine
-                .peer_name(key)
-                .and_then(|name| self.peers.get(name.as_str()))
-                .and_then(|slot| slot.media.clone());
-            self.media_by_key.insert(key, sender);
+        if !self.recv_by_key.contains_key(&key) {
+            let found = self.engine.peer_name(key).and_then(|name| {
+                let leg = self.peers.get(name.as_str())?.recv.as_ref()?;
+                leg.connected.then(|| (leg.conn, name.clone()))
+            });
+            self.recv_by_key.insert(key, found);
         }
-        if let Some(Some(media)) = self.media_by_key.get(&key)
-            && media.try_send(packet).is_err()
-        {
+        let Some(Some((conn, peer))) = self.recv_by_key.get(&key) else { return };
+        let paused = self.peers.get(peer.as_str()).and_then(|s| s.recv.as_ref()).is_none_or(|leg| leg.paused);
+        if paused {
+            return;
+        }
+        let Some(payload) = packet.payload else { return };
+        let payload = Bytes::from_owner(payload);
+        let sent = media.write_rtp(
+            now,
+            *conn,
+            packet.media,
+            packet.seq,
+            packet.ts,
+            packet.marker,
+            packet.audio_level,
+            payload,
+        );
+        if !sent {
             self.dropped_media += 1;
         }
     }
 
-    pub fn close(&mut self) {
+    /// Closes the room: its transports close, its recording is flushed.
+    pub fn close(&mut self, media: &mut MediaIo) {
         if self.closed {
             return;
         }
         self.closed = true;
+        for conn in self.conns.keys().copied().collect::<Vec<_>>() {
+            media.close(conn);
+        }
+        self.conns.clear();
         if let Some(recorder) = &mut self.recorder
             && let Err(error) = recorder.flush()
         {
@@ -356,4 +636,10 @@ impl Room {
             "room closed"
         );
     }
+}
+
+fn random_ssrc() -> u32 {
+    let mut bytes = [0u8; 4];
+    getrandom::fill(&mut bytes).unwrap_or_default();
+    u32::from_le_bytes(bytes).max(1)
 }

@@ -1,4 +1,4 @@
-//! Worker threads, each running its rooms' ticks on time.
+//! Worker threads, each running its rooms' ticks on time and their media I/O.
 //!
 //! Missed-tick policy ([`Pacer`]): a worker that wakes late runs the missed ticks back to back
 //! (a burst of packets, as after network jitter), at most [`MAX_CATCH_UP_TICKS`] per wake-up; a
@@ -6,11 +6,13 @@
 //! replayed) and the skip is counted and logged. Inputs are recorded with the tick that
 //! consumed them, so a recording replays exactly whatever the worker's timing was.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::room::Room;
+use crate::server::media::{MediaEvent, MediaIo};
 
 /// Missed ticks a room runs back to back in one wake-up before it skips the rest.
 pub const MAX_CATCH_UP_TICKS: u64 = 100;
@@ -65,42 +67,82 @@ impl Pacer {
     }
 }
 
-/// A worker thread: receives rooms on `control`, runs their due ticks, sleeps until the
-/// earliest next deadline or a new room.
-pub fn run(index: usize, control: std::sync::mpsc::Receiver<Room>, stopping: Arc<AtomicBool>) {
-    let mut rooms: Vec<Room> = Vec::new();
+/// Longest a worker sleeps with nothing due: it also picks up new rooms when it wakes.
+const IDLE_WAIT: Duration = Duration::from_millis(20);
+
+/// A worker thread: owns its media socket and its rooms. Each turn it reads what arrived (and
+/// hands it to the rooms as engine inputs), runs the rooms' due ticks (their packets become
+/// SRTP datagrams on the same thread), sends everything in one batch, and sleeps until a
+/// datagram arrives or the next deadline (a tick, a connection's timer).
+pub fn run(index: usize, control: std::sync::mpsc::Receiver<Room>, stopping: Arc<AtomicBool>, mut media: MediaIo) {
+    let mut rooms: BTreeMap<u64, Room> = BTreeMap::new();
+    let mut io_errors = 0u64;
     loop {
+        while let Ok(room) = control.try_recv() {
+            rooms.insert(room.serial(), room);
+        }
         let now = Instant::now();
-        for room in rooms.iter_mut() {
-            room.run_due(now);
-            if !room.is_closed() && stopping.load(Ordering::Relaxed) && room.channel_closed() {
-                room.close();
+        if let Err(error) = media.poll_input(now) {
+            // An error of the socket itself (not of a datagram): say so now and then.
+            io_errors += 1;
+            if io_errors.is_power_of_two() {
+                tracing::warn!(worker = index, %error, count = io_errors, "reading the media socket failed");
             }
         }
-        rooms.retain(|room| !room.is_closed());
-        if stopping.load(Ordering::Relaxed) && rooms.is_empty() {
-            // Drain rooms still arriving, then stop.
-            while let Ok(mut room) = control.try_recv() {
-                room.close();
+        media.collect(now);
+        while let Some(event) = media.poll_event() {
+            if let Some(room) = rooms.get_mut(&owner_of(&event)) {
+                room.media_event(event, &mut media);
             }
+        }
+        let now = Instant::now();
+        let stop = stopping.load(Ordering::Relaxed);
+        for room in rooms.values_mut() {
+            room.run_due(now, &mut media);
+            if !room.is_closed() && stop && room.channel_closed() {
+                room.close(&mut media);
+            }
+        }
+        media.collect(Instant::now());
+        media.flush();
+        // Events raised by the ticks' own writes and closes (a room's closed connections).
+        while let Some(event) = media.poll_event() {
+            if let Some(room) = rooms.get_mut(&owner_of(&event)) {
+                room.media_event(event, &mut media);
+            }
+        }
+        rooms.retain(|_, room| !room.is_closed());
+        if stop && rooms.is_empty() {
+            while let Ok(mut room) = control.try_recv() {
+                room.close(&mut media);
+            }
+            media.collect(Instant::now());
+            media.flush();
             tracing::debug!(worker = index, "worker stopped");
             return;
         }
-        let wait = rooms
-            .iter()
-            .map(Room::next_deadline)
-            .min()
-            .map_or(Duration::from_millis(100), |deadline| deadline.saturating_duration_since(Instant::now()));
-        match control.recv_timeout(wait) {
-            Ok(room) => rooms.push(room),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                if rooms.is_empty() {
-                    return;
-                }
-                std::thread::sleep(wait);
+        let now = Instant::now();
+        let next = rooms.values().map(Room::next_deadline).chain(media.next_deadline()).min();
+        let wait = next.map_or(IDLE_WAIT, |at| at.saturating_duration_since(now)).min(IDLE_WAIT);
+        if !wait.is_zero()
+            && let Err(error) = media.wait(wait)
+        {
+            io_errors += 1;
+            if io_errors.is_power_of_two() {
+                tracing::warn!(worker = index, %error, count = io_errors, "waiting on the media socket failed");
             }
+            std::thread::sleep(wait);
         }
+    }
+}
+
+fn owner_of(event: &MediaEvent) -> u64 {
+    match event {
+        MediaEvent::Connected { owner, .. }
+        | MediaEvent::Closed { owner, .. }
+        | MediaEvent::TrackOpen { owner, .. }
+        | MediaEvent::Rtp { owner, .. }
+        | MediaEvent::Feedback { owner, .. } => *owner,
     }
 }
 
