@@ -436,11 +436,6 @@ pub enum Notice {
         peer: String,
         publishing: bool,
     },
-    /// A server ICE candidate for one of the client's transports; `null` at the end.
-    Candidate {
-        transport: Side,
-        candidate: Option<IceCandidate>,
-    },
     /// The session's token expires soon: send `reauth` before `expires_at`.
     SessionExpiring {
         expires_at: i64,
@@ -473,7 +468,6 @@ impl Notice {
             Notice::PeerJoined { .. } => "peer_joined",
             Notice::PeerLeft { .. } => "peer_left",
             Notice::Publishing { .. } => "publishing",
-            Notice::Candidate { .. } => "candidate",
             Notice::SessionExpiring { .. } => "session_expiring",
             Notice::Removed { .. } => "removed",
             Notice::Muted { .. } => "muted",
@@ -482,7 +476,7 @@ impl Notice {
     }
 
     /// Every notice type, for documentation checks.
-    pub const KINDS: [&'static str; 12] = [
+    pub const KINDS: [&'static str; 11] = [
         "welcome",
         "now_playing",
         "utterance_started",
@@ -490,7 +484,6 @@ impl Notice {
         "peer_joined",
         "peer_left",
         "publishing",
-        "candidate",
         "session_expiring",
         "removed",
         "muted",

@@ -388,8 +388,9 @@ function closeReason(event) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// WebRTC transports: `send` (we offer) and `recv` (the server offers). Trickle ICE both ways;
-// candidates are queued until the other side can take them.
+// WebRTC transports: `send` (we offer) and `recv` (the server offers). The server is ICE-lite:
+// its candidates are in its SDP, and it learns ours from our connectivity checks, so there is
+// nothing to trickle either way.
 
 function remoteSdp(value) {
   if (typeof value === 'string') return value;
@@ -397,28 +398,11 @@ function remoteSdp(value) {
   throw new EncoreError('bad_request', 'the server sent no SDP');
 }
 
-function candidateInit(candidate) {
-  const init = { ...candidate };
-  if (typeof init.candidate === 'string' && init.candidate && !init.candidate.startsWith('candidate:')) {
-    init.candidate = `candidate:${init.candidate}`;
-  }
-  if ((init.sdpMid === undefined || init.sdpMid === null) && (init.sdpMLineIndex === undefined || init.sdpMLineIndex === null)) {
-    init.sdpMLineIndex = 0;
-  }
-  return init;
-}
-
 class Transport {
   constructor(kind, iceServers, onState) {
     this.kind = kind;
     this.pc = new RTCPeerConnection({ iceServers, bundlePolicy: 'max-bundle', rtcpMuxPolicy: 'require' });
-    this.localReady = false;
-    this.localQueue = [];
-    this.sentEnd = false;
-    this.remoteReady = false;
-    this.remoteQueue = [];
     this.closed = false;
-    this.pc.onicecandidate = (event) => this.localCandidate(event.candidate);
     this.pc.onconnectionstatechange = () => {
       onState(this.pc.connectionState);
       if (this.pc.connectionState === 'failed' && !this.closed) {
@@ -426,52 +410,6 @@ class Transport {
       }
     };
     onState(this.pc.connectionState);
-  }
-
-  localCandidate(candidate) {
-    if (this.closed) return;
-    let json = null;
-    if (candidate) {
-      if (!candidate.candidate) return; // Firefox's per-section end marker; the null below ends all
-      json = candidate.toJSON();
-    } else {
-      if (this.sentEnd) return;
-      this.sentEnd = true;
-    }
-    if (this.localReady) this.sendCandidate(json);
-    else this.localQueue.push(json);
-  }
-
-  sendCandidate(candidate) {
-    if (!room.sig) return;
-    room.sig.request('candidate', { transport: this.kind, candidate }).catch((error) => {
-      if (!this.closed) console.warn(`[encore] ${this.kind} candidate refused`, error);
-    });
-  }
-
-  // The server knows this transport now: send what was gathered so far.
-  startTrickle() {
-    this.localReady = true;
-    for (const candidate of this.localQueue.splice(0)) this.sendCandidate(candidate);
-  }
-
-  async remoteCandidate(candidate) {
-    if (this.closed) return;
-    if (!this.remoteReady) {
-      this.remoteQueue.push(candidate);
-      return;
-    }
-    try {
-      if (candidate && candidate.candidate) await this.pc.addIceCandidate(candidateInit(candidate));
-      else await this.pc.addIceCandidate();
-    } catch (error) {
-      if (candidate) console.warn(`[encore] ${this.kind}: bad remote candidate`, candidate, error);
-    }
-  }
-
-  async remoteDescriptionSet() {
-    this.remoteReady = true;
-    for (const candidate of this.remoteQueue.splice(0)) await this.remoteCandidate(candidate);
   }
 
   close() {
@@ -629,10 +567,6 @@ function installHandlers(sig) {
     room.peers.set(m.peer, p);
     render();
   });
-  sig.on('candidate', (m) => {
-    const transport = m.transport === 'send' ? room.send : m.transport === 'recv' ? room.recv : null;
-    if (transport) transport.remoteCandidate(m.candidate);
-  });
   sig.on('now_playing', (m) => {
     room.nowPlaying = m;
     if (m.utterance) {
@@ -734,8 +668,6 @@ async function startTalking(withCamera) {
     const data = await room.sig.request('publish', { offer: pc.localDescription.sdp });
     if (transport.closed) return;
     await pc.setRemoteDescription({ type: 'answer', sdp: remoteSdp(data.answer) });
-    await transport.remoteDescriptionSet();
-    transport.startTrickle();
     room.micPaused = false;
     const video = $('local-video');
     if (withCamera) {
@@ -796,18 +728,16 @@ async function startListening(withVideo) {
   if (!room.sig) throw new EncoreError('conflict', 'join a room first');
   if (room.recv) return;
   const transport = new Transport('recv', room.iceServers, (s) => setTransportState('recv-state', s));
-  room.recv = transport; // exists before `listen` so early server candidates are queued
+  room.recv = transport;
   const pc = transport.pc;
   pc.ontrack = (event) => attachRemoteTrack(event);
   try {
     const data = await room.sig.request('listen', { video: !!withVideo });
     if (transport.closed) return;
     await pc.setRemoteDescription({ type: 'offer', sdp: remoteSdp(data.offer) });
-    await transport.remoteDescriptionSet();
     const answer = await pc.createAnswer();
     await pc.setLocalDescription(answer);
     await room.sig.request('answer', { answer: pc.localDescription.sdp });
-    transport.startTrickle();
     room.recvPaused = false;
     startStats();
   } catch (error) {

@@ -17,8 +17,8 @@ use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
     PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder, RTCIceCandidateInit,
-    RTCPeerConnectionIceEvent, RTCPeerConnectionState, RTCSessionDescription, Registry, SettingEngine,
-    SettingEngineBuilder, Slot, register_default_interceptors,
+    RTCPeerConnectionState, RTCSessionDescription, Registry, SettingEngine, SettingEngineBuilder, Slot,
+    register_default_interceptors,
 };
 use webrtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit, RtpTransceiver};
 
@@ -27,22 +27,26 @@ use encore_systems::components::ids::MediaKind;
 use super::error::ClientError;
 use super::signaling::Signaling;
 use crate::media as m;
-use crate::protocol::{Done, IceCandidate, Offered, Published, Request, Side};
+use crate::protocol::{Done, Offered, Published, Request};
+
+/// How a client reaches the server's media.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ClientNetwork {
+    /// UDP, as almost every client.
+    #[default]
+    Udp,
+    /// TCP only (ICE-TCP active to the server's passive candidate): a client whose UDP is
+    /// blocked.
+    TcpOnly,
+}
 
 struct Handler {
-    candidates: mpsc::UnboundedSender<RTCIceCandidateInit>,
     state: watch::Sender<RTCPeerConnectionState>,
     tracks: mpsc::UnboundedSender<Arc<dyn TrackRemote>>,
 }
 
 #[async_trait::async_trait]
 impl PeerConnectionEventHandler for Handler {
-    async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
-        if let Ok(init) = event.candidate.to_json() {
-            let _ = self.candidates.send(init);
-        }
-    }
-
     async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
         self.state.send_replace(state);
     }
@@ -56,31 +60,48 @@ struct Connection {
     pc: Arc<dyn PeerConnection>,
     state: watch::Receiver<RTCPeerConnectionState>,
     tracks: mpsc::UnboundedReceiver<Arc<dyn TrackRemote>>,
-    local_candidates: mpsc::UnboundedReceiver<RTCIceCandidateInit>,
 }
 
 /// A client peer connection like a browser's: default interceptors (with a NACK responder),
-/// plus the audio-level extension.
-async fn connection() -> Result<Connection, ClientError> {
+/// plus the audio-level extension. The server is ICE-lite: its candidates come in its SDP, and
+/// it learns ours from our checks, so nothing is trickled.
+async fn connection(network: ClientNetwork) -> Result<Connection, ClientError> {
     let (mut engine, _) = m::media_engine_and_registry().map_err(ClientError::webrtc("media engine"))?;
     let registry =
         register_default_interceptors(Registry::new(), &mut engine).map_err(ClientError::webrtc("interceptors"))?;
     let registry = registry.with(Slot::from(14_000), m::RtcpToApp::default());
-    let (candidates, local_candidates) = mpsc::unbounded_channel();
     let (state_tx, state) = watch::channel(RTCPeerConnectionState::New);
     let (tracks_tx, tracks) = mpsc::unbounded_channel();
-    let handler = Handler { candidates, state: state_tx, tracks: tracks_tx };
-    let pc = PeerConnectionBuilder::new()
+    let handler = Handler { state: state_tx, tracks: tracks_tx };
+    let builder = PeerConnectionBuilder::new()
         .with_configuration(RTCConfigurationBuilder::new().build())
         .with_media_engine(engine)
         .with_setting_engine(setting_engine())
         .with_interceptor_registry(registry)
-        .with_handler(Arc::new(handler))
-        .with_udp_addrs(vec!["127.0.0.1:0".to_owned()])
-        .build()
-        .await
-        .map_err(ClientError::webrtc("peer connection"))?;
-    Ok(Connection { pc: Arc::new(pc), state, tracks, local_candidates })
+        .with_handler(Arc::new(handler));
+    let builder = match network {
+        ClientNetwork::Udp => builder.with_udp_addrs(vec!["127.0.0.1:0".to_owned()]),
+        ClientNetwork::TcpOnly => builder.with_tcp_addrs(vec!["127.0.0.1:0".to_owned()]),
+    };
+    let pc = builder.build().await.map_err(ClientError::webrtc("peer connection"))?;
+    Ok(Connection { pc: Arc::new(pc), state, tracks })
+}
+
+/// The webrtc crate dials a TCP passive candidate only when it is added by hand, not when it
+/// comes in the remote SDP (docs/dependencies.md): add the SDP's TCP candidates.
+async fn dial_tcp_candidates(pc: &Arc<dyn PeerConnection>, sdp: &str) -> Result<(), ClientError> {
+    for line in sdp.lines().filter_map(|l| l.strip_prefix("a=")) {
+        if line.starts_with("candidate:") && line.contains(" tcp ") {
+            let init = RTCIceCandidateInit {
+                candidate: line.to_owned(),
+                sdp_mid: Some("0".to_owned()),
+                sdp_mline_index: Some(0),
+                ..Default::default()
+            };
+            pc.add_ice_candidate(init).await.map_err(ClientError::webrtc("adding a TCP candidate"))?;
+        }
+    }
+    Ok(())
 }
 
 /// mDNS off: the client is on loopback with the server, and each connection would otherwise
@@ -111,50 +132,6 @@ async fn negotiated_audio_level(transceiver: &Arc<dyn RtpTransceiver>) -> Option
     let parameters = transceiver.sender().await.ok()??.get_parameters().await.ok()?;
     let extensions = parameters.rtp_parameters.header_extensions;
     extensions.iter().find(|e| e.uri == m::AUDIO_LEVEL_URI).and_then(|e| u8::try_from(e.id).ok())
-}
-
-/// Trickles candidates both ways for one transport.
-fn trickle(
-    signaling: &Arc<Signaling>,
-    side: Side,
-    pc: Arc<dyn PeerConnection>,
-    mut local: mpsc::UnboundedReceiver<RTCIceCandidateInit>,
-) {
-    let mut remote = signaling.candidates(side);
-    let out = signaling.clone();
-    tokio::spawn(async move {
-        while let Some(init) = local.recv().await {
-            let candidate = IceCandidate {
-                candidate: init.candidate,
-                sdp_mid: init.sdp_mid,
-                sdp_mline_index: init.sdp_mline_index,
-                username_fragment: init.username_fragment,
-            };
-            let request = Request::Candidate { transport: side, candidate: Some(candidate) };
-            if out.request::<Done>(request).await.is_err() {
-                break;
-            }
-        }
-    });
-    tokio::spawn(async move {
-        while let Some(candidate) = remote.recv().await {
-            let Some(candidate) = candidate.filter(|c| !c.candidate.is_empty()) else { continue };
-            let candidate = RTCIceCandidateInit {
-                candidate: candidate.candidate,
-                sdp_mid: candidate.sdp_mid,
-                sdp_mline_index: candidate.sdp_mline_index,
-                username_fragment: candidate.username_fragment,
-                ..Default::default()
-            };
-            // A connection takes candidates only once it has the remote description.
-            while pc.remote_description().await.is_none() {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            if pc.add_ice_candidate(candidate).await.is_err() {
-                break;
-            }
-        }
-    });
 }
 
 async fn connected(state: &mut watch::Receiver<RTCPeerConnectionState>) -> Result<(), ClientError> {
@@ -190,7 +167,17 @@ pub struct Publisher {
 impl Publisher {
     /// Offers, publishes, and waits until the connection is up.
     pub async fn start(signaling: &Arc<Signaling>, video: bool, ssrc_seed: u32) -> Result<Self, ClientError> {
-        let Connection { pc, mut state, local_candidates, .. } = connection().await?;
+        Self::start_on(signaling, video, ssrc_seed, ClientNetwork::Udp).await
+    }
+
+    /// [`Publisher::start`] over the given network.
+    pub async fn start_on(
+        signaling: &Arc<Signaling>,
+        video: bool,
+        ssrc_seed: u32,
+        network: ClientNetwork,
+    ) -> Result<Self, ClientError> {
+        let Connection { pc, mut state, .. } = connection(network).await?;
         let audio_ssrc = 0x1000_0000 | ssrc_seed;
         let video_ssrc = 0x2000_0000 | ssrc_seed;
         let audio = track(RtpCodecKind::Audio, audio_ssrc);
@@ -206,10 +193,13 @@ impl Publisher {
         }
         let offer = pc.create_offer(None).await.map_err(ClientError::webrtc("creating the offer"))?;
         pc.set_local_description(offer.clone()).await.map_err(ClientError::webrtc("setting the offer"))?;
-        trickle(signaling, Side::Send, pc.clone(), local_candidates);
         let Published { answer } = signaling.request(Request::Publish { offer: offer.sdp }).await?;
+        let sdp = answer.clone();
         let answer = RTCSessionDescription::answer(answer).map_err(ClientError::webrtc("reading the answer"))?;
         pc.set_remote_description(answer).await.map_err(ClientError::webrtc("setting the answer"))?;
+        if network == ClientNetwork::TcpOnly {
+            dial_tcp_candidates(&pc, &sdp).await?;
+        }
         connected(&mut state).await?;
         let level_id = negotiated_audio_level(&transceivers[0]).await;
         let keyframe_requests = Arc::new(AtomicU32::new(0));
@@ -297,14 +287,26 @@ pub struct Listener {
 impl Listener {
     /// Listens (the server offers), answers, and waits until the connection is up.
     pub async fn start(signaling: &Arc<Signaling>, video: bool) -> Result<Self, ClientError> {
-        let Connection { pc, mut state, mut tracks, local_candidates } = connection().await?;
+        Self::start_on(signaling, video, ClientNetwork::Udp).await
+    }
+
+    /// [`Listener::start`] over the given network.
+    pub async fn start_on(
+        signaling: &Arc<Signaling>,
+        video: bool,
+        network: ClientNetwork,
+    ) -> Result<Self, ClientError> {
+        let Connection { pc, mut state, mut tracks } = connection(network).await?;
         let Offered { offer } = signaling.request(Request::Listen { video }).await?;
+        let sdp = offer.clone();
         let offer = RTCSessionDescription::offer(offer).map_err(ClientError::webrtc("reading the offer"))?;
         pc.set_remote_description(offer).await.map_err(ClientError::webrtc("setting the offer"))?;
         let answer = pc.create_answer(None).await.map_err(ClientError::webrtc("creating the answer"))?;
         pc.set_local_description(answer.clone()).await.map_err(ClientError::webrtc("setting the answer"))?;
-        trickle(signaling, Side::Recv, pc.clone(), local_candidates);
         signaling.request::<Done>(Request::Answer { answer: answer.sdp }).await?;
+        if network == ClientNetwork::TcpOnly {
+            dial_tcp_candidates(&pc, &sdp).await?;
+        }
         let (tx, packets) = mpsc::unbounded_channel();
         let remote: RemoteTracks = Arc::default();
         let known = remote.clone();

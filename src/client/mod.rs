@@ -10,6 +10,6 @@ pub mod tls;
 
 pub use error::ClientError;
 pub use http::{dev_token, get, put, ws_ticket};
-pub use media::{Listener, Publisher, Received};
+pub use media::{ClientNetwork, Listener, Publisher, Received};
 pub use signaling::{Signaling, Welcome};
 pub use tls::{ClientTls, TlsTrust, insecure_tls};

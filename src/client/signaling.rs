@@ -1,6 +1,5 @@
 //! The client side of the signaling protocol (docs/protocol.md), in the types of
-//! [`crate::protocol`]: requests with ids and their typed answers, notices, and the server's
-//! candidates routed to the transport they belong to.
+//! [`crate::protocol`]: requests with ids and their typed answers, and notices.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,10 +16,9 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use super::error::ClientError;
 use super::tls::ClientTls;
-use crate::protocol::{Answer, IceCandidate, Joined, Notice, Request, RequestId, ServerMessage, Side};
+use crate::protocol::{Answer, Joined, Notice, Request, RequestId, ServerMessage};
 
 type Pending = Arc<std::sync::Mutex<HashMap<u64, oneshot::Sender<Answer>>>>;
-type Candidates = Arc<std::sync::Mutex<HashMap<Side, mpsc::UnboundedSender<Option<IceCandidate>>>>>;
 
 /// What the server said when the session opened.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,7 +36,6 @@ pub struct Signaling {
     next_id: AtomicU64,
     notices: Mutex<mpsc::UnboundedReceiver<Notice>>,
     strays: Mutex<mpsc::UnboundedReceiver<Answer>>,
-    candidates: Candidates,
     pub welcome: Welcome,
     /// The close code and reason, once the server closed the socket.
     pub closed: Arc<std::sync::Mutex<Option<(u16, String)>>>,
@@ -99,14 +96,12 @@ impl Signaling {
             let _ = sink.close().await;
         });
         let pending: Pending = Arc::default();
-        let candidates: Candidates = Arc::default();
         let closed: Arc<std::sync::Mutex<Option<(u16, String)>>> = Arc::default();
         let (notice_tx, notices) = mpsc::unbounded_channel();
         let (stray_tx, strays) = mpsc::unbounded_channel();
         let (welcome_tx, welcome_rx) = oneshot::channel();
         {
             let pending = pending.clone();
-            let candidates = candidates.clone();
             let closed = closed.clone();
             tokio::spawn(async move {
                 let mut welcome_tx = Some(welcome_tx);
@@ -154,11 +149,6 @@ impl Signaling {
                                 let _ = tx.send(Welcome { protocol, uid, roles, session_expires_at });
                             }
                         }
-                        ServerMessage::Notice(Notice::Candidate { transport, candidate }) => {
-                            if let Some(tx) = candidates.lock().unwrap_or_else(|p| p.into_inner()).get(&transport) {
-                                let _ = tx.send(candidate);
-                            }
-                        }
                         ServerMessage::Notice(notice) => {
                             let _ = notice_tx.send(notice);
                         }
@@ -177,7 +167,6 @@ impl Signaling {
             next_id: AtomicU64::new(1),
             notices: Mutex::new(notices),
             strays: Mutex::new(strays),
-            candidates,
             welcome,
             closed,
         })
@@ -242,13 +231,6 @@ impl Signaling {
     /// The next answer no request waits for (to raw text, or to a message without an id).
     pub async fn stray_answer(&self, wait: Duration) -> Option<Answer> {
         tokio::time::timeout(wait, self.strays.lock().await.recv()).await.ok().flatten()
-    }
-
-    /// Candidates the server sends for one transport (`None` at the end).
-    pub fn candidates(&self, side: Side) -> mpsc::UnboundedReceiver<Option<IceCandidate>> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        self.candidates.lock().unwrap_or_else(|p| p.into_inner()).insert(side, tx);
-        rx
     }
 
     pub async fn join(&self, room: &str, name: &str) -> Result<Joined, ClientError> {
