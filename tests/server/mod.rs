@@ -6,6 +6,7 @@ mod browser;
 mod e2e;
 mod feedback;
 mod loadgen;
+mod media;
 mod protocol;
 mod robustness;
 pub mod support;

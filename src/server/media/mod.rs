@@ -209,6 +209,52 @@ pub struct MediaStats {
     pub connect_timeouts: u64,
 }
 
+impl MediaStats {
+    /// Adds another worker's figures to these.
+    pub fn add(&mut self, other: &MediaStats) {
+        let MediaStats {
+            rx_datagrams,
+            rx_bytes,
+            drop_unknown_source,
+            drop_stun_no_username,
+            drop_stun_unknown_ufrag,
+            drop_stun_bad_integrity,
+            drop_truncated,
+            drop_rtc_error,
+            drop_tcp_unbound,
+            drop_tcp_overflow,
+            tx_datagrams,
+            tx_bytes,
+            tx_syscalls,
+            tx_errors,
+            tx_redirected,
+            rtp_in,
+            rtp_out,
+            rtp_out_refused,
+            connect_timeouts,
+        } = *other;
+        self.rx_datagrams += rx_datagrams;
+        self.rx_bytes += rx_bytes;
+        self.drop_unknown_source += drop_unknown_source;
+        self.drop_stun_no_username += drop_stun_no_username;
+        self.drop_stun_unknown_ufrag += drop_stun_unknown_ufrag;
+        self.drop_stun_bad_integrity += drop_stun_bad_integrity;
+        self.drop_truncated += drop_truncated;
+        self.drop_rtc_error += drop_rtc_error;
+        self.drop_tcp_unbound += drop_tcp_unbound;
+        self.drop_tcp_overflow += drop_tcp_overflow;
+        self.tx_datagrams += tx_datagrams;
+        self.tx_bytes += tx_bytes;
+        self.tx_syscalls += tx_syscalls;
+        self.tx_errors += tx_errors;
+        self.tx_redirected += tx_redirected;
+        self.rtp_in += rtp_in;
+        self.rtp_out += rtp_out;
+        self.rtp_out_refused += rtp_out_refused;
+        self.connect_timeouts += connect_timeouts;
+    }
+}
+
 /// A listener leg's sending side, fixed by the answer.
 #[derive(Debug, Clone, Copy)]
 struct OutLeg {

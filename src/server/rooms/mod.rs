@@ -33,7 +33,7 @@ use encore_systems::components::ids::{Name, Role, UtteranceId};
 use encore_systems::components::input::{FeedbackSignal, Input};
 use encore_systems::{Engine, RoomView};
 
-use super::media::{MediaIo, MediaSettings, tcp};
+use super::media::{MediaIo, MediaSettings, MediaStats, tcp};
 use super::recorder::Recorder;
 use crate::protocol::{ErrorBody, ErrorCode, Notice, PeerInfo, Side};
 use room::Room;
@@ -248,6 +248,15 @@ pub struct Rooms {
     max_rooms: usize,
     max_peers: usize,
     pub media_ports: MediaPorts,
+    /// Each worker's media figures, as of its last turn.
+    worker_stats: Arc<Vec<Mutex<WorkerStats>>>,
+}
+
+/// What a worker's media path did, as of its last turn.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WorkerStats {
+    pub media: MediaStats,
+    pub connections: usize,
 }
 
 /// How to start the workers' media path.
@@ -300,6 +309,8 @@ impl Rooms {
             tcp_senders.push(tcp_tx);
         }
         let media_ports = MediaPorts { udp: ios.iter().map(MediaIo::udp_addr).collect(), tcp: tcp_addr };
+        let worker_stats: Arc<Vec<Mutex<WorkerStats>>> =
+            Arc::new((0..workers).map(|_| Mutex::new(WorkerStats::default())).collect());
         let mut senders = Vec::new();
         let mut handles = Vec::new();
         if let Some(listener) = tcp_listener {
@@ -314,9 +325,10 @@ impl Rooms {
         for (index, io) in ios.into_iter().enumerate() {
             let (tx, rx) = std::sync::mpsc::channel::<Room>();
             let stopping = stopping.clone();
+            let stats = worker_stats.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("encore-worker-{index}"))
-                .spawn(move || worker::run(index, rx, stopping, io))?;
+                .spawn(move || worker::run(index, rx, stopping, io, stats))?;
             senders.push(tx);
             handles.push(handle);
         }
@@ -330,6 +342,7 @@ impl Rooms {
             max_rooms,
             max_peers,
             media_ports,
+            worker_stats,
         }))
     }
 
@@ -433,6 +446,17 @@ impl Rooms {
                 tracing::warn!(room, "room queue full at close; the worker closes it when it drains");
             }
         }
+    }
+
+    /// Every worker's media figures, summed.
+    pub fn media_stats(&self) -> WorkerStats {
+        let mut total = WorkerStats::default();
+        for slot in self.worker_stats.iter() {
+            let stats = *slot.lock().unwrap_or_else(|p| p.into_inner());
+            total.connections += stats.connections;
+            total.media.add(&stats.media);
+        }
+        total
     }
 
     pub fn list(&self) -> Vec<RoomSummary> {

@@ -7,10 +7,11 @@
 //! consumed them, so a recording replays exactly whatever the worker's timing was.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::WorkerStats;
 use super::room::Room;
 use crate::server::media::{MediaEvent, MediaIo};
 
@@ -74,7 +75,13 @@ const IDLE_WAIT: Duration = Duration::from_millis(20);
 /// hands it to the rooms as engine inputs), runs the rooms' due ticks (their packets become
 /// SRTP datagrams on the same thread), sends everything in one batch, and sleeps until a
 /// datagram arrives or the next deadline (a tick, a connection's timer).
-pub fn run(index: usize, control: std::sync::mpsc::Receiver<Room>, stopping: Arc<AtomicBool>, mut media: MediaIo) {
+pub fn run(
+    index: usize,
+    control: std::sync::mpsc::Receiver<Room>,
+    stopping: Arc<AtomicBool>,
+    mut media: MediaIo,
+    stats: Arc<Vec<Mutex<WorkerStats>>>,
+) {
     let mut rooms: BTreeMap<u64, Room> = BTreeMap::new();
     let mut io_errors = 0u64;
     loop {
@@ -112,6 +119,10 @@ pub fn run(index: usize, control: std::sync::mpsc::Receiver<Room>, stopping: Arc
             }
         }
         rooms.retain(|_, room| !room.is_closed());
+        if let Some(slot) = stats.get(index) {
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) =
+                WorkerStats { media: media.stats(), connections: media.connections() };
+        }
         if stop && rooms.is_empty() {
             while let Ok(mut room) = control.try_recv() {
                 room.close(&mut media);
