@@ -36,6 +36,7 @@ pub struct Signaling {
     next_id: AtomicU64,
     notices: Mutex<mpsc::UnboundedReceiver<Notice>>,
     strays: Mutex<mpsc::UnboundedReceiver<Answer>>,
+    others: Mutex<mpsc::UnboundedReceiver<Value>>,
     pub welcome: Welcome,
     /// The close code and reason, once the server closed the socket.
     pub closed: Arc<std::sync::Mutex<Option<(u16, String)>>>,
@@ -99,6 +100,7 @@ impl Signaling {
         let closed: Arc<std::sync::Mutex<Option<(u16, String)>>> = Arc::default();
         let (notice_tx, notices) = mpsc::unbounded_channel();
         let (stray_tx, strays) = mpsc::unbounded_channel();
+        let (other_tx, others) = mpsc::unbounded_channel();
         let (welcome_tx, welcome_rx) = oneshot::channel();
         {
             let pending = pending.clone();
@@ -119,9 +121,13 @@ impl Signaling {
                     };
                     let message = match serde_json::from_str::<ServerMessage>(&text) {
                         Ok(message) => message,
-                        // A notice of a later protocol revision: not ours to understand.
+                        // A notice of another server version: not ours to understand; handed
+                        // over as it is.
                         Err(error) => {
                             tracing::debug!(%error, "a server message this client does not know");
+                            if let Ok(value) = serde_json::from_str::<Value>(&text) {
+                                let _ = other_tx.send(value);
+                            }
                             continue;
                         }
                     };
@@ -167,6 +173,7 @@ impl Signaling {
             next_id: AtomicU64::new(1),
             notices: Mutex::new(notices),
             strays: Mutex::new(strays),
+            others: Mutex::new(others),
             welcome,
             closed,
         })
@@ -231,6 +238,12 @@ impl Signaling {
     /// The next answer no request waits for (to raw text, or to a message without an id).
     pub async fn stray_answer(&self, wait: Duration) -> Option<Answer> {
         tokio::time::timeout(wait, self.strays.lock().await.recv()).await.ok().flatten()
+    }
+
+    /// The next server message this client's protocol types do not know (from another server
+    /// version), as JSON.
+    pub async fn other_message(&self, wait: Duration) -> Option<Value> {
+        tokio::time::timeout(wait, self.others.lock().await.recv()).await.ok().flatten()
     }
 
     pub async fn join(&self, room: &str, name: &str) -> Result<Joined, ClientError> {

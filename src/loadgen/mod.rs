@@ -23,7 +23,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -32,13 +32,14 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::client::{ClientError, ClientTls, Listener, Publisher, Received, Signaling, dev_token};
+use crate::client::{ClientError, ClientTls, Signaling, dev_token};
 use crate::components::ids::MediaKind;
-use crate::protocol::{Done, Notice, Request};
-use crate::talk::{self, Frames, SeededRng};
+use crate::protocol::{Done, Notice, Offered, Published, Request, Side};
+use fleet::{Fleet, LiveFlag};
+
+mod fleet;
 use encore_systems::rtp::{FIRST_SEQ_CYCLE, unwrap_seq};
 
-const FRAME: Duration = Duration::from_micros(talk::FRAME_US);
 /// Video: 15 frames a second, one RTP packet a frame, a key frame every 2 s.
 const VIDEO_FRAME: Duration = Duration::from_micros(66_667);
 const VIDEO_KEYFRAME_EVERY: u64 = 30;
@@ -91,6 +92,8 @@ pub enum LoadgenError {
     NoClients { failures: usize, first: String },
     #[error("nothing to do: at least one speaker and one listener are needed")]
     Empty,
+    #[error("the media loop: {0}")]
+    Fleet(String),
 }
 
 /// The header of every audio payload the load generator sends: a magic byte, the publisher's
@@ -210,7 +213,6 @@ struct ListenerStats {
     /// Those live delays less the route's `lag_ms` (the engine's deliberate pacing offset).
     path_delays_us: Vec<u32>,
     unstamped: u64,
-    now_playing: u64,
 }
 
 /// Percentiles of a set of delays.
@@ -366,20 +368,12 @@ impl fmt::Display for Report {
     }
 }
 
-struct Speaker {
-    index: u32,
+/// A client's signaling session and its place in the fleet.
+struct Client {
     signaling: Arc<Signaling>,
-    publisher: Publisher,
-}
-
-struct ListenerClient {
-    signaling: Arc<Signaling>,
-    listener: Listener,
-}
-
-enum Client {
-    Speaker(Speaker),
-    Listener(ListenerClient),
+    fleet_id: fleet::ClientId,
+    /// What its notices say (listeners).
+    live: Option<Arc<LiveFlag>>,
 }
 
 async fn connect(
@@ -395,139 +389,110 @@ async fn connect(
     Ok(signaling)
 }
 
-async fn set_up(tls: ClientTls, options: Arc<LoadgenOptions>, speaker: bool, index: u32) -> Result<Client, String> {
+/// Reads a client's notices until `until`: a listener's now_playing sets its live flag; a
+/// server that trickles its candidates (one from before the ICE-lite media path) has them
+/// handed to the fleet; the rest is read so that no queue grows.
+fn follow_notices(
+    signaling: Arc<Signaling>,
+    fleet: Arc<Fleet>,
+    id: fleet::ClientId,
+    live: Option<Arc<LiveFlag>>,
+    notices: Arc<AtomicU64>,
+    until: Instant,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let wait = until.saturating_duration_since(Instant::now());
+            if wait.is_zero() {
+                break;
+            }
+            tokio::select! {
+                note = signaling.notification(wait) => match note {
+                    Some(Notice::NowPlaying { utterance, live: is_live, lag_ms, .. }) => {
+                        notices.fetch_add(1, Ordering::Relaxed);
+                        if let Some(live) = &live {
+                            live.lag_us.store(lag_ms * 1000, Ordering::Relaxed);
+                            live.live.store(is_live && utterance.is_some(), Ordering::Relaxed);
+                        }
+                    }
+                    Some(_) => {}
+                    None => break,
+                },
+                other = signaling.other_message(wait) => match other {
+                    Some(value) if value["type"] == "candidate" => {
+                        if let Some(candidate) = value["candidate"]["candidate"].as_str() {
+                            fleet.remote_candidate(id, candidate.to_owned());
+                        }
+                    }
+                    Some(_) => {}
+                    None => break,
+                },
+            }
+        }
+    })
+}
+
+async fn set_up(
+    tls: ClientTls,
+    options: Arc<LoadgenOptions>,
+    fleet: Arc<Fleet>,
+    speaker: bool,
+    index: u32,
+    notices: Arc<AtomicU64>,
+    until: Instant,
+) -> Result<(bool, Client, tokio::task::JoinHandle<()>), String> {
     let (uid, role) = if speaker {
         (format!("lg-s{:03}", index + 1), "speaker")
     } else {
         (format!("lg-l{:04}", index + 1), "listener")
     };
-    let setup = async {
-        let signaling = connect(&tls, &options.url, &uid, role, &options.room).await?;
-        if speaker {
-            let publisher = Publisher::start(&signaling, options.video, index + 1).await?;
-            Ok(Client::Speaker(Speaker { index, signaling, publisher }))
-        } else {
-            let listener = Listener::start(&signaling, options.video).await?;
-            Ok(Client::Listener(ListenerClient { signaling, listener }))
-        }
+    let failed = |e: String| format!("{uid}: {e}");
+    let signaling = connect(&tls, &options.url, &uid, role, &options.room).await.map_err(|e| failed(e.to_string()))?;
+    let (client, follower) = if speaker {
+        let (id, offer, candidate) = fleet.publisher(index, options.video).await.map_err(failed)?;
+        let follower = follow_notices(signaling.clone(), fleet.clone(), id, None, notices, until);
+        let Published { answer } =
+            signaling.request(Request::Publish { offer }).await.map_err(|e| failed(e.to_string()))?;
+        fleet.answer(id, answer).await.map_err(failed)?;
+        let candidate = Request::Candidate { transport: Side::Send, candidate: Some(candidate) };
+        let _ = signaling.request::<Done>(candidate).await;
+        (Client { signaling, fleet_id: id, live: None }, follower)
+    } else {
+        let Offered { offer } =
+            signaling.request(Request::Listen { video: options.video }).await.map_err(|e| failed(e.to_string()))?;
+        let live = Arc::new(LiveFlag::default());
+        let (id, answer, candidate) = fleet.listener(offer, live.clone()).await.map_err(failed)?;
+        let follower = follow_notices(signaling.clone(), fleet.clone(), id, Some(live.clone()), notices, until);
+        signaling.request::<Done>(Request::Answer { answer }).await.map_err(|e| failed(e.to_string()))?;
+        let candidate = Request::Candidate { transport: Side::Recv, candidate: Some(candidate) };
+        let _ = signaling.request::<Done>(candidate).await;
+        (Client { signaling, fleet_id: id, live: Some(live) }, follower)
     };
-    setup.await.map_err(|e: ClientError| format!("{uid}: {e}"))
+    if !fleet.connected(client.fleet_id).await {
+        follower.abort();
+        return Err(failed("the connection did not come up".into()));
+    }
+    Ok((speaker, client, follower))
 }
 
-#[derive(Default)]
-struct SendCounts {
-    audio: AtomicU64,
-    voiced: AtomicU64,
-    video: AtomicU64,
-    errors: AtomicU64,
-}
-
-/// One publisher: a packet every 20 ms until `end`, video beside it when asked.
-async fn talk(
-    mut speaker: Speaker,
+/// Accounts one packet a listener received. `live`: the listener's route is live, with this
+/// lag (µs) at its start.
+fn account(
+    stats: &mut ListenerStats,
+    media: MediaKind,
+    seq: u16,
+    at: Instant,
+    payload: &[u8],
     epoch: Instant,
-    end: Instant,
-    seed: u64,
-    video: bool,
-    counts: Arc<SendCounts>,
-) -> Speaker {
-    let mut rng = SeededRng::new(seed.wrapping_add(u64::from(speaker.index)));
-    let mut spurts = Frames::new(&mut rng);
-    // Spread the publishers over the 20 ms frame.
-    let phase = Duration::from_micros(SeededRng::new(seed ^ u64::from(speaker.index)).range(0, 20_000));
-    let start = Instant::now() + phase;
-    let mut audio = tokio::time::interval_at(start.into(), FRAME);
-    let mut frames = tokio::time::interval_at(start.into(), VIDEO_FRAME);
-    let mut video_frames = 0u64;
-    loop {
-        tokio::select! {
-            tick = audio.tick() => {
-                let tick: Instant = tick.into();
-                if tick >= end {
-                    break;
-                }
-                let (voiced, level, size) = spurts.next_frame(&mut rng);
-                let sent_us = epoch.elapsed().as_micros() as u64;
-                let payload = PayloadStamp { publisher: speaker.index, sent_us }.write(size);
-                match speaker.publisher.send_audio(tick - start, payload, level, voiced).await {
-                    Ok(()) => {
-                        counts.audio.fetch_add(1, Ordering::Relaxed);
-                        if voiced {
-                            counts.voiced.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    Err(_) => {
-                        counts.errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-            tick = frames.tick(), if video => {
-                let tick: Instant = tick.into();
-                if tick >= end {
-                    continue;
-                }
-                let keyframe = video_frames.is_multiple_of(VIDEO_KEYFRAME_EVERY);
-                video_frames += 1;
-                let size = if keyframe { 1100 } else { 400 + (video_frames % 5) as usize * 80 };
-                match speaker.publisher.send_video(tick - start, keyframe, size).await {
-                    Ok(()) => counts.video.fetch_add(1, Ordering::Relaxed),
-                    Err(_) => counts.errors.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-        }
-    }
-    speaker
-}
-
-/// One listener: drains its packets until `until`, reading the live flag its notifications set.
-async fn listen(mut client: ListenerClient, epoch: Instant, until: Instant) -> (ListenerClient, ListenerStats) {
-    let live = Arc::new(AtomicBool::new(false));
-    let lag_us = Arc::new(AtomicU64::new(0));
-    let notices = Arc::new(AtomicU64::new(0));
-    let notes = {
-        let signaling = client.signaling.clone();
-        let live = live.clone();
-        let lag_us = lag_us.clone();
-        let notices = notices.clone();
-        tokio::spawn(async move {
-            loop {
-                let wait = until.saturating_duration_since(Instant::now());
-                let Some(note) = signaling.notification(wait).await else { break };
-                if let Notice::NowPlaying { utterance, live: is_live, lag_ms, .. } = note {
-                    notices.fetch_add(1, Ordering::Relaxed);
-                    lag_us.store(lag_ms * 1000, Ordering::Relaxed);
-                    live.store(is_live && utterance.is_some(), Ordering::Relaxed);
-                }
-            }
-        })
-    };
-    let mut stats = ListenerStats::default();
-    let deadline = tokio::time::sleep_until(until.into());
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            packet = client.listener.packets.recv() => {
-                let Some(packet) = packet else { break };
-                let live = live.load(Ordering::Relaxed).then(|| lag_us.load(Ordering::Relaxed));
-                account(&mut stats, &packet, epoch, live);
-            }
-            _ = &mut deadline => break,
-        }
-    }
-    let _ = notes.await;
-    stats.now_playing = notices.load(Ordering::Relaxed);
-    (client, stats)
-}
-
-/// `live`: the listener's route is live, with this lag (µs) at its start.
-fn account(stats: &mut ListenerStats, packet: &Received, epoch: Instant, live: Option<u64>) {
-    match packet.media {
-        MediaKind::Video => stats.video.push(packet.seq),
+    live: Option<u64>,
+) {
+    match media {
+        MediaKind::Video => stats.video.push(seq),
         MediaKind::Audio => {
-            stats.audio.push(packet.seq);
-            match PayloadStamp::read(&packet.payload) {
+            stats.audio.push(seq);
+            match PayloadStamp::read(payload) {
                 Some(stamp) => {
-                    let received_us = packet.at.saturating_duration_since(epoch).as_micros() as u64;
+                    let received_us = at.saturating_duration_since(epoch).as_micros() as u64;
                     let delay = received_us.saturating_sub(stamp.sent_us).min(u64::from(u32::MAX)) as u32;
                     stats.delays_us.push(delay);
                     if let Some(lag_us) = live {
@@ -541,14 +506,6 @@ fn account(stats: &mut ListenerStats, packet: &Received, epoch: Instant, live: O
     }
 }
 
-/// Notifications a speaker gets (peers joining, utterances) are read and dropped, so that its
-/// queue does not grow.
-fn drain_notifications(signaling: Arc<Signaling>, until: Instant) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        while signaling.notification(until.saturating_duration_since(Instant::now())).await.is_some() {}
-    })
-}
-
 /// Runs the load: sets every client up, talks and listens for `options.seconds`, then reports.
 pub async fn run(options: LoadgenOptions, tls: ClientTls) -> Result<Report, LoadgenError> {
     if options.speakers == 0 || options.listeners == 0 {
@@ -556,6 +513,11 @@ pub async fn run(options: LoadgenOptions, tls: ClientTls) -> Result<Report, Load
     }
     let options = Arc::new(options);
     let epoch = Instant::now();
+    let fleet = Arc::new(Fleet::start(epoch).map_err(|e| LoadgenError::Fleet(e.to_string()))?);
+    let notices = Arc::new(AtomicU64::new(0));
+    // Notices are followed until the end of the run; its length is known only after set-up, so
+    // the followers get a generous bound and are stopped at the end.
+    let follow_until = Instant::now() + Duration::from_secs(3600);
 
     // Set up: listeners first (so they hear the first utterances), bounded concurrency.
     let setup_start = Instant::now();
@@ -566,31 +528,39 @@ pub async fn run(options: LoadgenOptions, tls: ClientTls) -> Result<Report, Load
         let permits = permits.clone();
         let tls = tls.clone();
         let options = options.clone();
+        let fleet = fleet.clone();
+        let notices = notices.clone();
         setups.spawn(async move {
             let _permit = permits.acquire_owned().await;
-            set_up(tls, options, speaker, index as u32).await
+            set_up(tls, options, fleet, speaker, index as u32, notices, follow_until).await
         });
     }
-    let mut speakers = Vec::new();
-    let mut listeners = Vec::new();
+    let mut clients = Vec::new();
+    let mut followers = Vec::new();
+    let (mut speakers_connected, mut listeners_connected) = (0, 0);
     let mut errors = Vec::new();
     while let Some(result) = setups.join_next().await {
         match result {
-            Ok(Ok(Client::Speaker(s))) => speakers.push(s),
-            Ok(Ok(Client::Listener(l))) => listeners.push(l),
+            Ok(Ok((speaker, client, follower))) => {
+                if speaker {
+                    speakers_connected += 1;
+                } else {
+                    listeners_connected += 1;
+                }
+                clients.push(client);
+                followers.push(follower);
+            }
             Ok(Err(error)) => errors.push(error),
             Err(error) => errors.push(format!("a setup task failed: {error}")),
         }
     }
     let setup_s = setup_start.elapsed().as_secs_f64();
-    if speakers.is_empty() || listeners.is_empty() {
+    if speakers_connected == 0 || listeners_connected == 0 {
         return Err(LoadgenError::NoClients {
             failures: errors.len(),
             first: errors.first().cloned().unwrap_or_else(|| "no speaker or no listener connected".into()),
         });
     }
-    speakers.sort_by_key(|s| s.index);
-    let (speakers_connected, listeners_connected) = (speakers.len(), listeners.len());
 
     // Media: talk for `seconds`, listen until the drain is over.
     let server_before = options.server_pid.and_then(|pid| process_cpu_seconds(Some(pid)));
@@ -598,28 +568,29 @@ pub async fn run(options: LoadgenOptions, tls: ClientTls) -> Result<Report, Load
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(options.seconds.max(0.0));
     let until = end + options.drain;
-    let counts = Arc::new(SendCounts::default());
-    let mut drains = Vec::new();
-    let mut talkers = Vec::new();
-    for speaker in speakers {
-        drains.push(drain_notifications(speaker.signaling.clone(), until));
-        talkers.push(tokio::spawn(talk(speaker, epoch, end, options.seed, options.video, counts.clone())));
+    fleet.talk(end, options.seed);
+    tokio::time::sleep_until(until.into()).await;
+    let window_s = start.elapsed().as_secs_f64();
+    let server_after = options.server_pid.and_then(|pid| process_cpu_seconds(Some(pid)));
+    let self_after = process_cpu_seconds(None);
+    for follower in followers {
+        follower.abort();
     }
-    let mut hearers = Vec::new();
-    for listener in listeners {
-        hearers.push(tokio::spawn(listen(listener, epoch, until)));
+    let totals = fleet.finish(Instant::now()).await;
+
+    // Leave, in parallel.
+    let mut closing = JoinSet::new();
+    for client in clients {
+        let _ = (client.fleet_id, client.live);
+        closing.spawn(async move {
+            let _ = client.signaling.request::<Done>(Request::Leave).await;
+        });
     }
-    let mut speakers = Vec::new();
-    for talker in talkers {
-        if let Ok(speaker) = talker.await {
-            speakers.push(speaker);
-        }
-    }
-    let mut listeners = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), async { while closing.join_next().await.is_some() {} }).await;
+
     let mut all = ListenerStats::default();
     let (mut lost, mut expected, mut duplicates) = (0u64, 0u64, 0u64);
-    for hearer in hearers {
-        let Ok((client, stats)) = hearer.await else { continue };
+    for stats in totals.listeners {
         for tracker in [&stats.audio, &stats.video] {
             lost += tracker.lost();
             expected += tracker.expected();
@@ -628,37 +599,12 @@ pub async fn run(options: LoadgenOptions, tls: ClientTls) -> Result<Report, Load
         all.audio.packets += stats.audio.packets;
         all.video.packets += stats.video.packets;
         all.unstamped += stats.unstamped;
-        all.now_playing += stats.now_playing;
         all.delays_us.extend(stats.delays_us);
         all.live_delays_us.extend(stats.live_delays_us);
         all.path_delays_us.extend(stats.path_delays_us);
-        listeners.push(client);
     }
-    let window_s = start.elapsed().as_secs_f64();
-    let server_after = options.server_pid.and_then(|pid| process_cpu_seconds(Some(pid)));
-    let self_after = process_cpu_seconds(None);
-
-    // Close everything, in parallel: a dropped connection leaks its sockets.
-    let mut closing = JoinSet::new();
-    for speaker in speakers {
-        closing.spawn(async move {
-            let _ = speaker.signaling.request::<Done>(Request::Leave).await;
-            speaker.publisher.close().await;
-        });
-    }
-    for client in listeners {
-        closing.spawn(async move {
-            let _ = client.signaling.request::<Done>(Request::Leave).await;
-            client.listener.close().await;
-        });
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(20), async { while closing.join_next().await.is_some() {} }).await;
-    for drain in drains {
-        drain.abort();
-    }
-
     let forwarded = all.audio.packets + all.video.packets;
-    let sent = counts.audio.load(Ordering::Relaxed) + counts.video.load(Ordering::Relaxed);
+    let sent = totals.sent.audio + totals.sent.video;
     let server_cpu_s = server_before.zip(server_after).map(|(b, a)| a - b);
     let loadgen_cpu_s = self_before.zip(self_after).map(|(b, a)| a - b);
     let per = |cpu: Option<f64>, packets: u64| cpu.filter(|_| packets > 0).map(|cpu| cpu * 1e6 / packets as f64);
@@ -676,17 +622,17 @@ pub async fn run(options: LoadgenOptions, tls: ClientTls) -> Result<Report, Load
         setup_errors,
         setup_s,
         window_s,
-        sent_audio: counts.audio.load(Ordering::Relaxed),
-        sent_voiced: counts.voiced.load(Ordering::Relaxed),
-        sent_video: counts.video.load(Ordering::Relaxed),
-        send_errors: counts.errors.load(Ordering::Relaxed),
+        sent_audio: totals.sent.audio,
+        sent_voiced: totals.sent.voiced,
+        sent_video: totals.sent.video,
+        send_errors: totals.sent.errors,
         received_audio: all.audio.packets,
         received_video: all.video.packets,
         lost,
         duplicates,
         loss_percent: if expected > 0 { lost as f64 * 100.0 / expected as f64 } else { 0.0 },
         unstamped: all.unstamped,
-        now_playing_notices: all.now_playing,
+        now_playing_notices: notices.load(Ordering::Relaxed),
         delay_all: Delays::of(all.delays_us),
         delay_live: Delays::of(all.live_delays_us),
         delay_live_less_lag: Delays::of(all.path_delays_us),
@@ -699,7 +645,6 @@ pub async fn run(options: LoadgenOptions, tls: ClientTls) -> Result<Report, Load
     })
 }
 
-/// The report as JSON (for scripts).
 pub fn report_json(report: &Report) -> Value {
     serde_json::to_value(report).unwrap_or(Value::Null)
 }
