@@ -253,6 +253,39 @@ pub fn process_cpu_seconds(pid: Option<u32>) -> Option<f64> {
     Some((utime + stime) as f64 / 100.0)
 }
 
+/// The sockets a process holds: UDP ones (bound), and TCP ones listening (not the connected
+/// ones: those are signaling sessions), from /proc.
+pub fn process_sockets(pid: u32) -> Option<(usize, usize)> {
+    let mut inodes = std::collections::HashSet::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        let Ok(link) = std::fs::read_link(entry.path()) else { continue };
+        let link = link.to_string_lossy();
+        if let Some(inode) = link.strip_prefix("socket:[").and_then(|rest| rest.strip_suffix(']')) {
+            inodes.insert(inode.to_owned());
+        }
+    }
+    let count = |files: &[&str], listening_only: bool| -> usize {
+        files
+            .iter()
+            .filter_map(|file| std::fs::read_to_string(format!("/proc/{pid}/net/{file}")).ok())
+            .flat_map(|text| text.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
+            .filter(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let listening = fields.get(3) == Some(&"0A");
+                fields.get(9).is_some_and(|inode| inodes.contains(*inode)) && (!listening_only || listening)
+            })
+            .count()
+    };
+    Some((count(&["udp", "udp6"], false), count(&["tcp", "tcp6"], true)))
+}
+
+/// A process's resident memory, from /proc.
+pub fn resident_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
 /// The run's figures.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
@@ -300,6 +333,14 @@ pub struct Report {
     pub forwarded_per_server_core_s: Option<f64>,
     pub loadgen_cpu_s: Option<f64>,
     pub loadgen_cpu_us_per_packet: Option<f64>,
+    /// With every client connected: the server's UDP sockets and listening TCP sockets.
+    pub server_udp_sockets: Option<usize>,
+    pub server_tcp_listening: Option<usize>,
+    /// The server's resident memory before the clients came, with them all connected, and the
+    /// difference per connected client.
+    pub server_rss_before_bytes: Option<u64>,
+    pub server_rss_connected_bytes: Option<u64>,
+    pub server_rss_per_client_bytes: Option<f64>,
 }
 
 fn opt(value: Option<f64>, digits: usize, unit: &str) -> String {
@@ -359,11 +400,25 @@ impl fmt::Display for Report {
             opt(self.server_cpu_us_per_forwarded, 1, " µs"),
             opt(self.forwarded_per_server_core_s, 0, ""),
         )?;
-        write!(
+        writeln!(
             f,
             "loadgen cpu      {} ; {} per packet sent or received",
             opt(self.loadgen_cpu_s, 2, " s"),
             opt(self.loadgen_cpu_us_per_packet, 1, " µs"),
+        )?;
+        let count = |n: Option<usize>| n.map_or_else(|| "n/a".to_owned(), |n| n.to_string());
+        writeln!(
+            f,
+            "server sockets   {} UDP, {} TCP listening (every client connected)",
+            count(self.server_udp_sockets),
+            count(self.server_tcp_listening)
+        )?;
+        write!(
+            f,
+            "server memory    {} resident before, {} connected; {} per client",
+            opt(self.server_rss_before_bytes.map(|b| b as f64 / 1048576.0), 1, " MiB"),
+            opt(self.server_rss_connected_bytes.map(|b| b as f64 / 1048576.0), 1, " MiB"),
+            opt(self.server_rss_per_client_bytes.map(|b| b / 1024.0), 1, " KiB"),
         )
     }
 }
@@ -520,6 +575,7 @@ pub async fn run(options: LoadgenOptions, tls: ClientTls) -> Result<Report, Load
     let follow_until = Instant::now() + Duration::from_secs(3600);
 
     // Set up: listeners first (so they hear the first utterances), bounded concurrency.
+    let rss_before = options.server_pid.and_then(resident_bytes);
     let setup_start = Instant::now();
     let permits = Arc::new(Semaphore::new(options.setup_concurrency.max(1)));
     let mut setups = JoinSet::new();
@@ -561,6 +617,10 @@ pub async fn run(options: LoadgenOptions, tls: ClientTls) -> Result<Report, Load
             first: errors.first().cloned().unwrap_or_else(|| "no speaker or no listener connected".into()),
         });
     }
+
+    let sockets = options.server_pid.and_then(process_sockets);
+    let rss_connected = options.server_pid.and_then(resident_bytes);
+    let clients_connected = (speakers_connected + listeners_connected) as f64;
 
     // Media: talk for `seconds`, listen until the drain is over.
     let server_before = options.server_pid.and_then(|pid| process_cpu_seconds(Some(pid)));
@@ -642,6 +702,13 @@ pub async fn run(options: LoadgenOptions, tls: ClientTls) -> Result<Report, Load
         forwarded_per_server_core_s: server_cpu_s.filter(|cpu| *cpu > 0.0).map(|cpu| forwarded as f64 / cpu),
         loadgen_cpu_s,
         loadgen_cpu_us_per_packet: per(loadgen_cpu_s, sent + forwarded),
+        server_udp_sockets: sockets.map(|(udp, _)| udp),
+        server_tcp_listening: sockets.map(|(_, tcp)| tcp),
+        server_rss_before_bytes: rss_before,
+        server_rss_connected_bytes: rss_connected,
+        server_rss_per_client_bytes: rss_before
+            .zip(rss_connected)
+            .map(|(before, after)| (after as f64 - before as f64) / clients_connected),
     })
 }
 
