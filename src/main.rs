@@ -221,7 +221,14 @@ fn main() -> ExitCode {
 
 fn run_serve(args: ServeArgs) -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ENCORE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,webrtc=warn,rtc=warn,rtc_ice=error"))
+        // The rtc crates log per datagram (a refused SRTP packet, a discarded check): what they
+        // would say, the workers count by cause and sum up once a minute instead. ENCORE_LOG
+        // can turn them on for debugging.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(
+                "info,webrtc=warn,rtc=off,rtc_ice=off,rtc_dtls=off,rtc_srtp=off,rtc_sctp=off,rtc_interceptor=off",
+            )
+        })
         // The WebSocket library traces whole messages, and `reauth` messages carry ID tokens:
         // never below info for it, whatever ENCORE_LOG asks.
         .add_directive("tungstenite=info".parse().expect("a directive"))

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use super::WorkerStats;
 use super::room::Room;
-use crate::server::media::{MediaEvent, MediaIo};
+use crate::server::media::{MediaEvent, MediaIo, MediaStats};
 
 /// Missed ticks a room runs back to back in one wake-up before it skips the rest.
 pub const MAX_CATCH_UP_TICKS: u64 = 100;
@@ -70,6 +70,9 @@ impl Pacer {
 
 /// Longest a worker sleeps with nothing due: it also picks up new rooms when it wakes.
 const IDLE_WAIT: Duration = Duration::from_millis(20);
+/// How often a worker sums up in its log what its media path dropped (when it dropped anything):
+/// one line a minute, however much junk arrives.
+const DROP_REPORT_EVERY: Duration = Duration::from_secs(60);
 
 /// A worker thread: owns its media socket and its rooms. Each turn it reads what arrived (and
 /// hands it to the rooms as engine inputs), runs the rooms' due ticks (their packets become
@@ -84,6 +87,7 @@ pub fn run(
 ) {
     let mut rooms: BTreeMap<u64, Room> = BTreeMap::new();
     let mut io_errors = 0u64;
+    let mut reported = (Instant::now(), media.stats());
     loop {
         while let Ok(room) = control.try_recv() {
             rooms.insert(room.serial(), room);
@@ -123,6 +127,10 @@ pub fn run(
             *slot.lock().unwrap_or_else(|p| p.into_inner()) =
                 WorkerStats { media: media.stats(), connections: media.connections() };
         }
+        if reported.0.elapsed() >= DROP_REPORT_EVERY {
+            report_drops(index, &reported.1, &media.stats());
+            reported = (Instant::now(), media.stats());
+        }
         if stop && rooms.is_empty() {
             while let Ok(mut room) = control.try_recv() {
                 room.close(&mut media);
@@ -144,6 +152,32 @@ pub fn run(
             }
             std::thread::sleep(wait);
         }
+    }
+}
+
+/// One log line with what the media path dropped since `before`, by cause, if anything.
+fn report_drops(worker: usize, before: &MediaStats, now: &MediaStats) {
+    let delta = |a: u64, b: u64| b.saturating_sub(a);
+    let unknown_source = delta(before.drop_unknown_source, now.drop_unknown_source);
+    let stun = delta(before.drop_stun_unknown_ufrag, now.drop_stun_unknown_ufrag)
+        + delta(before.drop_stun_bad_integrity, now.drop_stun_bad_integrity)
+        + delta(before.drop_stun_no_username, now.drop_stun_no_username);
+    let refused_by_rtc = delta(before.drop_rtc_error, now.drop_rtc_error);
+    let truncated = delta(before.drop_truncated, now.drop_truncated);
+    let tcp =
+        delta(before.drop_tcp_unbound, now.drop_tcp_unbound) + delta(before.drop_tcp_overflow, now.drop_tcp_overflow);
+    let send_errors = delta(before.tx_errors, now.tx_errors);
+    if unknown_source + stun + refused_by_rtc + truncated + tcp + send_errors > 0 {
+        tracing::info!(
+            worker,
+            unknown_source,
+            stun,
+            refused_by_rtc,
+            truncated,
+            tcp,
+            send_errors,
+            "media datagrams dropped in the last minute"
+        );
     }
 }
 
