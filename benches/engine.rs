@@ -21,7 +21,7 @@ use encore::components::config::EngineConfig;
 use encore::components::ids::{MediaKind, Name, Role};
 use encore::components::input::{Input, RtpIn};
 use encore::generate::{GenerateOptions, generate_in_memory};
-use encore::replay::{DEFAULT_DRAIN_US, NoObserver, replay_observed};
+use encore::replay::{DEFAULT_DRAIN_US, NoObserver, Ticking, replay_observed};
 use encore::scenario::{ScenarioEvent, ScenarioReader};
 
 fn main() {
@@ -171,7 +171,8 @@ fn replay_speed(speakers: u32, listeners: u32, seconds: u64) {
     );
     let bytes = generate_in_memory(&options);
     let (header, mut reader) = ScenarioReader::new("generated".into(), bytes.as_slice()).expect("scenario");
-    let summary = replay_observed(&header, &mut reader, &mut NoObserver, DEFAULT_DRAIN_US).expect("replay");
+    let summary =
+        replay_observed(&header, &mut reader, &mut NoObserver, DEFAULT_DRAIN_US, Ticking::SkipQuiet).expect("replay");
     println!(
         "replay: the same from its {} MB of scenario text (parsing included): {:.0}x real time",
         bytes.len() / 1_000_000,

@@ -39,6 +39,16 @@ impl<W: Write> ReplayObserver for TraceWriter<W> {
     }
 }
 
+/// How replay moves the engine's clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ticking {
+    /// Every tick runs, quiet or not.
+    EveryTick,
+    /// A quiet engine passes over the ticks where nothing is due (as the server's rooms
+    /// sleep): the same trace, fewer ticks.
+    SkipQuiet,
+}
+
 /// How long replay goes on after the last input, at most, waiting for the room to go quiet.
 pub const DEFAULT_DRAIN_US: u64 = 60_000_000;
 
@@ -100,8 +110,8 @@ pub fn replay<R: BufRead, W: Write>(
     drain_us: u64,
 ) -> Result<ReplaySummary, ReplayError> {
     match trace {
-        Some(trace) => replay_observed(header, reader, trace, drain_us),
-        None => replay_observed(header, reader, &mut NoObserver, drain_us),
+        Some(trace) => replay_observed(header, reader, trace, drain_us, Ticking::SkipQuiet),
+        None => replay_observed(header, reader, &mut NoObserver, drain_us, Ticking::SkipQuiet),
     }
 }
 
@@ -111,6 +121,7 @@ pub fn replay_observed<R: BufRead>(
     reader: &mut ScenarioReader<R>,
     observer: &mut impl ReplayObserver,
     drain_us: u64,
+    ticking: Ticking,
 ) -> Result<ReplaySummary, ReplayError> {
     let started = Instant::now();
     let mut engine = Engine::new(header.config.clone())?;
@@ -121,6 +132,18 @@ pub fn replay_observed<R: BufRead>(
     let mut next = reader.next_event().transpose()?;
     let mut last_input_us = 0;
     loop {
+        if ticking == Ticking::SkipQuiet {
+            // The next tick anything can happen at: something due, the next input, the end.
+            let until = match &next {
+                Some(event) => event.tick_for(tick_us),
+                None => match header.end_us {
+                    Some(end_us) => end_us.div_ceil(tick_us),
+                    None => (last_input_us + drain_us).div_ceil(tick_us),
+                },
+            };
+            let target = engine.next_due_tick().min(until);
+            engine.skip_to(target);
+        }
         let tick = engine.next_tick();
         while let Some(event) = next.take_if(|event| event.tick_for(tick_us) <= tick) {
             last_input_us = event.at_us;

@@ -146,6 +146,15 @@ pub struct LimitsConfig {
     pub keyframe_interval_ms: u64,
     /// Sequence numbers one NACK may name.
     pub max_nack_seqs: usize,
+    /// A packet is sent again to a listener at most once in this interval (about a round
+    /// trip: a retransmission still in flight is not worth sending twice).
+    pub nack_resend_interval_ms: u64,
+    /// Retransmissions a listener may have, as a share of what its stream sends: each packet
+    /// sent earns this many hundredths of a retransmission. NACKs past it are refused (and
+    /// counted), so a listener that NACKs everything costs at most this share more.
+    pub retransmit_percent: u32,
+    /// Retransmissions a listener may have at once (the bucket a burst of losses draws on).
+    pub retransmit_burst: u32,
 }
 
 impl Default for LimitsConfig {
@@ -157,6 +166,9 @@ impl Default for LimitsConfig {
             nack_history: 256,
             keyframe_interval_ms: 500,
             max_nack_seqs: 256,
+            nack_resend_interval_ms: 100,
+            retransmit_percent: 25,
+            retransmit_burst: 32,
         }
     }
 }
@@ -224,6 +236,15 @@ impl EngineConfig {
         }
         if self.limits.nack_history == 0 || self.limits.nack_history > 8192 {
             return fail("limits.nack_history", "must be between 1 and 8192");
+        }
+        if self.limits.nack_resend_interval_ms > 10_000 {
+            return fail("limits.nack_resend_interval_ms", "must be at most 10000");
+        }
+        if self.limits.retransmit_percent > 1_000 {
+            return fail("limits.retransmit_percent", "must be at most 1000");
+        }
+        if self.limits.retransmit_burst > 10_000 {
+            return fail("limits.retransmit_burst", "must be at most 10000");
         }
         Ok(())
     }

@@ -60,6 +60,10 @@ pub enum Input {
     Nack { peer: Name, media: MediaKind, seqs: Vec<u16> },
     /// A listener asks for a key frame of its video stream (a PLI).
     KeyframeRequest { peer: Name },
+    /// The room's share of the server's buffer budget: the buffer's cap from this tick on
+    /// (the configured `buffer_max_bytes` until the first). A smaller share evicts, in the
+    /// documented order, in the tick that applies it.
+    BufferShare { bytes: u64 },
 }
 
 impl Input {
@@ -77,6 +81,7 @@ impl Input {
             Input::Feedback { .. } => "feedback",
             Input::Nack { .. } => "nack",
             Input::KeyframeRequest { .. } => "keyframe_request",
+            Input::BufferShare { .. } => "buffer_share",
         }
     }
 }

@@ -62,6 +62,8 @@ pub struct SentRecord {
     pub ts: u32,
     pub seq: u16,
     pub marker: bool,
+    /// When it was last sent again, to send it at most once per resend interval.
+    pub resent_us: Option<u64>,
 }
 
 /// One outgoing stream (per listener and media): a stable SSRC and the rewriting state that
@@ -85,6 +87,10 @@ pub struct OutStream {
     /// Ring of recent sent packets, indexed by `seq % len` (a record whose `seq` differs is
     /// an older one, or none).
     pub history: Vec<SentRecord>,
+    /// Retransmissions this stream may still send, in hundredths: each packet sent earns
+    /// `limits.retransmit_percent`, up to `limits.retransmit_burst` whole ones; each
+    /// retransmission spends 100.
+    pub retransmit_credit: u32,
 }
 
 #[derive(Component, Clone, Debug)]

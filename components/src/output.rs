@@ -170,6 +170,9 @@ pub struct Counters {
     pub retransmitted: u64,
     /// NACKed packets that could not be served (no longer remembered or evicted).
     pub nack_unserved: u64,
+    /// NACKed packets not sent again on purpose (absent from the line while all are zero).
+    #[serde(skip_serializing_if = "NackRefusals::is_zero")]
+    pub nack_refused: NackRefusals,
     /// Video packets of a speaker that no utterance took (before a key frame, or in silence).
     pub video_unbuffered: u64,
     pub evicted_utterances: u64,
@@ -180,6 +183,28 @@ pub struct Counters {
     /// directory without its components, say). Debug builds assert instead; release builds
     /// count and skip the item, so one broken entity never takes a room down. Always 0.
     pub internal_errors: u64,
+}
+
+/// NACKed sequence numbers the retransmit system refused, by cause: what bounds a listener
+/// that NACKs more than it lost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct NackRefusals {
+    /// Already waiting to be sent again (named twice before the retransmit system ran).
+    pub duplicate: u64,
+    /// Sent again less than `limits.nack_resend_interval_ms` ago.
+    pub too_soon: u64,
+    /// Past the listener's retransmission share (`limits.retransmit_percent`, `_burst`).
+    pub over_budget: u64,
+}
+
+impl NackRefusals {
+    pub fn is_zero(&self) -> bool {
+        *self == NackRefusals::default()
+    }
+
+    pub fn total(&self) -> u64 {
+        self.duplicate + self.too_soon + self.over_budget
+    }
 }
 
 /// A decision of the engine: the trace records these.

@@ -65,6 +65,8 @@ impl Directory {
 pub struct BufferLedger {
     pub bytes: u64,
     pub cap: u64,
+    /// Bytes that ever came into the buffer (growth only): the room's demand on a budget.
+    pub added: u64,
     /// Largest `bytes` at a tick's end since the last stats line.
     pub peak_since_stats: u64,
     pub next_stats_us: u64,

@@ -18,6 +18,7 @@ use encore_components::utterance::{Audience, BufferedPacket, PacketBuffer, Utter
 pub fn account(ledger: &mut BufferLedger, before: u64, after: u64) {
     assert!(ledger.bytes >= before, "the ledger ({}) holds less than an item in it ({before})", ledger.bytes);
     ledger.bytes = ledger.bytes - before + after;
+    ledger.added += after.saturating_sub(before);
 }
 
 /// Bytes the allocator hands out for a request of `request` bytes.

@@ -13,7 +13,7 @@ use encore_components::resources::{
     BufferLedger, ClosedUtterances, Counters, DecisionQueue, Decisions, Departures, Directory, EngineClock, EngineRng,
     NackQueue, NewUtterances, Outputs, PendingInputs, TimedInput,
 };
-use encore_components::track::{PreRoll, Track};
+use encore_components::track::{PreRoll, Track, Voice};
 use encore_components::utterance::{Audience, PacketBuffer, Utterance};
 
 use crate::accounting::buffer_bytes;
@@ -37,6 +37,8 @@ pub struct Engine {
     last_at_us: u64,
     /// Vectors handed back by [`Engine::recycle`], for the next tick to fill.
     spare: TickOutput,
+    /// [`Engine::is_quiet`] as of the last tick or push, once asked (hosts ask often).
+    quiet: Option<bool>,
 }
 
 /// A read-only picture of the room, for APIs and tests.
@@ -90,6 +92,7 @@ impl Engine {
         world.insert_resource(BufferLedger {
             bytes: 0,
             cap: config.buffer_max_bytes,
+            added: 0,
             peak_since_stats: 0,
             next_stats_us: crate::stats::STATS_INTERVAL_US,
         });
@@ -107,7 +110,7 @@ impl Engine {
         world.init_resource::<Outputs>();
         let mut schedule = build_schedule();
         schedule.initialize(&mut world).map_err(|e| EngineError::Schedule(e.to_string(schedule.graph(), &world)))?;
-        Ok(Engine { world, schedule, next_tick: 0, tick_us, last_at_us: 0, spare: TickOutput::default() })
+        Ok(Engine { world, schedule, next_tick: 0, tick_us, last_at_us: 0, spare: TickOutput::default(), quiet: None })
     }
 
     /// Queues an input for the next tick and returns the arrival time the engine gives it.
@@ -122,6 +125,7 @@ impl Engine {
     pub fn push(&mut self, at_us: u64, input: Input) -> u64 {
         let at_us = self.arrival_us(at_us);
         self.last_at_us = at_us;
+        self.quiet = Some(false);
         let mut pending = self.world.resource_mut::<PendingInputs>();
         let order = pending.next_order;
         pending.next_order += 1;
@@ -152,6 +156,7 @@ impl Engine {
         self.world.resource_mut::<Outputs>().out = out;
         self.schedule.run(&mut self.world);
         self.next_tick += 1;
+        self.quiet = None;
         std::mem::take(&mut self.world.resource_mut::<Outputs>().out)
     }
 
@@ -190,6 +195,11 @@ impl Engine {
 
     pub fn buffer_cap(&self) -> u64 {
         self.world.resource::<BufferLedger>().cap
+    }
+
+    /// Bytes that ever came into the buffer (it only grows): how much a room wants to keep.
+    pub fn buffer_added_bytes(&self) -> u64 {
+        self.world.resource::<BufferLedger>().added
     }
 
     pub fn counters(&self) -> Counters {
@@ -232,14 +242,56 @@ impl Engine {
         Some(self.world.get::<Peer>(*entity)?.key)
     }
 
-    /// Nothing left to do: no input waiting, no utterance open, nobody playing.
+    /// Nothing left to do: no input waiting, no utterance open, nobody playing, no speaker
+    /// mid-talk, no decision or NACK waiting. A quiet engine's ticks change nothing but the
+    /// clock until an input arrives or the next stats line is due ([`Engine::next_due_tick`]).
     pub fn is_quiet(&mut self) -> bool {
-        if !self.world.resource::<PendingInputs>().items.is_empty() {
+        if let Some(quiet) = self.quiet {
+            return quiet;
+        }
+        let quiet = self.compute_quiet();
+        self.quiet = Some(quiet);
+        quiet
+    }
+
+    fn compute_quiet(&mut self) -> bool {
+        if !self.world.resource::<PendingInputs>().items.is_empty()
+            || !self.world.resource::<DecisionQueue>().needs.is_empty()
+            || !self.world.resource::<NackQueue>().listeners.is_empty()
+            || !self.world.resource::<Departures>().tracks.is_empty()
+        {
             return false;
         }
         let open = self.world.query::<&Utterance>().iter(&self.world).any(|u| u.is_open());
         let playing = self.world.query::<&Route>().iter(&self.world).any(|r| r.playing.is_some());
-        !open && !playing
+        let speaking = self.world.query::<&Voice>().iter(&self.world).any(|v| v.speaking);
+        !open && !playing && !speaking
+    }
+
+    /// The first tick that can do anything unless an input arrives first: the next tick
+    /// while the engine is busy; for a quiet one, the tick of the next stats line. A host
+    /// with many idle rooms sleeps until then ([`Engine::skip_to`]) instead of ticking.
+    pub fn next_due_tick(&mut self) -> u64 {
+        if !self.is_quiet() {
+            return self.next_tick;
+        }
+        let stats_us = self.world.resource::<BufferLedger>().next_stats_us;
+        stats_us.div_ceil(self.tick_us).max(self.next_tick)
+    }
+
+    /// Passes over ticks where nothing is due, so the next [`Engine::tick`] runs `tick`. The
+    /// decisions are those of ticking through them one by one (a test replays both ways to
+    /// the same trace). Skipping a tick that something is due at is a bug: it asserts in
+    /// debug builds, and release builds count it and do not skip.
+    pub fn skip_to(&mut self, tick: u64) {
+        if tick <= self.next_tick {
+            return;
+        }
+        if tick > self.next_due_tick() {
+            crate::shared::world_bug(&mut self.world, "skipping ticks that have work due");
+            return;
+        }
+        self.next_tick = tick;
     }
 
     /// Recomputes the buffer's bytes from every utterance and pre-roll ring in the

@@ -9,7 +9,7 @@ use std::mem;
 use bevy_ecs::prelude::{Entity, World};
 use smallvec::SmallVec;
 
-use encore_components::config::EngineConfig;
+use encore_components::config::{EngineConfig, LimitsConfig};
 use encore_components::ids::{MediaKind, Name, PeerKey, Role, UtteranceId};
 use encore_components::input::{FeedbackSignal, Input, RtpIn};
 use encore_components::listener::{History, ListenerSession, OutStream, OutStreams, PendingNacks, Route};
@@ -17,8 +17,8 @@ use encore_components::output::EndReason;
 use encore_components::output::{DropCounts, Event, KeyframeReason, RouteReason};
 use encore_components::peer::{Affinity, Peer, Prefs};
 use encore_components::resources::{
-    Counters, DecisionNeed, DecisionQueue, Departures, Directory, EngineClock, EngineRng, NackQueue, PendingInputs,
-    TimedInput,
+    BufferLedger, Counters, DecisionNeed, DecisionQueue, Departures, Directory, EngineClock, EngineRng, NackQueue,
+    PendingInputs, TimedInput,
 };
 use encore_components::track::{Incoming, KeyframeThrottle, PreRoll, Recording, RtpState, StagedPacket, Track, Voice};
 use encore_components::utterance::{Audience, Utterance};
@@ -58,12 +58,13 @@ fn apply(world: &mut World, config: &EngineConfig, clock: &EngineClock, at_us: u
             publish(world, config, &peer, track, media, codec, clock_rate, ssrc)
         }
         Input::Unpublish { track } => unpublish(world, &track),
-        Input::Listen { peer } => listen(world, &peer),
+        Input::Listen { peer } => listen(world, &config.limits, &peer),
         Input::Unlisten { peer } => unlisten(world, &peer),
         Input::Prefs { peer, follow, mute } => prefs(world, &peer, follow, mute),
         Input::Feedback { peer, utterance, signal } => feedback(world, config, &peer, utterance, signal),
         Input::Nack { peer, media, seqs } => nack(world, config, &peer, media, seqs),
         Input::KeyframeRequest { peer } => listener_keyframe_request(world, config, clock, &peer),
+        Input::BufferShare { bytes } => world.resource_mut::<BufferLedger>().cap = bytes,
     }
 }
 
@@ -180,7 +181,7 @@ fn unpublish(world: &mut World, name: &str) {
     end_track(world, track, EndReason::Unpublished);
 }
 
-fn new_stream(rng: &mut EngineRng, media: MediaKind) -> OutStream {
+fn new_stream(rng: &mut EngineRng, limits: &LimitsConfig, media: MediaKind) -> OutStream {
     let ssrc = (rng.next_u64() as u32).max(1);
     let bits = rng.next_u64();
     OutStream {
@@ -198,10 +199,11 @@ fn new_stream(rng: &mut EngineRng, media: MediaKind) -> OutStream {
         rebase: true,
         // Allocated when the stream sends its first packet: many listeners never do.
         history: Vec::new(),
+        retransmit_credit: limits.retransmit_burst.saturating_mul(100),
     }
 }
 
-fn listen(world: &mut World, name: &str) {
+fn listen(world: &mut World, limits: &LimitsConfig, name: &str) {
     let Some(peer_entity) = peer_entity(world, name) else {
         return drop_input(world, |d| &mut d.unknown_peer);
     };
@@ -217,8 +219,10 @@ fn listen(world: &mut World, name: &str) {
     let listener = ListenerSession { key: peer.key, name: peer.name.clone(), peer: peer_entity };
     let key = peer.key;
     let mut rng = world.resource_mut::<EngineRng>();
-    let streams =
-        OutStreams { audio: new_stream(&mut rng, MediaKind::Audio), video: new_stream(&mut rng, MediaKind::Video) };
+    let streams = OutStreams {
+        audio: new_stream(&mut rng, limits, MediaKind::Audio),
+        video: new_stream(&mut rng, limits, MediaKind::Video),
+    };
     let session = world.spawn((listener, Route::default(), streams, History::default(), PendingNacks::default())).id();
     if let Some(mut peer) = world.get_mut::<Peer>(peer_entity) {
         peer.session = Some(session);
@@ -372,7 +376,13 @@ fn nack(world: &mut World, config: &EngineConfig, name: &str, media: MediaKind, 
         if room < seqs.len() {
             return drop_input(world, |d| &mut d.flood);
         }
+        let before = pending.seqs.len() + seqs.len();
         pending.seqs.extend(seqs.into_iter().map(|seq| (media, seq)));
+        // A sequence number named twice before the retransmit system runs goes out once.
+        pending.seqs.sort_unstable();
+        pending.seqs.dedup();
+        let duplicates = (before - pending.seqs.len()) as u64;
+        world.resource_mut::<Counters>().nack_refused.duplicate += duplicates;
         world.resource_mut::<NackQueue>().listeners.insert(key);
     }
 }

@@ -22,6 +22,10 @@
 //!   order), then runs the systems below once, at time `next_tick() * tick_us`. A caller that
 //!   fell behind the wall clock calls `tick()` again at once; ticks are never skipped by the
 //!   engine, and never run ahead of the inputs a caller meant for them.
+//! - A caller may pass over ticks where nothing is due: while [`Engine::is_quiet`], no tick
+//!   before [`Engine::next_due_tick`] does anything but move the clock, and
+//!   [`Engine::skip_to`] moves it there at once (the same decisions as ticking through, which
+//!   a test holds every scenario to). An idle room costs nothing between its stats lines.
 //! - The output is owned by the caller; handing it back with [`Engine::recycle`] lets the
 //!   next tick reuse its vectors (no allocation per tick in steady state).
 //! - Nothing else changes the engine: a live room, a replay and a test that push the same

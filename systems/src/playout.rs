@@ -89,11 +89,18 @@ pub fn rewrite(
     stream.last_ts = ts;
     stream.last_send_us = Some(now_us);
     if stream.history.len() != history_len {
-        let empty = SentRecord { ord: playing.ord, ext_seq: 0, ts: 0, seq: seq.wrapping_add(1), marker: false };
+        let empty = SentRecord {
+            ord: playing.ord,
+            ext_seq: 0,
+            ts: 0,
+            seq: seq.wrapping_add(1),
+            marker: false,
+            resent_us: None,
+        };
         stream.history = vec![empty; history_len];
     }
     stream.history[seq as usize % history_len] =
-        SentRecord { ord: playing.ord, ext_seq: packet.ext_seq, ts, seq, marker };
+        SentRecord { ord: playing.ord, ext_seq: packet.ext_seq, ts, seq, marker, resent_us: None };
     (seq, ts, marker)
 }
 
@@ -110,6 +117,8 @@ pub fn play_out(
 ) {
     let now = clock.now_us;
     let history_len = config.limits.nack_history as usize;
+    let credit_per_packet = config.limits.retransmit_percent;
+    let credit_cap = config.limits.retransmit_burst.saturating_mul(100);
     let payloads = outputs.payloads;
     for session in directory.listeners.values() {
         let Ok((listener, mut route, mut streams)) = sessions.get_mut(*session) else {
@@ -158,6 +167,7 @@ pub fn play_out(
                 }
                 let stream = streams.get_mut(media);
                 let (seq, ts, marker) = rewrite(stream, playing, packet, now, history_len);
+                stream.retransmit_credit = (stream.retransmit_credit + credit_per_packet).min(credit_cap);
                 outputs.out.packets.push(SendPacket {
                     listener: listener.key,
                     media,
@@ -295,6 +305,7 @@ mod rewrite_table {
             source: None,
             rebase: true,
             history: Vec::new(),
+            retransmit_credit: 0,
         }
     }
 

@@ -5,7 +5,9 @@ use std::thread;
 
 use encore::generate::GenerateOptions;
 
-use super::support::{generated, replay_bytes, replay_file, scenario_files};
+use encore::replay::Ticking;
+
+use super::support::{generated, replay_bytes, replay_file, replay_ticking, scenario_files};
 
 #[test]
 fn every_scenario_replays_to_byte_identical_traces_with_packets() {
@@ -30,4 +32,33 @@ fn replays_on_other_threads_at_once_match_the_one_on_this_thread() {
     for other in others {
         assert!(other == here, "a replay on another thread differed");
     }
+}
+
+/// A quiet room passes over the ticks where nothing is due (the server's idle rooms sleep):
+/// its decisions must be those of ticking through them, packet for packet.
+#[test]
+fn skipping_quiet_ticks_gives_the_trace_of_ticking_every_tick() {
+    let mut inputs: Vec<(String, Vec<u8>)> = scenario_files()
+        .into_iter()
+        .map(|path| (path.display().to_string(), std::fs::read(&path).expect("scenario file")))
+        .collect();
+    let options = GenerateOptions { speakers: 3, listeners: 5, seconds: 40, seed: 11, ..Default::default() };
+    inputs.push(("generated".into(), generated(&options)));
+    let mut skipped_somewhere = false;
+    for (name, bytes) in &inputs {
+        let (every, every_ticks) = replay_ticking(name, bytes, Ticking::EveryTick);
+        let (skip, skip_ticks) = replay_ticking(name, bytes, Ticking::SkipQuiet);
+        if every != skip {
+            let at = every.lines().zip(skip.lines()).position(|(a, b)| a != b);
+            let line = |trace: &str| at.and_then(|i| trace.lines().nth(i)).unwrap_or("(ended)").to_owned();
+            panic!(
+                "{name}: the traces part at line {at:?}:\n every tick: {}\n skip quiet: {}",
+                line(&every),
+                line(&skip)
+            );
+        }
+        assert!(skip_ticks <= every_ticks, "{name}");
+        skipped_somewhere |= skip_ticks < every_ticks;
+    }
+    assert!(skipped_somewhere, "no scenario had a quiet stretch to skip");
 }

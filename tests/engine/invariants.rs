@@ -18,7 +18,7 @@ use encore::components::ids::{MediaKind, PeerKey};
 use encore::components::input::Input;
 use encore::components::output::Event;
 use encore::generate::GenerateOptions;
-use encore::replay::{DEFAULT_DRAIN_US, ReplayObserver, replay_observed};
+use encore::replay::{DEFAULT_DRAIN_US, ReplayObserver, Ticking, replay_observed};
 use encore::scenario::{ScenarioEvent, ScenarioReader};
 
 use super::support::generated;
@@ -183,7 +183,7 @@ fn check(options: GenerateOptions) -> Checker {
         max_utterance_us: header.config.max_utterance_ms * 1000,
         ..Checker::default()
     };
-    replay_observed(&header, &mut reader, &mut checker, DEFAULT_DRAIN_US).expect("replays");
+    replay_observed(&header, &mut reader, &mut checker, DEFAULT_DRAIN_US, Ticking::EveryTick).expect("replays");
     checker
 }
 

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use encore::generate::{GenerateOptions, generate_in_memory};
-use encore::replay::{DEFAULT_DRAIN_US, ReplaySummary, replay};
+use encore::replay::{DEFAULT_DRAIN_US, ReplaySummary, Ticking, replay, replay_observed};
 use encore::scenario::ScenarioReader;
 use encore::trace::TraceWriter;
 
@@ -28,6 +28,16 @@ pub fn replay_file(path: &Path, packets: bool) -> (String, ReplaySummary) {
     let mut trace = TraceWriter::new(Vec::new(), &header, packets).expect("writing to memory");
     let summary = replay(&header, &mut reader, Some(&mut trace), DEFAULT_DRAIN_US).unwrap_or_else(|e| panic!("{e}"));
     (String::from_utf8(trace.into_inner()).expect("traces are UTF-8"), summary)
+}
+
+/// Replays scenario bytes with packets, moving the clock as `ticking` says; returns the trace
+/// and the ticks run.
+pub fn replay_ticking(name: &str, bytes: &[u8], ticking: Ticking) -> (String, u64) {
+    let (header, mut reader) = ScenarioReader::new(name.into(), bytes).unwrap_or_else(|e| panic!("{e}"));
+    let mut trace = TraceWriter::new(Vec::new(), &header, true).expect("writing to memory");
+    let summary =
+        replay_observed(&header, &mut reader, &mut trace, DEFAULT_DRAIN_US, ticking).unwrap_or_else(|e| panic!("{e}"));
+    (String::from_utf8(trace.into_inner()).expect("traces are UTF-8"), summary.ticks)
 }
 
 /// Replays scenario bytes and returns the trace.
