@@ -72,7 +72,7 @@ async fn readyz(State(app): State<AppState>) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "stopping"}))).into_response();
     }
     match app.auth.verifier().keys_ready().await {
-        Ok(()) => Json(json!({"status": "ready", "rooms": app.rooms.list().len()})).into_response(),
+        Ok(()) => Json(json!({"status": "ready", "rooms": app.rooms.list().rooms.len()})).into_response(),
         Err(error) => {
             (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "not ready", "reason": error.to_string()})))
                 .into_response()
@@ -80,8 +80,9 @@ async fn readyz(State(app): State<AppState>) -> Response {
     }
 }
 
+/// `GET /api/rooms`: every room with its buffer and its share, and the budget they share.
 async fn rooms(State(app): State<AppState>, _user: AuthUser) -> Response {
-    Json(json!({"rooms": app.rooms.list()})).into_response()
+    Json(app.rooms.list()).into_response()
 }
 
 /// `GET /api/rooms/{id}`: peers, tracks, the utterances in the buffer, each listener's route.

@@ -12,12 +12,14 @@
 //! - [`room`]: one room as its worker runs it (the engine, its peers' channels and transports,
 //!   the recorder);
 //! - [`worker`]: the worker threads, each owning its media socket ([`MediaIo`]) and its rooms,
-//!   and the missed-tick policy ([`worker::Pacer`]).
+//!   and the missed-tick policy ([`worker::Pacer`]);
+//! - [`budget`]: the server's one buffer budget, shared by the rooms.
 
+pub mod budget;
 mod room;
 pub mod worker;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -58,6 +60,8 @@ pub enum RoomError {
     Full(usize),
     #[error("the server has too many rooms ({0})")]
     TooManyRooms(usize),
+    #[error("this user made {0} rooms in the last minute (limits.rooms_per_user_per_min); join one, or wait")]
+    TooManyCreated(usize),
     #[error("the room is closing")]
     Closed,
 }
@@ -67,6 +71,7 @@ impl RoomError {
     pub fn code(&self) -> ErrorCode {
         match self {
             RoomError::Full(_) | RoomError::TooManyRooms(_) => ErrorCode::Conflict,
+            RoomError::TooManyCreated(_) => ErrorCode::RateLimited,
             RoomError::Closed => ErrorCode::Unavailable,
         }
     }
@@ -212,12 +217,23 @@ pub struct RoomSummary {
     pub peers: usize,
     pub worker: usize,
     pub created_unix_s: u64,
+    /// Its buffer, and its share of the server's budget (the cap its engine holds it to).
+    pub buffer_bytes: u64,
+    pub share_bytes: u64,
+}
+
+/// `GET /api/rooms`: the rooms and the buffer budget they share.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RoomList {
+    pub buffer: budget::BudgetView,
+    pub rooms: Vec<RoomSummary>,
 }
 
 struct RoomEntry {
     tx: mpsc::Sender<RoomCommand>,
     peers: usize,
     worker: usize,
+    serial: u64,
     created_unix_s: u64,
     dropped: Arc<AtomicU64>,
 }
@@ -226,7 +242,21 @@ struct RoomsState {
     rooms: BTreeMap<String, RoomEntry>,
     next_worker: usize,
     next_serial: u64,
+    /// When each user made its rooms of the last minute.
+    created_by: HashMap<String, VecDeque<Instant>>,
 }
+
+/// How many rooms and peers the server takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomLimits {
+    pub max_rooms: usize,
+    pub max_peers_per_room: usize,
+    /// Rooms one user may make in any minute (0: no limit).
+    pub rooms_per_user_per_min: usize,
+}
+
+/// The window of [`RoomLimits::rooms_per_user_per_min`].
+const CREATION_WINDOW: Duration = Duration::from_secs(60);
 
 /// Where the workers' media listens, as it was bound.
 #[derive(Debug, Clone)]
@@ -245,8 +275,8 @@ pub struct Rooms {
     stopping: Arc<AtomicBool>,
     engine: EngineConfig,
     record_dir: Option<PathBuf>,
-    max_rooms: usize,
-    max_peers: usize,
+    limits: RoomLimits,
+    budget: Arc<budget::Budget>,
     pub media_ports: MediaPorts,
     /// Each worker's media figures, as of its last turn.
     worker_stats: Arc<Vec<Mutex<WorkerStats>>>,
@@ -274,13 +304,13 @@ pub struct MediaPlan {
 
 impl Rooms {
     /// Binds each worker's media socket (and the ICE-TCP port), then starts `workers` worker
-    /// threads, each owning its socket and the rooms given to it.
+    /// threads, each owning its socket and the rooms given to it, and the thread that keeps
+    /// the rooms' buffers within `engine.buffer_max_bytes` together.
     pub fn start(
         workers: usize,
         engine: EngineConfig,
         record_dir: Option<PathBuf>,
-        max_rooms: usize,
-        max_peers: usize,
+        limits: RoomLimits,
         media: &MediaPlan,
     ) -> std::io::Result<Arc<Self>> {
         let workers = workers.clamp(1, 256);
@@ -332,15 +362,31 @@ impl Rooms {
             senders.push(tx);
             handles.push(handle);
         }
+        let budget = budget::Budget::new(engine.buffer_max_bytes, limits.max_rooms);
+        {
+            let budget = budget.clone();
+            let stopping = stopping.clone();
+            handles.push(std::thread::Builder::new().name("encore-budget".into()).spawn(move || {
+                while !stopping.load(Ordering::Relaxed) {
+                    std::thread::park_timeout(budget::REBALANCE_EVERY);
+                    budget.rebalance();
+                }
+            })?);
+        }
         Ok(Arc::new(Rooms {
-            state: Mutex::new(RoomsState { rooms: BTreeMap::new(), next_worker: 0, next_serial: 1 }),
+            state: Mutex::new(RoomsState {
+                rooms: BTreeMap::new(),
+                next_worker: 0,
+                next_serial: 1,
+                created_by: HashMap::new(),
+            }),
             workers: senders,
             handles: Mutex::new(handles),
             stopping,
             engine,
             record_dir,
-            max_rooms,
-            max_peers,
+            limits,
+            budget,
             media_ports,
             worker_stats,
         }))
@@ -367,8 +413,11 @@ impl Rooms {
             let mut state = self.state();
             let count = state.rooms.len();
             if !state.rooms.contains_key(room) {
-                if count >= self.max_rooms {
-                    return Err(RoomError::TooManyRooms(self.max_rooms));
+                if count >= self.limits.max_rooms {
+                    return Err(RoomError::TooManyRooms(self.limits.max_rooms));
+                }
+                if let Some(uid) = &uid {
+                    self.count_creation(&mut state, uid)?;
                 }
                 let worker = state.next_worker % self.workers.len();
                 state.next_worker += 1;
@@ -391,18 +440,20 @@ impl Rooms {
                 let dropped = Arc::new(AtomicU64::new(0));
                 let serial = state.next_serial;
                 state.next_serial += 1;
-                let room_state = Room::new(room.to_owned(), serial, engine, rx, recorder);
+                let share = self.budget.admit(serial);
+                let room_state = Room::new(room.to_owned(), serial, engine, rx, recorder, share.clone());
                 if self.workers[worker].send(room_state).is_err() {
+                    share.close();
                     return Err(RoomError::Closed);
                 }
                 state.rooms.insert(
                     room.to_owned(),
-                    RoomEntry { tx, peers: 0, worker, created_unix_s: created.as_secs(), dropped },
+                    RoomEntry { tx, peers: 0, worker, serial, created_unix_s: created.as_secs(), dropped },
                 );
             }
             let entry = state.rooms.get_mut(room).ok_or(RoomError::Closed)?;
-            if entry.peers >= self.max_peers {
-                return Err(RoomError::Full(self.max_peers));
+            if entry.peers >= self.limits.max_peers_per_room {
+                return Err(RoomError::Full(self.limits.max_peers_per_room));
             }
             entry.peers += 1;
             (entry.tx.clone(), entry.dropped.clone())
@@ -423,6 +474,28 @@ impl Rooms {
                 Err(RoomError::Closed)
             }
         }
+    }
+
+    /// Counts a room made by `uid`, or refuses it when the user made its most this minute.
+    fn count_creation(&self, state: &mut RoomsState, uid: &str) -> Result<(), RoomError> {
+        let limit = self.limits.rooms_per_user_per_min;
+        if limit == 0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        // Forget the users whose rooms are all older than the window (the map stays small).
+        if state.created_by.len() > 1024 {
+            state.created_by.retain(|_, times| times.back().is_some_and(|t| now.duration_since(*t) < CREATION_WINDOW));
+        }
+        let times = state.created_by.entry(uid.to_owned()).or_default();
+        while times.front().is_some_and(|t| now.duration_since(*t) >= CREATION_WINDOW) {
+            times.pop_front();
+        }
+        if times.len() >= limit {
+            return Err(RoomError::TooManyCreated(limit));
+        }
+        times.push_back(now);
+        Ok(())
     }
 
     /// The peer leaves; the room closes with its last peer.
@@ -459,17 +532,31 @@ impl Rooms {
         total
     }
 
-    pub fn list(&self) -> Vec<RoomSummary> {
-        self.state()
+    /// The rooms, and the buffer budget with each room's place in it.
+    pub fn list(&self) -> RoomList {
+        let buffer = self.budget.view();
+        let rooms = self
+            .state()
             .rooms
             .iter()
-            .map(|(id, entry)| RoomSummary {
-                id: id.clone(),
-                peers: entry.peers,
-                worker: entry.worker,
-                created_unix_s: entry.created_unix_s,
+            .map(|(id, entry)| {
+                let (buffer_bytes, share_bytes) = buffer.rooms.get(&entry.serial).copied().unwrap_or_default();
+                RoomSummary {
+                    id: id.clone(),
+                    peers: entry.peers,
+                    worker: entry.worker,
+                    created_unix_s: entry.created_unix_s,
+                    buffer_bytes,
+                    share_bytes,
+                }
             })
-            .collect()
+            .collect();
+        RoomList { buffer, rooms }
+    }
+
+    /// The buffer budget, and every room's buffer and share summed.
+    pub fn budget(&self) -> budget::BudgetView {
+        self.budget.view()
     }
 
     pub async fn view(&self, room: &str) -> Option<RoomView> {
@@ -488,6 +575,8 @@ impl Rooms {
         }
         let handles = std::mem::take(&mut *self.handles.lock().unwrap_or_else(|p| p.into_inner()));
         for handle in handles {
+            // The budget's thread sleeps in `park_timeout`: wake it to see `stopping`.
+            handle.thread().unpark();
             let _ = handle.join();
         }
     }

@@ -17,7 +17,8 @@ use encore_systems::components::input::{Input, RtpIn};
 use encore_systems::components::output::{Event, SendPacket};
 use encore_systems::{Engine, RoomView};
 
-use super::worker::Pacer;
+use super::budget::RoomShare;
+use super::worker::{MAX_CATCH_UP_TICKS, Pacer};
 use super::{JoinedRoom, Moderation, RoomCommand};
 use crate::media::{self as m, RtcpFeedback};
 use crate::protocol::{ErrorBody, ErrorCode, Notice, PeerInfo, Side};
@@ -70,6 +71,9 @@ pub struct Room {
     /// A listener's receive connection by engine key, filled on its first packet.
     recv_by_key: HashMap<PeerKey, Option<(ConnKey, Name)>>,
     recorder: Option<Recorder>,
+    /// The room's place in the server's buffer budget, and the cap its engine holds now.
+    share: Arc<RoomShare>,
+    cap: u64,
     closed: bool,
     skipped_ticks: u64,
     dropped_media: u64,
@@ -83,9 +87,11 @@ impl Room {
         engine: Engine,
         rx: mpsc::Receiver<RoomCommand>,
         recorder: Option<Recorder>,
+        share: Arc<RoomShare>,
     ) -> Self {
         let pacer = Pacer::new(Instant::now(), engine.tick_us());
-        Room {
+        let cap = engine.buffer_cap();
+        let mut room = Room {
             id,
             serial,
             engine,
@@ -97,10 +103,25 @@ impl Room {
             track_names: BTreeMap::new(),
             recv_by_key: HashMap::new(),
             recorder,
+            share,
+            cap,
             closed: false,
             skipped_ticks: 0,
             dropped_media: 0,
             dropped_events: 0,
+        };
+        // The room's first input: its share of the budget, before anything can fill it.
+        room.apply_share(Instant::now());
+        room
+    }
+
+    /// Gives the engine the share the budget grants now, if it changed (an engine input: the
+    /// recording has it).
+    fn apply_share(&mut self, at: Instant) {
+        let granted = self.share.granted();
+        if granted != self.cap {
+            self.cap = granted;
+            self.push(at, Input::BufferShare { bytes: granted });
         }
     }
 
@@ -117,20 +138,39 @@ impl Room {
         self.rx.is_closed()
     }
 
-    /// When the next tick is due.
-    pub fn next_deadline(&self) -> Instant {
-        self.pacer.deadline(self.engine.next_tick())
+    /// When the room next needs its worker: the next tick while it is busy or has commands
+    /// waiting; for a quiet room, the next tick anything is due at (its next stats line), or
+    /// an input, whichever comes first. An idle room costs nothing between.
+    pub fn next_deadline(&mut self) -> Instant {
+        let waiting = !self.rx.is_empty() || self.share.granted() != self.cap;
+        let tick = if waiting { self.engine.next_tick() } else { self.engine.next_due_tick() };
+        self.pacer.deadline(tick)
     }
 
-    /// Runs the ticks whose time has come.
-    pub fn run_due(&mut self, now: Instant, media: &mut MediaIo) {
-        let due = self.pacer.due(self.engine.next_tick(), now);
-        if due.skipped > 0 {
-            self.skipped_ticks += due.skipped;
-            tracing::warn!(room = %self.id, skipped = due.skipped, "the worker fell behind; skipping ticks");
+    /// Passes over the ticks up to now where a quiet engine has nothing due (the decisions
+    /// are those of running them: the engine's replay test holds it to that).
+    fn skip_quiet(&mut self, now: Instant) {
+        if !self.engine.is_quiet() {
+            return;
         }
-        for _ in 0..due.run {
+        let current = self.pacer.engine_us(now) / self.engine.tick_us();
+        let to = self.engine.next_due_tick().min(current + 1);
+        self.engine.skip_to(to);
+    }
+
+    /// Runs the ticks whose time has come; a quiet room passes over those with nothing due.
+    pub fn run_due(&mut self, now: Instant, media: &mut MediaIo) {
+        for _ in 0..MAX_CATCH_UP_TICKS {
             if self.closed {
+                return;
+            }
+            self.skip_quiet(now);
+            let due = self.pacer.due(self.engine.next_tick(), now);
+            if due.skipped > 0 {
+                self.skipped_ticks += due.skipped;
+                tracing::warn!(room = %self.id, skipped = due.skipped, "the worker fell behind; skipping ticks");
+            }
+            if due.run == 0 {
                 return;
             }
             self.tick_once(media);
@@ -151,6 +191,7 @@ impl Room {
     }
 
     fn tick_once(&mut self, media: &mut MediaIo) {
+        self.apply_share(Instant::now());
         for _ in 0..MAX_COMMANDS_PER_TICK {
             match self.rx.try_recv() {
                 Ok(command) => self.apply(command, media),
@@ -161,6 +202,7 @@ impl Room {
             }
         }
         let mut output = self.engine.tick();
+        self.share.report(self.cap, self.engine.buffer_bytes(), self.engine.buffer_added_bytes());
         if let Some(recorder) = &mut self.recorder
             && let Err(error) = recorder.tick(&self.engine, &output)
         {
@@ -423,6 +465,9 @@ impl Room {
 
     /// What the room's connections tell it, from the worker's media path.
     pub fn media_event(&mut self, event: MediaEvent, media: &mut MediaIo) {
+        // A sleeping room wakes: its clock passes the quiet ticks first, so the input arrives
+        // in the next tick to run, at its real time.
+        self.skip_quiet(Instant::now());
         match event {
             MediaEvent::Connected { conn, .. } => {
                 let Some((peer, side)) = self.conns.get(&conn).cloned() else { return };
@@ -618,6 +663,7 @@ impl Room {
             return;
         }
         self.closed = true;
+        self.share.close();
         for conn in self.conns.keys().copied().collect::<Vec<_>>() {
             media.close(conn);
         }

@@ -122,7 +122,13 @@ pub fn run(
                 room.media_event(event, &mut media);
             }
         }
+        let before = rooms.len();
         rooms.retain(|_, room| !room.is_closed());
+        if rooms.len() < before {
+            // A closed room's buffer went back to this thread's heap; give what is free at
+            // the top of it back to the system (docs/operations.md, "Memory").
+            trim_heap();
+        }
         if let Some(slot) = stats.get(index) {
             *slot.lock().unwrap_or_else(|p| p.into_inner()) =
                 WorkerStats { media: media.stats(), connections: media.connections() };
@@ -141,7 +147,7 @@ pub fn run(
             return;
         }
         let now = Instant::now();
-        let next = rooms.values().map(Room::next_deadline).chain(media.next_deadline()).min();
+        let next = rooms.values_mut().map(Room::next_deadline).chain(media.next_deadline()).min();
         let wait = next.map_or(IDLE_WAIT, |at| at.saturating_duration_since(now)).min(IDLE_WAIT);
         if !wait.is_zero()
             && let Err(error) = media.wait(wait)
@@ -152,6 +158,16 @@ pub fn run(
             }
             std::thread::sleep(wait);
         }
+    }
+}
+
+/// Returns the heap's free memory to the system where the allocator can (glibc keeps freed
+/// memory in its arenas otherwise, and the resident size stays at its peak after a flood).
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; any thread may call it.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
