@@ -109,6 +109,41 @@ impl Default for MediaSection {
     }
 }
 
+/// Bounds on what one client, address or user can make the server hold (docs/operations.md,
+/// "Limits"). A count of 0 means no bound.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    /// HTTPS and WSS connections one source address may hold at once (a WebSocket counts
+    /// while it is open).
+    pub connections_per_ip: usize,
+    /// A TLS handshake not done this long after the connection was accepted is dropped.
+    pub tls_handshake_timeout_s: u64,
+    /// A request's header must arrive whole within this, the first one counted from the end
+    /// of the handshake, the next ones from the end of the previous response (an idle
+    /// keep-alive connection is closed after it too).
+    pub header_timeout_s: u64,
+    /// Signaling sessions (WebSockets) one user (uid) may hold at once.
+    pub sessions_per_user: usize,
+    /// Rooms one user may create in any minute.
+    pub rooms_per_user_per_min: usize,
+    /// WebSocket tickets one user may hold unredeemed at once.
+    pub tickets_per_user: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            connections_per_ip: 256,
+            tls_handshake_timeout_s: 10,
+            header_timeout_s: 10,
+            sessions_per_user: 8,
+            rooms_per_user_per_min: 10,
+            tickets_per_user: 16,
+        }
+    }
+}
+
 /// The whole server configuration.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -117,6 +152,7 @@ pub struct ServerConfig {
     pub media: MediaSection,
     pub engine: EngineConfig,
     pub auth: AuthConfig,
+    pub limits: LimitsSection,
 }
 
 /// Flags of `encore serve` that override the configuration.
@@ -191,6 +227,13 @@ impl ServerConfig {
         if let Some(v) = env("ENCORE_TCP_PORT") {
             m.tcp_port = parse("media.tcp_port", "ENCORE_TCP_PORT", v)?;
         }
+        let l = &mut self.limits;
+        if let Some(v) = env("ENCORE_CONNECTIONS_PER_IP") {
+            l.connections_per_ip = parse("limits.connections_per_ip", "ENCORE_CONNECTIONS_PER_IP", v)?;
+        }
+        if let Some(v) = env("ENCORE_SESSIONS_PER_USER") {
+            l.sessions_per_user = parse("limits.sessions_per_user", "ENCORE_SESSIONS_PER_USER", v)?;
+        }
         let e = &mut self.engine;
         if let Some(v) = env("ENCORE_TICK_MS") {
             e.tick_ms = parse("engine.tick_ms", "ENCORE_TICK_MS", v)?;
@@ -262,6 +305,13 @@ impl ServerConfig {
                     "every entry needs urls starting with stun:, turn: or turns:",
                 ));
             }
+        }
+        let l = &self.limits;
+        if l.tls_handshake_timeout_s == 0 || l.tls_handshake_timeout_s > 300 {
+            return Err(invalid("limits.tls_handshake_timeout_s", "must be between 1 and 300"));
+        }
+        if l.header_timeout_s == 0 || l.header_timeout_s > 300 {
+            return Err(invalid("limits.header_timeout_s", "must be between 1 and 300"));
         }
         self.engine.validate().map_err(|e| invalid(&format!("engine.{}", e.key), e.problem))?;
         self.auth.validate().map_err(|e| invalid_auth(&e))?;

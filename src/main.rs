@@ -166,6 +166,11 @@ struct LoadgenArgs {
     /// Threads of the load generator's runtime (it shares the machine with the server).
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Also hold this many idle rooms open (one silent peer each, its own uid) through the
+    /// window: what idle rooms cost shows in the server's CPU. The server's
+    /// `limits.connections_per_ip` must allow every connection (0: no cap).
+    #[arg(long, default_value_t = 0)]
+    idle_rooms: usize,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -402,6 +407,7 @@ fn run_loadgen(args: LoadgenArgs) -> Result<()> {
     options.setup_concurrency = args.setup_concurrency;
     options.drain = std::time::Duration::from_secs_f64(args.drain.max(0.0));
     options.seed = args.seed;
+    options.idle_rooms = args.idle_rooms;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))
         .enable_all()

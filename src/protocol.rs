@@ -491,8 +491,9 @@ impl Notice {
     ];
 }
 
-/// The JSON body of a refused WebSocket upgrade (HTTP 401, or 503 when the auth keys cannot be
-/// had): the protocol's code, and the auth layer's own (`auth/id-token-expired`, ...).
+/// The JSON body of a refused WebSocket upgrade (HTTP 401; 503 when the auth keys cannot be
+/// had; 429 when the user holds its most sessions): the protocol's code, and for an auth
+/// refusal the auth layer's own (`id-token-expired`, ...).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpgradeRefusal {
     pub error: UpgradeError,
@@ -501,7 +502,8 @@ pub struct UpgradeRefusal {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpgradeError {
     pub code: ErrorCode,
-    pub auth_code: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_code: Option<String>,
     pub message: String,
 }
 

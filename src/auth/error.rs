@@ -72,6 +72,11 @@ pub enum AuthError {
 
     #[error("too many outstanding WebSocket tickets; try again shortly")]
     TicketsExhausted,
+
+    #[error(
+        "this user holds {limit} unredeemed WebSocket tickets already (limits.tickets_per_user); use one or wait for them to expire"
+    )]
+    TooManyTickets { limit: usize },
 }
 
 impl AuthError {
@@ -83,6 +88,7 @@ impl AuthError {
             AuthError::KeysUnavailable(_) => "keys-unavailable",
             AuthError::InvalidTicket => "invalid-ticket",
             AuthError::TicketsExhausted => "tickets-exhausted",
+            AuthError::TooManyTickets { .. } => "too-many-tickets",
             // The Admin SDK reports every other verification failure as `argument-error`.
             _ => "argument-error",
         }
@@ -103,7 +109,7 @@ impl AuthError {
             AuthError::Expired { .. } => "exp",
             AuthError::TenantMismatch(_) => "tenant",
             AuthError::KeysUnavailable(_) => "keys",
-            AuthError::InvalidTicket | AuthError::TicketsExhausted => "ticket",
+            AuthError::InvalidTicket | AuthError::TicketsExhausted | AuthError::TooManyTickets { .. } => "ticket",
         }
     }
 
@@ -111,6 +117,7 @@ impl AuthError {
     pub fn status(&self) -> StatusCode {
         match self {
             AuthError::KeysUnavailable(_) | AuthError::TicketsExhausted => StatusCode::SERVICE_UNAVAILABLE,
+            AuthError::TooManyTickets { .. } => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::UNAUTHORIZED,
         }
     }
@@ -121,7 +128,7 @@ impl AuthError {
 }
 
 /// `{"error":{"code","message"}}`, with `WWW-Authenticate: Bearer` on a 401 (RFC 6750 §3) and
-/// `Retry-After` on a 503.
+/// `Retry-After` on a 503 and a 429.
 impl IntoResponse for AuthError {
     fn into_response(self) -> Response {
         let status = self.status();
@@ -138,6 +145,9 @@ impl IntoResponse for AuthError {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
         } else if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        } else if status == StatusCode::TOO_MANY_REQUESTS {
+            // The longest a held ticket can take to expire.
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
         }
         response
     }

@@ -37,6 +37,8 @@ pub struct AuthOptions {
     pub dev_roles_file: Option<PathBuf>,
     /// Where dev mode keeps its signing key across restarts (none: a new key in memory).
     pub dev_key_file: Option<PathBuf>,
+    /// Unredeemed WebSocket tickets one user may hold (0: no limit).
+    pub tickets_per_user: usize,
 }
 
 impl Default for AuthOptions {
@@ -48,6 +50,7 @@ impl Default for AuthOptions {
             dev_issuer: None,
             dev_roles_file: None,
             dev_key_file: None,
+            tickets_per_user: crate::config::LimitsSection::default().tickets_per_user,
         }
     }
 }
@@ -173,7 +176,7 @@ impl AuthState {
         // A service account file is read now: a bad or world-readable one stops the start, not
         // the first promotion.
         let admin = ClaimsAdmin::from_config(&config, dev_roles.clone(), clock.clone())?;
-        let tickets = TicketStore::new(clock.clone());
+        let tickets = TicketStore::new(clock.clone(), options.tickets_per_user);
         Ok(AuthState { inner: Arc::new(Inner { config, verifier, tickets, dev, dev_roles, admin, clock }) })
     }
 

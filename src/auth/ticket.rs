@@ -39,27 +39,72 @@ struct Pending {
     expires_ms: i64,
 }
 
+/// The tickets, and how many each user holds (to refuse a user past its limit without a scan).
+#[derive(Default)]
+struct Tickets {
+    pending: HashMap<String, Pending>,
+    per_uid: HashMap<String, usize>,
+}
+
+impl Tickets {
+    fn insert(&mut self, ticket: String, pending: Pending) {
+        *self.per_uid.entry(pending.user.uid.clone()).or_insert(0) += 1;
+        self.pending.insert(ticket, pending);
+    }
+
+    fn remove(&mut self, ticket: &str) -> Option<Pending> {
+        let pending = self.pending.remove(ticket)?;
+        self.uncount(&pending.user.uid);
+        Some(pending)
+    }
+
+    fn uncount(&mut self, uid: &str) {
+        if let Some(count) = self.per_uid.get_mut(uid) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_uid.remove(uid);
+            }
+        }
+    }
+
+    /// Drops the expired tickets.
+    fn sweep(&mut self, now_ms: i64) {
+        let expired: Vec<String> =
+            self.pending.iter().filter(|(_, p)| p.expires_ms <= now_ms).map(|(t, _)| t.clone()).collect();
+        for ticket in expired {
+            self.remove(&ticket);
+        }
+    }
+
+    fn held_by(&self, uid: &str) -> usize {
+        self.per_uid.get(uid).copied().unwrap_or(0)
+    }
+}
+
 /// Issued, not yet redeemed tickets.
 pub struct TicketStore {
     clock: SharedClock,
     ttl: Duration,
-    pending: Mutex<HashMap<String, Pending>>,
+    /// Unredeemed tickets one user may hold (0: no limit).
+    per_user: usize,
+    tickets: Mutex<Tickets>,
 }
 
 impl std::fmt::Debug for TicketStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the tickets themselves.
-        f.debug_struct("TicketStore").field("ttl", &self.ttl).field("outstanding", &self.lock().len()).finish()
+        f.debug_struct("TicketStore").field("ttl", &self.ttl).field("outstanding", &self.lock().pending.len()).finish()
     }
 }
 
 impl TicketStore {
-    pub fn new(clock: SharedClock) -> Self {
-        Self::with_ttl(clock, WS_TICKET_TTL)
+    /// Tickets that live [`WS_TICKET_TTL`], at most `per_user` unredeemed per user (0: no limit).
+    pub fn new(clock: SharedClock, per_user: usize) -> Self {
+        Self::with_ttl(clock, WS_TICKET_TTL, per_user)
     }
 
-    pub fn with_ttl(clock: SharedClock, ttl: Duration) -> Self {
-        TicketStore { clock, ttl, pending: Mutex::new(HashMap::new()) }
+    pub fn with_ttl(clock: SharedClock, ttl: Duration, per_user: usize) -> Self {
+        TicketStore { clock, ttl, per_user, tickets: Mutex::new(Tickets::default()) }
     }
 
     /// A new ticket standing for `user`.
@@ -71,15 +116,23 @@ impl TicketStore {
         let ticket = URL_SAFE_NO_PAD.encode(bytes);
         let now = self.clock.now_ms();
         let expires_ms = now.saturating_add(i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX));
-        let mut pending = self.lock();
-        if pending.len() >= SWEEP_AT {
-            pending.retain(|_, p| p.expires_ms > now);
+        let mut tickets = self.lock();
+        if tickets.pending.len() >= SWEEP_AT {
+            tickets.sweep(now);
         }
-        if pending.len() >= MAX_OUTSTANDING {
+        if self.per_user != 0 && tickets.held_by(&user.uid) >= self.per_user {
+            // Some may have expired unswept: look again after a sweep (only a user at its
+            // limit pays for it).
+            tickets.sweep(now);
+            if tickets.held_by(&user.uid) >= self.per_user {
+                return Err(AuthError::TooManyTickets { limit: self.per_user });
+            }
+        }
+        if tickets.pending.len() >= MAX_OUTSTANDING {
             return Err(AuthError::TicketsExhausted);
         }
         debug!(uid = %user.uid, ttl_s = self.ttl.as_secs(), "WebSocket ticket issued");
-        pending.insert(ticket.clone(), Pending { user, expires_ms });
+        tickets.insert(ticket.clone(), Pending { user, expires_ms });
         Ok(IssuedTicket { ticket, expires_in: self.ttl.as_secs() })
     }
 
@@ -103,10 +156,49 @@ impl TicketStore {
 
     /// Tickets issued and not yet redeemed (expired ones included until swept).
     pub fn outstanding(&self) -> usize {
-        self.lock().len()
+        self.lock().pending.len()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Pending>> {
-        self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Tickets> {
+        self.tickets.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::clock::ManualClock;
+
+    fn user(uid: &str) -> AuthUser {
+        AuthUser {
+            uid: uid.to_owned(),
+            roles: vec![crate::auth::Role::Listener],
+            email: None,
+            email_verified: false,
+            name: None,
+            sign_in_provider: None,
+            tenant: None,
+            issued_at: 0,
+            auth_time: 0,
+            expires_at: 0,
+        }
+    }
+
+    #[test]
+    fn a_user_holds_at_most_its_limit_of_unredeemed_tickets() {
+        let clock = ManualClock::at_secs(1_000);
+        let store = TicketStore::with_ttl(clock.shared(), Duration::from_secs(30), 3);
+        let tickets: Vec<IssuedTicket> = (0..3).map(|_| store.issue(user("ann")).expect("under the limit")).collect();
+        let refused = store.issue(user("ann")).unwrap_err();
+        assert!(matches!(refused, AuthError::TooManyTickets { limit: 3 }), "{refused:?}");
+        assert_eq!(refused.status(), axum::http::StatusCode::TOO_MANY_REQUESTS);
+        store.issue(user("bob")).expect("the limit is per user");
+        // Redeeming one frees its place; so does expiry.
+        store.redeem(&tickets[0].ticket).expect("redeemed");
+        store.issue(user("ann")).expect("a place was freed");
+        assert!(store.issue(user("ann")).is_err());
+        clock.advance(Duration::from_secs(31));
+        store.issue(user("ann")).expect("the old ones expired");
+        assert_eq!(store.outstanding(), 1, "expired tickets were swept");
     }
 }

@@ -64,6 +64,9 @@ pub struct LoadgenOptions {
     pub drain: Duration,
     /// Seed of the talk-spurt generators (speaker i uses seed + i).
     pub seed: u64,
+    /// Rooms with one silent peer each (its own uid), held open through the media phase: what
+    /// idle rooms cost the server shows in its CPU.
+    pub idle_rooms: usize,
 }
 
 impl LoadgenOptions {
@@ -79,6 +82,7 @@ impl LoadgenOptions {
             setup_concurrency: 16,
             drain: Duration::from_millis(1500),
             seed: 1,
+            idle_rooms: 0,
         }
     }
 }
@@ -298,6 +302,8 @@ pub struct Report {
     pub listeners_connected: usize,
     pub setup_failures: usize,
     pub setup_errors: Vec<String>,
+    /// Idle rooms held open through the media phase (each one silent peer).
+    pub idle_rooms: usize,
     /// Wall time to set every client up.
     pub setup_s: f64,
     /// Media phase: publishers talking plus the drain, in wall seconds.
@@ -371,6 +377,9 @@ impl fmt::Display for Report {
         )?;
         for error in &self.setup_errors {
             writeln!(f, "  setup error    {error}")?;
+        }
+        if self.idle_rooms > 0 {
+            writeln!(f, "idle rooms       {} (one silent peer each, open through the window)", self.idle_rooms)?;
         }
         writeln!(f, "window           {:.1} s (talking, then the drain)", self.window_s)?;
         writeln!(
@@ -610,6 +619,27 @@ pub async fn run(options: LoadgenOptions, tls: ClientTls) -> Result<Report, Load
             Err(error) => errors.push(format!("a setup task failed: {error}")),
         }
     }
+    // Idle rooms: a silent peer each, joined with the same bounded concurrency.
+    let mut idle = JoinSet::new();
+    for index in 0..options.idle_rooms {
+        let permits = permits.clone();
+        let tls = tls.clone();
+        let options = options.clone();
+        idle.spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            let uid = format!("idle-{index}");
+            connect(&tls, &options.url, &uid, "listener", &format!("{}-idle-{index}", options.room)).await
+        });
+    }
+    let mut idle_sessions = Vec::new();
+    while let Some(result) = idle.join_next().await {
+        match result {
+            Ok(Ok(signaling)) => idle_sessions.push(signaling),
+            Ok(Err(error)) => errors.push(format!("an idle room: {error}")),
+            Err(error) => errors.push(format!("an idle room's task failed: {error}")),
+        }
+    }
+    let idle_rooms = idle_sessions.len();
     let setup_s = setup_start.elapsed().as_secs_f64();
     if speakers_connected == 0 || listeners_connected == 0 {
         return Err(LoadgenError::NoClients {
@@ -646,6 +676,11 @@ pub async fn run(options: LoadgenOptions, tls: ClientTls) -> Result<Report, Load
             let _ = client.signaling.request::<Done>(Request::Leave).await;
         });
     }
+    for signaling in idle_sessions {
+        closing.spawn(async move {
+            let _ = signaling.request::<Done>(Request::Leave).await;
+        });
+    }
     let _ = tokio::time::timeout(Duration::from_secs(20), async { while closing.join_next().await.is_some() {} }).await;
 
     let mut all = ListenerStats::default();
@@ -680,6 +715,7 @@ pub async fn run(options: LoadgenOptions, tls: ClientTls) -> Result<Report, Load
         listeners_connected,
         setup_failures: errors.len(),
         setup_errors,
+        idle_rooms,
         setup_s,
         window_s,
         sent_audio: totals.sent.audio,

@@ -3,6 +3,7 @@
 //! one) and returns a handle that shuts it down gracefully: stop accepting, close the sessions
 //! (which close their peers' transports), close the rooms (flushing recordings), stop workers.
 
+pub mod accept;
 pub mod http;
 pub mod media;
 pub mod recorder;
@@ -16,12 +17,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum_server::tls_rustls::RustlsConfig;
+use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use tokio::sync::broadcast;
 
 use crate::auth::{AuthOptions, AuthSetupError, AuthState, DevIssuer, SharedClock};
 use crate::config::ServerConfig;
-use rooms::{MediaPlan, Rooms};
+use accept::{ConnectionLimits, LimitedAcceptor};
+use rooms::{MediaPlan, RoomLimits, Rooms};
 use sessions::Sessions;
 use tls::{TlsError, TlsMaterial};
 
@@ -65,6 +67,8 @@ pub struct AppState {
     pub stopping: Arc<AtomicBool>,
     /// Open signaling sessions: shutdown waits for them to leave their rooms.
     pub sessions: Arc<Sessions>,
+    /// Connections per source address, and what the listener turned away.
+    pub connections: Arc<ConnectionLimits>,
 }
 
 /// Test and embedding hooks that the configuration file cannot express.
@@ -142,6 +146,7 @@ pub async fn start(config: ServerConfig, options: StartOptions) -> Result<Server
         // Kept with the certificate, where `encore admin` (another process) finds it too.
         dev_roles_file: Some(config.server.data_dir.join(crate::auth::DEV_ROLES_FILE)),
         dev_key_file: Some(config.server.data_dir.join(crate::auth::DEV_KEY_FILE)),
+        tickets_per_user: config.limits.tickets_per_user,
     };
     let auth_config = config.auth.clone();
     // Dev mode makes an RSA key: CPU work, off the async threads.
@@ -149,12 +154,16 @@ pub async fn start(config: ServerConfig, options: StartOptions) -> Result<Server
         .await
         .map_err(|e| ServerError::Start(e.to_string()))??;
 
+    let room_limits = RoomLimits {
+        max_rooms: config.server.max_rooms,
+        max_peers_per_room: config.server.max_peers_per_room,
+        rooms_per_user_per_min: config.limits.rooms_per_user_per_min,
+    };
     let rooms = Rooms::start(
         config.worker_count(),
         config.engine.clone(),
         config.server.record_dir.clone(),
-        config.server.max_rooms,
-        config.server.max_peers_per_room,
+        room_limits,
         &media_plan(&config.media),
     )
     .map_err(|source| ServerError::Media { source })?;
@@ -167,13 +176,27 @@ pub async fn start(config: ServerConfig, options: StartOptions) -> Result<Server
         shutdown,
         stopping: Arc::new(AtomicBool::new(false)),
         sessions: Arc::new(Sessions::default()),
+        connections: ConnectionLimits::new(config.limits.connections_per_ip),
     };
     let router = http::router(app.clone());
     let rustls = RustlsConfig::from_config(tls.server_config()?);
     let handle = axum_server::Handle::new();
-    let server = axum_server::from_tcp_rustls(listener, rustls)
+    let limits = &config.limits;
+    let header_timeout = Duration::from_secs(limits.header_timeout_s);
+    // The per-address cap runs on the TCP stream, before the handshake it bounds in time.
+    let acceptor = RustlsAcceptor::new(rustls)
+        .handshake_timeout(Duration::from_secs(limits.tls_handshake_timeout_s))
+        .acceptor(LimitedAcceptor::new(app.connections.clone()));
+    let connections = app.connections.clone();
+    let mut server = axum_server::from_tcp(listener)
         .map_err(|e| ServerError::Start(e.to_string()))?
+        .acceptor(acceptor)
+        // Until the first request is read (hyper's protocol detection is not timed otherwise).
+        .first_request_timeout(header_timeout)
+        .accept_error_handler(move |addr, error| connections.on_accept_error(addr, error))
         .handle(handle.clone());
+    // Every later request's header, and an idle keep-alive connection's wait for one.
+    server.http_builder().http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_timeout);
     let task = tokio::spawn(async move { server.serve(router.into_make_service()).await });
     Ok(Server { addr, url, self_signed_cert: tls.self_signed.then(|| tls.cert_path.clone()), app, handle, task })
 }

@@ -42,12 +42,17 @@ impl Sessions {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a session; it stays registered until [`Sessions::close`].
-    pub fn open(&self, uid: &str, notices: mpsc::Sender<Notice>) -> SessionKey {
+    /// Registers a session, unless `uid` holds `limit` sessions already (0: no limit); it
+    /// stays registered until [`Sessions::close`]. The count and the insertion are one step,
+    /// so two upgrades at once cannot both pass.
+    pub fn try_open(&self, uid: &str, limit: usize, notices: mpsc::Sender<Notice>) -> Option<SessionKey> {
         let mut slots = self.slots();
+        if limit != 0 && slots.values().filter(|entry| entry.uid == uid).count() >= limit {
+            return None;
+        }
         let key = slots.insert(Entry { uid: uid.to_owned(), notices });
         self.open.send_replace(slots.len());
-        key
+        Some(key)
     }
 
     pub fn close(&self, key: SessionKey) {
@@ -87,14 +92,27 @@ mod tests {
     fn a_key_outliving_its_session_never_reaches_the_next_one_in_its_slot() {
         let sessions = Sessions::default();
         let (tx, mut rx) = mpsc::channel(4);
-        let old = sessions.open("ann", tx.clone());
+        let old = sessions.try_open("ann", 0, tx.clone()).unwrap();
         sessions.close(old);
-        let new = sessions.open("bob", tx);
+        let new = sessions.try_open("bob", 0, tx).unwrap();
         assert!(!sessions.notify(old, Notice::Removed { by: "x".into() }), "the old key is stale");
         assert!(rx.try_recv().is_err());
         assert!(sessions.notify(new, Notice::Removed { by: "x".into() }));
         assert_eq!(sessions.of_uid("bob"), vec![new]);
         assert!(sessions.of_uid("ann").is_empty());
         assert_eq!(sessions.count(), 1);
+    }
+
+    #[test]
+    fn a_user_at_its_limit_gets_no_more_sessions_until_one_closes() {
+        let sessions = Sessions::default();
+        let (tx, _rx) = mpsc::channel(4);
+        let first = sessions.try_open("ann", 2, tx.clone()).expect("one");
+        sessions.try_open("ann", 2, tx.clone()).expect("two");
+        assert!(sessions.try_open("ann", 2, tx.clone()).is_none(), "three is over the limit");
+        assert!(sessions.try_open("bob", 2, tx.clone()).is_some(), "the limit is per user");
+        sessions.close(first);
+        assert!(sessions.try_open("ann", 2, tx.clone()).is_some());
+        assert!(sessions.try_open("ann", 0, tx).is_some(), "0 is no limit");
     }
 }

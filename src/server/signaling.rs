@@ -47,6 +47,17 @@ pub async fn ws_upgrade(
         Ok(user) => user,
         Err(error) => return upgrade_refused(error),
     };
+    let session = Session::new(app, user);
+    // The session's place in the registry is taken now, under the user's quota, and given
+    // back if the upgrade never completes.
+    let limit = session.app.config.limits.sessions_per_user;
+    let Some(registered) = Registered::try_new(&session.app.sessions, &session.user.uid, limit, &session.notices_tx)
+    else {
+        tracing::info!(uid = %session.user.uid, limit, "session refused: the user's sessions are at the limit");
+        let message = format!("user {} already has {limit} sessions open (limits.sessions_per_user)", session.user.uid);
+        let body = UpgradeRefusal { error: UpgradeError { code: ErrorCode::RateLimited, auth_code: None, message } };
+        return (axum::http::StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response();
+    };
     upgrade
         .max_message_size(MAX_MESSAGE_BYTES)
         .max_frame_size(MAX_MESSAGE_BYTES)
@@ -55,7 +66,7 @@ pub async fn ws_upgrade(
         // 128 KiB made that memset ~10 % of the server's CPU under load (docs/performance.md).
         // Larger messages still arrive whole; the buffer grows to the frame's length.
         .read_buffer_size(WS_READ_BUFFER_BYTES)
-        .on_upgrade(move |socket| Session::new(app, user).run(socket))
+        .on_upgrade(move |socket| session.run(socket, registered))
 }
 
 /// A refused upgrade: the auth layer's status and headers (`WWW-Authenticate`, `Retry-After`),
@@ -67,8 +78,9 @@ fn upgrade_refused(error: AuthError) -> Response {
         503 => ErrorCode::Unavailable,
         _ => ErrorCode::BadRequest,
     };
-    let body =
-        UpgradeRefusal { error: UpgradeError { code, auth_code: error.code().to_owned(), message: error.to_string() } };
+    let body = UpgradeRefusal {
+        error: UpgradeError { code, auth_code: Some(error.code().to_owned()), message: error.to_string() },
+    };
     let mut response = error.into_response();
     let json = serde_json::to_vec(&body).unwrap_or_default();
     *response.body_mut() = axum::body::Body::from(json);
@@ -207,8 +219,8 @@ impl Session {
         Duration::from_secs(self.deadline_s().saturating_sub(self.app.auth.now_s()).max(0) as u64)
     }
 
-    async fn run(mut self, socket: WebSocket) {
-        let _registered = Registered::new(&self.app.sessions, &self.user.uid, self.notices_tx.clone());
+    async fn run(mut self, socket: WebSocket, registered: Registered) {
+        let _registered = registered;
         let (mut sink, mut stream) = socket.split();
         let (out_tx, mut out_rx) = mpsc::channel::<Message>(512);
         let writer = tokio::spawn(async move {
@@ -476,8 +488,15 @@ struct Registered {
 }
 
 impl Registered {
-    fn new(sessions: &std::sync::Arc<Sessions>, uid: &str, notices: mpsc::Sender<Notice>) -> Self {
-        Registered { sessions: sessions.clone(), key: sessions.open(uid, notices) }
+    /// A place for a session of `uid`, unless it holds `limit` already (0: no limit).
+    fn try_new(
+        sessions: &std::sync::Arc<Sessions>,
+        uid: &str,
+        limit: usize,
+        notices: &mpsc::Sender<Notice>,
+    ) -> Option<Self> {
+        let key = sessions.try_open(uid, limit, notices.clone())?;
+        Some(Registered { sessions: sessions.clone(), key })
     }
 }
 

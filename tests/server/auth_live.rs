@@ -65,7 +65,7 @@ async fn a_ticket_works_once_and_not_after_thirty_seconds() {
     match &again {
         ClientError::UpgradeRefused { status: 401, refusal: Some(refusal) } => {
             assert_eq!(refusal.error.code, ErrorCode::Unauthorized);
-            assert_eq!(refusal.error.auth_code, "invalid-ticket");
+            assert_eq!(refusal.error.auth_code.as_deref(), Some("invalid-ticket"));
         }
         other => panic!("a refused upgrade, with its body: {other:?}"),
     }

@@ -5,6 +5,7 @@ mod auth_live;
 mod browser;
 mod e2e;
 mod feedback;
+mod limits;
 mod loadgen;
 mod media;
 mod protocol;
