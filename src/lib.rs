@@ -11,6 +11,7 @@ pub mod config;
 pub mod generate;
 pub mod loadgen;
 pub mod media;
+pub mod metrics;
 pub mod protocol;
 pub mod replay;
 pub mod scenario;
