@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod generate;
 pub mod loadgen;
+pub mod logging;
 pub mod media;
 pub mod metrics;
 pub mod protocol;

@@ -21,10 +21,11 @@ use super::rooms::{Moderation, PEER_EVENTS, RoomCommand, RoomLink};
 use super::sessions::{SessionKey, Sessions};
 use super::transport::{RecvTransport, SendTransport, TransportEvent};
 use crate::auth::AuthUser;
+use crate::metrics::{self, SessionMetric};
 use crate::protocol::{
-    Answer, BURST_MESSAGES, Done, ErrorBody, ErrorCode, FLOOD_MESSAGES, Joined, MAX_MESSAGE_BYTES, MAX_MESSAGES_PER_S,
-    MAX_PREFS_NAMES, Notice, Offered, PROTOCOL_VERSION, Published, Reauthed, Request, RequestId, Side, close,
-    parse_request,
+    Answer, BURST_MESSAGES, Done, ErrorBody, ErrorCode, FLOOD_MESSAGES, GoingAwayReason, Joined, MAX_MESSAGE_BYTES,
+    MAX_MESSAGES_PER_S, MAX_PREFS_NAMES, Notice, Offered, PROTOCOL_VERSION, Published, Reauthed, Request, RequestId,
+    Side, close, parse_request,
 };
 
 /// The WebSocket read buffer (tungstenite's default is 128 KiB; see `ws_upgrade`).
@@ -139,7 +140,7 @@ enum End {
     Closed,
     Expired,
     Removed,
-    Shutdown,
+    GoingAway(GoingAwayReason),
     Flooded,
     TooBig,
 }
@@ -150,9 +151,22 @@ impl End {
             End::Closed => (close::NORMAL, "bye"),
             End::Expired => (close::EXPIRED, "session expired: send reauth before the token expires"),
             End::Removed => (close::REMOVED, "removed by a moderator"),
-            End::Shutdown => (close::GOING_AWAY, "server shutting down"),
+            End::GoingAway(_) => (close::GOING_AWAY, "server shutting down"),
             End::Flooded => (close::POLICY, "too many messages"),
             End::TooBig => (close::TOO_BIG, "message over 64 KiB"),
+        }
+    }
+
+    /// The `reason` of `encore_sessions_closed_total`.
+    fn as_str(&self) -> &'static str {
+        match self {
+            End::Closed => "closed",
+            End::Expired => "expired",
+            End::Removed => "removed",
+            End::GoingAway(GoingAwayReason::DrainTimeout) => "drain_timeout",
+            End::GoingAway(GoingAwayReason::Shutdown) => "shutdown",
+            End::Flooded => "flooded",
+            End::TooBig => "too_big",
         }
     }
 }
@@ -200,6 +214,7 @@ impl Session {
 
     async fn run(mut self, socket: WebSocket) {
         let _registered = Registered::new(&self.app.sessions, &self.user.uid, self.notices_tx.clone());
+        let session_metric = SessionMetric::open();
         let (mut sink, mut stream) = socket.split();
         let (out_tx, mut out_rx) = mpsc::channel::<Message>(512);
         let writer = tokio::spawn(async move {
@@ -235,6 +250,7 @@ impl Session {
                     };
                     // Every frame counts against the rate, pings and binary ones included.
                     if !self.rate.take(Instant::now()) {
+                        metrics::signaling_request("unread", Some(ErrorCode::RateLimited));
                         out.answer(Answer::refused(None, refuse(ErrorCode::RateLimited, "more than 50 messages a second")));
                         if self.rate.flooded() {
                             break End::Flooded;
@@ -247,7 +263,10 @@ impl Session {
                                 break end;
                             }
                         }
-                        Message::Binary(_) => out.answer(Answer::refused(None, bad("messages are JSON text"))),
+                        Message::Binary(_) => {
+                            metrics::signaling_request("binary", Some(ErrorCode::BadRequest));
+                            out.answer(Answer::refused(None, bad("messages are JSON text")));
+                        }
                         // Pings are answered by the WebSocket layer; pongs need nothing.
                         _ => {}
                     }
@@ -283,10 +302,14 @@ impl Session {
                         out.notice(&Notice::SessionExpiring { expires_at: self.deadline_s() });
                     }
                 }
-                _ = shutdown.recv() => break End::Shutdown,
+                reason = shutdown.recv() => break End::GoingAway(reason.unwrap_or(GoingAwayReason::Shutdown)),
             }
         };
+        if let End::GoingAway(reason) = end {
+            out.notice(&Notice::GoingAway { reason });
+        }
         let (code, reason) = end.close_frame();
+        session_metric.closed(end.as_str());
         tracing::info!(uid = %self.user.uid, code, reason, "session closing");
         self.leave().await;
         out.close(code, reason).await;
@@ -308,12 +331,15 @@ impl Session {
         let (id, request) = match parse_request(text) {
             Ok(parsed) => parsed,
             Err(unreadable) => {
+                metrics::signaling_request("unreadable", Some(ErrorCode::BadRequest));
                 out.answer(Answer::refused(unreadable.id, bad(unreadable.message)));
                 return None;
             }
         };
         let leaving = matches!(request, Request::Leave);
+        let kind = request.kind();
         let result = self.request(request).await;
+        metrics::signaling_request(kind, result.as_ref().err().map(|error| error.code));
         let left = leaving && result.is_ok();
         out.answer(match result {
             Ok(reply) => reply.answer(id),
@@ -445,7 +471,7 @@ impl Session {
             .map_err(|e| refuse(e.code(), e.to_string()))?;
         let peer = link.peer.to_string();
         self.room = Some(InRoom { link, send: None, recv: None });
-        tracing::info!(uid = %self.user.uid, room, peer, "joined");
+        tracing::info!(uid = %self.user.uid, room, peer, roles = ?self.user.roles, "peer joined");
         Ok(Joined {
             room,
             peer,
@@ -492,10 +518,12 @@ impl Session {
                 out.notice(&Notice::Candidate { transport: side, candidate });
             }
             TransportEvent::Connected { side } => {
-                tracing::debug!(uid = %self.user.uid, %side, "transport connected");
+                let (room, peer) = self.where_in_room();
+                tracing::info!(uid = %self.user.uid, room, peer, %side, "transport connected");
             }
             TransportEvent::Failed { side } => {
-                tracing::warn!(uid = %self.user.uid, %side, "transport failed");
+                let (room, peer) = self.where_in_room();
+                tracing::info!(uid = %self.user.uid, room, peer, %side, "transport failed");
                 if let Some(in_room) = self.room.as_mut() {
                     match side {
                         Side::Send => {
@@ -519,6 +547,11 @@ impl Session {
         }
     }
 
+    /// The room and peer name of the session, for log lines (empty when not in a room).
+    fn where_in_room(&self) -> (&str, &str) {
+        self.room.as_ref().map_or(("", ""), |r| (r.link.room.as_str(), r.link.peer.as_str()))
+    }
+
     async fn leave(&mut self) {
         if let Some(in_room) = self.room.take() {
             if let Some(send) = in_room.send {
@@ -528,6 +561,7 @@ impl Session {
                 recv.close().await;
             }
             self.app.rooms.leave(&in_room.link);
+            tracing::info!(uid = %self.user.uid, room = %in_room.link.room, peer = %in_room.link.peer, "peer left");
         }
     }
 }
@@ -565,6 +599,7 @@ impl Outbox {
     }
 
     fn notice(&self, notice: &Notice) {
+        metrics::signaling_notice(notice.kind());
         match serde_json::to_string(notice) {
             Ok(text) => self.text(text),
             Err(error) => tracing::error!(%error, kind = notice.kind(), "a notice does not serialise"),

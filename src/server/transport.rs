@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
+use rtc::shared::marshal::MarshalSize;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
@@ -33,6 +34,7 @@ use encore_systems::components::output::SendPacket;
 use super::rooms::{PEER_MEDIA, PublisherControl, RoomCommand, RoomLink};
 use crate::config::MediaSection;
 use crate::media::{self, RtcpFeedback};
+use crate::metrics::{self, TransportMetric, TransportState};
 use crate::protocol::{ErrorCode, IceCandidate, Side};
 
 /// Why a transport could not be made or take what the client sent.
@@ -150,6 +152,19 @@ struct Handler {
     tracks: Option<mpsc::UnboundedSender<Arc<dyn TrackRemote>>>,
     state: watch::Sender<RTCPeerConnectionState>,
     public_ip: Option<IpAddr>,
+    metric: TransportMetric,
+}
+
+fn gauged(state: RTCPeerConnectionState) -> Option<TransportState> {
+    match state {
+        RTCPeerConnectionState::New => Some(TransportState::New),
+        RTCPeerConnectionState::Connecting => Some(TransportState::Connecting),
+        RTCPeerConnectionState::Connected => Some(TransportState::Connected),
+        RTCPeerConnectionState::Disconnected => Some(TransportState::Disconnected),
+        RTCPeerConnectionState::Failed => Some(TransportState::Failed),
+        RTCPeerConnectionState::Closed => Some(TransportState::Closed),
+        _ => None,
+    }
 }
 
 #[async_trait::async_trait]
@@ -173,6 +188,9 @@ impl PeerConnectionEventHandler for Handler {
 
     async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
         self.state.send_replace(state);
+        if let Some(state) = gauged(state) {
+            self.metric.state(state);
+        }
         let event = match state {
             RTCPeerConnectionState::Connected => TransportEvent::Connected { side: self.side },
             RTCPeerConnectionState::Failed => TransportEvent::Failed { side: self.side },
@@ -200,7 +218,7 @@ async fn build(
     side: Side,
     events: mpsc::Sender<TransportEvent>,
 ) -> Result<Built, TransportError> {
-    let (engine, registry) = media::media_engine_and_registry().map_err(webrtc_error("media engine"))?;
+    let (engine, registry) = media::server_engine_and_registry().map_err(webrtc_error("media engine"))?;
     let (state_tx, state) = watch::channel(RTCPeerConnectionState::New);
     let (tracks_tx, tracks) = mpsc::unbounded_channel();
     let handler = Handler {
@@ -209,6 +227,7 @@ async fn build(
         tracks: (side == Side::Send).then_some(tracks_tx),
         state: state_tx,
         public_ip: settings.public_ip,
+        metric: TransportMetric::new(side),
     };
     let pc = PeerConnectionBuilder::new()
         .with_configuration(RTCConfigurationBuilder::new().build())
@@ -388,9 +407,10 @@ async fn receive_track(
                 });
                 link.command(RoomCommand::SetPublishing { peer: link.peer.clone(), publishing: true });
                 published = true;
-                tracing::info!(peer = %link.peer, track = %name, codec = %codec_name, ?level_id, "publishing");
+                tracing::info!(room = %link.room, peer = %link.peer, track = %name, codec = %codec_name, ?level_id, "track published");
             }
             TrackRemoteEvent::OnRtpPacket(packet) => {
+                metrics::rtp_in(media, packet.marshal_size());
                 if paused.load(Ordering::Relaxed) || !published {
                     continue;
                 }
@@ -415,6 +435,7 @@ async fn receive_track(
     }
     pli.abort();
     if published {
+        tracing::info!(room = %link.room, peer = %link.peer, track = %name, "track unpublished");
         link.input(Input::Unpublish { track: name });
     }
 }
@@ -541,6 +562,7 @@ impl RecvTransport {
     pub async fn close(self) {
         self.link.command(RoomCommand::DetachMedia { peer: self.link.peer.clone() });
         self.link.input(Input::Unlisten { peer: self.link.peer.clone() });
+        tracing::info!(room = %self.link.room, peer = %self.link.peer, "listening stopped");
         let _ = self.pc.close().await;
         for task in self.tasks {
             task.abort();
@@ -575,7 +597,7 @@ async fn forward(
     let (tx, mut rx) = mpsc::channel::<SendPacket>(PEER_MEDIA);
     link.command(RoomCommand::AttachMedia { peer: link.peer.clone(), media: tx });
     link.input(Input::Listen { peer: link.peer.clone() });
-    tracing::info!(peer = %link.peer, "listening");
+    tracing::info!(room = %link.room, peer = %link.peer, video = video.is_some(), "listening started");
     while let Some(packet) = rx.recv().await {
         if paused.load(Ordering::Relaxed) {
             continue;
@@ -596,9 +618,12 @@ async fn forward(
             Some(payload) => Bytes::from_owner(payload),
             None => continue,
         };
+        let bytes = rtp.marshal_size();
         if track.write_rtp(rtp).await.is_err() {
             break;
         }
+        metrics::rtp_out(packet.media, bytes, packet.retransmit);
+        link.media_sent();
     }
 }
 

@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use encore_systems::components::config::EngineConfig;
 use encore_systems::components::ids::{Name, Role, UtteranceId};
@@ -32,6 +32,7 @@ use encore_systems::components::output::SendPacket;
 use encore_systems::{Engine, RoomView};
 
 use super::recorder::Recorder;
+use crate::metrics::{DropCause, RoomMetrics, WorkerMetrics};
 use crate::protocol::{ErrorBody, ErrorCode, Notice, PeerInfo};
 use room::Room;
 
@@ -66,6 +67,8 @@ pub enum RoomError {
     TooManyRooms(usize),
     #[error("the room is closing")]
     Closed,
+    #[error("the server is draining: it takes no new rooms; join another server")]
+    Draining,
 }
 
 impl RoomError {
@@ -73,7 +76,7 @@ impl RoomError {
     pub fn code(&self) -> ErrorCode {
         match self {
             RoomError::Full(_) | RoomError::TooManyRooms(_) => ErrorCode::Conflict,
-            RoomError::Closed => ErrorCode::Unavailable,
+            RoomError::Closed | RoomError::Draining => ErrorCode::Unavailable,
         }
     }
 }
@@ -155,6 +158,11 @@ pub struct RoomLink {
     pub peer: Name,
     tx: mpsc::Sender<RoomCommand>,
     dropped: Arc<AtomicU64>,
+    metrics: WorkerMetrics,
+    /// When the peer asked to join, and whether it has been sent a packet since: the join
+    /// latency is measured once, at its first packet.
+    joined_at: Instant,
+    first_media: Arc<AtomicBool>,
 }
 
 impl RoomLink {
@@ -164,11 +172,24 @@ impl RoomLink {
     }
 
     pub fn command(&self, command: RoomCommand) -> bool {
-        let sent = self.tx.try_send(command).is_ok();
-        if !sent {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+        match self.tx.try_send(command) {
+            Ok(()) => true,
+            Err(error) => {
+                let cause = DropCause::of(&error);
+                if cause == DropCause::Full {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                self.metrics.command_dropped(cause);
+                false
+            }
         }
-        sent
+    }
+
+    /// A packet went out to this peer: the first one ends its join latency.
+    pub fn media_sent(&self) {
+        if !self.first_media.swap(true, Ordering::Relaxed) {
+            crate::metrics::join_latency(self.joined_at.elapsed());
+        }
     }
 
     /// Sends a command that the room answers, and waits for its verdict.
@@ -213,8 +234,13 @@ struct RoomsState {
 pub struct Rooms {
     state: Mutex<RoomsState>,
     workers: Vec<std::sync::mpsc::Sender<Room>>,
+    worker_metrics: Vec<WorkerMetrics>,
     handles: Mutex<Vec<JoinHandle<()>>>,
     stopping: Arc<AtomicBool>,
+    /// Draining: no new rooms, the rooms there are go on (new peers may join them).
+    draining: AtomicBool,
+    /// The number of rooms, for a drain to wait on.
+    count: watch::Sender<usize>,
     engine: EngineConfig,
     record_dir: Option<PathBuf>,
     max_rooms: usize,
@@ -233,12 +259,15 @@ impl Rooms {
         let stopping = Arc::new(AtomicBool::new(false));
         let mut senders = Vec::new();
         let mut handles = Vec::new();
+        let mut worker_metrics = Vec::new();
         for index in 0..workers.max(1) {
             let (tx, rx) = std::sync::mpsc::channel::<Room>();
             let stopping = stopping.clone();
+            let metrics = WorkerMetrics::new(index);
+            worker_metrics.push(metrics.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("encore-worker-{index}"))
-                .spawn(move || worker::run(index, rx, stopping))
+                .spawn(move || worker::run(index, rx, stopping, metrics))
                 .expect("spawning a worker thread");
             senders.push(tx);
             handles.push(handle);
@@ -246,8 +275,11 @@ impl Rooms {
         Arc::new(Rooms {
             state: Mutex::new(RoomsState { rooms: BTreeMap::new(), next_worker: 0 }),
             workers: senders,
+            worker_metrics,
             handles: Mutex::new(handles),
             stopping,
+            draining: AtomicBool::new(false),
+            count: watch::channel(0).0,
             engine,
             record_dir,
             max_rooms,
@@ -269,13 +301,17 @@ impl Rooms {
         roles: Vec<Role>,
         events: mpsc::Sender<Notice>,
     ) -> Result<(RoomLink, JoinedRoom), RoomError> {
+        let joined_at = Instant::now();
         if self.stopping.load(Ordering::Relaxed) {
             return Err(RoomError::Closed);
         }
-        let (tx, dropped) = {
+        let (tx, dropped, metrics) = {
             let mut state = self.state();
             let count = state.rooms.len();
             if !state.rooms.contains_key(room) {
+                if self.draining.load(Ordering::Relaxed) {
+                    return Err(RoomError::Draining);
+                }
                 if count >= self.max_rooms {
                     return Err(RoomError::TooManyRooms(self.max_rooms));
                 }
@@ -298,7 +334,8 @@ impl Rooms {
                     }
                 });
                 let dropped = Arc::new(AtomicU64::new(0));
-                let room_state = Room::new(room.to_owned(), engine, rx, recorder);
+                let metrics = RoomMetrics::new(&self.worker_metrics[worker], engine.buffer_cap());
+                let room_state = Room::new(room.to_owned(), engine, rx, recorder, metrics);
                 if self.workers[worker].send(room_state).is_err() {
                     return Err(RoomError::Closed);
                 }
@@ -306,13 +343,15 @@ impl Rooms {
                     room.to_owned(),
                     RoomEntry { tx, peers: 0, worker, created_unix_s: created.as_secs(), dropped },
                 );
+                self.count.send_replace(state.rooms.len());
+                tracing::info!(room, worker, "room created");
             }
             let entry = state.rooms.get_mut(room).ok_or(RoomError::Closed)?;
             if entry.peers >= self.max_peers {
                 return Err(RoomError::Full(self.max_peers));
             }
             entry.peers += 1;
-            (entry.tx.clone(), entry.dropped.clone())
+            (entry.tx.clone(), entry.dropped.clone(), self.worker_metrics[entry.worker].clone())
         };
         let (reply, answer) = oneshot::channel();
         let command = RoomCommand::Join { at: Instant::now(), name: name.to_owned(), uid, roles, events, reply };
@@ -322,7 +361,15 @@ impl Rooms {
         }
         match answer.await {
             Ok(joined) => {
-                let link = RoomLink { room: room.to_owned(), peer: joined.peer.clone(), tx, dropped };
+                let link = RoomLink {
+                    room: room.to_owned(),
+                    peer: joined.peer.clone(),
+                    tx,
+                    dropped,
+                    metrics,
+                    joined_at,
+                    first_media: Arc::new(AtomicBool::new(false)),
+                };
                 Ok((link, joined))
             }
             Err(_) => {
@@ -334,7 +381,7 @@ impl Rooms {
 
     /// The peer leaves; the room closes with its last peer.
     pub fn leave(&self, link: &RoomLink) {
-        let _ = link.tx.try_send(RoomCommand::Leave { at: Instant::now(), peer: link.peer.clone() });
+        link.command(RoomCommand::Leave { at: Instant::now(), peer: link.peer.clone() });
         self.release(&link.room);
     }
 
@@ -348,8 +395,10 @@ impl Rooms {
             None => false,
         };
         if empty && let Some(entry) = state.rooms.remove(room) {
+            self.count.send_replace(state.rooms.len());
             // Sent after the peer's Leave on the same channel: the room applies it first.
-            if entry.tx.try_send(RoomCommand::Close).is_err() {
+            if let Err(error) = entry.tx.try_send(RoomCommand::Close) {
+                self.worker_metrics[entry.worker].command_dropped(DropCause::of(&error));
                 tracing::warn!(room, "room queue full at close; the worker closes it when it drains");
             }
         }
@@ -375,10 +424,32 @@ impl Rooms {
         answer.await.ok()
     }
 
+    /// Rooms open now.
+    pub fn count(&self) -> usize {
+        self.state().rooms.len()
+    }
+
+    /// Stops making rooms: a join that would make one gets [`RoomError::Draining`]; the rooms
+    /// there are keep serving, and new peers may join them.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Waits until no room is left.
+    pub async fn empty(&self) {
+        let mut count = self.count.subscribe();
+        let _ = count.wait_for(|n| *n == 0).await;
+    }
+
     /// Closes every room (recordings are flushed) and stops the workers.
     pub fn shutdown(&self) {
         self.stopping.store(true, Ordering::Relaxed);
         let rooms = std::mem::take(&mut self.state().rooms);
+        self.count.send_replace(0);
         for (_, entry) in rooms {
             let _ = entry.tx.try_send(RoomCommand::Close);
         }

@@ -12,6 +12,7 @@ use encore_systems::{Engine, RoomView};
 
 use super::worker::Pacer;
 use super::{JoinedRoom, Moderation, PublisherControl, RoomCommand};
+use crate::metrics::{DropCause, RoomMetrics};
 use crate::protocol::{ErrorBody, ErrorCode, Notice, PeerInfo};
 use crate::server::recorder::Recorder;
 
@@ -39,6 +40,7 @@ pub struct Room {
     /// Published tracks: their peer and their transport's control channel.
     publishers: BTreeMap<Name, (Name, mpsc::Sender<PublisherControl>)>,
     recorder: Option<Recorder>,
+    metrics: RoomMetrics,
     closed: bool,
     skipped_ticks: u64,
     dropped_media: u64,
@@ -46,7 +48,13 @@ pub struct Room {
 }
 
 impl Room {
-    pub fn new(id: String, engine: Engine, rx: mpsc::Receiver<RoomCommand>, recorder: Option<Recorder>) -> Self {
+    pub fn new(
+        id: String,
+        engine: Engine,
+        rx: mpsc::Receiver<RoomCommand>,
+        recorder: Option<Recorder>,
+        metrics: RoomMetrics,
+    ) -> Self {
         let pacer = Pacer::new(Instant::now(), engine.tick_us());
         Room {
             id,
@@ -57,6 +65,7 @@ impl Room {
             media_by_key: HashMap::new(),
             publishers: BTreeMap::new(),
             recorder,
+            metrics,
             closed: false,
             skipped_ticks: 0,
             dropped_media: 0,
@@ -73,13 +82,18 @@ impl Room {
         self.rx.is_closed()
     }
 
+    /// Commands waiting in the room's queue.
+    pub fn queued(&self) -> usize {
+        self.rx.len()
+    }
+
     /// When the next tick is due.
     pub fn next_deadline(&self) -> Instant {
         self.pacer.deadline(self.engine.next_tick())
     }
 
-    /// Runs the ticks whose time has come.
-    pub fn run_due(&mut self, now: Instant) {
+    /// Runs the ticks whose time has come; returns the ticks skipped.
+    pub fn run_due(&mut self, now: Instant) -> u64 {
         let due = self.pacer.due(self.engine.next_tick(), now);
         if due.skipped > 0 {
             self.skipped_ticks += due.skipped;
@@ -87,10 +101,11 @@ impl Room {
         }
         for _ in 0..due.run {
             if self.closed {
-                return;
+                break;
             }
             self.tick_once();
         }
+        due.skipped
     }
 
     fn push(&mut self, at: Instant, input: Input) {
@@ -107,6 +122,7 @@ impl Room {
     }
 
     fn tick_once(&mut self) {
+        let started = Instant::now();
         for _ in 0..MAX_COMMANDS_PER_TICK {
             match self.rx.try_recv() {
                 Ok(command) => self.apply(command),
@@ -129,6 +145,7 @@ impl Room {
         for packet in output.packets.drain(..) {
             self.deliver(packet);
         }
+        self.metrics.after_tick(&output, &self.engine, started.elapsed());
         self.engine.recycle(output);
     }
 
@@ -149,9 +166,11 @@ impl Room {
     /// Counts a notice that did not reach its session: its queue was full (a slow client loses
     /// notices), not closed (a session that ended and is leaving loses nothing).
     fn count_undelivered(&mut self, error: mpsc::error::TrySendError<Notice>) {
-        if let mpsc::error::TrySendError::Full(_) = error {
+        let cause = DropCause::of(&error);
+        if cause == DropCause::Full {
             self.dropped_events += 1;
         }
+        self.metrics.notice_dropped(cause);
     }
 
     fn broadcast(&mut self, notice: Notice) {
@@ -189,6 +208,7 @@ impl Room {
                     })
                     .collect();
                 self.push(at, Input::Join { peer: peer.clone(), uid: uid.clone(), roles: roles.clone() });
+                self.metrics.peer_joined(&roles);
                 self.broadcast(Notice::PeerJoined { peer: peer.to_string(), uid: uid.clone(), roles: roles.clone() });
                 self.peers.insert(peer.clone(), PeerSlot { uid, roles, events, media: None, publishing: false });
                 let _ = reply.send(JoinedRoom { peer, peers });
@@ -196,6 +216,10 @@ impl Room {
             RoomCommand::Leave { at, peer } => {
                 if let Some(slot) = self.peers.remove(&peer) {
                     self.push(at, Input::Leave { peer: peer.clone() });
+                    self.metrics.peer_left(&slot.roles);
+                    if slot.publishing {
+                        self.metrics.publishing(false);
+                    }
                     self.media_by_key.clear();
                     self.publishers.retain(|_, (owner, _)| *owner != peer);
                     self.broadcast(Notice::PeerLeft { peer: peer.to_string(), uid: slot.uid, roles: slot.roles });
@@ -229,6 +253,7 @@ impl Room {
                     && slot.publishing != publishing
                 {
                     slot.publishing = publishing;
+                    self.metrics.publishing(publishing);
                     self.broadcast(Notice::Publishing { peer: peer.to_string(), publishing });
                 }
             }
@@ -298,7 +323,17 @@ impl Room {
                 };
                 self.broadcast(notice);
             }
-            Event::Route { listener, to, reason, lag_us, live, .. } => {
+            Event::Route { listener, from, to, reason, lag_us, live, .. } => {
+                tracing::debug!(
+                    room = %self.id,
+                    listener = %listener,
+                    from = ?from.as_ref().map(|u| u.to_string()),
+                    to = ?to.as_ref().map(|u| u.to_string()),
+                    reason = ?reason,
+                    live,
+                    lag_ms = lag_us.unwrap_or(0) / 1000,
+                    "route changed"
+                );
                 // The speaker's uid while the speaker is in the room.
                 let uid = to.as_ref().and_then(|id| self.peers.get(id.speaker.as_str())?.uid.clone());
                 let notice = Notice::NowPlaying {
@@ -331,9 +366,10 @@ impl Room {
             self.media_by_key.insert(key, sender);
         }
         if let Some(Some(media)) = self.media_by_key.get(&key)
-            && media.try_send(packet).is_err()
+            && let Err(error) = media.try_send(packet)
         {
             self.dropped_media += 1;
+            self.metrics.media_dropped(DropCause::of(&error));
         }
     }
 

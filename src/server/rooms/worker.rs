@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::room::Room;
+use crate::metrics::WorkerMetrics;
 
 /// Missed ticks a room runs back to back in one wake-up before it skips the rest.
 pub const MAX_CATCH_UP_TICKS: u64 = 100;
@@ -67,16 +68,22 @@ impl Pacer {
 
 /// A worker thread: receives rooms on `control`, runs their due ticks, sleeps until the
 /// earliest next deadline or a new room.
-pub fn run(index: usize, control: std::sync::mpsc::Receiver<Room>, stopping: Arc<AtomicBool>) {
+pub fn run(index: usize, control: std::sync::mpsc::Receiver<Room>, stopping: Arc<AtomicBool>, metrics: WorkerMetrics) {
     let mut rooms: Vec<Room> = Vec::new();
     loop {
         let now = Instant::now();
+        let mut queued = 0;
         for room in rooms.iter_mut() {
-            room.run_due(now);
+            let skipped = room.run_due(now);
+            if skipped > 0 {
+                metrics.skipped_ticks(skipped);
+            }
+            queued += room.queued();
             if !room.is_closed() && stopping.load(Ordering::Relaxed) && room.channel_closed() {
                 room.close();
             }
         }
+        metrics.queue_depth(queued);
         rooms.retain(|room| !room.is_closed());
         if stopping.load(Ordering::Relaxed) && rooms.is_empty() {
             // Drain rooms still arriving, then stop.

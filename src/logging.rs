@@ -1,0 +1,50 @@
+//! Log output: `tracing` events as text lines or JSON objects, on standard error.
+//!
+//! Events carry structured fields (`room`, `peer`, `uid`, `side`, `track`, `reason`, ...), never a
+//! token, ticket or key: the filter below also caps the WebSocket library, which at `trace` would
+//! log whole messages (and `reauth` messages carry ID tokens).
+
+use tracing::Subscriber;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
+
+pub use crate::config::LogFormat;
+
+/// `serve`'s filter when `ENCORE_LOG` is unset.
+pub const DEFAULT_SERVE_FILTER: &str = "info,webrtc=warn,rtc=warn,rtc_ice=error";
+
+/// `ENCORE_LOG` if set and valid, else `default`, with the WebSocket library never below info.
+pub fn filter(default: &str) -> EnvFilter {
+    cap_websocket(EnvFilter::try_from_env("ENCORE_LOG").unwrap_or_else(|_| EnvFilter::new(default)))
+}
+
+/// The WebSocket library traces whole messages, and `reauth` messages carry ID tokens: never
+/// below info for it, whatever the filter says.
+pub fn cap_websocket(filter: EnvFilter) -> EnvFilter {
+    filter
+        .add_directive("tungstenite=info".parse().expect("a directive"))
+        .add_directive("tokio_tungstenite=info".parse().expect("a directive"))
+}
+
+/// A subscriber writing `format` to `writer` (the server: standard error; tests: a capture).
+pub fn subscriber<W>(format: LogFormat, filter: EnvFilter, writer: W) -> Box<dyn Subscriber + Send + Sync>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    match format {
+        LogFormat::Text => Box::new(builder.finish()),
+        // The event's fields at the top level (`{"timestamp","level","target","message","room",...}`)
+        // for log pipelines that index fields; no span lists (the server does not use spans).
+        LogFormat::Json => {
+            Box::new(builder.json().flatten_event(true).with_current_span(false).with_span_list(false).finish())
+        }
+    }
+}
+
+/// Installs the subscriber for this process, writing to standard error, and routes the `log`
+/// crate's records (the WebRTC crates use it) into it.
+pub fn init(format: LogFormat, filter: EnvFilter) {
+    use tracing_subscriber::util::SubscriberInitExt;
+    let _ = subscriber(format, filter, std::io::stderr).try_init();
+}
