@@ -26,12 +26,13 @@ pub fn cap_websocket(filter: EnvFilter) -> EnvFilter {
         .add_directive("tokio_tungstenite=info".parse().expect("a directive"))
 }
 
-/// A subscriber writing `format` to `writer` (the server: standard error; tests: a capture).
-pub fn subscriber<W>(format: LogFormat, filter: EnvFilter, writer: W) -> Box<dyn Subscriber + Send + Sync>
+/// A subscriber writing `format` to `writer` (the server: standard error; tests: a capture);
+/// `ansi` colours text lines (for a terminal, not a file or a log collector).
+pub fn subscriber<W>(format: LogFormat, filter: EnvFilter, writer: W, ansi: bool) -> Box<dyn Subscriber + Send + Sync>
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
     match format {
         LogFormat::Text => Box::new(builder.finish()),
         // The event's fields at the top level (`{"timestamp","level","target","message","room",...}`)
@@ -45,6 +46,8 @@ where
 /// Installs the subscriber for this process, writing to standard error, and routes the `log`
 /// crate's records (the WebRTC crates use it) into it.
 pub fn init(format: LogFormat, filter: EnvFilter) {
+    use std::io::IsTerminal;
     use tracing_subscriber::util::SubscriberInitExt;
-    let _ = subscriber(format, filter, std::io::stderr).try_init();
+    let ansi = format == LogFormat::Text && std::io::stderr().is_terminal();
+    let _ = subscriber(format, filter, std::io::stderr, ansi).try_init();
 }
