@@ -3,9 +3,11 @@
 
 mod auth_live;
 mod browser;
+mod drain;
 mod e2e;
 mod feedback;
 mod loadgen;
+mod metrics;
 mod protocol;
 mod robustness;
 pub mod support;
