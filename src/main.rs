@@ -34,6 +34,8 @@ struct Cli {
 enum Command {
     /// Run the server: HTTPS and WSS signaling, WebRTC media, the demo page at /.
     Serve(ServeArgs),
+    /// Exit 0 when the local server answers GET /healthz (a container's health check).
+    Healthcheck(HealthcheckArgs),
     /// Run a scenario through the engine headless, as fast as it goes, and write its trace.
     Replay(ReplayArgs),
     /// Load a running server: speakers publishing talk-spurts, listeners receiving; prints
@@ -134,6 +136,22 @@ fn parse_metrics_listen(text: &str) -> Result<OptionalAddr, String> {
 }
 
 #[derive(Args)]
+struct HealthcheckArgs {
+    /// The server's TOML configuration file: its listen port and certificate are used.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The server's data folder (where a self-signed certificate is kept; default ./data).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Check this URL instead of https://127.0.0.1:<server.listen's port>/healthz.
+    #[arg(long)]
+    url: Option<String>,
+    /// Seconds before the check fails.
+    #[arg(long, default_value_t = 5)]
+    timeout_s: u64,
+}
+
+#[derive(Args)]
 struct ReplayArgs {
     /// The scenario file (JSON Lines, docs/scenario-format.md).
     scenario: PathBuf,
@@ -227,6 +245,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => run_serve(args),
+        Command::Healthcheck(args) => run_healthcheck(args),
         Command::Replay(args) => run_replay(args),
         Command::Loadgen(args) => run_loadgen(args),
         Command::Scenario { command: ScenarioCommand::Generate(args) } => run_generate(args),
@@ -310,6 +329,34 @@ fn run_serve(args: ServeArgs) -> Result<()> {
     // Tasks of connections that did not close in time (a second signal) are not waited for.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     result
+}
+
+/// GET /healthz of the server this configuration describes, over loopback, trusting exactly
+/// the server's own certificate (`ClientTls::pinned`: a real certificate's name does not match
+/// 127.0.0.1, and what is checked is that this server answers).
+fn run_healthcheck(args: HealthcheckArgs) -> Result<()> {
+    let overrides = Overrides { data_dir: args.data_dir, ..Overrides::default() };
+    let config = ServerConfig::load(args.config.as_deref(), |key| std::env::var(key).ok(), &overrides)?;
+    let listen = config.server.listen;
+    let url = args.url.unwrap_or_else(|| {
+        let ip = match listen.ip() {
+            ip if !ip.is_unspecified() => ip,
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        };
+        format!("https://{}/healthz", std::net::SocketAddr::new(ip, listen.port()))
+    });
+    let cert = config.server.tls_cert.clone().unwrap_or_else(|| config.server.data_dir.join("tls/cert.pem"));
+    let tls = encore::client::ClientTls::pinned(&cert).context("the server's certificate")?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting tokio")?;
+    let timeout = std::time::Duration::from_secs(args.timeout_s);
+    let (status, body) = runtime
+        .block_on(async { tokio::time::timeout(timeout, encore::client::get(&tls, &url, None)).await })
+        .with_context(|| format!("{url}: no answer in {} s", args.timeout_s))?
+        .with_context(|| url.clone())?;
+    anyhow::ensure!(status == 200, "{url}: HTTP {status} {body}");
+    println!("{url}: {body}");
+    Ok(())
 }
 
 fn run_admin(command: AdminCommand) -> Result<()> {

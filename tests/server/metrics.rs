@@ -237,3 +237,34 @@ async fn the_metrics_endpoint_is_off_with_an_empty_address() {
     assert_eq!(server.metrics_addr, None);
     server.shutdown().await;
 }
+
+/// `encore healthcheck`, the container's health check: green against the running server (it
+/// finds the port in the configuration and trusts exactly the server's certificate), red once
+/// the server is gone, and red against a server with another certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_healthcheck_command_is_green_while_the_server_answers() {
+    let mut server = ServerProcess::start("healthcheck", &[], &[]).await;
+    let port = server.base.rsplit(':').next().unwrap().to_owned();
+    let check = |data_dir: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_encore"))
+            .args(["healthcheck", "--timeout-s", "3", "--data-dir"])
+            .arg(data_dir)
+            .env("ENCORE_LISTEN", format!("0.0.0.0:{port}"))
+            .output()
+            .expect("encore healthcheck runs")
+    };
+    let green = check(&server.data_dir);
+    assert!(green.status.success(), "{}", String::from_utf8_lossy(&green.stderr));
+    assert!(String::from_utf8_lossy(&green.stdout).contains("\"ok\""));
+
+    let stranger = super::support::temp_dir("healthcheck-other").join("data");
+    encore::server::tls::TlsMaterial::load_or_create(None, None, &stranger).unwrap();
+    let red = check(&stranger);
+    assert!(!red.status.success(), "another certificate is not this server");
+
+    server.signal("TERM");
+    assert!(server.exited(Duration::from_secs(10)).await.is_some_and(|s| s.success()));
+    let red = check(&server.data_dir);
+    assert!(!red.status.success(), "nobody answers");
+    assert!(String::from_utf8_lossy(&red.stderr).contains("healthz"), "{}", String::from_utf8_lossy(&red.stderr));
+}

@@ -78,6 +78,7 @@ pub struct ServerProcess {
     pub child: std::process::Child,
     pub base: String,
     pub tls: ClientTls,
+    pub data_dir: PathBuf,
     pub log: PathBuf,
     pub metrics: std::net::SocketAddr,
 }
@@ -114,7 +115,7 @@ impl ServerProcess {
                 && let Ok(tls) = ClientTls::trusting(&cert)
                 && encore::client::get(&tls, &format!("{base}/healthz"), None).await.is_ok_and(|(s, _)| s == 200)
             {
-                return ServerProcess { child, base, tls, log, metrics };
+                return ServerProcess { child, base, tls, data_dir: dir.join("data"), log, metrics };
             }
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
