@@ -95,7 +95,7 @@ struct AdminArgs {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// A TOML configuration file (docs/configuration.md).
+    /// A TOML configuration file (docs/configuration.md); default: $ENCORE_CONFIG, if set.
     #[arg(long)]
     config: Option<PathBuf>,
     /// HTTPS/WSS listen address (default 0.0.0.0:8443).
@@ -273,7 +273,7 @@ fn run_serve(args: ServeArgs) -> Result<()> {
     };
     // The configuration says the log format, so it is read first; its errors go to stderr as
     // the command's error.
-    let config = ServerConfig::load(args.config.as_deref(), |key| std::env::var(key).ok(), &overrides)?;
+    let config = ServerConfig::load(config_file(args.config).as_deref(), |key| std::env::var(key).ok(), &overrides)?;
     logging::init(config.log.format, logging::filter(logging::DEFAULT_SERVE_FILTER));
     let drain_timeout = std::time::Duration::from_secs(config.server.drain_timeout_s);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
@@ -331,12 +331,18 @@ fn run_serve(args: ServeArgs) -> Result<()> {
     result
 }
 
+/// `--config`, or else `ENCORE_CONFIG`: a container sets the variable once, and `serve`, its
+/// health check and `encore admin` all read the same file.
+fn config_file(flag: Option<PathBuf>) -> Option<PathBuf> {
+    flag.or_else(|| std::env::var_os("ENCORE_CONFIG").filter(|v| !v.is_empty()).map(PathBuf::from))
+}
+
 /// GET /healthz of the server this configuration describes, over loopback, trusting exactly
 /// the server's own certificate (`ClientTls::pinned`: a real certificate's name does not match
 /// 127.0.0.1, and what is checked is that this server answers).
 fn run_healthcheck(args: HealthcheckArgs) -> Result<()> {
     let overrides = Overrides { data_dir: args.data_dir, ..Overrides::default() };
-    let config = ServerConfig::load(args.config.as_deref(), |key| std::env::var(key).ok(), &overrides)?;
+    let config = ServerConfig::load(config_file(args.config).as_deref(), |key| std::env::var(key).ok(), &overrides)?;
     let listen = config.server.listen;
     let url = args.url.unwrap_or_else(|| {
         let ip = match listen.ip() {
@@ -373,7 +379,8 @@ fn run_admin(command: AdminCommand) -> Result<()> {
         | AdminCommand::ListRoles { common } => common,
     };
     let overrides = Overrides { data_dir: common.data_dir.clone(), ..Overrides::default() };
-    let config = ServerConfig::load(common.config.as_deref(), |key| std::env::var(key).ok(), &overrides)?;
+    let config =
+        ServerConfig::load(config_file(common.config.clone()).as_deref(), |key| std::env::var(key).ok(), &overrides)?;
     let dev_roles = std::sync::Arc::new(DevRoles::with_file(config.server.data_dir.join(DEV_ROLES_FILE)));
     if config.auth.mode == AuthMode::Dev {
         eprintln!(
