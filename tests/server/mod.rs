@@ -3,6 +3,7 @@
 
 mod auth_live;
 mod browser;
+mod deploy;
 mod drain;
 mod e2e;
 mod feedback;
