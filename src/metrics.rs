@@ -31,7 +31,7 @@ use encore_systems::components::ids::{MediaKind, Name, Role};
 use encore_systems::components::output::{Counters, DropCounts, Event, RouteReason, TickOutput};
 
 use crate::auth::AuthError;
-use crate::protocol::{ErrorCode, Side};
+use crate::protocol::{ErrorCode, Notice, Request, Side};
 
 /// The type of a family, with a histogram's bucket bounds.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -400,8 +400,9 @@ fn drop_counts(drops: &DropCounts) -> [(&'static str, u64); 12] {
     ]
 }
 
-/// A family's name and label pairs.
-type SeriesKey = (&'static str, Vec<(&'static str, &'static str)>);
+/// A family's name and up to three label pairs (unused ones empty): a key made without
+/// allocating.
+type SeriesKey = (&'static str, [(&'static str, &'static str); 3]);
 
 /// The recorder and the handles registered in advance.
 struct Registry {
@@ -450,8 +451,12 @@ struct Registry {
     nack_unserved: Counter,
     input_drops: [Counter; 12],
     internal_errors: Counter,
-    /// Counters whose label values are only known when they are recorded (signaling results,
-    /// auth codes): registered on first use, looked up by their labels after that.
+    /// Notices sent and requests answered `ok`, by type: registered in advance, read without
+    /// a lock (every session sends them).
+    notices: HashMap<&'static str, Counter>,
+    requests_ok: HashMap<&'static str, Counter>,
+    /// Counters whose label values are only known when they are recorded (refusals, auth
+    /// codes, state changes): registered on first use, looked up by their labels after that.
     dynamic: Mutex<HashMap<SeriesKey, Counter>>,
 }
 
@@ -542,17 +547,20 @@ impl Registry {
             nack_unserved: c(NACK_UNSERVED, &[]),
             input_drops: drop_counts(&DropCounts::default()).map(|(cause, _)| c(INPUT_DROPS, &[("cause", cause)])),
             internal_errors: c(INTERNAL_ERRORS, &[]),
+            notices: Notice::KINDS.iter().map(|kind| (*kind, c(SIGNALING_NOTICES, &[("type", kind)]))).collect(),
+            requests_ok: Request::KINDS
+                .iter()
+                .map(|kind| (*kind, c(SIGNALING_REQUESTS, &[("type", kind), ("result", "ok")])))
+                .collect(),
             dynamic: Mutex::new(HashMap::new()),
             recorder,
             handle,
         };
         // Families whose label values come with the events still show from the start, at
         // zero, with the series a healthy server has first.
-        let first: [(&'static str, &[(&'static str, &'static str)]); 7] = [
+        let first: [(&'static str, &[(&'static str, &'static str)]); 5] = [
             (SESSIONS_CLOSED, &[("reason", "closed")]),
             (TRANSPORT_STATE_CHANGES, &[("side", "send"), ("state", "connected")]),
-            (SIGNALING_REQUESTS, &[("type", "join"), ("result", "ok")]),
-            (SIGNALING_NOTICES, &[("type", "welcome")]),
             (AUTH_VERIFICATIONS, &[("credential", "id_token"), ("result", "ok"), ("check", "ok")]),
             (AUTH_KEY_FETCHES, &[("result", "ok")]),
             (AUTH_KEY_FETCHES, &[("result", "error")]),
@@ -565,8 +573,13 @@ impl Registry {
 
     /// A counter with labels known only now; registered once, then found in the map.
     fn dynamic(&self, name: &'static str, labels: &[(&'static str, &'static str)]) -> Counter {
+        let mut key = [("", ""); 3];
+        for (slot, label) in key.iter_mut().zip(labels) {
+            *slot = *label;
+        }
+        debug_assert!(labels.len() <= key.len(), "{name}: at most three labels");
         let mut map = self.dynamic.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry((name, labels.to_vec())).or_insert_with(|| register_counter(&self.recorder, name, labels)).clone()
+        map.entry((name, key)).or_insert_with(|| register_counter(&self.recorder, name, labels)).clone()
     }
 }
 
@@ -727,13 +740,23 @@ impl Drop for TransportMetric {
 /// A signaling request answered: `kind` is its type (`Request::kind`, or `unreadable` for a
 /// message that was not one), `error` its refusal.
 pub fn signaling_request(kind: &'static str, error: Option<ErrorCode>) {
-    let result = error.map_or("ok", ErrorCode::as_str);
-    registry().dynamic(SIGNALING_REQUESTS, &[("type", kind), ("result", result)]).increment(1);
+    let r = registry();
+    match error {
+        None => match r.requests_ok.get(kind) {
+            Some(counter) => counter.increment(1),
+            None => r.dynamic(SIGNALING_REQUESTS, &[("type", kind), ("result", "ok")]).increment(1),
+        },
+        Some(code) => r.dynamic(SIGNALING_REQUESTS, &[("type", kind), ("result", code.as_str())]).increment(1),
+    }
 }
 
 /// A notice sent to a client (`Notice::kind`).
 pub fn signaling_notice(kind: &'static str) {
-    registry().dynamic(SIGNALING_NOTICES, &[("type", kind)]).increment(1);
+    let r = registry();
+    match r.notices.get(kind) {
+        Some(counter) => counter.increment(1),
+        None => r.dynamic(SIGNALING_NOTICES, &[("type", kind)]).increment(1),
+    }
 }
 
 /// One open signaling session in `encore_sessions`, until dropped.
