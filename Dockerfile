@@ -13,7 +13,7 @@
 #                --build-arg RUNTIME_IMAGE=localhost/encore-base/debian:bookworm -t encore .
 #
 # RUST_IMAGE needs cargo and rustc 1.95 (bevy_ecs 0.20 needs them) on PATH and a C compiler
-# (ring builds a little C); RUNTIME_IMAGE needs glibc and `useradd`, nothing else: TLS is
+# (ring builds a little C); RUNTIME_IMAGE needs glibc, `groupadd` and `useradd`, nothing else: TLS is
 # rustls with ring, and Google's roots are compiled in (webpki-roots).
 ARG RUST_IMAGE=docker.io/library/rust:1.95-slim-bookworm
 ARG RUNTIME_IMAGE=docker.io/library/debian:bookworm-slim
@@ -31,7 +31,8 @@ RUN cargo build --locked --profile "${CARGO_PROFILE}" --bin encore \
 
 FROM ${RUNTIME_IMAGE}
 # A fixed uid, so that Kubernetes' runAsNonRoot can check it and volumes can be owned by it.
-RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/encore --create-home \
+RUN groupadd --system --gid 10001 encore \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/encore --create-home \
         --shell /usr/sbin/nologin encore
 COPY --from=build /out/encore /usr/local/bin/encore
 USER 10001:10001
