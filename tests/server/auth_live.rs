@@ -79,6 +79,7 @@ async fn a_session_is_warned_then_closed_when_its_token_expires_without_reauth()
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config.server.data_dir = dir.join("data");
     config.media.bind_ips = vec!["127.0.0.1".parse().unwrap()];
+    config.metrics.listen = None;
     let options = encore::server::StartOptions { clock: Some(clock.shared()), dev_issuer: Some(issuer) };
     let server = encore::server::start(config, options).await.unwrap();
     let tls = ClientTls::trusting(&dir.join("data/tls/cert.pem")).unwrap();
