@@ -708,6 +708,22 @@ impl TransportMetric {
         TransportMetric { side, state: AtomicU8::new(TransportState::New as u8) }
     }
 
+    /// The peer connection (`webrtc`'s or the sans-I/O `rtc` core's: the same type) changed
+    /// state; states the gauge does not know are ignored.
+    pub fn connection_state(&self, state: rtc::peer_connection::state::RTCPeerConnectionState) {
+        use rtc::peer_connection::state::RTCPeerConnectionState as Pc;
+        let state = match state {
+            Pc::New => TransportState::New,
+            Pc::Connecting => TransportState::Connecting,
+            Pc::Connected => TransportState::Connected,
+            Pc::Disconnected => TransportState::Disconnected,
+            Pc::Failed => TransportState::Failed,
+            Pc::Closed => TransportState::Closed,
+            _ => return,
+        };
+        self.state(state);
+    }
+
     /// The connection moved to `state`.
     pub fn state(&self, state: TransportState) {
         let previous = TransportState::from_u8(self.state.swap(state as u8, Ordering::AcqRel));

@@ -34,7 +34,7 @@ use encore_systems::components::output::SendPacket;
 use super::rooms::{PEER_MEDIA, PublisherControl, RoomCommand, RoomLink};
 use crate::config::MediaSection;
 use crate::media::{self, RtcpFeedback};
-use crate::metrics::{self, TransportMetric, TransportState};
+use crate::metrics::{self, TransportMetric};
 use crate::protocol::{ErrorCode, IceCandidate, Side};
 
 /// Why a transport could not be made or take what the client sent.
@@ -155,18 +155,6 @@ struct Handler {
     metric: TransportMetric,
 }
 
-fn gauged(state: RTCPeerConnectionState) -> Option<TransportState> {
-    match state {
-        RTCPeerConnectionState::New => Some(TransportState::New),
-        RTCPeerConnectionState::Connecting => Some(TransportState::Connecting),
-        RTCPeerConnectionState::Connected => Some(TransportState::Connected),
-        RTCPeerConnectionState::Disconnected => Some(TransportState::Disconnected),
-        RTCPeerConnectionState::Failed => Some(TransportState::Failed),
-        RTCPeerConnectionState::Closed => Some(TransportState::Closed),
-        _ => None,
-    }
-}
-
 #[async_trait::async_trait]
 impl PeerConnectionEventHandler for Handler {
     async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
@@ -188,9 +176,7 @@ impl PeerConnectionEventHandler for Handler {
 
     async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
         self.state.send_replace(state);
-        if let Some(state) = gauged(state) {
-            self.metric.state(state);
-        }
+        self.metric.connection_state(state);
         let event = match state {
             RTCPeerConnectionState::Connected => TransportEvent::Connected { side: self.side },
             RTCPeerConnectionState::Failed => TransportEvent::Failed { side: self.side },
