@@ -16,6 +16,19 @@
 //! Labels are bounded: media kind, direction, transport side and state, role, worker index,
 //! reason and error codes of closed sets. There is no per-peer label, nor a per-room one (room
 //! ids are chosen by clients; `max_rooms` of them would be a thousand series per family).
+//!
+//! Who records what:
+//! - a media path: [`rtp_in`] per packet received from a publisher, [`rtp_out`] per packet
+//!   written to a listener, a [`TransportMetric`] per connection fed its state changes, and
+//!   `RoomLink::media_sent` after each packet to a listener (the first ends its join latency);
+//! - RTCP is counted at the wire by `media::WireTap`, an interceptor that
+//!   `media::server_engine_and_registry` puts in every server leg's chain: NACK, PLI and FIR in
+//!   and out ([`nack_in`], [`pli_out`], ...) and [`receiver_report`]; a media path that uses
+//!   that registry calls none of these itself;
+//! - rooms: a [`RoomMetrics`] each, after every tick, from the tick's events and the engine's
+//!   counters; workers: a [`WorkerMetrics`] each;
+//! - signaling ([`signaling_request`], [`signaling_notice`], [`SessionMetric`]) and auth
+//!   ([`auth_verification`], [`auth_key_fetch`]).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
