@@ -55,6 +55,8 @@ pub struct ServerSection {
     /// Most rooms at once, and most peers in one room.
     pub max_rooms: usize,
     pub max_peers_per_room: usize,
+    /// After SIGTERM, how long rooms may go on before their peers are told to go away.
+    pub drain_timeout_s: u64,
 }
 
 impl Default for ServerSection {
@@ -68,6 +70,7 @@ impl Default for ServerSection {
             record_dir: None,
             max_rooms: 1000,
             max_peers_per_room: 5000,
+            drain_timeout_s: 300,
         }
     }
 }
@@ -144,6 +147,80 @@ impl Default for LimitsSection {
     }
 }
 
+/// The default address of the Prometheus endpoint: loopback, so that metrics are not public
+/// unless asked for.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Where `GET /metrics` answers (plain HTTP); `""` (none) turns the endpoint off.
+    #[serde(with = "optional_address")]
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection { listen: Some(DEFAULT_METRICS_LISTEN.parse().expect("a valid address")) }
+    }
+}
+
+/// An address that may be switched off with an empty string (TOML has no null).
+mod optional_address {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(address: &Option<SocketAddr>, serializer: S) -> Result<S::Ok, S::Error> {
+        match address {
+            Some(address) => serializer.collect_str(address),
+            None => serializer.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<SocketAddr>, D::Error> {
+        super::parse_optional_address(&String::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `""` is none, anything else must be an address with a port.
+fn parse_optional_address(text: &str) -> Result<Option<SocketAddr>, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|e| format!("{e} (expected host:port, or \"\" for off)"))
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line, the event's fields at its top level.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.trim() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("expected \"text\" or \"json\", got {other:?}")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    pub format: LogFormat,
+}
+
 /// The whole server configuration.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -153,6 +230,8 @@ pub struct ServerConfig {
     pub engine: EngineConfig,
     pub auth: AuthConfig,
     pub limits: LimitsSection,
+    pub metrics: MetricsSection,
+    pub log: LogSection,
 }
 
 /// Flags of `encore serve` that override the configuration.
@@ -163,6 +242,10 @@ pub struct Overrides {
     pub workers: Option<usize>,
     pub record_dir: Option<PathBuf>,
     pub public_ip: Option<IpAddr>,
+    /// `Some(None)` turns the metrics endpoint off.
+    pub metrics_listen: Option<Option<SocketAddr>>,
+    pub log_format: Option<LogFormat>,
+    pub drain_timeout_s: Option<u64>,
 }
 
 impl ServerConfig {
@@ -214,6 +297,16 @@ impl ServerConfig {
         if let Some(v) = env("ENCORE_RECORD_DIR") {
             s.record_dir = Some(PathBuf::from(v));
         }
+        if let Some(v) = env("ENCORE_DRAIN_TIMEOUT_S") {
+            s.drain_timeout_s = parse("server.drain_timeout_s", "ENCORE_DRAIN_TIMEOUT_S", v)?;
+        }
+        if let Some(v) = env("ENCORE_METRICS_LISTEN") {
+            self.metrics.listen = parse_optional_address(&v)
+                .map_err(|e| invalid("metrics.listen", format!("from ENCORE_METRICS_LISTEN={v:?}: {e}")))?;
+        }
+        if let Some(v) = env("ENCORE_LOG_FORMAT") {
+            self.log.format = parse("log.format", "ENCORE_LOG_FORMAT", v)?;
+        }
         let m = &mut self.media;
         if let Some(v) = env("ENCORE_PUBLIC_IP") {
             m.public_ip = Some(parse("media.public_ip", "ENCORE_PUBLIC_IP", v)?);
@@ -264,6 +357,15 @@ impl ServerConfig {
         if let Some(ip) = overrides.public_ip {
             self.media.public_ip = Some(ip);
         }
+        if let Some(listen) = overrides.metrics_listen {
+            self.metrics.listen = listen;
+        }
+        if let Some(format) = overrides.log_format {
+            self.log.format = format;
+        }
+        if let Some(timeout) = overrides.drain_timeout_s {
+            self.server.drain_timeout_s = timeout;
+        }
     }
 
     pub fn validate(&self) -> Result<(), ServerConfigError> {
@@ -279,6 +381,18 @@ impl ServerConfig {
         }
         if s.max_peers_per_room == 0 {
             return Err(invalid("server.max_peers_per_room", "must be at least 1"));
+        }
+        if s.drain_timeout_s > 86_400 {
+            return Err(invalid(
+                "server.drain_timeout_s",
+                format!("must be at most 86400 (a day), got {}", s.drain_timeout_s),
+            ));
+        }
+        if let Some(metrics) = self.metrics.listen
+            && metrics == s.listen
+            && metrics.port() != 0
+        {
+            return Err(invalid("metrics.listen", format!("is the same address as server.listen ({metrics})")));
         }
         let m = &self.media;
         if m.udp_port != 0 && usize::from(m.udp_port) + self.worker_count() > 65_536 {
@@ -394,5 +508,61 @@ mod tests {
         let env = |key: &str| (key == "ENCORE_WORKERS").then(|| "many".to_owned());
         let err = ServerConfig::load(None, env, &Overrides::default()).unwrap_err().to_string();
         assert!(err.contains("server.workers") && err.contains("ENCORE_WORKERS"), "{err}");
+        for (key, value, named) in [
+            ("ENCORE_LOG_FORMAT", "xml", "log.format"),
+            ("ENCORE_METRICS_LISTEN", "9464", "metrics.listen"),
+            ("ENCORE_DRAIN_TIMEOUT_S", "-1", "server.drain_timeout_s"),
+        ] {
+            let env = |k: &str| (k == key).then(|| value.to_owned());
+            let err = ServerConfig::load(None, env, &Overrides::default()).unwrap_err().to_string();
+            assert!(err.contains(named) && err.contains(key), "{err}");
+        }
+    }
+
+    #[test]
+    fn metrics_log_and_drain_from_file_environment_and_flags() {
+        let defaults = ServerConfig::load(None, no_env, &Overrides::default()).unwrap();
+        assert_eq!(defaults.metrics.listen, Some(DEFAULT_METRICS_LISTEN.parse().unwrap()));
+        assert_eq!(defaults.log.format, LogFormat::Text);
+        assert_eq!(defaults.server.drain_timeout_s, 300);
+
+        let dir = std::env::temp_dir().join(format!("encore-config-ops-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("encore.toml");
+        std::fs::write(&file, "[metrics]\nlisten = \"\"\n[log]\nformat = \"json\"\n[server]\ndrain_timeout_s = 30\n")
+            .unwrap();
+        let config = ServerConfig::load(Some(&file), no_env, &Overrides::default()).unwrap();
+        assert_eq!(
+            (config.metrics.listen, config.log.format, config.server.drain_timeout_s),
+            (None, LogFormat::Json, 30)
+        );
+        let text = toml::to_string(&config).unwrap();
+        assert_eq!(toml::from_str::<ServerConfig>(&text).unwrap(), config, "an off endpoint survives a round trip");
+
+        let env = |key: &str| match key {
+            "ENCORE_METRICS_LISTEN" => Some("0.0.0.0:9100".to_owned()),
+            "ENCORE_LOG_FORMAT" => Some("text".to_owned()),
+            "ENCORE_DRAIN_TIMEOUT_S" => Some("60".to_owned()),
+            _ => None,
+        };
+        let config = ServerConfig::load(Some(&file), env, &Overrides::default()).unwrap();
+        assert_eq!(config.metrics.listen, Some("0.0.0.0:9100".parse().unwrap()));
+        assert_eq!((config.log.format, config.server.drain_timeout_s), (LogFormat::Text, 60));
+
+        let flags = Overrides {
+            metrics_listen: Some(None),
+            log_format: Some(LogFormat::Json),
+            drain_timeout_s: Some(5),
+            ..Overrides::default()
+        };
+        let config = ServerConfig::load(Some(&file), env, &flags).unwrap();
+        assert_eq!(
+            (config.metrics.listen, config.log.format, config.server.drain_timeout_s),
+            (None, LogFormat::Json, 5)
+        );
+
+        std::fs::write(&file, "[metrics]\nlisten = \"localhost\"\n").unwrap();
+        let err = ServerConfig::load(Some(&file), no_env, &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("listen"), "{err}");
     }
 }

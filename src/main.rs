@@ -10,8 +10,10 @@ use clap::{Args, Parser, Subcommand};
 
 use encore::auth::{AuthMode, ClaimsAdmin, DEV_ROLES_FILE, DevRoles, Role, SystemClock, UserRoles, parse_role};
 use encore::components::config::EngineConfig;
-use encore::config::{Overrides, ServerConfig};
+use encore::config::{LogFormat, Overrides, ServerConfig};
 use encore::generate::{GenerateOptions, generate};
+use encore::logging;
+use encore::protocol::GoingAwayReason;
 use encore::replay::{DEFAULT_DRAIN_US, replay};
 use encore::scenario::ScenarioReader;
 use encore::server::{StartOptions, start};
@@ -32,6 +34,8 @@ struct Cli {
 enum Command {
     /// Run the server: HTTPS and WSS signaling, WebRTC media, the demo page at /.
     Serve(ServeArgs),
+    /// Exit 0 when the local server answers GET /healthz (a container's health check).
+    Healthcheck(HealthcheckArgs),
     /// Run a scenario through the engine headless, as fast as it goes, and write its trace.
     Replay(ReplayArgs),
     /// Load a running server: speakers publishing talk-spurts, listeners receiving; prints
@@ -91,7 +95,7 @@ struct AdminArgs {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// A TOML configuration file (docs/configuration.md).
+    /// A TOML configuration file (docs/configuration.md); default: $ENCORE_CONFIG, if set.
     #[arg(long)]
     config: Option<PathBuf>,
     /// HTTPS/WSS listen address (default 0.0.0.0:8443).
@@ -109,6 +113,42 @@ struct ServeArgs {
     /// The address announced to clients for media (1:1 NAT).
     #[arg(long)]
     public_ip: Option<std::net::IpAddr>,
+    /// Where GET /metrics answers (default 127.0.0.1:9464; "" turns it off).
+    #[arg(long, value_parser = parse_metrics_listen)]
+    metrics_listen: Option<OptionalAddr>,
+    /// Log lines as `text` (default) or `json`.
+    #[arg(long)]
+    log_format: Option<LogFormat>,
+    /// After SIGTERM, seconds rooms may go on before their peers are sent away (default 300).
+    #[arg(long)]
+    drain_timeout_s: Option<u64>,
+}
+
+/// `--metrics-listen`: an address, or "" for off (clap cannot hold an `Option` in an `Option`).
+#[derive(Clone, Copy, Debug)]
+struct OptionalAddr(Option<std::net::SocketAddr>);
+
+fn parse_metrics_listen(text: &str) -> Result<OptionalAddr, String> {
+    match text.trim() {
+        "" => Ok(OptionalAddr(None)),
+        text => text.parse().map(|addr| OptionalAddr(Some(addr))).map_err(|e| format!("{e}")),
+    }
+}
+
+#[derive(Args)]
+struct HealthcheckArgs {
+    /// The server's TOML configuration file: its listen port and certificate are used.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The server's data folder (where a self-signed certificate is kept; default ./data).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Check this URL instead of https://127.0.0.1:<server.listen's port>/healthz.
+    #[arg(long)]
+    url: Option<String>,
+    /// Seconds before the check fails.
+    #[arg(long, default_value_t = 5)]
+    timeout_s: u64,
 }
 
 #[derive(Args)]
@@ -210,6 +250,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => run_serve(args),
+        Command::Healthcheck(args) => run_healthcheck(args),
         Command::Replay(args) => run_replay(args),
         Command::Loadgen(args) => run_loadgen(args),
         Command::Scenario { command: ScenarioCommand::Generate(args) } => run_generate(args),
@@ -225,30 +266,24 @@ fn main() -> ExitCode {
 }
 
 fn run_serve(args: ServeArgs) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ENCORE_LOG")
-        // The rtc crates log per datagram (a refused SRTP packet, a discarded check): what they
-        // would say, the workers count by cause and sum up once a minute instead. ENCORE_LOG
-        // can turn them on for debugging.
-        .unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new(
-                "info,webrtc=warn,rtc=off,rtc_ice=off,rtc_dtls=off,rtc_srtp=off,rtc_sctp=off,rtc_interceptor=off",
-            )
-        })
-        // The WebSocket library traces whole messages, and `reauth` messages carry ID tokens:
-        // never below info for it, whatever ENCORE_LOG asks.
-        .add_directive("tungstenite=info".parse().expect("a directive"))
-        .add_directive("tokio_tungstenite=info".parse().expect("a directive"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(io::stderr).init();
     let overrides = Overrides {
         listen: args.listen,
         data_dir: args.data_dir,
         workers: args.workers,
         record_dir: args.record,
         public_ip: args.public_ip,
+        metrics_listen: args.metrics_listen.map(|OptionalAddr(addr)| addr),
+        log_format: args.log_format,
+        drain_timeout_s: args.drain_timeout_s,
     };
-    let config = ServerConfig::load(args.config.as_deref(), |key| std::env::var(key).ok(), &overrides)?;
+    // The configuration says the log format, so it is read first; its errors go to stderr as
+    // the command's error.
+    let config = ServerConfig::load(config_file(args.config).as_deref(), |key| std::env::var(key).ok(), &overrides)?;
+    logging::init(config.log.format, logging::filter(logging::DEFAULT_SERVE_FILTER));
+    let drain_timeout = std::time::Duration::from_secs(config.server.drain_timeout_s);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
+        let mut signals = Signals::new()?;
         let dev = config.auth.mode == AuthMode::Dev;
         let self_signed = config.server.tls_cert.is_none();
         let mut server = start(config, StartOptions::default()).await?;
@@ -267,15 +302,72 @@ fn run_serve(args: ServeArgs) -> Result<()> {
             }
             println!();
         }
+        if let Some(metrics) = server.metrics_addr {
+            println!("metrics at http://{metrics}/metrics");
+        }
+        let signal = tokio::select! {
+            result = server.wait() => return result.context("the server stopped"),
+            signal = signals.next() => signal,
+        };
+        // The first signal drains: no new rooms, the rooms there are go on until they empty or
+        // the drain times out. A second one stops at once (recordings are still flushed).
+        println!("encore: {signal}: draining (at most {} s; {signal} again to stop now)", drain_timeout.as_secs());
+        let emptied = tokio::select! {
+            emptied = server.drain(drain_timeout) => emptied,
+            signal = signals.next() => {
+                println!("encore: {signal} again: stopping now");
+                server.stop(GoingAwayReason::Shutdown, STOP_NOW_PATIENCE).await;
+                return Ok(());
+            }
+        };
+        let reason = if emptied { GoingAwayReason::Shutdown } else { GoingAwayReason::DrainTimeout };
+        println!("encore: {}; stopping", if emptied { "every room emptied" } else { "the drain timed out" });
         tokio::select! {
-            result = server.wait() => result.context("the server stopped")?,
-            _ = shutdown_signal() => {
-                println!("encore: shutting down");
-                server.shutdown().await;
+            _ = server.stop(reason, std::time::Duration::from_secs(10)) => {}
+            signal = signals.next() => {
+                println!("encore: {signal} again: stopping now");
+                server.stop(GoingAwayReason::Shutdown, STOP_NOW_PATIENCE).await;
             }
         }
         Ok::<(), anyhow::Error>(())
-    })
+    });
+    // Tasks of connections that did not close in time (a second signal) are not waited for.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
+}
+
+/// `--config`, or else `ENCORE_CONFIG`: a container sets the variable once, and `serve`, its
+/// health check and `encore admin` all read the same file.
+fn config_file(flag: Option<PathBuf>) -> Option<PathBuf> {
+    flag.or_else(|| std::env::var_os("ENCORE_CONFIG").filter(|v| !v.is_empty()).map(PathBuf::from))
+}
+
+/// GET /healthz of the server this configuration describes, over loopback, trusting exactly
+/// the server's own certificate (`ClientTls::pinned`: a real certificate's name does not match
+/// 127.0.0.1, and what is checked is that this server answers).
+fn run_healthcheck(args: HealthcheckArgs) -> Result<()> {
+    let overrides = Overrides { data_dir: args.data_dir, ..Overrides::default() };
+    let config = ServerConfig::load(config_file(args.config).as_deref(), |key| std::env::var(key).ok(), &overrides)?;
+    let listen = config.server.listen;
+    let url = args.url.unwrap_or_else(|| {
+        let ip = match listen.ip() {
+            ip if !ip.is_unspecified() => ip,
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        };
+        format!("https://{}/healthz", std::net::SocketAddr::new(ip, listen.port()))
+    });
+    let cert = config.server.tls_cert.clone().unwrap_or_else(|| config.server.data_dir.join("tls/cert.pem"));
+    let tls = encore::client::ClientTls::pinned(&cert).context("the server's certificate")?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting tokio")?;
+    let timeout = std::time::Duration::from_secs(args.timeout_s);
+    let (status, body) = runtime
+        .block_on(async { tokio::time::timeout(timeout, encore::client::get(&tls, &url, None)).await })
+        .with_context(|| format!("{url}: no answer in {} s", args.timeout_s))?
+        .with_context(|| url.clone())?;
+    anyhow::ensure!(status == 200, "{url}: HTTP {status} {body}");
+    println!("{url}: {body}");
+    Ok(())
 }
 
 fn run_admin(command: AdminCommand) -> Result<()> {
@@ -292,7 +384,8 @@ fn run_admin(command: AdminCommand) -> Result<()> {
         | AdminCommand::ListRoles { common } => common,
     };
     let overrides = Overrides { data_dir: common.data_dir.clone(), ..Overrides::default() };
-    let config = ServerConfig::load(common.config.as_deref(), |key| std::env::var(key).ok(), &overrides)?;
+    let config =
+        ServerConfig::load(config_file(common.config.clone()).as_deref(), |key| std::env::var(key).ok(), &overrides)?;
     let dev_roles = std::sync::Arc::new(DevRoles::with_file(config.server.data_dir.join(DEV_ROLES_FILE)));
     if config.auth.mode == AuthMode::Dev {
         eprintln!(
@@ -361,25 +454,47 @@ fn print_user(out: &mut impl Write, user: &UserRoles, default_role: Role) -> Res
     Ok(())
 }
 
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// How long a stop on a second signal waits for sessions (to send them `going_away` and a close
+/// frame) and connections; rooms are closed and recordings flushed whatever happens.
+const STOP_NOW_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// SIGTERM and SIGINT (Ctrl-C), as many times as they come. Once their handlers are in, the
+/// signals no longer kill the process: it decides what each one means.
+struct Signals {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Signals {
+                term: signal(SignalKind::terminate()).context("handling SIGTERM")?,
+                int: signal(SignalKind::interrupt()).context("handling SIGINT")?,
+            })
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    /// The next signal's name.
+    async fn next(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => "SIGTERM",
+                _ = self.int.recv() => "SIGINT",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "Ctrl-C"
+        }
     }
 }
 

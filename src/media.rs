@@ -7,8 +7,8 @@
 //! extension is not registered by default; inbound RTCP (a listener's NACK and PLI) reaches the
 //! application only through an interceptor that marks it, one packet per batch.
 
-use std::collections::VecDeque;
-use std::time::Instant;
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
 
 use rtc::interceptor::{
     Attribute, AttributedPacket, Interceptor, NackGeneratorBuilder, Packet, Registry, Slot, StreamInfo, TaggedPacket,
@@ -17,6 +17,9 @@ use rtc::peer_connection::configuration::interceptor_registry::{configure_rtcp_r
 use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_OPUS, MIME_TYPE_VP8, MediaEngine};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::receiver_report::ReceiverReport;
+use rtc::rtcp::reception_report::ReceptionReport;
+use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::RTCRtpTransceiverDirection;
 use rtc::rtp_transceiver::rtp_sender::{
@@ -49,6 +52,14 @@ pub fn vp8_codec() -> RTCRtpCodec {
         sdp_fmtp_line: String::new(),
         rtcp_feedback: vec![],
     }
+}
+
+/// The server's legs: [`media_engine_and_registry`] plus a [`WireTap`] that counts their RTCP
+/// in the metrics. (The client, in tests and the load generator, shares the process with an
+/// in-process server at times and must not add to the server's figures.)
+pub fn server_engine_and_registry() -> Result<(MediaEngine, Registry), rtc::shared::error::Error> {
+    let (engine, registry) = media_engine_and_registry()?;
+    Ok((engine, registry.with(Slot::from(WIRE_TAP_SLOT), WireTap::default())))
 }
 
 /// Opus and VP8 with the audio-level extension, and the interceptors of an SFU leg: NACK
@@ -140,6 +151,114 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for RtcpToApp {
 impl Interceptor for RtcpToApp {
     fn bind_local_stream(&mut self, _: &StreamInfo) {}
     fn unbind_local_stream(&mut self, _: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _: &StreamInfo) {}
+}
+
+/// The tap's place: nearer the wire than every named slot (the lowest is 1 000), so it sees
+/// every inbound packet first and every outbound one last, generated RTCP included.
+const WIRE_TAP_SLOT: usize = 500;
+/// Sender reports remembered for round-trip times (RFC 3550 §6.4.1): receivers answer the
+/// latest within seconds, and we send a few a second at most.
+const SENT_REPORTS: usize = 32;
+
+/// Counts a server leg's RTCP at the wire: NACKs, PLIs and FIRs in and out (those the NACK
+/// generator makes included), and each receiver report block about a stream we send (loss,
+/// jitter, and the round-trip time from its LSR and DLSR against the sender reports this tap
+/// saw leave). Passes every packet on unchanged.
+#[derive(Default)]
+pub struct WireTap {
+    read: VecDeque<TaggedPacket>,
+    write: VecDeque<TaggedPacket>,
+    /// Our sender reports: the middle 32 bits of their NTP time (what a receiver echoes as
+    /// LSR), and when they left.
+    sent_reports: VecDeque<(u32, Instant)>,
+    /// The clock rate of each stream we send, by SSRC: jitter comes in its units.
+    clock_rates: HashMap<u32, u32>,
+}
+
+impl WireTap {
+    fn report_block(&self, block: &ReceptionReport, now: Instant) {
+        let Some(&clock_rate) = self.clock_rates.get(&block.ssrc).filter(|rate| **rate > 0) else { return };
+        let jitter = Duration::from_secs_f64(f64::from(block.jitter) / f64::from(clock_rate));
+        // No SR seen yet (LSR 0), or one we no longer remember: no round trip.
+        let rtt = (block.last_sender_report != 0)
+            .then(|| self.sent_reports.iter().find(|(lsr, _)| *lsr == block.last_sender_report))
+            .flatten()
+            .and_then(|(_, sent)| {
+                let held = Duration::from_secs_f64(f64::from(block.delay) / 65_536.0);
+                now.saturating_duration_since(*sent).checked_sub(held)
+            });
+        crate::metrics::receiver_report(f64::from(block.fraction_lost) / 256.0, jitter, rtt);
+    }
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for WireTap {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, message: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtcp(packets) = &message.message.packet {
+            for packet in packets {
+                let any = packet.as_any();
+                if let Some(nack) = any.downcast_ref::<TransportLayerNack>() {
+                    crate::metrics::nack_in(nack.nacks.iter().map(|pair| pair.packet_list().len()).sum());
+                } else if any.is::<PictureLossIndication>() {
+                    crate::metrics::pli_in();
+                } else if any.is::<FullIntraRequest>() {
+                    crate::metrics::fir_in();
+                } else if let Some(report) = any.downcast_ref::<ReceiverReport>() {
+                    report.reports.iter().for_each(|block| self.report_block(block, message.now));
+                } else if let Some(report) = any.downcast_ref::<SenderReport>() {
+                    report.reports.iter().for_each(|block| self.report_block(block, message.now));
+                }
+            }
+        }
+        self.read.push_back(message);
+        Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<TaggedPacket> {
+        self.read.pop_front()
+    }
+
+    fn handle_write(&mut self, message: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtcp(packets) = &message.message.packet {
+            for packet in packets {
+                let any = packet.as_any();
+                if let Some(nack) = any.downcast_ref::<TransportLayerNack>() {
+                    crate::metrics::nack_out(nack.nacks.iter().map(|pair| pair.packet_list().len()).sum());
+                } else if any.is::<PictureLossIndication>() {
+                    crate::metrics::pli_out();
+                } else if any.is::<FullIntraRequest>() {
+                    crate::metrics::fir_out();
+                } else if let Some(report) = any.downcast_ref::<SenderReport>() {
+                    if self.sent_reports.len() == SENT_REPORTS {
+                        self.sent_reports.pop_front();
+                    }
+                    self.sent_reports.push_back(((report.ntp_time >> 16) as u32, message.now));
+                }
+            }
+        }
+        self.write.push_back(message);
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<TaggedPacket> {
+        self.write.pop_front()
+    }
+}
+
+impl Interceptor for WireTap {
+    fn bind_local_stream(&mut self, info: &StreamInfo) {
+        self.clock_rates.insert(info.ssrc, info.clock_rate);
+    }
+    fn unbind_local_stream(&mut self, info: &StreamInfo) {
+        self.clock_rates.remove(&info.ssrc);
+    }
     fn bind_remote_stream(&mut self, _: &StreamInfo) {}
     fn unbind_remote_stream(&mut self, _: &StreamInfo) {}
 }

@@ -448,6 +448,11 @@ pub enum Notice {
     Muted {
         by: String,
     },
+    /// The server is stopping: the session closes next (1001). A client reconnects, to
+    /// another server if it has one.
+    GoingAway {
+        reason: GoingAwayReason,
+    },
     /// A failure outside any request: `transport_failed` with the `transport`.
     Error {
         code: ErrorCode,
@@ -471,12 +476,13 @@ impl Notice {
             Notice::SessionExpiring { .. } => "session_expiring",
             Notice::Removed { .. } => "removed",
             Notice::Muted { .. } => "muted",
+            Notice::GoingAway { .. } => "going_away",
             Notice::Error { .. } => "error",
         }
     }
 
     /// Every notice type, for documentation checks.
-    pub const KINDS: [&'static str; 11] = [
+    pub const KINDS: [&'static str; 12] = [
         "welcome",
         "now_playing",
         "utterance_started",
@@ -487,6 +493,7 @@ impl Notice {
         "session_expiring",
         "removed",
         "muted",
+        "going_away",
         "error",
     ];
 }
@@ -505,6 +512,25 @@ pub struct UpgradeError {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_code: Option<String>,
     pub message: String,
+}
+
+/// Why the server sends a session away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GoingAwayReason {
+    /// The server drained (after SIGTERM) for `server.drain_timeout_s` and rooms were left.
+    DrainTimeout,
+    /// The server stops now (a second signal, or a stop without a drain).
+    Shutdown,
+}
+
+impl GoingAwayReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GoingAwayReason::DrainTimeout => "drain_timeout",
+            GoingAwayReason::Shutdown => "shutdown",
+        }
+    }
 }
 
 /// Anything the server sends: an answer (it has `id` and `ok`) or a notice.

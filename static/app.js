@@ -603,6 +603,10 @@ function installHandlers(sig) {
     room.removedBy = m.by;
     showError(new EncoreError('removed', `${room.removedBy} removed you from the room`));
   });
+  sig.on('going_away', (m) => {
+    // The server stops (it drained, or it was told to stop now); the socket closes next (1001).
+    showError(new EncoreError('going_away', `the server is going away (${m.reason}); join again in a moment`));
+  });
   sig.on('error', (m) => {
     if (m.code === 'transport_failed') {
       // The server dropped that transport. If we had closed it ourselves, that is no news;

@@ -173,4 +173,6 @@ pub struct Decision {
 #[derive(Resource, Debug, Default)]
 pub struct Decisions {
     pub list: Vec<Decision>,
+    /// How many the router was handed in the last tick (the list is drained), for metrics.
+    pub last_tick: u64,
 }

@@ -269,6 +269,7 @@ impl KeySource {
         let result = tokio::time::timeout(self.options.fetch_timeout, self.fetch())
             .await
             .unwrap_or(Err(FetchError::Timeout(self.options.fetch_timeout)));
+        crate::metrics::auth_key_fetch(result.is_ok());
         let now = self.clock.now_ms();
         let mut state = self.lock();
         state.attempts += 1;

@@ -223,7 +223,9 @@ impl AuthState {
 
     /// Verify the `Authorization: Bearer <token>` of a request.
     pub async fn authenticate(&self, headers: &HeaderMap) -> Result<AuthUser, AuthError> {
-        let token = bearer_token(headers)?;
+        let token = bearer_token(headers).inspect_err(|error| {
+            crate::metrics::auth_verification(crate::metrics::Credential::IdToken, Err(error));
+        })?;
         self.verify(token).await
     }
 
@@ -243,7 +245,9 @@ impl AuthState {
 
     /// Redeem a WebSocket ticket (once).
     pub fn redeem_ticket(&self, ticket: &str) -> Result<AuthUser, AuthError> {
-        self.inner.tickets.redeem(ticket)
+        let result = self.inner.tickets.redeem(ticket);
+        crate::metrics::auth_verification(crate::metrics::Credential::Ticket, result.as_ref().map(|_| ()));
+        result
     }
 
     /// A `reauth` on a live session: the new token must verify and belong to the same uid.

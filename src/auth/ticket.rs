@@ -125,6 +125,7 @@ impl TicketStore {
             // limit pays for it).
             tickets.sweep(now);
             if tickets.held_by(&user.uid) >= self.per_user {
+                crate::metrics::quota_refused(crate::metrics::Quota::Tickets);
                 return Err(AuthError::TooManyTickets { limit: self.per_user });
             }
         }

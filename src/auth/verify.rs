@@ -159,6 +159,7 @@ impl Verifier {
 
     pub async fn verify(&self, token: &str) -> Result<AuthUser, AuthError> {
         let result = self.verify_inner(token).await;
+        crate::metrics::auth_verification(crate::metrics::Credential::IdToken, result.as_ref().map(|_| ()));
         // Fields only: never the token, and nothing from it that was not checked.
         match &result {
             Ok(user) => debug!(uid = %user.uid, roles = ?user.roles, exp = user.expires_at, "ID token verified"),

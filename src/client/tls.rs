@@ -33,6 +33,29 @@ impl ClientTls {
         Ok(ClientTls { config: Arc::new(Self::builder().with_root_certificates(roots).with_no_client_auth()) })
     }
 
+    /// Trusts a server that presents exactly the first certificate of this PEM file, whatever
+    /// name it is reached by and whatever its dates: for a server checking itself over
+    /// loopback (`encore healthcheck`), where a real certificate's name does not match
+    /// 127.0.0.1. Handshake signatures are checked as usual, so only the holder of that
+    /// certificate's key passes.
+    pub fn pinned(cert_pem: &std::path::Path) -> Result<Self, ClientError> {
+        let pem = std::fs::read(cert_pem)
+            .map_err(|source| ClientError::Io { context: format!("reading {}", cert_pem.display()), source })?;
+        let cert = CertificateDer::pem_slice_iter(&pem)
+            .next()
+            .ok_or_else(|| ClientError::Protocol(format!("no certificate in {}", cert_pem.display())))?
+            .map_err(|e| ClientError::tls("reading the certificate PEM", e))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = Arc::new(PinnedCertificate { der: cert.to_vec(), provider: provider.clone() });
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        Ok(ClientTls { config: Arc::new(config) })
+    }
+
     /// The public web roots (a server with a real certificate).
     pub fn webpki() -> Self {
         let mut roots = rustls::RootCertStore::empty();
@@ -116,5 +139,51 @@ impl rustls::client::danger::ServerCertVerifier for InsecureAcceptAnyServerCerti
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Accepts exactly one end-entity certificate (see [`ClientTls::pinned`]).
+#[derive(Debug)]
+struct PinnedCertificate {
+    der: Vec<u8>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedCertificate {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if end_entity.as_ref() == self.der.as_slice() {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }

@@ -74,6 +74,7 @@ impl ConnectionLimits {
         if self.per_ip != 0 && *count >= self.per_ip {
             drop(open);
             let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+            crate::metrics::connection_refused(crate::metrics::ConnectionRefusal::PerIpCap);
             if refused.is_power_of_two() {
                 tracing::warn!(%ip, cap = self.per_ip, refused, "connections over the per-address cap refused");
             }
@@ -99,6 +100,7 @@ impl ConnectionLimits {
         match addr {
             None => {
                 self.accept_errors.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::connection_refused(crate::metrics::ConnectionRefusal::AcceptError);
                 let mut log = self.accept_log.lock().unwrap_or_else(|p| p.into_inner());
                 log.1 += 1;
                 let due = log.0.is_none_or(|at| at.elapsed() >= ACCEPT_ERROR_LOG_EVERY);
@@ -113,6 +115,7 @@ impl ConnectionLimits {
             Some(addr) => {
                 if error.kind() != io::ErrorKind::ConnectionRefused {
                     self.handshake_errors.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::connection_refused(crate::metrics::ConnectionRefusal::Handshake);
                     tracing::debug!(peer = %addr, %error, "connection dropped before HTTP");
                 }
             }

@@ -40,6 +40,20 @@ pub fn router(app: AppState) -> Router {
         .with_state(app)
 }
 
+/// The metrics endpoint's own router (plain HTTP, on `metrics.listen`): `GET /metrics` in the
+/// Prometheus text format, version 0.0.4.
+pub fn metrics_router() -> Router {
+    Router::new().route("/metrics", get(metrics))
+}
+
+async fn metrics() -> Response {
+    let mut response = crate::metrics::render().into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
 fn asset(content_type: &'static str, body: &'static str) -> Response {
     let mut response = body.into_response();
     let headers = response.headers_mut();
@@ -65,11 +79,13 @@ async fn healthz() -> Response {
     Json(json!({"status": "ok"})).into_response()
 }
 
-/// Ready for traffic: not shutting down, and the auth keys can be had (in dev mode they come
-/// from this very server).
+/// Ready for traffic: not draining or stopping, and the auth keys can be had (in dev mode they
+/// come from this very server).
 async fn readyz(State(app): State<AppState>) -> Response {
     if app.stopping.load(Ordering::Relaxed) {
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "stopping"}))).into_response();
+        let status = if app.rooms.draining() { "draining" } else { "stopping" };
+        let body = json!({"status": status, "rooms": app.rooms.count()});
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
     match app.auth.verifier().keys_ready().await {
         Ok(()) => Json(json!({"status": "ready", "rooms": app.rooms.list().rooms.len()})).into_response(),

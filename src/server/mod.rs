@@ -1,7 +1,9 @@
-//! `encore serve`: HTTPS and WSS signaling (axum over rustls), WebRTC transports, and rooms on
-//! worker threads. [`start`] brings it all up on the configured address (port 0 picks a free
-//! one) and returns a handle that shuts it down gracefully: stop accepting, close the sessions
-//! (which close their peers' transports), close the rooms (flushing recordings), stop workers.
+//! `encore serve`: HTTPS and WSS signaling (axum over rustls), WebRTC transports, rooms on
+//! worker threads, and Prometheus metrics on an address of their own. [`start`] brings it all
+//! up on the configured addresses (port 0 picks a free one) and returns a handle that drains it
+//! (no new rooms, the others go on until they empty) and stops it: tell every session to go
+//! away and close it (closing its peer's transports), stop accepting, close the rooms
+//! (flushing recordings), stop the workers.
 
 pub mod accept;
 pub mod http;
@@ -22,6 +24,7 @@ use tokio::sync::broadcast;
 
 use crate::auth::{AuthOptions, AuthSetupError, AuthState, DevIssuer, SharedClock};
 use crate::config::ServerConfig;
+use crate::protocol::GoingAwayReason;
 use accept::{ConnectionLimits, LimitedAcceptor};
 use rooms::{MediaPlan, RoomLimits, Rooms};
 use sessions::Sessions;
@@ -63,7 +66,9 @@ pub struct AppState {
     pub config: Arc<ServerConfig>,
     pub auth: AuthState,
     pub rooms: Arc<Rooms>,
-    pub shutdown: broadcast::Sender<()>,
+    /// Tells every session to go away (and why).
+    pub shutdown: broadcast::Sender<GoingAwayReason>,
+    /// Draining or stopping: `/readyz` answers 503.
     pub stopping: Arc<AtomicBool>,
     /// Open signaling sessions: shutdown waits for them to leave their rooms.
     pub sessions: Arc<Sessions>,
@@ -86,9 +91,13 @@ pub struct Server {
     /// `https://127.0.0.1:PORT` (or the listen address when it is not a wildcard).
     pub url: String,
     pub self_signed_cert: Option<std::path::PathBuf>,
+    /// Where `GET /metrics` answers (plain HTTP), unless `metrics.listen` is off.
+    pub metrics_addr: Option<SocketAddr>,
     app: AppState,
     handle: axum_server::Handle<SocketAddr>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    metrics_task: Option<tokio::task::JoinHandle<()>>,
+    draining: bool,
 }
 
 impl Server {
@@ -100,25 +109,66 @@ impl Server {
         &self.app.rooms
     }
 
-    /// Stops accepting, closes every session and room (recordings flushed), waits for workers.
-    pub async fn shutdown(self) {
+    /// Starts draining, then waits until no room is left or `timeout` passed; true when the
+    /// rooms emptied. Draining, `/readyz` answers 503 at once (a load balancer stops sending
+    /// new clients) and a join that would make a room is refused (`unavailable`); the rooms
+    /// there are keep serving, new peers may join them, and the server keeps accepting
+    /// connections for them. Call again to wait again; [`Server::stop`] ends it.
+    pub async fn drain(&mut self, timeout: Duration) -> bool {
+        if !self.draining {
+            self.draining = true;
+            self.app.stopping.store(true, Ordering::Relaxed);
+            self.app.rooms.drain();
+            crate::metrics::draining(true);
+            tracing::info!(rooms = self.app.rooms.count(), timeout_s = timeout.as_secs(), "draining");
+        }
+        let emptied = tokio::time::timeout(timeout, self.app.rooms.empty()).await.is_ok();
+        tracing::info!(emptied, rooms = self.app.rooms.count(), "drain over");
+        emptied
+    }
+
+    /// Stops: every session is told to go away (`going_away` with `reason`) and closed, which
+    /// closes its transports and takes it out of its room; then the server stops accepting,
+    /// closes the rooms (recordings flushed) and stops the workers. Sessions and connections
+    /// are waited for up to `patience` each: zero stops at once (a second signal), and the
+    /// rooms are still closed and their recordings flushed. Safe to call again, say with less
+    /// patience when a first call takes too long.
+    pub async fn stop(&mut self, reason: GoingAwayReason, patience: Duration) {
         self.app.stopping.store(true, Ordering::Relaxed);
-        let _ = self.app.shutdown.send(());
-        // Sessions close their transports and leave their rooms (upgraded WebSockets are not
-        // the HTTP server's connections any more, so they are waited for here).
-        self.app.sessions.closed(Duration::from_secs(10)).await;
-        self.handle.graceful_shutdown(Some(Duration::from_secs(5)));
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+        let _ = self.app.shutdown.send(reason);
+        // Upgraded WebSockets are not the HTTP server's connections any more: they are waited
+        // for here, and they close their transports and leave their rooms as they end.
+        self.app.sessions.closed(patience).await;
+        self.handle.graceful_shutdown(Some(patience.min(Duration::from_secs(5))));
+        if let Some(task) = self.task.as_mut()
+            && tokio::time::timeout(patience, task).await.is_ok()
+        {
+            self.task = None;
+        }
         let rooms = self.app.rooms.clone();
         let _ = tokio::task::spawn_blocking(move || rooms.shutdown()).await;
+        if let Some(metrics) = self.metrics_task.take() {
+            metrics.abort();
+        }
+        if std::mem::take(&mut self.draining) {
+            crate::metrics::draining(false);
+        }
+    }
+
+    /// Stops without a drain, waiting up to 10 s for sessions to close.
+    pub async fn shutdown(mut self) {
+        self.stop(GoingAwayReason::Shutdown, Duration::from_secs(10)).await;
     }
 
     /// Runs until the server stops by itself (it does not, unless the listener fails).
     pub async fn wait(&mut self) -> std::io::Result<()> {
-        match (&mut self.task).await {
+        let Some(task) = self.task.as_mut() else { return Ok(()) };
+        let result = match task.await {
             Ok(result) => result,
             Err(error) => Err(std::io::Error::other(error)),
-        }
+        };
+        self.task = None;
+        result
     }
 }
 
@@ -137,6 +187,18 @@ pub async fn start(config: ServerConfig, options: StartOptions) -> Result<Server
     let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: listen, source })?;
     let own_ip = if addr.ip().is_unspecified() { IpAddr::V4(Ipv4Addr::LOCALHOST) } else { addr.ip() };
     let url = format!("https://{}", SocketAddr::new(own_ip, addr.port()));
+    // Bound now, so that an address in use stops the start instead of a scrape finding nothing.
+    let metrics_listener = match config.metrics.listen {
+        Some(metrics) => {
+            let bind = |source| ServerError::Bind { addr: metrics, source };
+            let listener = std::net::TcpListener::bind(metrics).map_err(bind)?;
+            listener.set_nonblocking(true).map_err(bind)?;
+            Some(listener)
+        }
+        None => None,
+    };
+    // Every family from the first scrape on, at zero.
+    crate::metrics::init();
 
     let auth_options = AuthOptions {
         clock: options.clock.unwrap_or_else(|| Arc::new(crate::auth::SystemClock)),
@@ -198,5 +260,30 @@ pub async fn start(config: ServerConfig, options: StartOptions) -> Result<Server
     // Every later request's header, and an idle keep-alive connection's wait for one.
     server.http_builder().http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_timeout);
     let task = tokio::spawn(async move { server.serve(router.into_make_service()).await });
-    Ok(Server { addr, url, self_signed_cert: tls.self_signed.then(|| tls.cert_path.clone()), app, handle, task })
+    let (metrics_addr, metrics_task) = match metrics_listener {
+        Some(listener) => {
+            let listener =
+                tokio::net::TcpListener::from_std(listener).map_err(|e| ServerError::Start(e.to_string()))?;
+            let addr = listener.local_addr().map_err(|e| ServerError::Start(e.to_string()))?;
+            tracing::info!(%addr, "metrics at http://{addr}/metrics");
+            let task = tokio::spawn(async move {
+                if let Err(error) = axum::serve(listener, http::metrics_router()).await {
+                    tracing::error!(%error, "the metrics endpoint stopped");
+                }
+            });
+            (Some(addr), Some(task))
+        }
+        None => (None, None),
+    };
+    Ok(Server {
+        addr,
+        url,
+        self_signed_cert: tls.self_signed.then(|| tls.cert_path.clone()),
+        metrics_addr,
+        app,
+        handle,
+        task: Some(task),
+        metrics_task,
+        draining: false,
+    })
 }

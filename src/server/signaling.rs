@@ -20,10 +20,11 @@ use super::AppState;
 use super::rooms::{Moderation, PEER_EVENTS, RoomCommand, RoomLink};
 use super::sessions::{SessionKey, Sessions};
 use crate::auth::{AuthError, AuthUser};
+use crate::metrics::{self, SessionMetric};
 use crate::protocol::{
-    Answer, BURST_MESSAGES, Done, ErrorBody, ErrorCode, FLOOD_MESSAGES, Joined, MAX_MESSAGE_BYTES, MAX_MESSAGES_PER_S,
-    MAX_PREFS_NAMES, Notice, Offered, PROTOCOL_VERSION, Published, Reauthed, Request, RequestId, Side, UpgradeError,
-    UpgradeRefusal, close, parse_request,
+    Answer, BURST_MESSAGES, Done, ErrorBody, ErrorCode, FLOOD_MESSAGES, GoingAwayReason, Joined, MAX_MESSAGE_BYTES,
+    MAX_MESSAGES_PER_S, MAX_PREFS_NAMES, Notice, Offered, PROTOCOL_VERSION, Published, Reauthed, Request, RequestId,
+    Side, UpgradeError, UpgradeRefusal, close, parse_request,
 };
 
 /// The WebSocket read buffer (tungstenite's default is 128 KiB; see `ws_upgrade`).
@@ -54,6 +55,7 @@ pub async fn ws_upgrade(
     let Some(registered) = Registered::try_new(&session.app.sessions, &session.user.uid, limit, &session.notices_tx)
     else {
         tracing::info!(uid = %session.user.uid, limit, "session refused: the user's sessions are at the limit");
+        crate::metrics::quota_refused(crate::metrics::Quota::Sessions);
         let message = format!("user {} already has {limit} sessions open (limits.sessions_per_user)", session.user.uid);
         let body = UpgradeRefusal { error: UpgradeError { code: ErrorCode::RateLimited, auth_code: None, message } };
         return (axum::http::StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response();
@@ -163,7 +165,7 @@ enum End {
     Closed,
     Expired,
     Removed,
-    Shutdown,
+    GoingAway(GoingAwayReason),
     Flooded,
     TooBig,
 }
@@ -174,9 +176,22 @@ impl End {
             End::Closed => (close::NORMAL, "bye"),
             End::Expired => (close::EXPIRED, "session expired: send reauth before the token expires"),
             End::Removed => (close::REMOVED, "removed by a moderator"),
-            End::Shutdown => (close::GOING_AWAY, "server shutting down"),
+            End::GoingAway(_) => (close::GOING_AWAY, "server shutting down"),
             End::Flooded => (close::POLICY, "too many messages"),
             End::TooBig => (close::TOO_BIG, "message over 64 KiB"),
+        }
+    }
+
+    /// The `reason` of `encore_sessions_closed_total`.
+    fn as_str(&self) -> &'static str {
+        match self {
+            End::Closed => "closed",
+            End::Expired => "expired",
+            End::Removed => "removed",
+            End::GoingAway(GoingAwayReason::DrainTimeout) => "drain_timeout",
+            End::GoingAway(GoingAwayReason::Shutdown) => "shutdown",
+            End::Flooded => "flooded",
+            End::TooBig => "too_big",
         }
     }
 }
@@ -221,6 +236,7 @@ impl Session {
 
     async fn run(mut self, socket: WebSocket, registered: Registered) {
         let _registered = registered;
+        let session_metric = SessionMetric::open();
         let (mut sink, mut stream) = socket.split();
         let (out_tx, mut out_rx) = mpsc::channel::<Message>(512);
         let writer = tokio::spawn(async move {
@@ -256,6 +272,7 @@ impl Session {
                     };
                     // Every frame counts against the rate, pings and binary ones included.
                     if !self.rate.take(Instant::now()) {
+                        metrics::signaling_request("unread", Some(ErrorCode::RateLimited));
                         out.answer(Answer::refused(None, refuse(ErrorCode::RateLimited, "more than 50 messages a second")));
                         if self.rate.flooded() {
                             break End::Flooded;
@@ -268,7 +285,10 @@ impl Session {
                                 break end;
                             }
                         }
-                        Message::Binary(_) => out.answer(Answer::refused(None, bad("messages are JSON text"))),
+                        Message::Binary(_) => {
+                            metrics::signaling_request("binary", Some(ErrorCode::BadRequest));
+                            out.answer(Answer::refused(None, bad("messages are JSON text")));
+                        }
                         // Pings are answered by the WebSocket layer; pongs need nothing.
                         _ => {}
                     }
@@ -301,10 +321,14 @@ impl Session {
                         out.notice(&Notice::SessionExpiring { expires_at: self.deadline_s() });
                     }
                 }
-                _ = shutdown.recv() => break End::Shutdown,
+                reason = shutdown.recv() => break End::GoingAway(reason.unwrap_or(GoingAwayReason::Shutdown)),
             }
         };
+        if let End::GoingAway(reason) = end {
+            out.notice(&Notice::GoingAway { reason });
+        }
         let (code, reason) = end.close_frame();
+        session_metric.closed(end.as_str());
         tracing::info!(uid = %self.user.uid, code, reason, "session closing");
         self.leave().await;
         out.close(code, reason).await;
@@ -326,12 +350,15 @@ impl Session {
         let (id, request) = match parse_request(text) {
             Ok(parsed) => parsed,
             Err(unreadable) => {
+                metrics::signaling_request("unreadable", Some(ErrorCode::BadRequest));
                 out.answer(Answer::refused(unreadable.id, bad(unreadable.message)));
                 return None;
             }
         };
         let leaving = matches!(request, Request::Leave);
+        let kind = request.kind();
         let result = self.request(request).await;
+        metrics::signaling_request(kind, result.as_ref().err().map(|error| error.code));
         let left = leaving && result.is_ok();
         out.answer(match result {
             Ok(reply) => reply.answer(id),
@@ -431,7 +458,7 @@ impl Session {
             .map_err(|e| refuse(e.code(), e.to_string()))?;
         let peer = link.peer.to_string();
         self.room = Some(InRoom { link });
-        tracing::info!(uid = %self.user.uid, room, peer, "joined");
+        tracing::info!(uid = %self.user.uid, room, peer, roles = ?self.user.roles, "peer joined");
         Ok(Joined {
             room,
             peer,
@@ -477,6 +504,7 @@ impl Session {
     async fn leave(&mut self) {
         if let Some(in_room) = self.room.take() {
             self.app.rooms.leave(&in_room.link);
+            tracing::info!(uid = %self.user.uid, room = %in_room.link.room, peer = %in_room.link.peer, "peer left");
         }
     }
 }
@@ -521,6 +549,7 @@ impl Outbox {
     }
 
     fn notice(&self, notice: &Notice) {
+        metrics::signaling_notice(notice.kind());
         match serde_json::to_string(notice) {
             Ok(text) => self.text(text),
             Err(error) => tracing::error!(%error, kind = notice.kind(), "a notice does not serialise"),

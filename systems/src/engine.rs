@@ -206,6 +206,11 @@ impl Engine {
         *self.world.resource::<Counters>()
     }
 
+    /// The recommender's decisions (listeners scored) in the last tick.
+    pub fn decisions_last_tick(&self) -> u64 {
+        self.world.resource::<Decisions>().last_tick
+    }
+
     /// The name of a peer key (keys are never reused, so this works after it left).
     pub fn peer_name(&self, key: PeerKey) -> Option<&Name> {
         self.world.resource::<Directory>().peer_names.get(key.0 as usize)
@@ -414,6 +419,19 @@ mod tests {
         });
         schedule.add_systems((a, b));
         assert!(schedule.initialize(&mut world).is_err());
+    }
+
+    #[test]
+    fn the_decisions_of_the_last_tick_are_counted_for_metrics() {
+        let mut engine = Engine::new(EngineConfig::default()).unwrap();
+        for peer in ["a", "b"] {
+            engine.push(0, Input::Join { peer: Name::new(peer), uid: None, roles: vec![] });
+            engine.push(0, Input::Listen { peer: Name::new(peer) });
+        }
+        engine.tick();
+        assert_eq!(engine.decisions_last_tick(), 2, "two listeners started listening: each is scored");
+        engine.tick();
+        assert_eq!(engine.decisions_last_tick(), 0, "nobody needs a decision");
     }
 
     #[test]

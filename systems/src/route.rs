@@ -27,6 +27,7 @@ pub fn route(
     mut sessions: Query<(&ListenerSession, &mut Route, &mut OutStreams, &mut History)>,
     mut utterances: Query<(&Utterance, &PacketBuffer, &mut Audience)>,
 ) {
+    decisions.last_tick = decisions.list.len() as u64;
     for decision in decisions.list.drain(..) {
         let Ok((listener, mut route, mut streams, mut history)) = sessions.get_mut(decision.session) else {
             bug(&mut counters, "a decision names a session that lacks its components");

@@ -42,6 +42,7 @@ async fn emulator_tokens_carry_the_role_set_by_encore_admin() {
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config.server.data_dir = dir.join("data");
     config.media.bind_ip = "127.0.0.1".parse().unwrap();
+    config.metrics.listen = None;
     config.auth = AuthConfig::emulator(&project);
     let server =
         encore::server::start(config, encore::server::StartOptions::default()).await.expect("the server starts");

@@ -49,37 +49,37 @@ fn headers(token: &str) -> HeaderMap {
 /// The capture runs in a child process of its own (this test binary, re-run on just the test
 /// below): tracing caches per-callsite interest process-wide, and with the other tests hitting the
 /// same callsites on other threads, a thread-scoped subscriber can miss events. Alone in its
-/// process, with a global subscriber, nothing is missed.
+/// process, with a global subscriber, nothing is missed. Once per log format, through the
+/// server's own subscriber (`encore::logging`).
 #[test]
 fn captured_logs_contain_no_token() {
-    let exe = std::env::current_exe().expect("test binary");
-    let output = std::process::Command::new(exe)
-        .args(["--exact", "auth::logs::log_capture_child", "--ignored", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, "1")
-        .output()
-        .expect("run child");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success() && stdout.contains("1 passed"),
-        "log capture child failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    for format in ["text", "json"] {
+        let exe = std::env::current_exe().expect("test binary");
+        let output = std::process::Command::new(exe)
+            .args(["--exact", "auth::logs::log_capture_child", "--ignored", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, format)
+            .output()
+            .expect("run child");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains("1 passed"),
+            "log capture child ({format}) failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
 }
 
+/// Set to the log format the child captures in.
 const CHILD_ENV: &str = "ENCORE_AUTH_LOG_CAPTURE_CHILD";
 
 #[tokio::test(flavor = "current_thread")]
 #[ignore = "run by captured_logs_contain_no_token in a process of its own"]
 async fn log_capture_child() {
-    if std::env::var_os(CHILD_ENV).is_none() {
-        return;
-    }
+    let Some(format) = std::env::var(CHILD_ENV).ok() else { return };
+    let format: encore::logging::LogFormat = format.parse().expect("text or json");
     let capture = Capture::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(capture.clone())
-        .with_ansi(false)
-        .finish();
+    let filter = tracing_subscriber::EnvFilter::new("trace");
+    let subscriber = encore::logging::subscriber(format, filter, capture.clone(), false);
     tracing::subscriber::set_global_default(subscriber).expect("the child process has no subscriber yet");
 
     let clock = ManualClock::at_secs(NOW);
@@ -174,6 +174,12 @@ async fn log_capture_child() {
     secrets.push(signed_for_emulator);
 
     let log = String::from_utf8(capture.0.lock().unwrap().clone()).expect("utf-8 log");
+    if format == encore::logging::LogFormat::Json {
+        for line in log.lines() {
+            let event: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            assert!(event["message"].is_string() && event["level"].is_string(), "{line}");
+        }
+    }
     // The capture worked: the paths above did log.
     for expected in [
         "ID token verified",

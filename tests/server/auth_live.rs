@@ -87,6 +87,7 @@ async fn a_session_is_warned_then_closed_when_its_token_expires_without_reauth()
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config.server.data_dir = dir.join("data");
     config.media.bind_ip = "127.0.0.1".parse().unwrap();
+    config.metrics.listen = None;
     let options = encore::server::StartOptions { clock: Some(clock.shared()), dev_issuer: Some(issuer) };
     let server = encore::server::start(config, options).await.unwrap();
     let tls = ClientTls::trusting(&dir.join("data/tls/cert.pem")).unwrap();
@@ -123,8 +124,8 @@ async fn a_session_is_warned_then_closed_when_its_token_expires_without_reauth()
     server.shutdown().await;
 }
 
-/// The whole life of a real `encore serve` process at trace level, then its logs are searched
-/// for the credentials it handled.
+/// The whole life of a real `encore serve` process at trace level, in JSON, then its logs are
+/// searched for the credentials it handled, and for the structured events of its life.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_logs_of_a_whole_server_run_contain_no_token() {
     let dir = temp_dir("auth-logs");
@@ -136,6 +137,8 @@ async fn the_logs_of_a_whole_server_run_contain_no_token() {
         .arg(dir.join("data"))
         .arg("--record")
         .arg(&record)
+        // The client's tasks keep its WebSocket open after it is dropped: a short drain.
+        .args(["--metrics-listen", "127.0.0.1:0", "--log-format", "json", "--drain-timeout-s", "1"])
         .env("ENCORE_LOG", "trace")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log_path).unwrap())
@@ -169,7 +172,7 @@ async fn the_logs_of_a_whole_server_run_contain_no_token() {
     assert_eq!(status, 401);
     drop(session);
 
-    // SIGTERM: a graceful stop, with the recording flushed.
+    // SIGTERM: a drain (1 s), then a graceful stop, with the recording flushed.
     let pid = child.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
@@ -177,6 +180,18 @@ async fn the_logs_of_a_whole_server_run_contain_no_token() {
     let mut log = String::new();
     std::fs::File::open(&log_path).unwrap().read_to_string(&mut log).unwrap();
     assert!(log.contains("session opened"), "the log is too quiet to mean anything");
+    let mut messages = std::collections::BTreeSet::new();
+    for line in log.lines() {
+        let event: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if let Some(message) = event["message"].as_str() {
+            messages.insert(message.to_owned());
+        }
+    }
+    for event in
+        ["room created", "peer joined", "transport connected", "peer left", "room closed", "draining", "drain over"]
+    {
+        assert!(messages.contains(event), "no {event:?} event in the log; events: {messages:?}");
+    }
     for (what, secret) in [("token", token.as_str()), ("ticket", ticket.as_str()), ("bogus token", bogus.as_str())] {
         assert!(!log.contains(secret), "the log holds a {what}");
         // Nor a recognisable part of it (a JWT's signature, the ticket's middle).
@@ -206,6 +221,7 @@ async fn dev_tokens_outlive_a_restart_of_the_server() {
         config.server.listen = "127.0.0.1:0".parse().unwrap();
         config.server.data_dir = dir.join("data");
         config.media.bind_ip = "127.0.0.1".parse().unwrap();
+        config.metrics.listen = None;
         encore::server::start(config, encore::server::StartOptions::default())
     };
     let first = start().await.unwrap();

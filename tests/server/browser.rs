@@ -151,6 +151,7 @@ impl Server {
             .arg(addr.to_string())
             .arg("--data-dir")
             .arg(data_dir)
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("log fd"))
             .stderr(log_file);

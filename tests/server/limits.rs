@@ -128,7 +128,7 @@ async fn bystander_healthz_during<T>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slow_clients_are_capped_per_address_and_cut_off_and_healthz_keeps_answering() {
     let config = "[limits]\nconnections_per_ip = 64\nheader_timeout_s = 2\ntls_handshake_timeout_s = 2\n";
-    let server = ServerProcess::start("slow-clients", config, Some(256)).await;
+    let server = ServerProcess::start_with("slow-clients", &[], &[], Some(config), Some(256)).await;
     let addr: SocketAddr = server.base.trim_start_matches("https://").parse().unwrap();
     let limit = Duration::from_secs(6);
 
@@ -350,7 +350,7 @@ async fn nacking_everything_gets_a_listener_its_share_not_the_buffer_again() {
 async fn flooded_rooms_share_one_buffer_budget_and_never_hold_more_together() {
     let budget: u64 = 3_000_000;
     let config = format!("[server]\nmax_rooms = 10\n[engine]\nbuffer_max_bytes = {budget}\n");
-    let server = ServerProcess::start("budget", &config, None).await;
+    let server = ServerProcess::start_with("budget", &[], &[], Some(&config), None).await;
     let rss_start = server.rss_kib();
     let watcher = server.token("olga", "listener").await;
 

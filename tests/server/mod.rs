@@ -3,11 +3,14 @@
 
 mod auth_live;
 mod browser;
+mod deploy;
+mod drain;
 mod e2e;
 mod feedback;
 mod limits;
 mod loadgen;
 mod media;
+mod metrics;
 mod protocol;
 mod robustness;
 pub mod support;

@@ -285,6 +285,8 @@ struct Conn {
     dead: bool,
     failed: bool,
     answered: bool,
+    /// Its place in `encore_transports` (by side and state), until it is dropped.
+    metric: crate::metrics::TransportMetric,
     /// Listener legs: (audio, video) SSRCs we offered; the negotiated legs once answered.
     offered: [Option<u32>; 2],
     out: [Option<OutLeg>; 2],
@@ -452,7 +454,7 @@ impl MediaIo {
             )
             .with_crypto_provider(self.crypto.clone())
             .build();
-        let (media_engine, registry) = m::media_engine_and_registry().map_err(rtc_error("media engine"))?;
+        let (media_engine, registry) = m::server_engine_and_registry().map_err(rtc_error("media engine"))?;
         let configuration = RTCConfigurationBuilder::new().with_certificates(vec![self.certificate.clone()]).build();
         let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(configuration)
@@ -496,6 +498,10 @@ impl MediaIo {
             dead: false,
             failed: false,
             answered: matches!(leg, Leg::Publish),
+            metric: crate::metrics::TransportMetric::new(match leg {
+                Leg::Publish => crate::protocol::Side::Send,
+                Leg::Listen { .. } => crate::protocol::Side::Recv,
+            }),
             offered: [None, None],
             out: [None, None],
             tracks: HashMap::new(),
@@ -997,19 +1003,22 @@ fn drain(
     for _ in 0..2 {
         while let Some(event) = conn.pc.poll_event() {
             match event {
-                RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => match state {
-                    RTCPeerConnectionState::Connected if !conn.connected => {
-                        conn.connected = true;
-                        events.push_back(MediaEvent::Connected { conn: key, owner });
+                RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => {
+                    conn.metric.connection_state(state);
+                    match state {
+                        RTCPeerConnectionState::Connected if !conn.connected => {
+                            conn.connected = true;
+                            events.push_back(MediaEvent::Connected { conn: key, owner });
+                        }
+                        // Disconnected is transient (no check for a while): keep going.
+                        RTCPeerConnectionState::Failed => {
+                            conn.dead = true;
+                            conn.failed = true;
+                        }
+                        RTCPeerConnectionState::Closed => conn.dead = true,
+                        _ => {}
                     }
-                    // Disconnected is transient (no check for a while): keep going.
-                    RTCPeerConnectionState::Failed => {
-                        conn.dead = true;
-                        conn.failed = true;
-                    }
-                    RTCPeerConnectionState::Closed => conn.dead = true,
-                    _ => {}
-                },
+                }
                 RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init)) => {
                     let Some(mut receiver) = conn.pc.rtp_receiver(init.receiver_id) else { continue };
                     let media = kind_of(receiver.track().kind());

@@ -28,7 +28,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use encore_systems::components::config::EngineConfig;
 use encore_systems::components::ids::{Name, Role, UtteranceId};
@@ -37,6 +37,7 @@ use encore_systems::{Engine, RoomView};
 
 use super::media::{MediaIo, MediaSettings, MediaStats, tcp};
 use super::recorder::Recorder;
+use crate::metrics::{DropCause, RoomMetrics, WorkerMetrics};
 use crate::protocol::{ErrorBody, ErrorCode, Notice, PeerInfo, Side};
 use room::Room;
 
@@ -64,6 +65,8 @@ pub enum RoomError {
     TooManyCreated(usize),
     #[error("the room is closing")]
     Closed,
+    #[error("the server is draining: it takes no new rooms; join another server")]
+    Draining,
 }
 
 impl RoomError {
@@ -72,7 +75,7 @@ impl RoomError {
         match self {
             RoomError::Full(_) | RoomError::TooManyRooms(_) => ErrorCode::Conflict,
             RoomError::TooManyCreated(_) => ErrorCode::RateLimited,
-            RoomError::Closed => ErrorCode::Unavailable,
+            RoomError::Closed | RoomError::Draining => ErrorCode::Unavailable,
         }
     }
 }
@@ -171,6 +174,7 @@ pub struct RoomLink {
     pub peer: Name,
     tx: mpsc::Sender<RoomCommand>,
     dropped: Arc<AtomicU64>,
+    metrics: WorkerMetrics,
 }
 
 impl RoomLink {
@@ -180,11 +184,17 @@ impl RoomLink {
     }
 
     pub fn command(&self, command: RoomCommand) -> bool {
-        let sent = self.tx.try_send(command).is_ok();
-        if !sent {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+        match self.tx.try_send(command) {
+            Ok(()) => true,
+            Err(error) => {
+                let cause = DropCause::of(&error);
+                if cause == DropCause::Full {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                self.metrics.command_dropped(cause);
+                false
+            }
         }
-        sent
     }
 
     /// Sends a command that the room answers, and waits for its verdict.
@@ -271,8 +281,13 @@ pub struct MediaPorts {
 pub struct Rooms {
     state: Mutex<RoomsState>,
     workers: Vec<std::sync::mpsc::Sender<Room>>,
+    worker_metrics: Vec<WorkerMetrics>,
     handles: Mutex<Vec<JoinHandle<()>>>,
     stopping: Arc<AtomicBool>,
+    /// Draining: no new rooms, the rooms there are go on (new peers may join them).
+    draining: AtomicBool,
+    /// The number of rooms, for a drain to wait on.
+    count: watch::Sender<usize>,
     engine: EngineConfig,
     record_dir: Option<PathBuf>,
     limits: RoomLimits,
@@ -352,17 +367,21 @@ impl Rooms {
                     .spawn(move || tcp::run(listener, tcp_senders, stopping, stats))?,
             );
         }
+        let mut worker_metrics = Vec::new();
         for (index, io) in ios.into_iter().enumerate() {
             let (tx, rx) = std::sync::mpsc::channel::<Room>();
             let stopping = stopping.clone();
             let stats = worker_stats.clone();
+            let metrics = WorkerMetrics::new(index);
+            worker_metrics.push(metrics.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("encore-worker-{index}"))
-                .spawn(move || worker::run(index, rx, stopping, io, stats))?;
+                .spawn(move || worker::run(index, rx, stopping, io, stats, metrics))?;
             senders.push(tx);
             handles.push(handle);
         }
         let budget = budget::Budget::new(engine.buffer_max_bytes, limits.max_rooms);
+        crate::metrics::buffer_budget(engine.buffer_max_bytes);
         {
             let budget = budget.clone();
             let stopping = stopping.clone();
@@ -381,8 +400,11 @@ impl Rooms {
                 created_by: HashMap::new(),
             }),
             workers: senders,
+            worker_metrics,
             handles: Mutex::new(handles),
             stopping,
+            draining: AtomicBool::new(false),
+            count: watch::channel(0).0,
             engine,
             record_dir,
             limits,
@@ -409,10 +431,13 @@ impl Rooms {
         if self.stopping.load(Ordering::Relaxed) {
             return Err(RoomError::Closed);
         }
-        let (tx, dropped) = {
+        let (tx, dropped, metrics) = {
             let mut state = self.state();
             let count = state.rooms.len();
             if !state.rooms.contains_key(room) {
+                if self.draining.load(Ordering::Relaxed) {
+                    return Err(RoomError::Draining);
+                }
                 if count >= self.limits.max_rooms {
                     return Err(RoomError::TooManyRooms(self.limits.max_rooms));
                 }
@@ -441,7 +466,8 @@ impl Rooms {
                 let serial = state.next_serial;
                 state.next_serial += 1;
                 let share = self.budget.admit(serial);
-                let room_state = Room::new(room.to_owned(), serial, engine, rx, recorder, share.clone());
+                let metrics = RoomMetrics::new(&self.worker_metrics[worker], share.granted());
+                let room_state = Room::new(room.to_owned(), serial, engine, rx, recorder, share.clone(), metrics);
                 if self.workers[worker].send(room_state).is_err() {
                     share.close();
                     return Err(RoomError::Closed);
@@ -450,13 +476,15 @@ impl Rooms {
                     room.to_owned(),
                     RoomEntry { tx, peers: 0, worker, serial, created_unix_s: created.as_secs(), dropped },
                 );
+                self.count.send_replace(state.rooms.len());
+                tracing::info!(room, worker, "room created");
             }
             let entry = state.rooms.get_mut(room).ok_or(RoomError::Closed)?;
             if entry.peers >= self.limits.max_peers_per_room {
                 return Err(RoomError::Full(self.limits.max_peers_per_room));
             }
             entry.peers += 1;
-            (entry.tx.clone(), entry.dropped.clone())
+            (entry.tx.clone(), entry.dropped.clone(), self.worker_metrics[entry.worker].clone())
         };
         let (reply, answer) = oneshot::channel();
         let command = RoomCommand::Join { at: Instant::now(), name: name.to_owned(), uid, roles, events, reply };
@@ -466,7 +494,7 @@ impl Rooms {
         }
         match answer.await {
             Ok(joined) => {
-                let link = RoomLink { room: room.to_owned(), peer: joined.peer.clone(), tx, dropped };
+                let link = RoomLink { room: room.to_owned(), peer: joined.peer.clone(), tx, dropped, metrics };
                 Ok((link, joined))
             }
             Err(_) => {
@@ -492,6 +520,7 @@ impl Rooms {
             times.pop_front();
         }
         if times.len() >= limit {
+            crate::metrics::quota_refused(crate::metrics::Quota::Rooms);
             return Err(RoomError::TooManyCreated(limit));
         }
         times.push_back(now);
@@ -500,7 +529,7 @@ impl Rooms {
 
     /// The peer leaves; the room closes with its last peer.
     pub fn leave(&self, link: &RoomLink) {
-        let _ = link.tx.try_send(RoomCommand::Leave { at: Instant::now(), peer: link.peer.clone() });
+        link.command(RoomCommand::Leave { at: Instant::now(), peer: link.peer.clone() });
         self.release(&link.room);
     }
 
@@ -514,8 +543,10 @@ impl Rooms {
             None => false,
         };
         if empty && let Some(entry) = state.rooms.remove(room) {
+            self.count.send_replace(state.rooms.len());
             // Sent after the peer's Leave on the same channel: the room applies it first.
-            if entry.tx.try_send(RoomCommand::Close).is_err() {
+            if let Err(error) = entry.tx.try_send(RoomCommand::Close) {
+                self.worker_metrics[entry.worker].command_dropped(DropCause::of(&error));
                 tracing::warn!(room, "room queue full at close; the worker closes it when it drains");
             }
         }
@@ -566,10 +597,32 @@ impl Rooms {
         answer.await.ok()
     }
 
+    /// Rooms open now.
+    pub fn count(&self) -> usize {
+        self.state().rooms.len()
+    }
+
+    /// Stops making rooms: a join that would make one gets [`RoomError::Draining`]; the rooms
+    /// there are keep serving, and new peers may join them.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Waits until no room is left.
+    pub async fn empty(&self) {
+        let mut count = self.count.subscribe();
+        let _ = count.wait_for(|n| *n == 0).await;
+    }
+
     /// Closes every room (recordings are flushed) and stops the workers.
     pub fn shutdown(&self) {
         self.stopping.store(true, Ordering::Relaxed);
         let rooms = std::mem::take(&mut self.state().rooms);
+        self.count.send_replace(0);
         for (_, entry) in rooms {
             let _ = entry.tx.try_send(RoomCommand::Close);
         }

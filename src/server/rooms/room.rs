@@ -21,9 +21,14 @@ use super::budget::RoomShare;
 use super::worker::{MAX_CATCH_UP_TICKS, Pacer};
 use super::{JoinedRoom, Moderation, RoomCommand};
 use crate::media::{self as m, RtcpFeedback};
+use crate::metrics::{DropCause, RoomMetrics};
 use crate::protocol::{ErrorBody, ErrorCode, Notice, PeerInfo, Side};
 use crate::server::media::{ConnKey, MediaEvent, MediaIo};
 use crate::server::recorder::Recorder;
+
+/// An RTP header with the audio-level extension, as the listener's packets carry it (the
+/// `encore_rtp_bytes_total` count: header and payload, before SRTP).
+const RTP_HEADER_BYTES: usize = 20;
 
 /// Commands applied per room per tick at most (the rest wait for the next tick).
 const MAX_COMMANDS_PER_TICK: usize = 20_000;
@@ -44,6 +49,8 @@ struct PeerSlot {
     send_paused: bool,
     recv: Option<RecvLeg>,
     publishing: bool,
+    /// When it asked to join, until its first packet (the join latency's end).
+    waiting_since: Option<Instant>,
 }
 
 /// A published track, as the engine names it.
@@ -74,6 +81,7 @@ pub struct Room {
     /// The room's place in the server's buffer budget, and the cap its engine holds now.
     share: Arc<RoomShare>,
     cap: u64,
+    metrics: RoomMetrics,
     closed: bool,
     skipped_ticks: u64,
     dropped_media: u64,
@@ -88,6 +96,7 @@ impl Room {
         rx: mpsc::Receiver<RoomCommand>,
         recorder: Option<Recorder>,
         share: Arc<RoomShare>,
+        metrics: RoomMetrics,
     ) -> Self {
         let pacer = Pacer::new(Instant::now(), engine.tick_us());
         let cap = engine.buffer_cap();
@@ -105,6 +114,7 @@ impl Room {
             recorder,
             share,
             cap,
+            metrics,
             closed: false,
             skipped_ticks: 0,
             dropped_media: 0,
@@ -158,23 +168,32 @@ impl Room {
         self.engine.skip_to(to);
     }
 
+    /// Commands waiting in the room's queue.
+    pub fn queued(&self) -> usize {
+        self.rx.len()
+    }
+
     /// Runs the ticks whose time has come; a quiet room passes over those with nothing due.
-    pub fn run_due(&mut self, now: Instant, media: &mut MediaIo) {
+    /// Returns the ticks skipped for being too far behind.
+    pub fn run_due(&mut self, now: Instant, media: &mut MediaIo) -> u64 {
+        let mut skipped = 0;
         for _ in 0..MAX_CATCH_UP_TICKS {
             if self.closed {
-                return;
+                break;
             }
             self.skip_quiet(now);
             let due = self.pacer.due(self.engine.next_tick(), now);
             if due.skipped > 0 {
+                skipped += due.skipped;
                 self.skipped_ticks += due.skipped;
                 tracing::warn!(room = %self.id, skipped = due.skipped, "the worker fell behind; skipping ticks");
             }
             if due.run == 0 {
-                return;
+                break;
             }
             self.tick_once(media);
         }
+        skipped
     }
 
     fn push(&mut self, at: Instant, input: Input) {
@@ -191,7 +210,8 @@ impl Room {
     }
 
     fn tick_once(&mut self, media: &mut MediaIo) {
-        self.apply_share(Instant::now());
+        let started = Instant::now();
+        self.apply_share(started);
         for _ in 0..MAX_COMMANDS_PER_TICK {
             match self.rx.try_recv() {
                 Ok(command) => self.apply(command, media),
@@ -216,6 +236,7 @@ impl Room {
         for packet in output.packets.drain(..) {
             self.deliver(now, packet, media);
         }
+        self.metrics.after_tick(&output, &self.engine, started.elapsed());
         self.engine.recycle(output);
     }
 
@@ -236,9 +257,11 @@ impl Room {
     /// Counts a notice that did not reach its session: its queue was full (a slow client loses
     /// notices), not closed (a session that ended and is leaving loses nothing).
     fn count_undelivered(&mut self, error: mpsc::error::TrySendError<Notice>) {
-        if let mpsc::error::TrySendError::Full(_) = error {
+        let cause = DropCause::of(&error);
+        if cause == DropCause::Full {
             self.dropped_events += 1;
         }
+        self.metrics.notice_dropped(cause);
     }
 
     fn broadcast(&mut self, notice: Notice) {
@@ -276,9 +299,18 @@ impl Room {
                     })
                     .collect();
                 self.push(at, Input::Join { peer: peer.clone(), uid: uid.clone(), roles: roles.clone() });
+                self.metrics.peer_joined(&roles);
                 self.broadcast(Notice::PeerJoined { peer: peer.to_string(), uid: uid.clone(), roles: roles.clone() });
-                let slot =
-                    PeerSlot { uid, roles, events, send: None, send_paused: false, recv: None, publishing: false };
+                let slot = PeerSlot {
+                    uid,
+                    roles,
+                    events,
+                    send: None,
+                    send_paused: false,
+                    recv: None,
+                    publishing: false,
+                    waiting_since: Some(at),
+                };
                 self.peers.insert(peer.clone(), slot);
                 let _ = reply.send(JoinedRoom { peer, peers });
             }
@@ -291,6 +323,7 @@ impl Room {
                 }
                 if let Some(slot) = self.peers.remove(&peer) {
                     self.push(at, Input::Leave { peer: peer.clone() });
+                    self.metrics.peer_left(&slot.roles);
                     self.recv_by_key.clear();
                     self.broadcast(Notice::PeerLeft { peer: peer.to_string(), uid: slot.uid, roles: slot.roles });
                 }
@@ -424,6 +457,7 @@ impl Room {
             Side::Send => {
                 let gone: Vec<PublishedTrack> = self.tracks.values().filter(|t| t.conn == conn).cloned().collect();
                 for track in gone {
+                    tracing::info!(room = %self.id, %peer, track = %track.name, "track unpublished");
                     self.tracks.remove(&(conn, track.ssrc));
                     self.track_names.remove(&track.name);
                     self.push(at, Input::Unpublish { track: track.name });
@@ -434,6 +468,7 @@ impl Room {
                     slot.send = None;
                     if slot.publishing {
                         slot.publishing = false;
+                        self.metrics.publishing(false);
                         self.broadcast(Notice::Publishing { peer: peer.to_string(), publishing: false });
                     }
                 }
@@ -446,6 +481,7 @@ impl Room {
                     .is_some_and(|leg| leg.connected);
                 self.recv_by_key.clear();
                 if was_listening {
+                    tracing::info!(room = %self.id, %peer, "listening stopped");
                     self.push(at, Input::Unlisten { peer: peer.clone() });
                 }
             }
@@ -471,7 +507,7 @@ impl Room {
         match event {
             MediaEvent::Connected { conn, .. } => {
                 let Some((peer, side)) = self.conns.get(&conn).cloned() else { return };
-                tracing::debug!(room = %self.id, %peer, %side, "transport connected");
+                tracing::info!(room = %self.id, %peer, %side, "transport connected");
                 if side == Side::Recv
                     && let Some(leg) = self.peers.get_mut(&peer).and_then(|s| s.recv.as_mut())
                     && leg.conn == conn
@@ -479,7 +515,7 @@ impl Room {
                     leg.connected = true;
                     self.recv_by_key.clear();
                     self.push(Instant::now(), Input::Listen { peer: peer.clone() });
-                    tracing::info!(room = %self.id, %peer, "listening");
+                    tracing::info!(room = %self.id, %peer, "listening started");
                 }
             }
             MediaEvent::Closed { conn, failed, .. } => self.conn_gone(Instant::now(), conn, failed),
@@ -503,11 +539,12 @@ impl Room {
                         ssrc,
                     },
                 );
-                tracing::info!(room = %self.id, %peer, track = %name, %codec, "publishing");
+                tracing::info!(room = %self.id, %peer, track = %name, %codec, "track published");
                 if let Some(slot) = self.peers.get_mut(&peer)
                     && !slot.publishing
                 {
                     slot.publishing = true;
+                    self.metrics.publishing(true);
                     self.broadcast(Notice::Publishing { peer: peer.to_string(), publishing: true });
                 }
             }
@@ -518,6 +555,10 @@ impl Room {
                     return;
                 }
                 let name = track.name.clone();
+                crate::metrics::rtp_in(
+                    kind,
+                    rtc::shared::marshal::MarshalSize::marshal_size(&packet.header) + packet.payload.len(),
+                );
                 let rtp = RtpIn {
                     seq: packet.header.sequence_number,
                     ts: packet.header.timestamp,
@@ -603,7 +644,17 @@ impl Room {
                 };
                 self.broadcast(notice);
             }
-            Event::Route { listener, to, reason, lag_us, live, .. } => {
+            Event::Route { listener, from, to, reason, lag_us, live, .. } => {
+                tracing::debug!(
+                    room = %self.id,
+                    listener = %listener,
+                    from = ?from.as_ref().map(|u| u.to_string()),
+                    to = ?to.as_ref().map(|u| u.to_string()),
+                    reason = ?reason,
+                    live,
+                    lag_ms = lag_us.unwrap_or(0) / 1000,
+                    "route changed"
+                );
                 // The speaker's uid while the speaker is in the room.
                 let uid = to.as_ref().and_then(|id| self.peers.get(id.speaker.as_str())?.uid.clone());
                 let notice = Notice::NowPlaying {
@@ -641,6 +692,12 @@ impl Room {
             return;
         }
         let Some(payload) = packet.payload else { return };
+        if let Some(slot) = self.peers.get_mut(peer.as_str())
+            && let Some(since) = slot.waiting_since.take()
+        {
+            crate::metrics::join_latency(since.elapsed());
+        }
+        let bytes = RTP_HEADER_BYTES + payload.len();
         let payload = Bytes::from_owner(payload);
         let sent = media.write_rtp(
             now,
@@ -652,8 +709,11 @@ impl Room {
             packet.audio_level,
             payload,
         );
-        if !sent {
+        if sent {
+            crate::metrics::rtp_out(packet.media, bytes, packet.retransmit);
+        } else {
             self.dropped_media += 1;
+            self.metrics.media_dropped(DropCause::Closed);
         }
     }
 

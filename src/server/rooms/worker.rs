@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use super::WorkerStats;
 use super::room::Room;
+use crate::metrics::WorkerMetrics;
 use crate::server::media::{MediaEvent, MediaIo, MediaStats};
 
 /// Missed ticks a room runs back to back in one wake-up before it skips the rest.
@@ -84,10 +85,12 @@ pub fn run(
     stopping: Arc<AtomicBool>,
     mut media: MediaIo,
     stats: Arc<Vec<Mutex<WorkerStats>>>,
+    metrics: WorkerMetrics,
 ) {
     let mut rooms: BTreeMap<u64, Room> = BTreeMap::new();
     let mut io_errors = 0u64;
     let mut reported = (Instant::now(), media.stats());
+    let mut counted = media.stats();
     loop {
         while let Ok(room) = control.try_recv() {
             rooms.insert(room.serial(), room);
@@ -108,12 +111,18 @@ pub fn run(
         }
         let now = Instant::now();
         let stop = stopping.load(Ordering::Relaxed);
+        let mut queued = 0;
         for room in rooms.values_mut() {
-            room.run_due(now, &mut media);
+            let skipped = room.run_due(now, &mut media);
+            if skipped > 0 {
+                metrics.skipped_ticks(skipped);
+            }
+            queued += room.queued();
             if !room.is_closed() && stop && room.channel_closed() {
                 room.close(&mut media);
             }
         }
+        metrics.queue_depth(queued);
         media.collect(Instant::now());
         media.flush();
         // Events raised by the ticks' own writes and closes (a room's closed connections).
@@ -133,6 +142,9 @@ pub fn run(
             *slot.lock().unwrap_or_else(|p| p.into_inner()) =
                 WorkerStats { media: media.stats(), connections: media.connections() };
         }
+        let now_stats = media.stats();
+        crate::metrics::media_dropped(drop_counts(&counted, &now_stats));
+        counted = now_stats;
         if reported.0.elapsed() >= DROP_REPORT_EVERY {
             report_drops(index, &reported.1, &media.stats());
             reported = (Instant::now(), media.stats());
@@ -171,18 +183,36 @@ fn trim_heap() {
     }
 }
 
+/// What the media path dropped between two readings, by `metrics::MEDIA_DROP_CAUSES`.
+fn drop_counts(before: &MediaStats, now: &MediaStats) -> [u64; 8] {
+    let delta = |a: u64, b: u64| b.saturating_sub(a);
+    [
+        delta(before.drop_unknown_source, now.drop_unknown_source),
+        delta(before.drop_stun_no_username, now.drop_stun_no_username),
+        delta(before.drop_stun_unknown_ufrag, now.drop_stun_unknown_ufrag),
+        delta(before.drop_stun_bad_integrity, now.drop_stun_bad_integrity),
+        delta(before.drop_truncated, now.drop_truncated),
+        delta(before.drop_rtc_error, now.drop_rtc_error),
+        delta(before.drop_tcp_unbound, now.drop_tcp_unbound),
+        delta(before.drop_tcp_overflow, now.drop_tcp_overflow),
+    ]
+}
+
 /// One log line with what the media path dropped since `before`, by cause, if anything.
 fn report_drops(worker: usize, before: &MediaStats, now: &MediaStats) {
-    let delta = |a: u64, b: u64| b.saturating_sub(a);
-    let unknown_source = delta(before.drop_unknown_source, now.drop_unknown_source);
-    let stun = delta(before.drop_stun_unknown_ufrag, now.drop_stun_unknown_ufrag)
-        + delta(before.drop_stun_bad_integrity, now.drop_stun_bad_integrity)
-        + delta(before.drop_stun_no_username, now.drop_stun_no_username);
-    let refused_by_rtc = delta(before.drop_rtc_error, now.drop_rtc_error);
-    let truncated = delta(before.drop_truncated, now.drop_truncated);
-    let tcp =
-        delta(before.drop_tcp_unbound, now.drop_tcp_unbound) + delta(before.drop_tcp_overflow, now.drop_tcp_overflow);
-    let send_errors = delta(before.tx_errors, now.tx_errors);
+    let [
+        unknown_source,
+        stun_no_username,
+        stun_unknown_ufrag,
+        stun_bad_integrity,
+        truncated,
+        refused_by_rtc,
+        tcp_unbound,
+        tcp_overflow,
+    ] = drop_counts(before, now);
+    let stun = stun_no_username + stun_unknown_ufrag + stun_bad_integrity;
+    let tcp = tcp_unbound + tcp_overflow;
+    let send_errors = now.tx_errors.saturating_sub(before.tx_errors);
     if unknown_source + stun + refused_by_rtc + truncated + tcp + send_errors > 0 {
         tracing::info!(
             worker,
