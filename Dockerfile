@@ -17,35 +17,30 @@
 # rustls with ring, and Google's roots are compiled in (webpki-roots).
 ARG RUST_IMAGE=docker.io/library/rust:1.95-slim-bookworm
 ARG RUNTIME_IMAGE=docker.io/library/debian:bookworm-slim
-# Where the binary comes from: `build` compiles it in the stage below (what an image that ships
-# uses); `prebuilt` takes target/image/encore from the build context instead, a binary built on
-# the host for this same Debian (CI, which has just compiled it for its tests, so the image is
-# made in minutes rather than a second compile of twenty). Needs a builder that skips unused
-# stages (BuildKit, Buildah).
-ARG BINARY_FROM=build
 
 FROM ${RUST_IMAGE} AS build
 # `release` for images that ship; another profile of Cargo.toml for quicker test builds.
 ARG CARGO_PROFILE=release
+# PREBUILT=1 takes target/image/encore from the build context instead of compiling: a binary
+# built on the host for this same Debian. CI does, with the binary its tests have just built,
+# so the image takes seconds, not a second compile of twenty minutes; RUST_IMAGE may then be
+# the runtime base (nothing but `install` runs).
+ARG PREBUILT=0
 WORKDIR /src
 COPY . .
 # The binary leaves the target folder within the same step, so that a cache mount of target/
 # (BuildKit's --mount=type=cache, added by whoever builds often) does not lose it.
-RUN cargo build --locked --profile "${CARGO_PROFILE}" --bin encore \
+RUN if [ "${PREBUILT}" = 1 ]; then install -D -m 0755 target/image/encore /out/encore; else \
+    cargo build --locked --profile "${CARGO_PROFILE}" --bin encore \
  && dir="$([ "${CARGO_PROFILE}" = dev ] && echo debug || echo "${CARGO_PROFILE}")" \
- && install -D -m 0755 "target/${dir}/encore" /out/encore
-
-FROM ${RUNTIME_IMAGE} AS prebuilt
-COPY target/image/encore /out/encore
-
-FROM ${BINARY_FROM} AS binary
+ && install -D -m 0755 "target/${dir}/encore" /out/encore; fi
 
 FROM ${RUNTIME_IMAGE}
 # A fixed uid, so that Kubernetes' runAsNonRoot can check it and volumes can be owned by it.
 RUN groupadd --system --gid 10001 encore \
  && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/encore --create-home \
         --shell /usr/sbin/nologin encore
-COPY --from=binary /out/encore /usr/local/bin/encore
+COPY --from=build /out/encore /usr/local/bin/encore
 USER 10001:10001
 WORKDIR /var/lib/encore
 # Listen on every interface inside the container (the default is already 0.0.0.0:8443),

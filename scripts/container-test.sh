@@ -15,7 +15,7 @@
 #   proxy whose CA only the host trusts.
 #
 # The binary: when this checkout has one already (target/debug/encore, which `cargo test` has
-# just built in CI), it goes into the image through the Dockerfile's BINARY_FROM=prebuilt, and
+# just built in CI), it goes into the image through the Dockerfile's PREBUILT=1, and
 # nothing is compiled twice; ENCORE_CONTAINER_FULL=1 (or no binary) compiles it in release inside
 # the build stage instead, as an image that ships is made (about 20 minutes on two busy cores).
 #
@@ -96,7 +96,7 @@ if [[ -z ${ENCORE_CONTAINER_IMAGE:-} ]]; then
         log "building $image around this checkout's binary (target/debug/encore, debug info stripped)"
         mkdir -p target/image
         strip --strip-debug -o target/image/encore target/debug/encore
-        build_args=(--build-arg BINARY_FROM=prebuilt)
+        build_args=(--build-arg PREBUILT=1 --build-arg "RUST_IMAGE=$runtime_base")
     fi
     "${podman[@]}" build --network host --format docker "${ulimits[@]}" "${build_args[@]}" \
         --build-arg "RUNTIME_IMAGE=$runtime_base" -t "$image" . >"$work/build.log" 2>&1 ||
