@@ -6,12 +6,13 @@ use bevy_ecs::schedule::Schedule;
 use encore_components::config::{EngineConfig, EngineConfigError};
 use encore_components::ids::{MediaKind, Name, PeerKey, UtteranceId, UtteranceOrd};
 use encore_components::input::Input;
+use encore_components::learner::Learner;
 use encore_components::listener::{ListenerSession, Route};
 use encore_components::output::TickOutput;
 use encore_components::peer::{Peer, Prefs};
 use encore_components::resources::{
-    BufferLedger, ClosedUtterances, Counters, DecisionQueue, Decisions, Departures, Directory, EngineClock, EngineRng,
-    NackQueue, NewUtterances, Outputs, PendingInputs, TimedInput,
+    BufferLedger, ClosedUtterances, Counters, DecisionQueue, Decisions, Departures, Directory, Dominance, EngineClock,
+    EngineRng, ListenOutcomes, NackQueue, NewUtterances, Outputs, PendingInputs, RecommenderCounts, TimedInput,
 };
 use encore_components::track::{PreRoll, Track};
 use encore_components::utterance::{Audience, PacketBuffer, Utterance};
@@ -105,6 +106,10 @@ impl Engine {
         world.init_resource::<NackQueue>();
         world.init_resource::<ClosedUtterances>();
         world.init_resource::<Outputs>();
+        world.init_resource::<Dominance>();
+        world.init_resource::<ListenOutcomes>();
+        world.init_resource::<RecommenderCounts>();
+        world.init_resource::<Learner>();
         let mut schedule = build_schedule();
         schedule.initialize(&mut world).map_err(|e| EngineError::Schedule(e.to_string(schedule.graph(), &world)))?;
         Ok(Engine { world, schedule, next_tick: 0, tick_us, last_at_us: 0, spare: TickOutput::default() })
@@ -194,6 +199,17 @@ impl Engine {
 
     pub fn counters(&self) -> Counters {
         *self.world.resource::<Counters>()
+    }
+
+    /// The recommender's decisions and scored candidates since the start.
+    pub fn recommender_counts(&self) -> RecommenderCounts {
+        *self.world.resource::<RecommenderCounts>()
+    }
+
+    /// The dominant speaker, as last decided (while the detector runs: the `loudest` policy or
+    /// `dominant_speaker.events`).
+    pub fn dominant_speaker(&self) -> Option<&Name> {
+        self.world.resource::<Dominance>().speaker.as_ref().map(|(_, name)| name)
     }
 
     /// The name of a peer key (keys are never reused, so this works after it left).

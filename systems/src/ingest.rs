@@ -17,10 +17,12 @@ use encore_components::output::EndReason;
 use encore_components::output::{DropCounts, Event, KeyframeReason, RouteReason};
 use encore_components::peer::{Affinity, Peer, Prefs};
 use encore_components::resources::{
-    Counters, DecisionNeed, DecisionQueue, Departures, Directory, EngineClock, EngineRng, NackQueue, PendingInputs,
-    TimedInput,
+    Counters, DecisionNeed, DecisionQueue, Departures, Directory, EngineClock, EngineRng, ListenOutcome,
+    ListenOutcomes, NackQueue, PendingInputs, TimedInput, Verdict,
 };
-use encore_components::track::{Incoming, KeyframeThrottle, PreRoll, Recording, RtpState, StagedPacket, Track, Voice};
+use encore_components::track::{
+    Incoming, KeyframeThrottle, PreRoll, Recording, RtpState, SpeechLevels, StagedPacket, Track, Voice,
+};
 use encore_components::utterance::{Audience, Utterance};
 
 use crate::rtp::{FIRST_SEQ_CYCLE, FIRST_TS_CYCLE, unwrap_seq, unwrap_ts};
@@ -158,7 +160,9 @@ fn publish(
     let rtp_state = RtpState { received: vec![0; window_words], ..RtpState::default() };
     let mut spawned = world.spawn((track, rtp_state, Incoming::default()));
     match media {
-        MediaKind::Audio => spawned.insert((Voice::default(), PreRoll::default(), Recording::default())),
+        MediaKind::Audio => {
+            spawned.insert((Voice::default(), PreRoll::default(), Recording::default(), SpeechLevels::default()))
+        }
         MediaKind::Video => spawned.insert(KeyframeThrottle::default()),
     };
     let entity = spawned.id();
@@ -337,6 +341,20 @@ fn feedback(
     if let Some(mut affinity) = world.get_mut::<Affinity>(peer_entity) {
         let value = affinity.by_speaker.entry(id.speaker.clone()).or_insert(0);
         *value = (*value + delta).clamp(-limit, limit);
+    }
+    // For the learning recommender: a like, or a skip of an utterance not playing (route
+    // reports the skip of the one playing, with how much was heard).
+    let playing_it = current.as_ref().is_some_and(|(current_id, _)| *current_id == id);
+    let verdict = match signal {
+        FeedbackSignal::Like => Some(Verdict::Liked),
+        FeedbackSignal::Skip => (!playing_it).then_some(Verdict::Skipped),
+    };
+    if let Some(verdict) = verdict
+        && let Some((ord, utterance_entity)) = known
+        && let Some(speaker) = world.get::<Utterance>(utterance_entity).map(|u| u.speaker)
+    {
+        let outcome = ListenOutcome { listener: key, speaker, utterance: ord, verdict, heard_us: 0 };
+        world.resource_mut::<ListenOutcomes>().list.push(outcome);
     }
     if signal != FeedbackSignal::Skip {
         return;

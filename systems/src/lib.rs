@@ -92,9 +92,11 @@
 //! ordinals, track names), never in `Entity` order or a hash map's.
 
 pub mod accounting;
+pub mod dominant;
 pub mod engine;
 pub mod evict;
 pub mod ingest;
+pub mod learn;
 pub mod playout;
 pub mod recommend;
 pub mod retransmit;

@@ -12,21 +12,36 @@ use bevy_ecs::prelude::{Query, Res, ResMut};
 use encore_components::config::EngineConfig;
 use encore_components::listener::{Cursor, History, ListenerSession, OutStreams, Playing, Route};
 use encore_components::output::{Event, RouteReason};
-use encore_components::resources::{Counters, DecisionKind, Decisions, EngineClock, Outputs};
+use encore_components::resources::{
+    Counters, DecisionKind, Decisions, EngineClock, ListenOutcome, ListenOutcomes, Outputs, Verdict,
+};
 use encore_components::utterance::{Audience, PacketBuffer, Utterance};
 
+use crate::recommend::switch_margin;
 use crate::shared::bug;
 
-#[allow(clippy::type_complexity)]
+/// What taking a listener off its utterance for this reason says about the utterance.
+fn verdict(kind: DecisionKind) -> Verdict {
+    match kind {
+        DecisionKind::Full(RouteReason::Finished) => Verdict::Finished,
+        DecisionKind::Full(RouteReason::Skip) => Verdict::Skipped,
+        DecisionKind::Full(RouteReason::Muted) => Verdict::Muted,
+        _ => Verdict::Interrupted,
+    }
+}
+
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
 pub fn route(
     config: Res<EngineConfig>,
     clock: Res<EngineClock>,
     mut decisions: ResMut<Decisions>,
     mut outputs: ResMut<Outputs>,
     mut counters: ResMut<Counters>,
+    mut outcomes: ResMut<ListenOutcomes>,
     mut sessions: Query<(&ListenerSession, &mut Route, &mut OutStreams, &mut History)>,
     mut utterances: Query<(&Utterance, &PacketBuffer, &mut Audience)>,
 ) {
+    let margin = switch_margin(&config.recommender);
     for decision in decisions.list.drain(..) {
         let Ok((listener, mut route, mut streams, mut history)) = sessions.get_mut(decision.session) else {
             bug(&mut counters, "a decision names a session that lacks its components");
@@ -34,10 +49,10 @@ pub fn route(
         };
         let current = route.playing.as_ref().map(|p| (p.utterance, p.id.clone(), p.score));
         let reason = match decision.kind {
-            DecisionKind::NewUtterance => match (&current, &decision.choice) {
-                (None, _) => RouteReason::NewUtterance,
-                (Some((_, _, playing_score)), Some(choice))
-                    if choice.score >= playing_score + config.recommender.switch_margin =>
+            DecisionKind::NewUtterance => match (&current, &decision.choice, margin) {
+                (None, _, _) => RouteReason::NewUtterance,
+                (Some((_, _, playing_score)), Some(choice), Some(margin))
+                    if choice.score >= decision.rescored.unwrap_or(*playing_score).saturating_add(margin) =>
                 {
                     RouteReason::Switch
                 }
@@ -45,6 +60,15 @@ pub fn route(
             },
             DecisionKind::Full(reason) => reason,
         };
+        if let Some(playing) = &route.playing {
+            outcomes.list.push(ListenOutcome {
+                listener: listener.key,
+                speaker: playing.speaker,
+                utterance: playing.ord,
+                verdict: verdict(decision.kind),
+                heard_us: clock.now_us.saturating_sub(playing.start_us),
+            });
+        }
         let from = match current {
             Some((entity, id, _)) => {
                 route.playing = None;

@@ -316,6 +316,9 @@ impl Room {
                     let _ = control.try_send(PublisherControl::KeyframeRequest);
                 }
             }
+            Event::DominantSpeaker { speaker, .. } => {
+                self.broadcast(Notice::DominantSpeaker { speaker: speaker.as_ref().map(|s| s.to_string()) });
+            }
             Event::Evict { .. } | Event::Stats(_) => {}
         }
     }
