@@ -136,7 +136,7 @@ impl Policy {
 
 impl std::fmt::Display for Policy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
@@ -173,6 +173,9 @@ pub struct LearnConfig {
     pub accept_min: i64,
     /// A busy listener switches mid-utterance only to a candidate scoring this much more.
     pub switch_margin: i64,
+    /// Listeners are put in taste groups (by favourite speaker) whose rewards and verdicts
+    /// they share; without, the whole room's stand for every listener's group.
+    pub groups: bool,
 }
 
 impl Default for LearnConfig {
@@ -185,6 +188,7 @@ impl Default for LearnConfig {
             utterance: 250,
             accept_min: 150,
             switch_margin: 500,
+            groups: true,
         }
     }
 }

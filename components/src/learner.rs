@@ -62,6 +62,9 @@ pub struct ListenerTaste {
     pub by_speaker: Vec<Reward>,
     /// Its taste group; its rewards are part of that group's sums.
     pub group: Group,
+    /// The utterance it plays, the group it was in when it started, and when (ms): its
+    /// exposure is counted there until it stops.
+    pub playing: Option<(UtteranceOrd, Group, u64)>,
 }
 
 impl ListenerTaste {
@@ -76,6 +79,20 @@ pub struct Verdicts {
     pub finished: u32,
     pub liked: u32,
     pub skipped: u32,
+    /// Milliseconds of it heard by those who no longer play it.
+    pub heard_ms: u64,
+    /// Listeners playing it now, and the sum of the engine times (ms) at which they started:
+    /// with `heard_ms`, its exposure at `now` is `heard_ms + playing * now - since_ms`, the
+    /// time its skips are counted against.
+    pub playing: u32,
+    pub since_ms: u64,
+}
+
+impl Verdicts {
+    /// Milliseconds heard by every listener so far, those still playing it included.
+    pub fn exposure_ms(&self, now_ms: u64) -> u64 {
+        (self.heard_ms + self.playing as u64 * now_ms).saturating_sub(self.since_ms)
+    }
 }
 
 /// The verdicts on one utterance: everyone's, and each taste group's.
@@ -122,6 +139,10 @@ pub struct Learner {
     pub room: Vec<Rated>,
     /// The verdicts on recent utterances.
     pub utterances: BTreeMap<UtteranceOrd, UtteranceVerdicts>,
+    /// Every skip and every millisecond heard of a finished or skipped utterance, in the room:
+    /// the room's skip rate, which an utterance's is compared with.
+    pub skips: u64,
+    pub heard_ms: u64,
     /// Listeners whose group is to be looked at again, in key order.
     pub regroup: BTreeSet<PeerKey>,
     /// When the verdicts of utterances no longer in the buffer are next forgotten.

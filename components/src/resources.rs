@@ -218,6 +218,8 @@ pub enum Verdict {
     /// The engine took it off the utterance (a switch, an eviction, the end of listening):
     /// nothing learnt about the listener.
     Interrupted,
+    /// It started playing the utterance.
+    Started,
 }
 
 /// One verdict of a listener on an utterance: the learning recommender's data.

@@ -249,6 +249,16 @@ fn end_listening(world: &mut World, session: Entity) {
     let Some(listener) = world.get::<ListenerSession>(session).cloned() else {
         return world_bug(world, "a peer's session has no ListenerSession");
     };
+    if let Some(playing) = world.get::<Route>(session).and_then(|r| r.playing.as_ref()) {
+        let outcome = ListenOutcome {
+            listener: listener.key,
+            speaker: playing.speaker,
+            utterance: playing.ord,
+            verdict: Verdict::Interrupted,
+            heard_us: world.resource::<EngineClock>().now_us.saturating_sub(playing.start_us),
+        };
+        world.resource_mut::<ListenOutcomes>().list.push(outcome);
+    }
     if let Some(from) = stop_playing(world, session) {
         emit(
             world,

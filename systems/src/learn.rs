@@ -8,8 +8,8 @@
 //! an interruption by the engine (a switch, an eviction) teaches nothing. The same reward goes
 //! to the speaker's sums in the listener's taste group and in the room, whose means (with a
 //! prior: the room's from 500, a group's from the room's) are kept up to date, one division a
-//! verdict; and the verdict itself is counted on the utterance, for the listeners who are
-//! offered it later.
+//! verdict; and the verdict itself is counted on the utterance with how long it was heard, for
+//! the listeners who are offered it later (its skips per second heard against the room's).
 //!
 //! A listener's taste group is its favourite speaker (the best mean of those it judged at
 //! least twice, if better than 500): listeners who like the same speaker best are taken to
@@ -19,8 +19,10 @@
 use bevy_ecs::prelude::{Res, ResMut};
 
 use encore_components::config::{EngineConfig, Policy};
-use encore_components::ids::PeerKey;
-use encore_components::learner::{Group, Learner, ListenerTaste, Rated, Reward, SpeakerSlot};
+use encore_components::ids::{PeerKey, UtteranceOrd};
+use encore_components::learner::{
+    Group, Learner, ListenerTaste, Rated, Reward, SpeakerSlot, UtteranceVerdicts, Verdicts,
+};
 use encore_components::resources::{Directory, EngineClock, ListenOutcome, ListenOutcomes, Verdict};
 
 /// A listen-through's reward, in thousandths.
@@ -125,12 +127,70 @@ pub fn reward(verdict: Verdict, heard_us: u64) -> Option<Reward> {
         Verdict::Skipped => Reward { sum: (heard_us * SKIP_PER_S / 1_000_000).min(SKIP_MAX), trials: 1 },
         Verdict::Liked => Reward { sum: LIKE, trials: 0 },
         Verdict::Muted => Reward { sum: 0, trials: 1 },
-        Verdict::Interrupted => return None,
+        Verdict::Interrupted | Verdict::Started => return None,
     })
 }
 
-/// Takes one verdict into the model.
-pub fn record(learner: &mut Learner, outcome: &ListenOutcome) {
+fn verdicts_mut(learner: &mut Learner, utterance: UtteranceOrd, group: Group) -> [Option<&mut Verdicts>; 2] {
+    let entry = learner.utterances.entry(utterance).or_default();
+    let UtteranceVerdicts { all, by_group } = entry;
+    let mine = (group != 0).then(|| {
+        let i = match by_group.binary_search_by_key(&group, |(g, _)| *g) {
+            Ok(i) => i,
+            Err(i) => {
+                by_group.insert(i, (group, Verdicts::default()));
+                i
+            }
+        };
+        &mut by_group[i].1
+    });
+    [Some(all), mine]
+}
+
+/// Exposure: a listener starts playing an utterance, or stops (heard for `heard_us`).
+fn exposure(learner: &mut Learner, outcome: &ListenOutcome, now_ms: u64) {
+    let taste = taste_mut(learner, outcome.listener);
+    let previous = taste.playing.take();
+    if outcome.verdict == Verdict::Started {
+        taste.playing = Some((outcome.utterance, taste.group, now_ms));
+        // One that ended without a word (its utterance evicted): nothing to take back but its
+        // count, if its verdicts are still kept.
+        if let Some((ord, group, since_ms)) = previous
+            && learner.utterances.contains_key(&ord)
+        {
+            for v in verdicts_mut(learner, ord, group).into_iter().flatten() {
+                v.playing = v.playing.saturating_sub(1);
+                v.since_ms = v.since_ms.saturating_sub(since_ms);
+                v.heard_ms += now_ms.saturating_sub(since_ms);
+            }
+        }
+        let group = learner.listeners[outcome.listener.0 as usize].group;
+        for v in verdicts_mut(learner, outcome.utterance, group).into_iter().flatten() {
+            v.playing += 1;
+            v.since_ms += now_ms;
+        }
+        return;
+    }
+    let heard_ms = outcome.heard_us / 1000;
+    match previous {
+        Some((ord, group, since_ms)) if ord == outcome.utterance => {
+            for v in verdicts_mut(learner, ord, group).into_iter().flatten() {
+                v.playing = v.playing.saturating_sub(1);
+                v.since_ms = v.since_ms.saturating_sub(since_ms);
+                v.heard_ms += heard_ms;
+            }
+        }
+        // A verdict on another utterance (a like, a skip from the list): it still plays this.
+        other => taste_mut(learner, outcome.listener).playing = other,
+    }
+    learner.heard_ms += heard_ms;
+}
+
+/// Takes one verdict into the model at `now_us`.
+pub fn record(learner: &mut Learner, outcome: &ListenOutcome, now_us: u64) {
+    if outcome.verdict != Verdict::Liked {
+        exposure(learner, outcome, now_us / 1000);
+    }
     let Some(delta) = reward(outcome.verdict, outcome.heard_us) else { return };
     let slot = slot_for(learner, outcome.speaker);
     let taste = taste_mut(learner, outcome.listener);
@@ -143,16 +203,15 @@ pub fn record(learner: &mut Learner, outcome: &ListenOutcome) {
     room.reward.add(delta);
     room.rate = mean(room.reward, PRIOR_RATE, ROOM_PRIOR_TRIALS);
     group_reward(learner, group, slot, delta, false);
-    let verdicts = learner.utterances.entry(outcome.utterance).or_default();
-    let count = |v: &mut encore_components::learner::Verdicts| match outcome.verdict {
-        Verdict::Finished => v.finished += 1,
-        Verdict::Liked => v.liked += 1,
-        Verdict::Skipped | Verdict::Muted => v.skipped += 1,
-        Verdict::Interrupted => {}
-    };
-    count(&mut verdicts.all);
-    if group != 0 {
-        count(verdicts.group_mut(group));
+    let skipped = matches!(outcome.verdict, Verdict::Skipped | Verdict::Muted);
+    learner.skips += u64::from(skipped);
+    for v in verdicts_mut(learner, outcome.utterance, group).into_iter().flatten() {
+        match outcome.verdict {
+            Verdict::Finished => v.finished += 1,
+            Verdict::Liked => v.liked += 1,
+            Verdict::Skipped | Verdict::Muted => v.skipped += 1,
+            Verdict::Interrupted | Verdict::Started => {}
+        }
     }
     if delta.trials > 0 {
         learner.regroup.insert(outcome.listener);
@@ -211,11 +270,15 @@ pub fn learn(
         return;
     }
     for outcome in outcomes.list.drain(..) {
-        record(&mut learner, &outcome);
+        record(&mut learner, &outcome, clock.now_us);
     }
-    for _ in 0..REGROUP_PER_TICK {
-        let Some(key) = learner.regroup.pop_first() else { break };
-        regroup(&mut learner, key);
+    if config.recommender.learn.groups {
+        for _ in 0..REGROUP_PER_TICK {
+            let Some(key) = learner.regroup.pop_first() else { break };
+            regroup(&mut learner, key);
+        }
+    } else {
+        learner.regroup.clear();
     }
     if clock.now_us >= learner.next_prune_us {
         learner.next_prune_us = clock.now_us + PRUNE_INTERVAL_US;
@@ -226,7 +289,6 @@ pub fn learn(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use encore_components::ids::UtteranceOrd;
 
     fn outcome(listener: u32, speaker: u32, utterance: u64, verdict: Verdict, heard_us: u64) -> ListenOutcome {
         ListenOutcome {
@@ -255,7 +317,7 @@ mod tests {
         for (i, (speaker, verdict)) in
             [(1, Verdict::Finished), (1, Verdict::Liked), (2, Verdict::Skipped)].iter().cycle().take(6).enumerate()
         {
-            record(&mut learner, &outcome(10, *speaker, i as u64, *verdict, 0));
+            record(&mut learner, &outcome(10, *speaker, i as u64, *verdict, 0), 0);
         }
         let slot1 = learner.slot(PeerKey(1)).unwrap();
         let slot2 = learner.slot(PeerKey(2)).unwrap();
@@ -271,10 +333,32 @@ mod tests {
         // The group's mean of speaker 2 starts from the room's.
         assert_eq!(learner.groups[1][1].rate, (4 * learner.room[1].rate) / 6);
         // A later verdict goes to the group's sums at once.
-        record(&mut learner, &outcome(10, 2, 9, Verdict::Finished, 0));
+        record(&mut learner, &outcome(10, 2, 9, Verdict::Finished, 0), 0);
         assert_eq!(learner.groups[1][1].reward, Reward { sum: 700, trials: 3 });
         let verdicts = &learner.utterances[&UtteranceOrd(9)];
         assert_eq!((verdicts.all.finished, verdicts.group(1).finished, verdicts.group(2).finished), (1, 1, 0));
+        // Skips, for the utterances' skip rates.
+        assert_eq!(learner.skips, 2);
+    }
+
+    #[test]
+    fn exposure_counts_what_listeners_playing_it_have_heard_so_far() {
+        let mut learner = Learner::default();
+        let at = |learner: &mut Learner, listener: u32, verdict: Verdict, heard_us: u64, now_us: u64| {
+            record(learner, &outcome(listener, 1, 7, verdict, heard_us), now_us);
+        };
+        at(&mut learner, 20, Verdict::Started, 0, 1_000_000);
+        at(&mut learner, 21, Verdict::Started, 0, 2_000_000);
+        let v = learner.utterances[&UtteranceOrd(7)].all;
+        assert_eq!(v.exposure_ms(3_000), 2_000 + 1_000, "both still playing it");
+        at(&mut learner, 20, Verdict::Skipped, 2_500_000, 3_500_000);
+        let v = learner.utterances[&UtteranceOrd(7)].all;
+        assert_eq!((v.playing, v.skipped), (1, 1));
+        assert_eq!(v.exposure_ms(4_000), 2_500 + 2_000);
+        // A like of another utterance leaves what 21 plays as it was.
+        record(&mut learner, &outcome(21, 1, 3, Verdict::Liked, 0), 4_000_000);
+        assert_eq!(learner.listeners[21].playing, Some((UtteranceOrd(7), 0, 2_000)));
+        assert_eq!((learner.skips, learner.heard_ms), (1, 2_500));
     }
 
     #[test]
@@ -286,12 +370,14 @@ mod tests {
 
     #[test]
     fn nobody_better_than_neutral_is_a_favourite() {
-        let taste =
-            ListenerTaste { by_speaker: vec![Reward { sum: 0, trials: 5 }, Reward { sum: 350, trials: 1 }], group: 0 };
+        let taste = ListenerTaste {
+            by_speaker: vec![Reward { sum: 0, trials: 5 }, Reward { sum: 350, trials: 1 }],
+            ..Default::default()
+        };
         assert_eq!(favourite(&taste), None);
         let taste = ListenerTaste {
             by_speaker: vec![Reward { sum: 1400, trials: 2 }, Reward { sum: 2100, trials: 3 }],
-            group: 0,
+            ..Default::default()
         };
         assert_eq!(favourite(&taste), Some(1), "(2100 + 1000) / 5 = 620 beats (1400 + 1000) / 4 = 600");
     }

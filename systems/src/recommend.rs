@@ -440,8 +440,8 @@ pub fn recommend(
             decide(&mut round, &scorer, &scorer, &pool, &needs, &fresh, &mut list);
         }
         Policy::Learn => {
-            let on_pool = learned::Learned::new(&rules.learn, &learner, &rng, clock.tick, &pool);
-            let on_fresh = learned::Learned::new(&rules.learn, &learner, &rng, clock.tick, &fresh);
+            let on_pool = learned::Learned::new(&rules.learn, &learner, &rng, &clock, &pool);
+            let on_fresh = learned::Learned::new(&rules.learn, &learner, &rng, &clock, &fresh);
             decide(&mut round, &on_pool, &on_fresh, &pool, &needs, &fresh, &mut list);
         }
     }

@@ -97,6 +97,13 @@ pub fn route(
             if history.heard.insert(choice.ord) {
                 audience.heard += 1;
             }
+            outcomes.list.push(ListenOutcome {
+                listener: listener.key,
+                speaker: utterance.speaker,
+                utterance: choice.ord,
+                verdict: Verdict::Started,
+                heard_us: 0,
+            });
             lag_us = Some(clock.now_us.saturating_sub(utterance.started_us));
             live = utterance.is_open();
             route.playing = Some(Playing {
@@ -143,7 +150,10 @@ mod tests {
 
     #[test]
     fn a_busy_listener_switches_only_past_the_margin() {
-        let mut room = Room::new(EngineConfig::default());
+        // The rules policy: following is worth 1000, the margin 800.
+        let mut config = EngineConfig::default();
+        config.recommender.policy = encore_components::config::Policy::Rules;
+        let mut room = Room::new(config);
         room.speaker("alice", "a1");
         room.speaker("bob", "b1");
         room.speaker("carol", "c1");

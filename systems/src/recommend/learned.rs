@@ -4,9 +4,10 @@
 //!
 //! The terms:
 //! - `room`: what listeners of the same taste group got from the speaker (the whole room's
-//!   experience for a listener without a group yet), plus the verdicts of listeners on this
-//!   very utterance, those of the same group counting double, at most `learn.utterance` either
-//!   way: collaborative filtering over the room's listeners.
+//!   experience for a listener without a group yet), plus the verdict of listeners on this
+//!   very utterance: how fast they skipped it against the room's skip rate, those of the same
+//!   group counting double, at most `learn.utterance` either way: collaborative filtering over
+//!   the room's listeners.
 //! - `taste`: how the listener's own rewards from the speaker move that prediction (a
 //!   Bayesian average: its own mean weighs as much as the group's after three utterances).
 //! - `explore`: a draw from the engine's seeded source, up to `learn.explore` divided by the
@@ -19,9 +20,9 @@
 //! at most [`LIMIT`] of them, the freshest, and accepts nothing under `learn.accept_min`.
 
 use encore_components::config::LearnConfig;
-use encore_components::learner::{Group, Learner, Reward, SpeakerSlot, UtteranceVerdicts, Verdicts};
+use encore_components::learner::{Group, Learner, Reward, SpeakerSlot, UtteranceVerdicts};
 use encore_components::output::ScoreTerms;
-use encore_components::resources::EngineRng;
+use encore_components::resources::{EngineClock, EngineRng};
 use encore_components::utterance::Utterance;
 
 use super::{Candidate, Listener, Scorer, per_second};
@@ -46,6 +47,7 @@ pub struct Learned<'a> {
     learner: &'a Learner,
     rng: &'a EngineRng,
     tick: u64,
+    now_ms: u64,
     /// By pool index: the speaker's slot and the verdicts on the utterance so far.
     slots: Vec<Option<SpeakerSlot>>,
     verdicts: Vec<Option<&'a UtteranceVerdicts>>,
@@ -64,28 +66,27 @@ impl<'a> Learned<'a> {
         config: &'a LearnConfig,
         learner: &'a Learner,
         rng: &'a EngineRng,
-        tick: u64,
+        clock: &EngineClock,
         pool: &[Candidate],
     ) -> Self {
         Learned {
             config,
             learner,
             rng,
-            tick,
+            tick: clock.tick,
+            now_ms: clock.now_us / 1000,
             slots: pool.iter().map(|c| learner.slot(c.speaker)).collect(),
             verdicts: pool.iter().map(|c| learner.utterances.get(&c.ord)).collect(),
             caps: std::array::from_fn(|trials| explore_cap(config.explore, trials as u64)),
         }
     }
 
-    /// What listeners said of the utterance: group members' verdicts count double.
+    /// What listeners said of the utterance: how fast they skipped it (skips per second heard)
+    /// against the room's rate, group members counting double. Rates, not shares of listeners
+    /// who finished: a short utterance is finished more often without being any better.
     fn verdict_term(&self, group: Group, verdicts: &UtteranceVerdicts) -> i64 {
-        let mine = if group == 0 { Verdicts::default() } else { verdicts.group(group) };
-        let all = verdicts.all;
-        let positive = |v: Verdicts| v.finished as i64 + v.liked as i64;
-        let pos = positive(all) + positive(mine);
-        let neg = all.skipped as i64 + mine.skipped as i64;
-        self.config.utterance * (pos - neg) / (pos + neg + 4)
+        let room_heard_ms = self.learner.heard_ms;
+        verdict_term(self.config.utterance, self.learner.skips, room_heard_ms, group, verdicts, self.now_ms)
     }
 
     fn explore(&self, listener: &Listener, candidate: &Candidate, trials: u64) -> i64 {
@@ -99,6 +100,34 @@ impl<'a> Learned<'a> {
         let draw = self.rng.keyed([self.tick, listener.key.0 as u64, candidate.ord.0]);
         (draw % (cap as u64 + 1)) as i64
     }
+}
+
+/// Exposure, in milliseconds, that an utterance is given at the room's skip rate before its
+/// own verdicts count (a prior): two seconds.
+pub const VERDICT_PRIOR_MS: u128 = 2_000;
+
+/// `utterance * (H - h) / (H + h)`, `H` the room's skips per millisecond heard, `h` the
+/// utterance's with [`VERDICT_PRIOR_MS`] at `H`: within `±utterance`, 0 when the utterance is
+/// skipped as fast as the room's average, positive when more slowly.
+pub fn verdict_term(
+    utterance: i64,
+    room_skips: u64,
+    room_heard_ms: u64,
+    group: Group,
+    verdicts: &UtteranceVerdicts,
+    now_ms: u64,
+) -> i64 {
+    let mine = if group == 0 { verdicts.all } else { verdicts.group(group) };
+    let skips = mine.skipped as u128;
+    let heard = mine.exposure_ms(now_ms) as u128;
+    let (room_skips, room_heard) = (room_skips as u128, room_heard_ms.max(1) as u128);
+    // H - h and H + h over a common denominator: (Rk e - k Re) and (Rk e + 2 Rk P + k Re).
+    let difference = (room_skips * heard) as i128 - (skips * room_heard) as i128;
+    let sum = room_skips * heard + 2 * room_skips * VERDICT_PRIOR_MS + skips * room_heard;
+    if sum == 0 {
+        return 0;
+    }
+    (utterance as i128 * difference / sum as i128) as i64
 }
 
 impl Scorer for Learned<'_> {
@@ -137,7 +166,7 @@ mod tests {
     use crate::recommend::best;
     use crate::recommend::tests::{Draws, full_scan};
     use encore_components::ids::PeerKey;
-    use encore_components::learner::ListenerTaste;
+    use encore_components::learner::{ListenerTaste, Verdicts};
     use encore_components::peer::Prefs;
 
     /// A model where listener 0 loved speaker 1 and group 2's listeners love speaker 3.
@@ -156,6 +185,71 @@ mod tests {
     }
 
     #[test]
+    fn an_utterance_skipped_faster_than_the_room_loses_and_a_short_one_gains_nothing_for_being_short() {
+        let verdicts = |finished: u32, skipped: u32, heard_ms: u64| UtteranceVerdicts {
+            all: Verdicts { finished, skipped, heard_ms, ..Verdicts::default() },
+            ..UtteranceVerdicts::default()
+        };
+        // The room: one skip per 10 s heard.
+        let term = |v: &UtteranceVerdicts| verdict_term(300, 100, 1_000_000, 0, v, 0);
+        assert_eq!(term(&verdicts(0, 0, 0)), 0, "nothing known: nothing");
+        assert!(term(&verdicts(0, 5, 5_000)) < -200, "skipped at once by five");
+        // Ten listeners finished a 1 s utterance, ten a 4 s one: neither was skipped, the long
+        // one was heard longer without a skip, so it is the better bet.
+        let short = term(&verdicts(10, 0, 10_000));
+        let long = term(&verdicts(10, 0, 40_000));
+        assert!(0 < short && short < long, "{short} {long}");
+        assert!(term(&verdicts(0, 0, 1_000_000_000)) <= 300);
+        assert_eq!(verdict_term(300, 0, 0, 0, &verdicts(3, 0, 3_000), 0), 0, "no skip in the room yet");
+        // Listeners still playing it count for what they heard so far.
+        let playing = UtteranceVerdicts {
+            all: Verdicts { playing: 10, since_ms: 10 * 1_000, ..Verdicts::default() },
+            ..UtteranceVerdicts::default()
+        };
+        assert_eq!(verdict_term(300, 100, 1_000_000, 0, &playing, 5_000), term(&verdicts(0, 0, 40_000)));
+    }
+
+    #[test]
+    fn a_listener_who_skips_a_speaker_is_offered_another_first() {
+        use crate::testkit::{Room, routes};
+        use encore_components::config::EngineConfig;
+        use encore_components::input::{FeedbackSignal, Input};
+        use encore_components::output::RouteReason;
+
+        let mut config = EngineConfig::default();
+        config.recommender.policy = encore_components::config::Policy::Learn;
+        let mut room = Room::new(config);
+        room.speaker("alice", "a1");
+        room.speaker("bob", "b1");
+        room.listener("lena");
+        let skip = |at| (at, Input::Feedback { peer: "lena".into(), utterance: None, signal: FeedbackSignal::Skip });
+        room.talk("a1", 0, 1_000_000);
+        let (at, input) = skip(500_000);
+        room.push(at, input);
+        room.talk("a1", 2_000_000, 3_000_000);
+        let (at, input) = skip(2_500_000);
+        room.push(at, input);
+        // Both start together: lena, idle, takes bob's.
+        room.talk("a1", 5_000_000, 6_000_000);
+        room.talk("b1", 5_000_000, 6_000_000);
+        let trace = room.run_until(6_500_000);
+        let lena: Vec<_> = routes(&trace, "lena").into_iter().map(|(_, _, to, reason)| (to, reason)).collect();
+        let some = |id: &str| Some(id.to_owned());
+        assert_eq!(
+            lena,
+            vec![
+                (some("alice#1"), RouteReason::NewUtterance),
+                (None, RouteReason::Skip),
+                (some("alice#2"), RouteReason::NewUtterance),
+                (None, RouteReason::Skip),
+                (some("bob#1"), RouteReason::NewUtterance),
+                // And alice#3, now behind live too, is not worth it.
+                (None, RouteReason::Finished),
+            ]
+        );
+    }
+
+    #[test]
     fn explore_caps_shrink_with_the_square_root_of_trials() {
         assert_eq!(explore_cap(150, 0), 150);
         assert_eq!(explore_cap(150, 3), 75);
@@ -169,7 +263,7 @@ mod tests {
         let rng = EngineRng::new(1);
         let mut draws = Draws(7);
         let pool = draws.pool();
-        let scorer = Learned::new(&config, &learner, &rng, 0, &pool);
+        let scorer = Learned::new(&config, &learner, &rng, &EngineClock::default(), &pool);
         let history = Default::default();
         let listener = Listener { key: PeerKey(0), prefs: None, affinity: None, history: &history };
         let index = pool.iter().position(|c| c.speaker == PeerKey(1)).unwrap();
@@ -195,7 +289,8 @@ mod tests {
             let history = draws.history();
             let listener =
                 Listener { key: PeerKey(draws.next(3) as u32), prefs: Some(&prefs), affinity: None, history: &history };
-            let scorer = Learned::new(&config, &learner, &rng, round, &pool);
+            let clock = EngineClock { tick: round, ..EngineClock::default() };
+            let scorer = Learned::new(&config, &learner, &rng, &clock, &pool);
             // The candidates a limit of LIMIT lets through: 20 per pool, all of them.
             assert!(pool.len() <= LIMIT);
             let fast = best(&scorer, &listener, &pool, &mut 0).map(|c| (c.score, c.id.to_string()));
