@@ -4,20 +4,22 @@
 //! 1. forwarding cost: one speaker talking without a pause to N live listeners; engine
 //!    time per forwarded packet (goal: at most 200 ns);
 //! 2. tick time at 50 speakers x 2 000 listeners (generated P.59 room): p50, p99 and max
-//!    (goal: p99 at most 1 ms at a 10 ms tick);
+//!    (goal: p99 at most 1 ms at a 10 ms tick), with the default recommender policy and then
+//!    with each of the others;
 //! 3. replay speed without packets at 10 speakers x 1 000 listeners (goal: at least 200x
 //!    real time), both from parsed inputs and from the scenario text;
 //! 4. memory: a room that fills a 256 MiB buffer with video; the process's resident size
 //!    against the buffer's own count and the cap.
 //!
-//! `cargo bench -- forward` (or `ticks`, `replay`, `memory`) runs one of them.
+//! `cargo bench -- forward` (or `ticks`, `replay`, `memory`) runs one of them; `ticks-learn`
+//! (or another policy) only that policy's tick figures.
 
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use encore::Engine;
-use encore::components::config::EngineConfig;
+use encore::components::config::{EngineConfig, Policy};
 use encore::components::ids::{MediaKind, Name, Role};
 use encore::components::input::{Input, RtpIn};
 use encore::generate::{GenerateOptions, generate_in_memory};
@@ -30,8 +32,15 @@ fn main() {
     if wanted("forward") {
         forward(1_000);
     }
+    // `ticks` runs the default policy, then the others; `ticks-learn` (say) only that one.
+    let default = EngineConfig::default().recommender.policy;
     if wanted("ticks") {
-        ticks(50, 2_000, 30);
+        ticks(50, 2_000, 30, default);
+    }
+    for policy in Policy::ALL.into_iter().filter(|p| *p != default) {
+        if wanted(&format!("ticks-{policy}")) {
+            ticks(50, 2_000, 30, policy);
+        }
     }
     if wanted("replay") {
         replay_speed(10, 1_000, 60);
@@ -116,9 +125,10 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-fn ticks(speakers: u32, listeners: u32, seconds: u64) {
+fn ticks(speakers: u32, listeners: u32, seconds: u64, policy: Policy) {
     let options = GenerateOptions { speakers, listeners, seconds, seed: 42, ..GenerateOptions::default() };
-    let (config, events) = parsed(&options);
+    let (mut config, events) = parsed(&options);
+    config.recommender.policy = policy;
     let mut engine = Engine::new(config).expect("config");
     let tick_us = engine.tick_us();
     let mut times = Vec::new();
@@ -136,9 +146,12 @@ fn ticks(speakers: u32, listeners: u32, seconds: u64) {
     // The first seconds fill the room; measure the steady state.
     let mut steady: Vec<Duration> = times[times.len() / 5..].to_vec();
     steady.sort();
+    let decisions = engine.recommender_counts();
     println!(
-        "ticks: {speakers} speakers x {listeners} listeners, {seconds} s, {sent} packets sent ({:.0}/s): tick p50 {:?}, p99 {:?}, max {:?} (goal p99 <= 1 ms at a 10 ms tick)",
+        "ticks [{policy}]: {speakers} speakers x {listeners} listeners, {seconds} s, {sent} packets sent ({:.0}/s), {} decisions ({} candidates scored): tick p50 {:?}, p99 {:?}, max {:?} (goal p99 <= 1 ms at a 10 ms tick)",
         sent as f64 / seconds as f64,
+        decisions.decisions,
+        decisions.scored,
         percentile(&steady, 0.5),
         percentile(&steady, 0.99),
         steady.last().copied().unwrap_or_default(),

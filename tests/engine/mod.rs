@@ -1,8 +1,9 @@
 //! The engine seen from outside: scenario snapshots, determinism, invariants over generated
-//! rooms, the command line.
+//! rooms, the command line, the recommender's evaluation and its policies.
 
 mod cli;
 mod determinism;
+mod eval;
 mod invariants;
 mod scenarios;
 mod snapshots;
