@@ -34,10 +34,8 @@ fn main() {
     }
     // `ticks` runs the default policy, then the others; `ticks-learn` (say) only that one.
     let default = EngineConfig::default().recommender.policy;
-    if wanted("ticks") {
-        ticks(50, 2_000, 30, default);
-    }
-    for policy in Policy::ALL.into_iter().filter(|p| *p != default) {
+    let others = Policy::ALL.into_iter().filter(|p| *p != default);
+    for policy in std::iter::once(default).chain(others) {
         if wanted(&format!("ticks-{policy}")) {
             ticks(50, 2_000, 30, policy);
         }

@@ -50,9 +50,9 @@ const PRUNE_INTERVAL_US: u64 = 1_000_000;
 
 /// The mean reward with `prior_trials` pseudo-trials at `prior`, within 0..=1000.
 pub fn mean(reward: Reward, prior: i64, prior_trials: u64) -> i64 {
-    let sum = reward.sum as i128 + prior as i128 * prior_trials as i128;
-    let trials = (reward.trials + prior_trials).max(1) as i128;
-    (sum / trials).clamp(0, REWARD_MAX as i128) as i64
+    let sum = (reward.sum as i64).saturating_add(prior.saturating_mul(prior_trials as i64));
+    let trials = reward.trials.saturating_add(prior_trials).max(1) as i64;
+    (sum / trials).clamp(0, REWARD_MAX)
 }
 
 /// A listener's predicted reward from a speaker: its own rewards with its group's mean as

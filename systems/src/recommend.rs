@@ -257,8 +257,8 @@ struct Round<'w, 's, 'q> {
     peers: &'q Peers<'w, 's>,
     counters: &'q mut Counters,
     counts: &'q mut RecommenderCounts,
-    /// Whether a busy listener may switch to a new utterance at all.
-    switches: bool,
+    /// What a busy listener's new choice must beat what it plays by (`None`: it never switches).
+    margin: Option<i64>,
     /// The present score of the utterance a busy listener plays, for policies whose scores
     /// change while it plays (`loudest`: the dominant speaker changes); others compare with
     /// the score it was chosen with.
@@ -266,15 +266,15 @@ struct Round<'w, 's, 'q> {
 }
 
 impl<'q> Round<'_, '_, 'q> {
-    /// The listener of a session, and the utterance it plays.
-    fn listener(&mut self, session: Entity) -> Option<(Listener<'q>, Option<Entity>)> {
+    /// The listener of a session, and the utterance it plays with the score it was chosen with.
+    fn listener(&mut self, session: Entity) -> Option<(Listener<'q>, Option<(Entity, i64)>)> {
         let sessions: &'q Sessions = self.sessions;
         let Ok((listener, route, history)) = sessions.get(session) else {
             bug(self.counters, "a session in the directory lacks its components");
             return None;
         };
         let (prefs, affinity) = self.peers.get(listener.peer).unwrap_or((None, None));
-        let playing = route.playing.as_ref().map(|p| p.utterance);
+        let playing = route.playing.as_ref().map(|p| (p.utterance, p.score));
         Some((Listener { key: listener.key, prefs, affinity, history }, playing))
     }
 
@@ -315,13 +315,21 @@ impl<'q> Round<'_, '_, 'q> {
                 continue;
             }
             let Some((listener, playing)) = self.listener(*session) else { continue };
-            if playing.is_some() && !self.switches {
-                continue;
+            if let Some((_, playing_score)) = playing {
+                let Some(margin) = self.margin else { continue };
+                // Nothing fresh could score enough to take the listener off what it plays: the
+                // router would turn any choice down, so none is made.
+                let top = fresh.first().map_or(i64::MIN, |c| c.base_total);
+                if self.rescore.is_none()
+                    && top.saturating_add(scorer.bound(&listener)) < playing_score.saturating_add(margin)
+                {
+                    continue;
+                }
             }
             let choice = best(scorer, &listener, fresh, &mut self.counts.scored);
             self.counts.decisions += 1;
             if let Some(choice) = choice {
-                let rescored = playing.zip(self.rescore).and_then(|(utterance, rescore)| rescore(utterance));
+                let rescored = playing.zip(self.rescore).and_then(|((utterance, _), rescore)| rescore(utterance));
                 merged.push(Decision {
                     session: *session,
                     listener: *key,
@@ -425,7 +433,7 @@ pub fn recommend(
         peers: &peers,
         counters: &mut counters,
         counts: &mut counts,
-        switches: switch_margin(rules).is_some(),
+        margin: switch_margin(rules),
         rescore: (rules.policy == Policy::Loudest).then_some(&rescore_loudest as &dyn Fn(Entity) -> Option<i64>),
     };
     let mut list = std::mem::take(&mut decisions.list);

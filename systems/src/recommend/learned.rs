@@ -122,12 +122,15 @@ pub fn verdict_term(
     let heard = mine.exposure_ms(now_ms) as u128;
     let (room_skips, room_heard) = (room_skips as u128, room_heard_ms.max(1) as u128);
     // H - h and H + h over a common denominator: (Rk e - k Re) and (Rk e + 2 Rk P + k Re).
-    let difference = (room_skips * heard) as i128 - (skips * room_heard) as i128;
-    let sum = room_skips * heard + 2 * room_skips * VERDICT_PRIOR_MS + skips * room_heard;
+    let (plus, minus) = (room_skips * heard, skips * room_heard);
+    let sum = plus + 2 * room_skips * VERDICT_PRIOR_MS + minus;
     if sum == 0 {
         return 0;
     }
-    (utterance as i128 * difference / sum as i128) as i64
+    // Both scaled to 32 bits, so that the division is a 64-bit one.
+    let shift = (128 - sum.leading_zeros()).saturating_sub(32);
+    let difference = (plus >> shift) as i64 - (minus >> shift) as i64;
+    utterance * difference / ((sum >> shift) as i64).max(1)
 }
 
 impl Scorer for Learned<'_> {
