@@ -109,11 +109,11 @@ pub enum Policy {
     /// The dominant speaker's live utterance, as an SFU that follows the active speaker.
     Loudest,
     /// The hand-tuned integer rules (follow, affinity from likes and skips, live, lag,
-    /// freshness, blips).
-    #[default]
+    /// freshness, blips); the default until the learning recommender measured better.
     Rules,
     /// Learnt per listener from skips, likes and listen-through, with a room-level signal
-    /// from listeners of similar taste (`recommender.learn`).
+    /// from listeners of similar taste (`recommender.learn`). The default.
+    #[default]
     Learn,
 }
 
@@ -127,10 +127,6 @@ impl Policy {
             Policy::Rules => "rules",
             Policy::Learn => "learn",
         }
-    }
-
-    pub fn is_rules(&self) -> bool {
-        *self == Policy::Rules
     }
 }
 
@@ -163,6 +159,8 @@ pub struct LearnConfig {
     pub lag_per_s: i64,
     /// Utterances that started longer ago than this are not candidates.
     pub max_lag_ms: u64,
+    /// A decision scores at most this many candidates, the freshest the listener has not heard.
+    pub candidates: usize,
     /// The largest exploration bonus, drawn from the engine's seeded source and shrinking
     /// as the listener tries the speaker: `explore / sqrt(1 + trials)` at most.
     pub explore: i64,
@@ -184,6 +182,7 @@ impl Default for LearnConfig {
             follow: 300,
             lag_per_s: 100,
             max_lag_ms: 15_000,
+            candidates: 16,
             explore: 150,
             utterance: 250,
             accept_min: 150,
@@ -193,18 +192,13 @@ impl Default for LearnConfig {
     }
 }
 
-impl LearnConfig {
-    pub fn is_default(&self) -> bool {
-        *self == LearnConfig::default()
-    }
-}
-
 /// The recommender: its policy, and for `rules` a score that is a sum of named integer terms.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RecommenderConfig {
-    /// Which recommender (`fifo`, `loudest`, `rules`, `learn`); written only when not `rules`.
-    #[serde(skip_serializing_if = "Policy::is_rules")]
+    /// Which recommender (`fifo`, `loudest`, `rules`, `learn`). A scenario or recording whose
+    /// configuration does not name one predates the choice and is read as `rules` (see
+    /// docs/scenario-format.md); everything else defaults to `learn`.
     pub policy: Policy,
     /// Every candidate starts here.
     pub base: i64,
@@ -235,15 +229,14 @@ pub struct RecommenderConfig {
     pub window_ms: u64,
     /// At most this many of the newest utterances are scored per decision.
     pub max_candidates: usize,
-    /// The learning recommender's settings (written only when they differ from the defaults).
-    #[serde(skip_serializing_if = "LearnConfig::is_default")]
+    /// The learning recommender's settings.
     pub learn: LearnConfig,
 }
 
 impl Default for RecommenderConfig {
     fn default() -> Self {
         RecommenderConfig {
-            policy: Policy::Rules,
+            policy: Policy::Learn,
             base: 1000,
             follow: 1000,
             like: 300,
@@ -354,6 +347,9 @@ impl EngineConfig {
                 "lag_per_s, explore, utterance and switch_margin are magnitudes and must not be negative",
             );
         }
+        if l.candidates == 0 {
+            return fail("recommender.learn.candidates", "must be at least 1");
+        }
         if l.explore > 1_000_000 || l.utterance > 1_000_000 || l.follow.abs() > 1_000_000 {
             return fail("recommender.learn", "follow, explore and utterance must be within 1000000");
         }
@@ -408,11 +404,10 @@ mod tests {
     }
 
     #[test]
-    fn new_keys_are_written_only_when_they_differ_from_the_defaults() {
+    fn the_policy_is_always_written_and_dominant_speaker_only_when_set() {
         let text = serde_json::to_string(&EngineConfig::default()).unwrap();
-        for key in ["policy", "learn", "dominant_speaker"] {
-            assert!(!text.contains(key), "{key} in {text}");
-        }
+        assert!(!text.contains("dominant_speaker"), "{text}");
+        assert!(text.contains(r#""policy":"learn""#) && text.contains(r#""learn":{"#), "{text}");
         let config: EngineConfig = serde_json::from_str(
             r#"{"recommender": {"policy": "learn", "learn": {"explore": 0}}, "dominant_speaker": {"events": true}}"#,
         )

@@ -5,6 +5,7 @@ mod cli;
 mod determinism;
 mod eval;
 mod invariants;
+mod policies;
 mod scenarios;
 mod snapshots;
 pub mod support;

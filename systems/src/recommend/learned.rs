@@ -17,7 +17,7 @@
 //! - `lag`: minus `learn.lag_per_s` per second the listener would be behind live.
 //!
 //! Candidates are the utterances that started within `learn.max_lag_ms`; a decision scores
-//! at most [`LIMIT`] of them, the freshest, and accepts nothing under `learn.accept_min`.
+//! at most `learn.candidates` of them, the freshest, and accepts nothing under `learn.accept_min`.
 
 use encore_components::config::LearnConfig;
 use encore_components::learner::{Group, Learner, Reward, SpeakerSlot, UtteranceVerdicts};
@@ -28,8 +28,6 @@ use encore_components::utterance::Utterance;
 use super::{Candidate, Listener, Scorer, per_second};
 use crate::learn::{REWARD_MAX, estimate, rate};
 
-/// Candidates scored per decision at most: the freshest (the lag term orders them).
-pub const LIMIT: usize = 32;
 /// Exploration caps are tabled for this many trials (beyond, computed).
 const CAPS: usize = 64;
 
@@ -98,7 +96,8 @@ impl<'a> Learned<'a> {
             return 0;
         }
         let draw = self.rng.keyed([self.tick, listener.key.0 as u64, candidate.ord.0]);
-        (draw % (cap as u64 + 1)) as i64
+        // Uniform in 0..=cap from the draw's top 32 bits, by a multiplication (no division).
+        (((draw >> 32) * (cap as u64 + 1)) >> 32) as i64
     }
 }
 
@@ -159,7 +158,7 @@ impl Scorer for Learned<'_> {
     }
 
     fn limit(&self) -> usize {
-        LIMIT
+        self.config.candidates
     }
 }
 
@@ -294,8 +293,8 @@ mod tests {
                 Listener { key: PeerKey(draws.next(3) as u32), prefs: Some(&prefs), affinity: None, history: &history };
             let clock = EngineClock { tick: round, ..EngineClock::default() };
             let scorer = Learned::new(&config, &learner, &rng, &clock, &pool);
-            // The candidates a limit of LIMIT lets through: 20 per pool, all of them.
-            assert!(pool.len() <= LIMIT);
+            // The limit lets every candidate of these pools through: 20 each.
+            assert!(pool.len() <= config.candidates);
             let fast = best(&scorer, &listener, &pool, &mut 0).map(|c| (c.score, c.id.to_string()));
             assert_eq!(fast, full_scan(&scorer, &listener, &pool), "round {round}");
         }
