@@ -4,20 +4,22 @@
 //! 1. forwarding cost: one speaker talking without a pause to N live listeners; engine
 //!    time per forwarded packet (goal: at most 200 ns);
 //! 2. tick time at 50 speakers x 2 000 listeners (generated P.59 room): p50, p99 and max
-//!    (goal: p99 at most 1 ms at a 10 ms tick);
+//!    (goal: p99 at most 1 ms at a 10 ms tick), with the default recommender policy and then
+//!    with each of the others;
 //! 3. replay speed without packets at 10 speakers x 1 000 listeners (goal: at least 200x
 //!    real time), both from parsed inputs and from the scenario text;
 //! 4. memory: a room that fills a 256 MiB buffer with video; the process's resident size
 //!    against the buffer's own count and the cap.
 //!
-//! `cargo bench -- forward` (or `ticks`, `replay`, `memory`) runs one of them.
+//! `cargo bench -- forward` (or `ticks`, `replay`, `memory`) runs one of them; `ticks-learn`
+//! (or another policy) only that policy's tick figures.
 
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use encore::Engine;
-use encore::components::config::EngineConfig;
+use encore::components::config::{EngineConfig, Policy};
 use encore::components::ids::{MediaKind, Name, Role};
 use encore::components::input::{Input, RtpIn};
 use encore::generate::{GenerateOptions, generate_in_memory};
@@ -30,8 +32,13 @@ fn main() {
     if wanted("forward") {
         forward(1_000);
     }
-    if wanted("ticks") {
-        ticks(50, 2_000, 30);
+    // `ticks` runs the default policy, then the others; `ticks-learn` (say) only that one.
+    let default = EngineConfig::default().recommender.policy;
+    let others = Policy::ALL.into_iter().filter(|p| *p != default);
+    for policy in std::iter::once(default).chain(others) {
+        if wanted(&format!("ticks-{policy}")) {
+            ticks(50, 2_000, 30, policy);
+        }
     }
     if wanted("replay") {
         replay_speed(10, 1_000, 60);
@@ -116,33 +123,54 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-fn ticks(speakers: u32, listeners: u32, seconds: u64) {
+fn ticks(speakers: u32, listeners: u32, seconds: u64, policy: Policy) {
     let options = GenerateOptions { speakers, listeners, seconds, seed: 42, ..GenerateOptions::default() };
-    let (config, events) = parsed(&options);
+    let (mut config, events) = parsed(&options);
+    config.recommender.policy = policy;
     let mut engine = Engine::new(config).expect("config");
     let tick_us = engine.tick_us();
     let mut times = Vec::new();
+    let mut cpu_times = Vec::new();
     let mut sent = 0u64;
     let mut events = events.into_iter().peekable();
     for tick in 0..seconds * 1_000_000 / tick_us {
         while let Some(event) = events.next_if(|e| e.tick_for(tick_us) <= tick) {
             engine.push(event.at_us, event.input);
         }
-        let started = Instant::now();
+        let (started, cpu_started) = (Instant::now(), thread_cpu());
         let output = engine.tick();
         times.push(started.elapsed());
+        cpu_times.push(thread_cpu().saturating_sub(cpu_started));
         sent += output.packets.len() as u64;
     }
     // The first seconds fill the room; measure the steady state.
-    let mut steady: Vec<Duration> = times[times.len() / 5..].to_vec();
-    steady.sort();
+    let steady = |times: &[Duration]| {
+        let mut steady = times[times.len() / 5..].to_vec();
+        steady.sort();
+        steady
+    };
+    let (wall, cpu) = (steady(&times), steady(&cpu_times));
+    let decisions = engine.recommender_counts();
     println!(
-        "ticks: {speakers} speakers x {listeners} listeners, {seconds} s, {sent} packets sent ({:.0}/s): tick p50 {:?}, p99 {:?}, max {:?} (goal p99 <= 1 ms at a 10 ms tick)",
+        "ticks [{policy}]: {speakers} speakers x {listeners} listeners, {seconds} s, {sent} packets sent ({:.0}/s), {} decisions ({} candidates scored): tick p50 {:?}, p99 {:?}, max {:?}; thread CPU p50 {:?}, p99 {:?} (goal p99 <= 1 ms at a 10 ms tick)",
         sent as f64 / seconds as f64,
-        percentile(&steady, 0.5),
-        percentile(&steady, 0.99),
-        steady.last().copied().unwrap_or_default(),
+        decisions.decisions,
+        decisions.scored,
+        percentile(&wall, 0.5),
+        percentile(&wall, 0.99),
+        wall.last().copied().unwrap_or_default(),
+        percentile(&cpu, 0.5),
+        percentile(&cpu, 0.99),
     );
+}
+
+/// The CPU time this thread has used: unlike wall time, other work on a shared machine does
+/// not add to it (only to the caches it shares).
+fn thread_cpu() -> Duration {
+    let mut time = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    let ok = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut time) } == 0;
+    if ok { Duration::new(time.tv_sec as u64, time.tv_nsec as u32) } else { Duration::ZERO }
 }
 
 fn replay_speed(speakers: u32, listeners: u32, seconds: u64) {

@@ -261,6 +261,8 @@ impl ServerConfig {
         };
         config.apply_env(&env)?;
         config.apply(overrides);
+        // The server tells its rooms who the dominant speaker is, unless told not to.
+        config.engine.dominant_speaker.events.get_or_insert(true);
         config.validate()?;
         Ok(config)
     }
@@ -458,7 +460,21 @@ mod tests {
         let config = ServerConfig::load(None, no_env, &Overrides::default()).unwrap();
         assert_eq!(config.server.listen.port(), 8443);
         assert_eq!(config.auth.mode, crate::auth::AuthMode::Dev);
-        assert_eq!(config.engine, EngineConfig::default());
+        let mut engine = EngineConfig::default();
+        engine.dominant_speaker.events = Some(true);
+        assert_eq!(config.engine, engine, "the engine's defaults, and dominant-speaker events on");
+    }
+
+    #[test]
+    fn dominant_speaker_events_may_be_turned_off() {
+        let dir = std::env::temp_dir().join(format!("encore-config-dominant-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("encore.toml");
+        std::fs::write(&file, "[engine.dominant_speaker]\nevents = false\n[engine.recommender]\npolicy = \"learn\"\n")
+            .unwrap();
+        let config = ServerConfig::load(Some(&file), no_env, &Overrides::default()).unwrap();
+        assert!(!config.engine.dominant_speaker.events());
+        assert_eq!(config.engine.recommender.policy, encore_systems::components::Policy::Learn);
     }
 
     #[test]

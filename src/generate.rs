@@ -24,6 +24,9 @@ pub struct GenerateOptions {
     pub video: bool,
     /// Loss, reordering, duplication and jitter on the publishers' packets.
     pub network_faults: bool,
+    /// Listeners follow and mute at random and skip and like at random times. Without, they
+    /// only join, listen and (a few) leave: `encore eval`'s simulated audiences act for them.
+    pub scripted_listeners: bool,
     pub config: EngineConfig,
 }
 
@@ -36,6 +39,7 @@ impl Default for GenerateOptions {
             seed: 1,
             video: false,
             network_faults: true,
+            scripted_listeners: true,
             config: EngineConfig::default(),
         }
     }
@@ -52,16 +56,28 @@ impl Events {
     }
 }
 
-fn speaker_name(i: u32) -> String {
+/// The name of the i-th speaker (from 0): `s01`, `s02`, ...
+pub fn speaker_name(i: u32) -> String {
     format!("s{:02}", i + 1)
 }
 
-fn listener_name(i: u32) -> String {
+/// The name of the i-th listener (from 0): `l0001`, `l0002`, ...
+pub fn listener_name(i: u32) -> String {
     format!("l{:04}", i + 1)
 }
 
 /// Writes a generated scenario.
 pub fn generate<W: Write>(options: &GenerateOptions, out: W) -> io::Result<()> {
+    let (header, events) = generate_events(options);
+    let mut writer = ScenarioWriter::new(io::BufWriter::new(out), &header)?;
+    for (at, input) in &events {
+        writer.event(*at, None, input)?;
+    }
+    writer.flush()
+}
+
+/// A generated room in memory: its header and its inputs with their arrival times, in order.
+pub fn generate_events(options: &GenerateOptions) -> (ScenarioHeader, Vec<(u64, Input)>) {
     let mut rng = SeededRng::new(options.seed);
     let end_us = options.seconds * 1_000_000;
     let mut events = Events { list: Vec::new() };
@@ -120,11 +136,7 @@ pub fn generate<W: Write>(options: &GenerateOptions, out: W) -> io::Result<()> {
         if options.video { "-video" } else { "" }
     ));
     header.description = Some("encore scenario generate: P.59 talk-spurts, listeners with preferences".into());
-    let mut writer = ScenarioWriter::new(io::BufWriter::new(out), &header)?;
-    for (at, _, input) in &events.list {
-        writer.event(*at, None, input)?;
-    }
-    writer.flush()
+    (header, events.list.into_iter().map(|(at, _, input)| (at, input)).collect())
 }
 
 struct Stream {
@@ -245,6 +257,15 @@ fn listener(rng: &mut SeededRng, events: &mut Events, options: &GenerateOptions,
     let join_us = if rng.chance(0.05) { rng.range(0, end_us.max(1)) } else { rng.range(0, early_window) };
     events.push(join_us, Input::Join { peer: name.clone(), uid: None, roles: vec![Role::Listener] });
     events.push(join_us + 50_000, Input::Listen { peer: name.clone() });
+    if !options.scripted_listeners {
+        if rng.chance(0.03) {
+            let leave_us = join_us + rng.range(1, end_us.max(2));
+            if leave_us < end_us {
+                events.push(leave_us, Input::Leave { peer: name });
+            }
+        }
+        return;
+    }
     let speakers = options.speakers.max(1) as u64;
     let mut follow = Vec::new();
     let follows = match rng.range(0, 10) {
@@ -304,6 +325,21 @@ mod tests {
         let a = generate_in_memory(&options);
         assert_eq!(a, generate_in_memory(&options));
         assert_ne!(a, generate_in_memory(&GenerateOptions { seed: 2, ..options }));
+    }
+
+    #[test]
+    fn unscripted_listeners_only_join_listen_and_leave() {
+        let options = GenerateOptions { seconds: 60, listeners: 40, scripted_listeners: false, ..Default::default() };
+        let (_, events) = generate_events(&options);
+        assert!(events.windows(2).all(|w| w[0].0 <= w[1].0), "in time order");
+        let kinds: std::collections::BTreeSet<&str> = events.iter().map(|(_, input)| input.kind()).collect();
+        assert_eq!(kinds, ["join", "leave", "listen", "publish", "rtp"].into());
+        // The speakers talk as they would with scripted listeners.
+        let talk = |options: &GenerateOptions| {
+            let (_, events) = generate_events(options);
+            events.into_iter().filter(|(_, input)| input.kind() == "rtp").map(|(at, _)| at).collect::<Vec<_>>()
+        };
+        assert_eq!(talk(&options), talk(&GenerateOptions { scripted_listeners: true, ..options.clone() }));
     }
 
     #[test]

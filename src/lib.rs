@@ -3,11 +3,12 @@
 //!
 //! The engine (crates `encore-components` and `encore-systems`) is deterministic and
 //! sans-I/O; this crate is its edges: scenario and trace files, headless replay, the
-//! synthetic room generator, and the command line.
+//! synthetic room generator, the recommender's evaluation, and the command line.
 
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod eval;
 pub mod generate;
 pub mod loadgen;
 pub mod logging;

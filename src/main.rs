@@ -9,8 +9,9 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use encore::auth::{AuthMode, ClaimsAdmin, DEV_ROLES_FILE, DevRoles, Role, SystemClock, UserRoles, parse_role};
-use encore::components::config::EngineConfig;
+use encore::components::config::{EngineConfig, Policy};
 use encore::config::{LogFormat, Overrides, ServerConfig};
+use encore::eval::{AudienceModel, EvalOptions, RoomSize, evaluate};
 use encore::generate::{GenerateOptions, generate};
 use encore::logging;
 use encore::protocol::GoingAwayReason;
@@ -41,6 +42,9 @@ enum Command {
     /// Load a running server: speakers publishing talk-spurts, listeners receiving; prints
     /// packets, loss, delays and CPU per forwarded packet (docs/performance.md).
     Loadgen(LoadgenArgs),
+    /// Measure the recommender policies on simulated audiences: generated rooms through the
+    /// engine, with listeners who skip and like by hidden tastes (docs/recommender.md).
+    Eval(EvalArgs),
     /// Scenario tools.
     Scenario {
         #[command(subcommand)]
@@ -216,6 +220,36 @@ struct LoadgenArgs {
     json: bool,
 }
 
+#[derive(Args)]
+struct EvalArgs {
+    /// Room sizes, SPEAKERSxLISTENERS, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = EvalOptions::default().sizes)]
+    sizes: Vec<RoomSize>,
+    /// Seeds of the rooms and their audiences, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = EvalOptions::default().seeds)]
+    seeds: Vec<u64>,
+    /// Length of each room, in seconds.
+    #[arg(long, default_value_t = EvalOptions::default().seconds)]
+    seconds: u64,
+    /// Policies to compare (fifo, loudest, rules, learn), comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = Policy::ALL.to_vec())]
+    policies: Vec<Policy>,
+    /// The simulated audience's model (TOML: `clusters`, `dislike_hazard`, `lag_hazard`, ...;
+    /// docs/recommender.md lists them and their defaults).
+    #[arg(long)]
+    audience: Option<PathBuf>,
+    /// Engine settings for every run (TOML, the keys of `[engine]` in docs/configuration.md,
+    /// e.g. `[recommender.learn]` then `explore = 0`); the policy is each run's.
+    #[arg(long)]
+    engine: Option<PathBuf>,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// No progress lines on standard error.
+    #[arg(long)]
+    quiet: bool,
+}
+
 #[derive(Subcommand)]
 enum ScenarioCommand {
     /// Generate a synthetic room (P.59 talk-spurts, listeners with preferences and skips).
@@ -253,6 +287,7 @@ fn main() -> ExitCode {
         Command::Healthcheck(args) => run_healthcheck(args),
         Command::Replay(args) => run_replay(args),
         Command::Loadgen(args) => run_loadgen(args),
+        Command::Eval(args) => run_eval(args),
         Command::Scenario { command: ScenarioCommand::Generate(args) } => run_generate(args),
         Command::Admin { command } => run_admin(command),
     };
@@ -566,6 +601,54 @@ fn peak_resident_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+fn run_eval(args: EvalArgs) -> Result<()> {
+    let options = EvalOptions {
+        sizes: args.sizes,
+        seeds: args.seeds,
+        seconds: args.seconds,
+        policies: args.policies,
+        audience: match &args.audience {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("in {}", path.display()))?
+            }
+            None => AudienceModel::default(),
+        },
+        config: match &args.engine {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                let config: EngineConfig = toml::from_str(&text).with_context(|| format!("in {}", path.display()))?;
+                config.validate()?;
+                config
+            }
+            None => EngineConfig::default(),
+        },
+    };
+    options.audience.validate().map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(
+        !options.sizes.is_empty() && !options.seeds.is_empty() && !options.policies.is_empty() && options.seconds > 0,
+        "eval needs at least one size, seed and policy, and a length"
+    );
+    let started = std::time::Instant::now();
+    let report = evaluate(&options, |policy, size, seed, figures| {
+        if !args.quiet {
+            eprintln!(
+                "{policy:<8} {size:<9} seed {seed:<3} listen-through {:.3}, lag {:.2} s ({:.0} s so far)",
+                figures.listen_through,
+                figures.mean_lag_ms / 1000.0,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    });
+    let mut out = io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        writeln!(out, "{report}")?;
+    }
+    Ok(())
+}
+
 fn run_generate(args: GenerateArgs) -> Result<()> {
     let mut config = EngineConfig::default();
     if let Some(cap) = args.buffer_max_bytes {
@@ -580,6 +663,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         video: args.video,
         network_faults: !args.clean_network,
         config,
+        ..GenerateOptions::default()
     };
     match args.out {
         Some(path) => {

@@ -415,6 +415,11 @@ pub enum Notice {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         uid: Option<String>,
     },
+    /// To every peer in the room: the speaker who dominates the room now (null when the
+    /// dominant speaker stopped publishing and nobody else has spoken since).
+    DominantSpeaker {
+        speaker: Option<String>,
+    },
     /// To every peer in the room.
     UtteranceEnded {
         utterance: UtteranceId,
@@ -470,6 +475,7 @@ impl Notice {
             Notice::NowPlaying { .. } => "now_playing",
             Notice::UtteranceStarted { .. } => "utterance_started",
             Notice::UtteranceEnded { .. } => "utterance_ended",
+            Notice::DominantSpeaker { .. } => "dominant_speaker",
             Notice::PeerJoined { .. } => "peer_joined",
             Notice::PeerLeft { .. } => "peer_left",
             Notice::Publishing { .. } => "publishing",
@@ -482,11 +488,12 @@ impl Notice {
     }
 
     /// Every notice type, for documentation checks.
-    pub const KINDS: [&'static str; 12] = [
+    pub const KINDS: [&'static str; 13] = [
         "welcome",
         "now_playing",
         "utterance_started",
         "utterance_ended",
+        "dominant_speaker",
         "peer_joined",
         "peer_left",
         "publishing",

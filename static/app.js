@@ -442,6 +442,7 @@ const room = {
   recvPaused: false,
   removedBy: null, // set by a `removed` notification, before the server closes the socket
   nowPlaying: null, // the last now_playing notification
+  dominant: null, // who dominates the room now (dominant_speaker notifications)
   utterances: new Map(), // id -> {utterance, speaker, live, duration_ms, reason, order}
   utteranceOrder: 0,
   statsTimer: null,
@@ -548,6 +549,7 @@ function cleanupRoom() {
   room.peer = null;
   room.peers.clear();
   room.nowPlaying = null;
+  room.dominant = null;
   room.utterances.clear();
   room.removedBy = null;
 }
@@ -573,6 +575,10 @@ function installHandlers(sig) {
       const u = touchUtterance(m.utterance, m.speaker);
       u.live = !!m.live;
     }
+    render();
+  });
+  sig.on('dominant_speaker', (m) => {
+    room.dominant = m.speaker || null;
     render();
   });
   sig.on('utterance_started', (m) => {
@@ -931,6 +937,8 @@ function render() {
   show('room-info', inRoom);
   $('room-name').textContent = room.name || '';
   $('my-peer').textContent = room.peer || '';
+  show('dominant', inRoom && !!room.dominant);
+  $('dominant-speaker').textContent = room.dominant || '';
   renderPeers(inRoom);
 
   // talk

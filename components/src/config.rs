@@ -24,6 +24,9 @@ pub struct EngineConfig {
     /// of outgoing streams).
     pub seed: u64,
     pub vad: VadConfig,
+    /// Dominant-speaker detection (written only when it differs from the defaults).
+    #[serde(skip_serializing_if = "DominantSpeakerConfig::is_default")]
+    pub dominant_speaker: DominantSpeakerConfig,
     pub recommender: RecommenderConfig,
     pub limits: LimitsConfig,
 }
@@ -37,6 +40,7 @@ impl Default for EngineConfig {
             preroll_ms: 200,
             seed: 0,
             vad: VadConfig::default(),
+            dominant_speaker: DominantSpeakerConfig::default(),
             recommender: RecommenderConfig::default(),
             limits: LimitsConfig::default(),
         }
@@ -73,10 +77,129 @@ impl Default for VadConfig {
     }
 }
 
-/// The rules-based recommender: a score is a sum of named integer terms.
+/// Dominant-speaker identification (Volfin and Cohen, as in mediasoup's ActiveSpeakerObserver),
+/// from the RFC 6464 levels of the audio tracks. It runs when the `loudest` policy needs it or
+/// when `events` asks for `dominant_speaker` events.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DominantSpeakerConfig {
+    /// Emit a `dominant_speaker` event when the dominant speaker changes. Unset means no in
+    /// the engine (so that replays of files that never asked for them stay as they were);
+    /// `encore serve` sets it to yes unless its configuration says otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub events: Option<bool>,
+}
+
+impl DominantSpeakerConfig {
+    pub fn is_default(&self) -> bool {
+        *self == DominantSpeakerConfig::default()
+    }
+
+    pub fn events(&self) -> bool {
+        self.events.unwrap_or(false)
+    }
+}
+
+/// Which recommender picks what each listener hears.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// Oldest unheard utterance first: the room in the order it was said.
+    Fifo,
+    /// The dominant speaker's live utterance, as an SFU that follows the active speaker.
+    Loudest,
+    /// The hand-tuned integer rules (follow, affinity from likes and skips, live, lag,
+    /// freshness, blips); the default until the learning recommender measured better.
+    Rules,
+    /// Learnt per listener from skips, likes and listen-through, with a room-level signal
+    /// from listeners of similar taste (`recommender.learn`). The default.
+    #[default]
+    Learn,
+}
+
+impl Policy {
+    pub const ALL: [Policy; 4] = [Policy::Fifo, Policy::Loudest, Policy::Rules, Policy::Learn];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Fifo => "fifo",
+            Policy::Loudest => "loudest",
+            Policy::Rules => "rules",
+            Policy::Learn => "learn",
+        }
+    }
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Policy {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Policy::ALL
+            .into_iter()
+            .find(|p| p.as_str() == text)
+            .ok_or_else(|| format!("unknown recommender policy {text:?} (expected fifo, loudest, rules or learn)"))
+    }
+}
+
+/// The learning recommender (`policy = "learn"`). Scores are in thousandths of a predicted
+/// reward (a listen-through is worth 700, a like 300 more), so the terms read as "how much
+/// this listener is expected to get from this utterance".
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LearnConfig {
+    /// Added when the listener follows the speaker.
+    pub follow: i64,
+    /// Lost per second the listener would be behind live.
+    pub lag_per_s: i64,
+    /// Utterances that started longer ago than this are not candidates.
+    pub max_lag_ms: u64,
+    /// A decision scores at most this many candidates, the freshest the listener has not heard.
+    pub candidates: usize,
+    /// The largest exploration bonus, drawn from the engine's seeded source and shrinking
+    /// as the listener tries the speaker: `explore / sqrt(1 + trials)` at most.
+    pub explore: i64,
+    /// The most that listeners' verdicts on this very utterance (finished, liked, skipped;
+    /// those of similar taste count double) add or remove.
+    pub utterance: i64,
+    /// Lowest score an idle listener accepts.
+    pub accept_min: i64,
+    /// A busy listener switches mid-utterance only to a candidate scoring this much more.
+    pub switch_margin: i64,
+    /// Listeners are put in taste groups (by favourite speaker) whose rewards and verdicts
+    /// they share; without, the whole room's stand for every listener's group.
+    pub groups: bool,
+}
+
+impl Default for LearnConfig {
+    fn default() -> Self {
+        LearnConfig {
+            follow: 300,
+            lag_per_s: 100,
+            max_lag_ms: 15_000,
+            candidates: 16,
+            explore: 150,
+            utterance: 250,
+            accept_min: 150,
+            switch_margin: 500,
+            groups: true,
+        }
+    }
+}
+
+/// The recommender: its policy, and for `rules` a score that is a sum of named integer terms.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RecommenderConfig {
+    /// Which recommender (`fifo`, `loudest`, `rules`, `learn`). A scenario or recording whose
+    /// configuration does not name one predates the choice and is read as `rules` (see
+    /// docs/scenario-format.md); everything else defaults to `learn`.
+    pub policy: Policy,
     /// Every candidate starts here.
     pub base: i64,
     /// Added when the listener follows the speaker.
@@ -106,11 +229,14 @@ pub struct RecommenderConfig {
     pub window_ms: u64,
     /// At most this many of the newest utterances are scored per decision.
     pub max_candidates: usize,
+    /// The learning recommender's settings.
+    pub learn: LearnConfig,
 }
 
 impl Default for RecommenderConfig {
     fn default() -> Self {
         RecommenderConfig {
+            policy: Policy::Learn,
             base: 1000,
             follow: 1000,
             like: 300,
@@ -125,6 +251,7 @@ impl Default for RecommenderConfig {
             switch_margin: 800,
             window_ms: 120_000,
             max_candidates: 256,
+            learn: LearnConfig::default(),
         }
     }
 }
@@ -225,6 +352,19 @@ impl EngineConfig {
         if r.max_candidates == 0 {
             return fail("recommender.max_candidates", "must be at least 1");
         }
+        let l = &r.learn;
+        if l.lag_per_s < 0 || l.explore < 0 || l.utterance < 0 || l.switch_margin < 0 {
+            return fail(
+                "recommender.learn",
+                "lag_per_s, explore, utterance and switch_margin are magnitudes and must not be negative",
+            );
+        }
+        if l.candidates == 0 {
+            return fail("recommender.learn.candidates", "must be at least 1");
+        }
+        if l.explore > 1_000_000 || l.utterance > 1_000_000 || l.follow.abs() > 1_000_000 {
+            return fail("recommender.learn", "follow, explore and utterance must be within 1000000");
+        }
         if self.limits.max_payload_bytes == 0 || self.limits.max_payload_bytes > 65_535 {
             return fail("limits.max_payload_bytes", "must be between 1 and 65535");
         }
@@ -282,6 +422,26 @@ mod tests {
     fn unknown_keys_are_rejected_by_name() {
         let err = serde_json::from_str::<EngineConfig>(r#"{"buffer_max_byte": 5}"#).unwrap_err();
         assert!(err.to_string().contains("buffer_max_byte"), "{err}");
+    }
+
+    #[test]
+    fn the_policy_is_always_written_and_dominant_speaker_only_when_set() {
+        let text = serde_json::to_string(&EngineConfig::default()).unwrap();
+        assert!(!text.contains("dominant_speaker"), "{text}");
+        assert!(text.contains(r#""policy":"learn""#) && text.contains(r#""learn":{"#), "{text}");
+        let config: EngineConfig = serde_json::from_str(
+            r#"{"recommender": {"policy": "learn", "learn": {"explore": 0}}, "dominant_speaker": {"events": true}}"#,
+        )
+        .unwrap();
+        assert_eq!(config.recommender.policy, Policy::Learn);
+        assert_eq!(config.recommender.learn.explore, 0);
+        assert!(config.dominant_speaker.events());
+        let text = serde_json::to_string(&config).unwrap();
+        assert!(text.contains(r#""policy":"learn""#) && text.contains(r#""events":true"#), "{text}");
+        let again: EngineConfig = serde_json::from_str(&text).unwrap();
+        assert_eq!(again, config);
+        assert!(serde_json::from_str::<EngineConfig>(r#"{"recommender": {"policy": "random"}}"#).is_err());
+        assert_eq!("loudest".parse::<Policy>(), Ok(Policy::Loudest));
     }
 
     #[test]

@@ -15,6 +15,7 @@
 pub mod config;
 pub mod ids;
 pub mod input;
+pub mod learner;
 pub mod listener;
 pub mod output;
 pub mod peer;
@@ -23,7 +24,7 @@ pub mod rng;
 pub mod track;
 pub mod utterance;
 
-pub use config::{EngineConfig, EngineConfigError};
+pub use config::{EngineConfig, EngineConfigError, Policy};
 pub use ids::{MediaKind, Name, PeerKey, Role, UtteranceId, UtteranceOrd};
 pub use input::{FeedbackSignal, Input, RtpIn, filler_payload};
 pub use output::{Event, SendPacket, TickOutput};

@@ -80,7 +80,10 @@ pub enum RouteReason {
     StoppedListening,
 }
 
-/// The named terms of a score; the score is their sum.
+/// The named terms of a score; the score is their sum. The first seven are every policy's
+/// (the `rules` policy uses only them); the others belong to one policy each and are written
+/// only when not zero: `age` (`fifo`), `dominant` (`loudest`), `taste`, `room` and `explore`
+/// (`learn`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct ScoreTerms {
     pub base: i64,
@@ -90,11 +93,43 @@ pub struct ScoreTerms {
     pub lag: i64,
     pub freshness: i64,
     pub blip: i64,
+    /// `fifo`: milliseconds since the utterance started (the oldest wins).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub age: i64,
+    /// `loudest`: the bonus of the dominant speaker's utterance.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub dominant: i64,
+    /// `learn`: how this listener's own history with the speaker moves the prediction from
+    /// what listeners of its taste get.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub taste: i64,
+    /// `learn`: what listeners of similar taste got from the speaker, and their verdicts on this
+    /// very utterance.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub room: i64,
+    /// `learn`: the seeded exploration bonus, larger for speakers the listener has tried less.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub explore: i64,
+}
+
+fn is_zero(value: &i64) -> bool {
+    *value == 0
 }
 
 impl ScoreTerms {
     pub fn total(&self) -> i64 {
-        self.base + self.follow + self.affinity + self.live + self.lag + self.freshness + self.blip
+        self.base
+            + self.follow
+            + self.affinity
+            + self.live
+            + self.lag
+            + self.freshness
+            + self.blip
+            + self.age
+            + self.dominant
+            + self.taste
+            + self.room
+            + self.explore
     }
 }
 
@@ -262,5 +297,11 @@ pub enum Event {
     KeyframeRequest {
         track: Name,
         reason: KeyframeReason,
+    },
+    /// The dominant speaker changed (with `dominant_speaker.events`): its name and audio track,
+    /// or null when the dominant speaker's track ended and nobody else has spoken since.
+    DominantSpeaker {
+        speaker: Option<Name>,
+        track: Option<Name>,
     },
 }

@@ -125,17 +125,31 @@ impl Default for Outputs {
     }
 }
 
-/// The engine's one source of randomness: SplitMix64 from the configured seed.
+/// The engine's one source of randomness: SplitMix64 from the configured seed. `next_u64`
+/// draws from one stream (the outgoing streams' SSRCs and starting numbers); `keyed` draws a
+/// number named by a key (the learning recommender's exploration), without advancing that
+/// stream, so a draw never depends on how many others were made before it.
 #[derive(Resource, Clone, Debug, PartialEq, Eq)]
-pub struct EngineRng(pub SplitMix64);
+pub struct EngineRng {
+    stream: SplitMix64,
+    seed: u64,
+}
 
 impl EngineRng {
     pub fn new(seed: u64) -> Self {
-        EngineRng(SplitMix64::new(seed))
+        EngineRng { stream: SplitMix64::new(seed), seed }
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0.next_u64()
+        self.stream.next_u64()
+    }
+
+    /// A draw named by `key`: SplitMix64 seeded with the engine's seed, then re-seeded with each
+    /// part of the key mixed in.
+    pub fn keyed(&self, key: [u64; 3]) -> u64 {
+        key.iter().fold(SplitMix64::new(self.seed ^ 0x6A09_E667_F3BC_C908).next_u64(), |state, part| {
+            SplitMix64::new(state ^ part.wrapping_mul(0x9E37_79B9_7F4A_7C15)).next_u64()
+        })
     }
 }
 
@@ -167,6 +181,9 @@ pub struct Decision {
     /// What the listener played before, when something took it off already (eviction).
     pub from: Option<UtteranceId>,
     pub choice: Option<Choice>,
+    /// For a busy listener offered a new utterance: the present score of what it plays, when
+    /// the policy rescored it (`loudest`); otherwise the score it was chosen with counts.
+    pub rescored: Option<i64>,
 }
 
 /// Decisions of this tick, from the recommender to the router, in listener key order.
@@ -175,4 +192,66 @@ pub struct Decisions {
     pub list: Vec<Decision>,
     /// How many the router was handed in the last tick (the list is drained), for metrics.
     pub last_tick: u64,
+}
+
+/// The dominant speaker, as the dominant-speaker system last decided.
+#[derive(Resource, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dominance {
+    /// The dominant speaker and its audio track.
+    pub speaker: Option<(PeerKey, Name)>,
+    pub track: Option<Name>,
+    /// The dominant speaker changed in this tick.
+    pub changed: bool,
+    /// When the next decision is due (every 300 ms of engine time).
+    pub next_decision_us: u64,
+    /// When silent tracks are next given a silent level (every 40 ms).
+    pub next_idle_us: u64,
+}
+
+/// How a listener's time with an utterance ended, or what it said about it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// It heard the utterance to the end.
+    Finished,
+    /// It skipped it.
+    Skipped,
+    /// It liked it.
+    Liked,
+    /// It muted its speaker while hearing it.
+    Muted,
+    /// The engine took it off the utterance (a switch, an eviction, the end of listening):
+    /// nothing learnt about the listener.
+    Interrupted,
+    /// It started playing the utterance.
+    Started,
+}
+
+/// One verdict of a listener on an utterance: the learning recommender's data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenOutcome {
+    pub listener: PeerKey,
+    pub speaker: PeerKey,
+    pub utterance: UtteranceOrd,
+    pub verdict: Verdict,
+    /// How long it heard the utterance (for a skip: what it heard before skipping).
+    pub heard_us: u64,
+}
+
+/// Verdicts of this tick, from ingest (likes, skips of other utterances) and route (every
+/// listener taken off an utterance), for the learn system.
+#[derive(Resource, Debug, Default)]
+pub struct ListenOutcomes {
+    pub list: Vec<ListenOutcome>,
+}
+
+/// What the recommender did since the start (not in the trace: `encore eval` reads it).
+#[derive(Resource, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecommenderCounts {
+    /// Decisions made: one per listener that needed one (full) or was offered an utterance
+    /// that opened (new utterance).
+    pub decisions: u64,
+    /// Of which full decisions (every candidate considered).
+    pub full: u64,
+    /// Candidates scored for a listener.
+    pub scored: u64,
 }

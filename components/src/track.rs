@@ -103,3 +103,37 @@ pub struct Recording {
 pub struct KeyframeThrottle {
     pub last_request_us: Option<u64>,
 }
+
+/// Levels a dominant-speaker detector keeps per audio track (Volfin and Cohen, as in Jitsi's
+/// `DominantSpeakerIdentification` and mediasoup's `ActiveSpeakerObserver`): the last 50
+/// levels (about a second of 20 ms packets), as volumes (0 silence, 127 loudest), and the
+/// track's estimated noise floor.
+#[derive(Component, Clone, Debug, PartialEq, Eq)]
+pub struct SpeechLevels {
+    /// A ring of volumes; `levels[head]` is the most recent.
+    pub levels: [u8; SPEECH_LEVELS],
+    pub head: u8,
+    /// The lowest non-silent volume seen (the track's silence), 0 before any.
+    pub min_level: u8,
+    /// The lowest volume of the window that may raise `min_level`, and the window's length.
+    pub next_min_level: u8,
+    pub next_min_len: u16,
+    /// Arrival time of the last level (a packet's, or a silence the detector added).
+    pub last_level_us: u64,
+}
+
+/// Levels kept per track by the dominant-speaker detector.
+pub const SPEECH_LEVELS: usize = 50;
+
+impl Default for SpeechLevels {
+    fn default() -> Self {
+        SpeechLevels {
+            levels: [0; SPEECH_LEVELS],
+            head: 0,
+            min_level: 0,
+            next_min_level: 0,
+            next_min_len: 0,
+            last_level_us: 0,
+        }
+    }
+}

@@ -19,7 +19,7 @@ use std::io;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use encore_systems::components::config::EngineConfig;
+use encore_systems::components::config::{EngineConfig, Policy};
 use encore_systems::components::input::Input;
 
 pub use encore_systems::components::input::filler_payload;
@@ -67,6 +67,16 @@ struct RawHeader {
     end_us: Option<u64>,
 }
 
+/// A configuration that does not name `recommender.policy` was written before there was a
+/// choice: it ran, and replays with, the `rules` policy.
+fn name_the_policy(config: &mut Value) {
+    let Value::Object(config) = config else { return };
+    let recommender = config.entry("recommender").or_insert_with(|| Value::Object(Default::default()));
+    if let Value::Object(recommender) = recommender {
+        recommender.entry("policy").or_insert_with(|| Value::from(Policy::Rules.as_str()));
+    }
+}
+
 impl ScenarioHeader {
     pub fn new(config: EngineConfig) -> Self {
         ScenarioHeader { tick_ms: config.tick_ms, config, name: None, description: None, end_us: None }
@@ -81,8 +91,15 @@ impl ScenarioHeader {
             ));
         }
         let mut config: EngineConfig = match raw.config {
-            Some(value) => serde_json::from_value(value).map_err(|e| format!("bad config: {e}"))?,
-            None => EngineConfig::default(),
+            Some(mut value) => {
+                name_the_policy(&mut value);
+                serde_json::from_value(value).map_err(|e| format!("bad config: {e}"))?
+            }
+            None => {
+                let mut config = EngineConfig::default();
+                config.recommender.policy = Policy::Rules;
+                config
+            }
         };
         if let Some(tick_ms) = raw.tick_ms {
             config.tick_ms = tick_ms;

@@ -168,3 +168,16 @@ fn events_go_to_the_first_tick_at_or_after_their_arrival_unless_recorded() {
     assert_eq!(event(10_000, None).tick_for(10_000), 1);
     assert_eq!(event(10_001, Some(7)).tick_for(10_000), 7);
 }
+
+#[test]
+fn a_file_that_does_not_name_the_policy_replays_with_rules_and_one_that_does_with_it() {
+    let policy = |header: &str| ScenarioHeader::parse(header).unwrap().config.recommender.policy;
+    assert_eq!(policy(r#"{"encore_scenario":1}"#), Policy::Rules);
+    assert_eq!(policy(r#"{"encore_scenario":1,"config":{}}"#), Policy::Rules);
+    assert_eq!(policy(r#"{"encore_scenario":1,"config":{"recommender":{"follow":5}}}"#), Policy::Rules);
+    assert_eq!(policy(r#"{"encore_scenario":1,"config":{"recommender":{"policy":"learn"}}}"#), Policy::Learn);
+    // What this build writes names it, and reads back the same.
+    let header = ScenarioHeader::new(EngineConfig::default());
+    assert_eq!(ScenarioHeader::parse(&header.to_line()).unwrap().config, EngineConfig::default());
+    assert_eq!(EngineConfig::default().recommender.policy, Policy::Learn);
+}

@@ -3,17 +3,18 @@
 use bevy_ecs::prelude::World;
 use bevy_ecs::schedule::Schedule;
 
-use encore_components::config::{EngineConfig, EngineConfigError};
+use encore_components::config::{EngineConfig, EngineConfigError, Policy};
 use encore_components::ids::{MediaKind, Name, PeerKey, UtteranceId, UtteranceOrd};
 use encore_components::input::Input;
+use encore_components::learner::Learner;
 use encore_components::listener::{ListenerSession, Route};
 use encore_components::output::TickOutput;
 use encore_components::peer::{Peer, Prefs};
 use encore_components::resources::{
-    BufferLedger, ClosedUtterances, Counters, DecisionQueue, Decisions, Departures, Directory, EngineClock, EngineRng,
-    NackQueue, NewUtterances, Outputs, PendingInputs, TimedInput,
+    BufferLedger, ClosedUtterances, Counters, DecisionQueue, Decisions, Departures, Directory, Dominance, EngineClock,
+    EngineRng, ListenOutcomes, NackQueue, NewUtterances, Outputs, PendingInputs, RecommenderCounts, TimedInput,
 };
-use encore_components::track::{PreRoll, Track, Voice};
+use encore_components::track::{PreRoll, SpeechLevels, Track, Voice};
 use encore_components::utterance::{Audience, PacketBuffer, Utterance};
 
 use crate::accounting::buffer_bytes;
@@ -108,6 +109,10 @@ impl Engine {
         world.init_resource::<NackQueue>();
         world.init_resource::<ClosedUtterances>();
         world.init_resource::<Outputs>();
+        world.init_resource::<Dominance>();
+        world.init_resource::<ListenOutcomes>();
+        world.init_resource::<RecommenderCounts>();
+        world.init_resource::<Learner>();
         let mut schedule = build_schedule();
         schedule.initialize(&mut world).map_err(|e| EngineError::Schedule(e.to_string(schedule.graph(), &world)))?;
         Ok(Engine { world, schedule, next_tick: 0, tick_us, last_at_us: 0, spare: TickOutput::default(), quiet: None })
@@ -211,6 +216,17 @@ impl Engine {
         self.world.resource::<Decisions>().last_tick
     }
 
+    /// The recommender's decisions and scored candidates since the start.
+    pub fn recommender_counts(&self) -> RecommenderCounts {
+        *self.world.resource::<RecommenderCounts>()
+    }
+
+    /// The dominant speaker, as last decided (while the detector runs: the `loudest` policy or
+    /// `dominant_speaker.events`).
+    pub fn dominant_speaker(&self) -> Option<&Name> {
+        self.world.resource::<Dominance>().speaker.as_ref().map(|(_, name)| name)
+    }
+
     /// The name of a peer key (keys are never reused, so this works after it left).
     pub fn peer_name(&self, key: PeerKey) -> Option<&Name> {
         self.world.resource::<Directory>().peer_names.get(key.0 as usize)
@@ -266,6 +282,22 @@ impl Engine {
             || !self.world.resource::<Departures>().tracks.is_empty()
         {
             return false;
+        }
+        // What the learn and dominant-speaker systems still have to do in ticks to come.
+        if !self.world.resource::<ListenOutcomes>().list.is_empty()
+            || !self.world.resource::<Learner>().regroup.is_empty()
+        {
+            return false;
+        }
+        let config = self.world.resource::<EngineConfig>();
+        if config.dominant_speaker.events() || config.recommender.policy == Policy::Loudest {
+            // The detector pushes silence into every level history while nothing arrives; a
+            // decision can change only while some history still holds a sound.
+            let sounding =
+                self.world.query::<&SpeechLevels>().iter(&self.world).any(|l| l.levels.iter().any(|v| *v > 0));
+            if sounding {
+                return false;
+            }
         }
         let open = self.world.query::<&Utterance>().iter(&self.world).any(|u| u.is_open());
         let playing = self.world.query::<&Route>().iter(&self.world).any(|r| r.playing.is_some());

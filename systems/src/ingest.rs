@@ -17,10 +17,12 @@ use encore_components::output::EndReason;
 use encore_components::output::{DropCounts, Event, KeyframeReason, RouteReason};
 use encore_components::peer::{Affinity, Peer, Prefs};
 use encore_components::resources::{
-    BufferLedger, Counters, DecisionNeed, DecisionQueue, Departures, Directory, EngineClock, EngineRng, NackQueue,
-    PendingInputs, TimedInput,
+    BufferLedger, Counters, DecisionNeed, DecisionQueue, Departures, Directory, EngineClock, EngineRng, ListenOutcome,
+    ListenOutcomes, NackQueue, PendingInputs, TimedInput, Verdict,
 };
-use encore_components::track::{Incoming, KeyframeThrottle, PreRoll, Recording, RtpState, StagedPacket, Track, Voice};
+use encore_components::track::{
+    Incoming, KeyframeThrottle, PreRoll, Recording, RtpState, SpeechLevels, StagedPacket, Track, Voice,
+};
 use encore_components::utterance::{Audience, Utterance};
 
 use crate::rtp::{FIRST_SEQ_CYCLE, FIRST_TS_CYCLE, unwrap_seq, unwrap_ts};
@@ -159,7 +161,9 @@ fn publish(
     let rtp_state = RtpState { received: vec![0; window_words], ..RtpState::default() };
     let mut spawned = world.spawn((track, rtp_state, Incoming::default()));
     match media {
-        MediaKind::Audio => spawned.insert((Voice::default(), PreRoll::default(), Recording::default())),
+        MediaKind::Audio => {
+            spawned.insert((Voice::default(), PreRoll::default(), Recording::default(), SpeechLevels::default()))
+        }
         MediaKind::Video => spawned.insert(KeyframeThrottle::default()),
     };
     let entity = spawned.id();
@@ -249,6 +253,16 @@ fn end_listening(world: &mut World, session: Entity) {
     let Some(listener) = world.get::<ListenerSession>(session).cloned() else {
         return world_bug(world, "a peer's session has no ListenerSession");
     };
+    if let Some(playing) = world.get::<Route>(session).and_then(|r| r.playing.as_ref()) {
+        let outcome = ListenOutcome {
+            listener: listener.key,
+            speaker: playing.speaker,
+            utterance: playing.ord,
+            verdict: Verdict::Interrupted,
+            heard_us: world.resource::<EngineClock>().now_us.saturating_sub(playing.start_us),
+        };
+        world.resource_mut::<ListenOutcomes>().list.push(outcome);
+    }
     if let Some(from) = stop_playing(world, session) {
         emit(
             world,
@@ -341,6 +355,20 @@ fn feedback(
     if let Some(mut affinity) = world.get_mut::<Affinity>(peer_entity) {
         let value = affinity.by_speaker.entry(id.speaker.clone()).or_insert(0);
         *value = (*value + delta).clamp(-limit, limit);
+    }
+    // For the learning recommender: a like, or a skip of an utterance not playing (route
+    // reports the skip of the one playing, with how much was heard).
+    let playing_it = current.as_ref().is_some_and(|(current_id, _)| *current_id == id);
+    let verdict = match signal {
+        FeedbackSignal::Like => Some(Verdict::Liked),
+        FeedbackSignal::Skip => (!playing_it).then_some(Verdict::Skipped),
+    };
+    if let Some(verdict) = verdict
+        && let Some((ord, utterance_entity)) = known
+        && let Some(speaker) = world.get::<Utterance>(utterance_entity).map(|u| u.speaker)
+    {
+        let outcome = ListenOutcome { listener: key, speaker, utterance: ord, verdict, heard_us: 0 };
+        world.resource_mut::<ListenOutcomes>().list.push(outcome);
     }
     if signal != FeedbackSignal::Skip {
         return;

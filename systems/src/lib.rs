@@ -83,22 +83,27 @@
 //! 1. [`ingest`]: apply the tick's inputs in (arrival time, push order); drop and count bad
 //!    input.
 //! 2. [`voice`]: voice activity per audio track from the RFC 6464 level, with hysteresis.
-//! 3. [`segment`]: open utterances at onset with a pre-roll, close them at hang-over end, at
+//! 3. [`dominant`]: the room's dominant speaker (Volfin-Cohen), when something uses it.
+//! 4. [`segment`]: open utterances at onset with a pre-roll, close them at hang-over end, at
 //!    the maximum length, or when the track ends; add the speaker's video from a key frame.
-//! 4. [`evict`]: hold the buffer under its cap.
-//! 5. [`recommend`]: score candidates for the listeners that need a decision.
-//! 6. [`route`]: apply decisions, with hysteresis for busy listeners.
-//! 7. [`playout`]: send what is due, paced, with rewritten sequence numbers and timestamps.
-//! 8. [`retransmit`]: answer NACKs from the buffer.
-//! 9. [`stats`]: the buffer peak and the once-a-second stats line.
+//! 5. [`evict`]: hold the buffer under its cap.
+//! 6. [`recommend`]: score candidates for the listeners that need a decision, by the
+//!    configured policy (`fifo`, `loudest`, `rules`, `learn`).
+//! 7. [`route`]: apply decisions, with hysteresis for busy listeners.
+//! 8. [`learn`]: the learning recommender's model, from how listeners' utterances ended.
+//! 9. [`playout`]: send what is due, paced, with rewritten sequence numbers and timestamps.
+//! 10. [`retransmit`]: answer NACKs from the buffer.
+//! 11. [`stats`]: the buffer peak and the once-a-second stats line.
 //!
 //! Every loop that produces output runs in the order of our own ids (peer keys, utterance
 //! ordinals, track names), never in `Entity` order or a hash map's.
 
 pub mod accounting;
+pub mod dominant;
 pub mod engine;
 pub mod evict;
 pub mod ingest;
+pub mod learn;
 pub mod playout;
 pub mod recommend;
 pub mod retransmit;

@@ -12,22 +12,37 @@ use bevy_ecs::prelude::{Query, Res, ResMut};
 use encore_components::config::EngineConfig;
 use encore_components::listener::{Cursor, History, ListenerSession, OutStreams, Playing, Route};
 use encore_components::output::{Event, RouteReason};
-use encore_components::resources::{Counters, DecisionKind, Decisions, EngineClock, Outputs};
+use encore_components::resources::{
+    Counters, DecisionKind, Decisions, EngineClock, ListenOutcome, ListenOutcomes, Outputs, Verdict,
+};
 use encore_components::utterance::{Audience, PacketBuffer, Utterance};
 
+use crate::recommend::switch_margin;
 use crate::shared::bug;
 
-#[allow(clippy::type_complexity)]
+/// What taking a listener off its utterance for this reason says about the utterance.
+fn verdict(kind: DecisionKind) -> Verdict {
+    match kind {
+        DecisionKind::Full(RouteReason::Finished) => Verdict::Finished,
+        DecisionKind::Full(RouteReason::Skip) => Verdict::Skipped,
+        DecisionKind::Full(RouteReason::Muted) => Verdict::Muted,
+        _ => Verdict::Interrupted,
+    }
+}
+
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
 pub fn route(
     config: Res<EngineConfig>,
     clock: Res<EngineClock>,
     mut decisions: ResMut<Decisions>,
     mut outputs: ResMut<Outputs>,
     mut counters: ResMut<Counters>,
+    mut outcomes: ResMut<ListenOutcomes>,
     mut sessions: Query<(&ListenerSession, &mut Route, &mut OutStreams, &mut History)>,
     mut utterances: Query<(&Utterance, &PacketBuffer, &mut Audience)>,
 ) {
     decisions.last_tick = decisions.list.len() as u64;
+    let margin = switch_margin(&config.recommender);
     for decision in decisions.list.drain(..) {
         let Ok((listener, mut route, mut streams, mut history)) = sessions.get_mut(decision.session) else {
             bug(&mut counters, "a decision names a session that lacks its components");
@@ -35,10 +50,10 @@ pub fn route(
         };
         let current = route.playing.as_ref().map(|p| (p.utterance, p.id.clone(), p.score));
         let reason = match decision.kind {
-            DecisionKind::NewUtterance => match (&current, &decision.choice) {
-                (None, _) => RouteReason::NewUtterance,
-                (Some((_, _, playing_score)), Some(choice))
-                    if choice.score >= playing_score + config.recommender.switch_margin =>
+            DecisionKind::NewUtterance => match (&current, &decision.choice, margin) {
+                (None, _, _) => RouteReason::NewUtterance,
+                (Some((_, _, playing_score)), Some(choice), Some(margin))
+                    if choice.score >= decision.rescored.unwrap_or(*playing_score).saturating_add(margin) =>
                 {
                     RouteReason::Switch
                 }
@@ -46,6 +61,15 @@ pub fn route(
             },
             DecisionKind::Full(reason) => reason,
         };
+        if let Some(playing) = &route.playing {
+            outcomes.list.push(ListenOutcome {
+                listener: listener.key,
+                speaker: playing.speaker,
+                utterance: playing.ord,
+                verdict: verdict(decision.kind),
+                heard_us: clock.now_us.saturating_sub(playing.start_us),
+            });
+        }
         let from = match current {
             Some((entity, id, _)) => {
                 route.playing = None;
@@ -74,6 +98,13 @@ pub fn route(
             if history.heard.insert(choice.ord) {
                 audience.heard += 1;
             }
+            outcomes.list.push(ListenOutcome {
+                listener: listener.key,
+                speaker: utterance.speaker,
+                utterance: choice.ord,
+                verdict: Verdict::Started,
+                heard_us: 0,
+            });
             lag_us = Some(clock.now_us.saturating_sub(utterance.started_us));
             live = utterance.is_open();
             route.playing = Some(Playing {
@@ -120,7 +151,10 @@ mod tests {
 
     #[test]
     fn a_busy_listener_switches_only_past_the_margin() {
-        let mut room = Room::new(EngineConfig::default());
+        // The rules policy: following is worth 1000, the margin 800.
+        let mut config = EngineConfig::default();
+        config.recommender.policy = encore_components::config::Policy::Rules;
+        let mut room = Room::new(config);
         room.speaker("alice", "a1");
         room.speaker("bob", "b1");
         room.speaker("carol", "c1");

@@ -96,6 +96,13 @@ impl Room {
         }
     }
 
+    /// 20 ms packets at an RFC 6464 level (0 loudest, 127 silence), 120 bytes each.
+    pub fn sound(&mut self, track: &str, from_us: u64, to_us: u64, level: u8) {
+        for at in (from_us..to_us).step_by(20_000) {
+            self.packet(track, at, 48_000, Some(level), 120, false);
+        }
+    }
+
     /// Silent 20 ms packets (level 100).
     pub fn silence(&mut self, track: &str, from_us: u64, to_us: u64) {
         for at in (from_us..to_us).step_by(20_000) {

@@ -672,6 +672,9 @@ impl Room {
                     media.request_keyframe(Instant::now(), track.conn, track.ssrc);
                 }
             }
+            Event::DominantSpeaker { speaker, .. } => {
+                self.broadcast(Notice::DominantSpeaker { speaker: speaker.as_ref().map(|s| s.to_string()) });
+            }
             Event::Evict { .. } | Event::Stats(_) => {}
         }
     }
