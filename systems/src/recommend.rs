@@ -104,6 +104,12 @@ pub trait Scorer {
     /// The most the listener's own terms can add to a candidate's `base_total`: the scan of a
     /// pool sorted by [`sort_pool`] stops at the first candidate that could not win with it.
     fn bound(&self, listener: &Listener) -> i64;
+    /// The most the listener's own terms can add to the pool's `index`-th candidate, at most
+    /// [`Scorer::bound`] and cheaper to know than the terms themselves: a busy listener is not
+    /// scored at all on the utterances that opened when none of them could move it.
+    fn bound_on(&self, listener: &Listener, _index: usize, _candidate: &Candidate) -> i64 {
+        self.bound(listener)
+    }
     /// Adds the listener's own terms for the pool's `index`-th candidate.
     fn personal(&self, listener: &Listener, index: usize, candidate: &Candidate, terms: &mut ScoreTerms);
     /// The lowest score an idle listener accepts.
@@ -319,10 +325,13 @@ impl<'q> Round<'_, '_, 'q> {
                 let Some(margin) = self.margin else { continue };
                 // Nothing fresh could score enough to take the listener off what it plays: the
                 // router would turn any choice down, so none is made.
-                let top = fresh.first().map_or(i64::MIN, |c| c.base_total);
-                if self.rescore.is_none()
-                    && top.saturating_add(scorer.bound(&listener)) < playing_score.saturating_add(margin)
-                {
+                let top = fresh
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| c.base_total.saturating_add(scorer.bound_on(&listener, i, c)))
+                    .max()
+                    .unwrap_or(i64::MIN);
+                if self.rescore.is_none() && top < playing_score.saturating_add(margin) {
                     continue;
                 }
             }

@@ -87,11 +87,26 @@ impl<'a> Learned<'a> {
         verdict_term(self.config.utterance, self.learner.skips, room_heard_ms, group, verdicts, self.now_ms)
     }
 
-    fn explore(&self, listener: &Listener, candidate: &Candidate, trials: u64) -> i64 {
-        let cap = match self.caps.get(trials as usize) {
+    /// What listeners of the listener's group got from the candidate's speaker (the prior),
+    /// and what the listener itself got.
+    fn prior_and_own(&self, listener: &Listener, index: usize) -> (i64, Reward) {
+        let taste = self.learner.listener(listener.key);
+        let group = taste.map_or(0, |t| t.group);
+        match self.slots[index] {
+            Some(slot) => (rate(self.learner, group, slot), taste.map_or(Reward::default(), |t| t.reward(slot))),
+            None => (rate(self.learner, 0, SpeakerSlot::MAX), Reward::default()),
+        }
+    }
+
+    fn explore_cap(&self, trials: u64) -> i64 {
+        match self.caps.get(trials as usize) {
             Some(cap) => *cap,
             None => explore_cap(self.config.explore, trials),
-        };
+        }
+    }
+
+    fn explore(&self, listener: &Listener, candidate: &Candidate, trials: u64) -> i64 {
+        let cap = self.explore_cap(trials);
         if cap <= 0 {
             return 0;
         }
@@ -138,16 +153,22 @@ impl Scorer for Learned<'_> {
         REWARD_MAX + self.config.utterance + self.config.explore + if follows { self.config.follow.max(0) } else { 0 }
     }
 
+    /// The listener's terms with the verdict and the exploration at their largest: the
+    /// estimate from the same model, without the draw.
+    fn bound_on(&self, listener: &Listener, index: usize, candidate: &Candidate) -> i64 {
+        let (prior, own) = self.prior_and_own(listener, index);
+        let verdict = if self.verdicts[index].is_some() { self.config.utterance } else { 0 };
+        let explore = self.explore_cap(own.trials).max(0);
+        let follow = if listener.follows(&candidate.speaker_name) { self.config.follow.max(0) } else { 0 };
+        estimate(own, prior) + verdict + explore + follow
+    }
+
     fn personal(&self, listener: &Listener, index: usize, candidate: &Candidate, terms: &mut ScoreTerms) {
         if listener.follows(&candidate.speaker_name) {
             terms.follow = self.config.follow;
         }
-        let taste = self.learner.listener(listener.key);
-        let group = taste.map_or(0, |t| t.group);
-        let (prior, own) = match self.slots[index] {
-            Some(slot) => (rate(self.learner, group, slot), taste.map_or(Reward::default(), |t| t.reward(slot))),
-            None => (rate(self.learner, 0, SpeakerSlot::MAX), Reward::default()),
-        };
+        let (prior, own) = self.prior_and_own(listener, index);
+        let group = self.learner.listener(listener.key).map_or(0, |t| t.group);
         terms.room = prior + self.verdicts[index].map_or(0, |v| self.verdict_term(group, v));
         terms.taste = estimate(own, prior) - prior;
         terms.explore = self.explore(listener, candidate, own.trials);
@@ -298,6 +319,14 @@ mod tests {
             assert!(pool.len() <= config.candidates);
             let fast = best(&scorer, &listener, &pool, &mut 0).map(|c| (c.score, c.id.to_string()));
             assert_eq!(fast, full_scan(&scorer, &listener, &pool), "round {round}");
+            // The bound on one candidate holds what scoring it adds, within the general bound.
+            for (index, candidate) in pool.iter().enumerate() {
+                let mut terms = candidate.terms;
+                scorer.personal(&listener, index, candidate, &mut terms);
+                let own = terms.total() - candidate.base_total;
+                let bound = scorer.bound_on(&listener, index, candidate);
+                assert!(own <= bound && bound <= scorer.bound(&listener), "round {round}: {own} {bound}");
+            }
         }
     }
 }
