@@ -156,6 +156,21 @@ pub enum Request {
     RemovePeer {
         peer: String,
     },
+    /// A listener asks to speak in this room (moderators see the `hands` queue).
+    RaiseHand,
+    LowerHand,
+    /// A moderator invites a peer of the audience to speak in this room.
+    InviteToSpeak {
+        peer: String,
+    },
+    /// The invited peer's answer: `accept` makes it a speaker in this room until it leaves.
+    AnswerInvite {
+        accept: bool,
+    },
+    /// A moderator moves a speaker back to the audience in this room: its publishing ends.
+    MoveToAudience {
+        peer: String,
+    },
     Leave,
 }
 
@@ -182,12 +197,17 @@ impl Request {
             Request::Reauth { .. } => "reauth",
             Request::MutePeer { .. } => "mute_peer",
             Request::RemovePeer { .. } => "remove_peer",
+            Request::RaiseHand => "raise_hand",
+            Request::LowerHand => "lower_hand",
+            Request::InviteToSpeak { .. } => "invite_to_speak",
+            Request::AnswerInvite { .. } => "answer_invite",
+            Request::MoveToAudience { .. } => "move_to_audience",
             Request::Leave => "leave",
         }
     }
 
     /// Every request type, for documentation checks.
-    pub const KINDS: [&'static str; 16] = [
+    pub const KINDS: [&'static str; 21] = [
         "ping",
         "join",
         "publish",
@@ -203,6 +223,11 @@ impl Request {
         "reauth",
         "mute_peer",
         "remove_peer",
+        "raise_hand",
+        "lower_hand",
+        "invite_to_speak",
+        "answer_invite",
+        "move_to_audience",
         "leave",
     ];
 }
@@ -453,6 +478,28 @@ pub enum Notice {
     Muted {
         by: String,
     },
+    /// To every peer in the room: the peers whose hands are raised, in the order they raised
+    /// them (sent whenever it changes).
+    Hands {
+        raised: Vec<String>,
+    },
+    /// To the invited peer: a moderator invites it to speak (answer with `answer_invite`).
+    Invited {
+        by: String,
+    },
+    /// To the moderator who invited: the peer declined.
+    InviteDeclined {
+        peer: String,
+    },
+    /// To every peer in the room: a peer's roles in this room changed. `account`: its
+    /// account's role was changed by an admin (that peer refreshes its token and sends
+    /// `reauth`); `invited`: it accepted an invitation to speak; `moved_to_audience`: a
+    /// moderator ended its speaking.
+    RoleChanged {
+        peer: String,
+        roles: Vec<Role>,
+        reason: RoleChangeReason,
+    },
     /// The server is stopping: the session closes next (1001). A client reconnects, to
     /// another server if it has one.
     GoingAway {
@@ -482,13 +529,17 @@ impl Notice {
             Notice::SessionExpiring { .. } => "session_expiring",
             Notice::Removed { .. } => "removed",
             Notice::Muted { .. } => "muted",
+            Notice::Hands { .. } => "hands",
+            Notice::Invited { .. } => "invited",
+            Notice::InviteDeclined { .. } => "invite_declined",
+            Notice::RoleChanged { .. } => "role_changed",
             Notice::GoingAway { .. } => "going_away",
             Notice::Error { .. } => "error",
         }
     }
 
     /// Every notice type, for documentation checks.
-    pub const KINDS: [&'static str; 13] = [
+    pub const KINDS: [&'static str; 17] = [
         "welcome",
         "now_playing",
         "utterance_started",
@@ -500,6 +551,10 @@ impl Notice {
         "session_expiring",
         "removed",
         "muted",
+        "hands",
+        "invited",
+        "invite_declined",
+        "role_changed",
         "going_away",
         "error",
     ];
@@ -519,6 +574,15 @@ pub struct UpgradeError {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_code: Option<String>,
     pub message: String,
+}
+
+/// Why a peer's roles changed (`role_changed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoleChangeReason {
+    Account,
+    Invited,
+    MovedToAudience,
 }
 
 /// Why the server sends a session away.

@@ -443,6 +443,9 @@ const room = {
   removedBy: null, // set by a `removed` notification, before the server closes the socket
   nowPlaying: null, // the last now_playing notification
   dominant: null, // who dominates the room now (dominant_speaker notifications)
+  hands: [], // peers whose hands are raised, in order (hands notifications)
+  invitedBy: null, // the moderator whose invitation to speak waits for an answer
+  stageNote: null, // the last change on the stage that concerns us, in words
   utterances: new Map(), // id -> {utterance, speaker, live, duration_ms, reason, order}
   utteranceOrder: 0,
   statsTimer: null,
@@ -550,6 +553,9 @@ function cleanupRoom() {
   room.peers.clear();
   room.nowPlaying = null;
   room.dominant = null;
+  room.hands = [];
+  room.invitedBy = null;
+  room.stageNote = null;
   room.utterances.clear();
   room.removedBy = null;
 }
@@ -592,6 +598,32 @@ function installHandlers(sig) {
     u.duration_ms = m.duration_ms;
     u.reason = m.reason;
     if (room.nowPlaying && room.nowPlaying.utterance === m.utterance) room.nowPlaying = { ...room.nowPlaying, live: false };
+    render();
+  });
+  sig.on('hands', (m) => {
+    room.hands = m.raised || [];
+    render();
+  });
+  sig.on('invited', (m) => {
+    room.invitedBy = m.by;
+    render();
+  });
+  sig.on('invite_declined', (m) => {
+    room.stageNote = `${m.peer} declined your invitation to speak`;
+    render();
+  });
+  sig.on('role_changed', (m) => {
+    const p = room.peers.get(m.peer);
+    if (p) p.roles = m.roles;
+    if (m.peer === room.peer) {
+      room.roles = m.roles;
+      // The server closed our send transport if we may no longer publish; close our side.
+      if (!mayPublish() && room.send) stopTalkingLocally();
+      // An admin changed our account's role: a fresh token carries it.
+      if (m.reason === 'account') refreshToken().catch((error) => showError(error, 'refreshing the sign-in'));
+      const why = { invited: 'you may speak in this room now', moved_to_audience: 'a moderator moved you back to the audience', account: 'an admin changed your role' }[m.reason];
+      if (why) room.stageNote = `${why} (${m.roles.join(', ')})`;
+    }
     render();
   });
   sig.on('session_expiring', () => {
@@ -948,6 +980,14 @@ function render() {
   $('talk').disabled = !mayPublish();
   $('camera').disabled = publishing || !mayPublish();
   show('talk-hint', !mayPublish());
+  const handRaised = room.hands.includes(room.peer);
+  show('raise-hand', inRoom && !mayPublish());
+  $('raise-hand').textContent = handRaised ? 'Lower hand' : 'Raise hand';
+  $('raise-hand').setAttribute('aria-pressed', String(handRaised));
+  show('invitation', inRoom && !!room.invitedBy);
+  show('stage-note', inRoom && !!room.stageNote);
+  $('stage-note').textContent = room.stageNote || '';
+  $('invited-by').textContent = room.invitedBy || '';
   show('stop-talk', publishing);
   show('mute-mic', publishing);
   $('mute-mic').textContent = room.micPaused ? 'Unmute' : 'Mute';
@@ -1004,7 +1044,9 @@ function renderPeers(inRoom) {
       h('span', { class: 'peer-name' }, p.peer, p.me ? ' (you)' : ''),
       h('span', { class: 'roles' }, (p.roles || []).join(', ')),
       p.publishing ? h('span', { class: 'badge talking', 'data-testid': `publishing-${p.peer}` }, 'publishing') : null,
+      room.hands.includes(p.peer) ? h('span', { class: 'badge hand', 'data-testid': `hand-${p.peer}` }, `hand raised (#${room.hands.indexOf(p.peer) + 1})`) : null,
     );
+    const speaks = (p.roles || []).some((r) => r === 'speaker' || r === 'admin');
     if (!p.me) {
       li.append(
         h('button', {
@@ -1020,6 +1062,9 @@ function renderPeers(inRoom) {
         li.append(
           h('button', { type: 'button', class: 'mod', 'data-testid': `mute-peer-${p.peer}`, dataset: { action: 'mute_peer', peer: p.peer } }, 'Silence mic'),
           h('button', { type: 'button', class: 'mod', 'data-testid': `remove-peer-${p.peer}`, dataset: { action: 'remove_peer', peer: p.peer } }, 'Remove'),
+          speaks
+            ? ((p.roles || []).includes('admin') ? null : h('button', { type: 'button', class: 'mod', 'data-testid': `move-to-audience-${p.peer}`, dataset: { action: 'move_to_audience', peer: p.peer } }, 'Move to audience'))
+            : h('button', { type: 'button', class: 'mod', 'data-testid': `invite-${p.peer}`, dataset: { action: 'invite_to_speak', peer: p.peer } }, 'Invite to speak'),
         );
       }
     }
@@ -1090,6 +1135,15 @@ function wire() {
   $('leave').addEventListener('click', action($('leave'), 'leave', async () => leaveRoom('leave')));
 
   $('talk').addEventListener('click', action($('talk'), 'talk', async () => startTalking($('camera').checked)));
+  $('raise-hand').addEventListener('click', action($('raise-hand'), 'raise hand', async () => {
+    await room.sig.request(room.hands.includes(room.peer) ? 'lower_hand' : 'raise_hand', {});
+  }));
+  const answerInvite = (accept) => async () => {
+    room.invitedBy = null;
+    await room.sig.request('answer_invite', { accept });
+  };
+  $('accept-invite').addEventListener('click', action($('accept-invite'), 'accept the invitation', answerInvite(true)));
+  $('decline-invite').addEventListener('click', action($('decline-invite'), 'decline the invitation', answerInvite(false)));
   $('stop-talk').addEventListener('click', action($('stop-talk'), 'stop talking', stopTalking));
   $('mute-mic').addEventListener('click', action($('mute-mic'), 'microphone', toggleMic));
 
@@ -1110,8 +1164,10 @@ function wire() {
       mute: () => togglePref(room.mute, peer),
       mute_peer: () => room.sig.request('mute_peer', { peer }),
       remove_peer: () => room.sig.request('remove_peer', { peer }),
+      invite_to_speak: () => room.sig.request('invite_to_speak', { peer }),
+      move_to_audience: () => room.sig.request('move_to_audience', { peer }),
     }[what];
-    if (run) action(button, what.replace('_', ' '), run)();
+    if (run) action(button, what.replaceAll('_', ' '), run)();
   });
   $('utterances').addEventListener('click', (event) => {
     const button = event.target.closest('button[data-action="like-utterance"]');

@@ -23,6 +23,14 @@ pub enum Input {
         #[serde(default)]
         roles: Vec<Role>,
     },
+    /// A peer's roles change while it is in the room: a moderator's invitation to speak that
+    /// it accepted, a move back to the audience, or its account's role. A peer that may no
+    /// longer publish loses its tracks (their utterances close with reason `unpublished`).
+    Roles {
+        peer: Name,
+        #[serde(default)]
+        roles: Vec<Role>,
+    },
     /// A peer leaves: its tracks end (their utterances close with reason `left`) and its
     /// listener session, if any, ends.
     Leave { peer: Name },
@@ -71,6 +79,7 @@ impl Input {
     pub fn kind(&self) -> &'static str {
         match self {
             Input::Join { .. } => "join",
+            Input::Roles { .. } => "roles",
             Input::Leave { .. } => "leave",
             Input::Publish { .. } => "publish",
             Input::Unpublish { .. } => "unpublish",

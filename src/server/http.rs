@@ -206,7 +206,10 @@ struct RoleRequest {
 
 /// `PUT /api/users/{uid}/role` `{"role": "speaker"}`, for admins: sets the user's `role` claim
 /// (auth::admin does the work, in whichever backend the mode has) and answers `{"uid", "role"}`.
-/// The user's sessions keep their roles until their next token.
+/// The change applies at once: the rooms the user is in give its peers the new role (a
+/// demoted speaker stops publishing) and tell everyone there (`role_changed`, reason
+/// `account`; the user's page then refreshes its token), and tokens issued before the change
+/// no longer carry the old role on this server.
 async fn set_user_role(
     State(app): State<AppState>,
     user: AuthUser,
@@ -214,7 +217,8 @@ async fn set_user_role(
     body: Result<Json<RoleRequest>, JsonRejection>,
 ) -> Response {
     let result = async {
-        if !user.has_role(Role::Admin) {
+        let roles = app.sessions.account_roles(&user.uid, &user.roles, user.issued_at);
+        if !roles.contains(&Role::Admin) {
             return Err(AdminError::Forbidden("only an admin may change roles".into()));
         }
         let Json(request) = body.map_err(|rejection| {
@@ -226,8 +230,9 @@ async fn set_user_role(
     .await;
     match result {
         Ok(change) => {
-            // `change` says which uid now has which role: what that uid's live sessions would
-            // be told (a `role_changed` notification), were the server to tell them.
+            let roles = vec![change.role];
+            app.sessions.roles_changed(&change.uid, roles.clone(), app.auth.now_s());
+            app.rooms.account_roles(&change.uid, &roles);
             tracing::info!(by = %user.uid, uid = %change.uid, role = change.role.as_str(), "role changed over HTTP");
             let mut response = Json(json!({"uid": change.uid, "role": change.role})).into_response();
             response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

@@ -6,13 +6,20 @@
 //! count; anything that must reach a user's sessions (a role changed, a quota to check) finds
 //! them by uid.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use slotmap::{SlotMap, new_key_type};
 use tokio::sync::{mpsc, watch};
 
+use encore_systems::components::ids::Role;
+
 use crate::protocol::Notice;
+
+/// How long a role an admin set overrides the one in a user's older tokens: a Firebase ID
+/// token lives an hour, plus the verifier's leeway.
+const ROLE_OVERRIDE_S: i64 = 3600 + 300;
 
 new_key_type! {
     /// A session's handle: valid while the session is open, never again after.
@@ -28,11 +35,18 @@ struct Entry {
 pub struct Sessions {
     slots: Mutex<SlotMap<SessionKey, Entry>>,
     open: watch::Sender<usize>,
+    /// Roles admins set, by uid, with when (Unix seconds): a token issued before still
+    /// carries the old role, and must not bring it back.
+    changed_roles: Mutex<BTreeMap<String, (Vec<Role>, i64)>>,
 }
 
 impl Default for Sessions {
     fn default() -> Self {
-        Sessions { slots: Mutex::new(SlotMap::with_key()), open: watch::channel(0).0 }
+        Sessions {
+            slots: Mutex::new(SlotMap::with_key()),
+            open: watch::channel(0).0,
+            changed_roles: Mutex::new(BTreeMap::new()),
+        }
     }
 }
 
@@ -77,6 +91,25 @@ impl Sessions {
         sender.try_send(notice).is_ok()
     }
 
+    /// An admin gave `uid`'s account `roles` at `now_s`: tokens issued until then carry the
+    /// old roles, and [`Sessions::account_roles`] corrects them for as long as they can live.
+    pub fn roles_changed(&self, uid: &str, roles: Vec<Role>, now_s: i64) {
+        let mut changed = self.changed_roles.lock().unwrap_or_else(|p| p.into_inner());
+        changed.retain(|_, (_, at)| *at > now_s - ROLE_OVERRIDE_S);
+        changed.insert(uid.to_owned(), (roles, now_s));
+    }
+
+    /// The account roles of a token's holder: an admin's change made at or after the token
+    /// was issued wins over the token's claim (the same second counts: the new token carries
+    /// the new role anyway).
+    pub fn account_roles(&self, uid: &str, token_roles: &[Role], issued_at_s: i64) -> Vec<Role> {
+        let changed = self.changed_roles.lock().unwrap_or_else(|p| p.into_inner());
+        match changed.get(uid) {
+            Some((roles, at)) if issued_at_s <= *at => roles.clone(),
+            _ => token_roles.to_vec(),
+        }
+    }
+
     /// Waits until every session has closed, at most `timeout`; true when they all did.
     pub async fn closed(&self, timeout: Duration) -> bool {
         let mut open = self.open.subscribe();
@@ -101,6 +134,21 @@ mod tests {
         assert_eq!(sessions.of_uid("bob"), vec![new]);
         assert!(sessions.of_uid("ann").is_empty());
         assert_eq!(sessions.count(), 1);
+    }
+
+    #[test]
+    fn an_admins_role_change_wins_over_tokens_issued_before_it_only() {
+        let sessions = Sessions::default();
+        let token = [Role::Speaker];
+        assert_eq!(sessions.account_roles("ann", &token, 100), vec![Role::Speaker]);
+        sessions.roles_changed("ann", vec![Role::Listener], 200);
+        assert_eq!(sessions.account_roles("ann", &token, 150), vec![Role::Listener], "an older token");
+        assert_eq!(sessions.account_roles("ann", &token, 200), vec![Role::Listener], "the same second");
+        assert_eq!(sessions.account_roles("ann", &token, 201), vec![Role::Speaker], "a newer token says");
+        assert_eq!(sessions.account_roles("bob", &token, 150), vec![Role::Speaker], "per user");
+        // An hour and more later, old tokens are dead: the change is forgotten.
+        sessions.roles_changed("bob", vec![Role::Admin], 200 + ROLE_OVERRIDE_S);
+        assert_eq!(sessions.account_roles("ann", &token, 150), vec![Role::Speaker]);
     }
 
     #[test]

@@ -17,14 +17,14 @@ use encore_systems::components::ids::{Name, UtteranceId};
 use encore_systems::components::input::{FeedbackSignal, Input};
 
 use super::AppState;
-use super::rooms::{Moderation, PEER_EVENTS, RoomCommand, RoomLink};
+use super::rooms::{Moderation, PEER_EVENTS, RoomCommand, RoomLink, Stage};
 use super::sessions::{SessionKey, Sessions};
 use crate::auth::{AuthError, AuthUser};
 use crate::metrics::{self, SessionMetric};
 use crate::protocol::{
     Answer, BURST_MESSAGES, Done, ErrorBody, ErrorCode, FLOOD_MESSAGES, GoingAwayReason, Joined, MAX_MESSAGE_BYTES,
     MAX_MESSAGES_PER_S, MAX_PREFS_NAMES, Notice, Offered, PROTOCOL_VERSION, Published, Reauthed, Request, RequestId,
-    Side, UpgradeError, UpgradeRefusal, close, parse_request,
+    RoleChangeReason, Side, UpgradeError, UpgradeRefusal, close, parse_request,
 };
 
 /// The WebSocket read buffer (tungstenite's default is 128 KiB; see `ws_upgrade`).
@@ -212,8 +212,9 @@ fn too_big(error: &axum::Error) -> bool {
 use tokio_tungstenite::tungstenite;
 
 impl Session {
-    fn new(app: AppState, user: AuthUser) -> Self {
+    fn new(app: AppState, mut user: AuthUser) -> Self {
         let (notices_tx, notices) = mpsc::channel(PEER_EVENTS);
+        user.roles = app.sessions.account_roles(&user.uid, &user.roles, user.issued_at);
         Session {
             app,
             user,
@@ -294,6 +295,12 @@ impl Session {
                     }
                 }
                 Some(notice) = self.notices.recv() => {
+                    // An admin changed this account's role: the session's own view follows.
+                    if let Notice::RoleChanged { peer, reason: RoleChangeReason::Account, .. } = &notice
+                        && self.room.as_ref().is_some_and(|r| r.link.peer.as_str() == peer)
+                    {
+                        self.refresh_account_roles();
+                    }
                     if let Notice::Error { code: ErrorCode::TransportFailed, transport, .. } = &notice {
                         tracing::warn!(uid = %self.user.uid, transport = ?transport, "transport failed");
                     }
@@ -375,8 +382,10 @@ impl Session {
         match request {
             Request::Ping => Ok(Reply::Done),
             Request::Join { room, name } => self.join(room, name).await.map(Reply::Joined),
+            // In a room, the room decides who may publish: its stage may have given or taken
+            // the right. Outside one, the account's role answers.
             Request::Publish { offer } => {
-                if !self.user.may_publish() {
+                if self.room.is_none() && !self.user.may_publish() {
                     let roles = roles_text(&self.user.roles);
                     return Err(refuse(ErrorCode::Forbidden, format!("role {roles} may not publish")));
                 }
@@ -430,11 +439,23 @@ impl Session {
                     .await
                     .map_err(|e| refuse(ErrorCode::Unauthorized, e.to_string()))?;
                 self.user = user;
+                self.refresh_account_roles();
                 self.expiry_warned = false;
                 Ok(Reply::Reauthed(Reauthed { session_expires_at: self.deadline_s() }))
             }
             Request::MutePeer { peer } => self.moderate(Moderation::Mute, peer).await,
             Request::RemovePeer { peer } => self.moderate(Moderation::Remove, peer).await,
+            Request::RaiseHand => self.stage(Stage::RaiseHand).await,
+            Request::LowerHand => self.stage(Stage::LowerHand).await,
+            Request::AnswerInvite { accept } => self.stage(Stage::AnswerInvite { accept }).await,
+            Request::InviteToSpeak { peer } => {
+                self.may_moderate()?;
+                self.stage(Stage::Invite { peer: Name::from(peer) }).await
+            }
+            Request::MoveToAudience { peer } => {
+                self.may_moderate()?;
+                self.stage(Stage::MoveToAudience { peer: Name::from(peer) }).await
+            }
             Request::Leave => {
                 self.in_room()?;
                 Ok(Reply::Done)
@@ -489,11 +510,29 @@ impl Session {
         Ok(Reply::Done)
     }
 
-    async fn moderate(&self, action: Moderation, peer: String) -> Result<Reply, ErrorBody> {
-        if !self.user.may_moderate() {
-            let roles = roles_text(&self.user.roles);
-            return Err(refuse(ErrorCode::Forbidden, format!("role {roles} may not moderate")));
+    fn may_moderate(&self) -> Result<(), ErrorBody> {
+        if self.user.may_moderate() {
+            return Ok(());
         }
+        let roles = roles_text(&self.user.roles);
+        Err(refuse(ErrorCode::Forbidden, format!("role {roles} may not moderate")))
+    }
+
+    async fn stage(&self, action: Stage) -> Result<Reply, ErrorBody> {
+        let link = &self.in_room()?.link;
+        let peer = link.peer.clone();
+        link.ask(|reply| RoomCommand::Stage { at: Instant::now(), peer, action, reply }).await?;
+        Ok(Reply::Done)
+    }
+
+    /// The account's roles now: the token's, unless an admin changed them since it was issued.
+    fn refresh_account_roles(&mut self) {
+        let user = &self.user;
+        self.user.roles = self.app.sessions.account_roles(&user.uid, &user.roles, user.issued_at);
+    }
+
+    async fn moderate(&self, action: Moderation, peer: String) -> Result<Reply, ErrorBody> {
+        self.may_moderate()?;
         let link = &self.in_room()?.link;
         let by = link.peer.clone();
         link.ask(|reply| RoomCommand::Moderate { action, peer: Name::from(peer), by, reply }).await?;

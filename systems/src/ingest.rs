@@ -55,6 +55,7 @@ fn apply(world: &mut World, config: &EngineConfig, clock: &EngineClock, at_us: u
     match input {
         Input::Rtp { track, packet } => rtp(world, config, clock, at_us, &track, packet),
         Input::Join { peer, uid, roles } => join(world, peer, uid, roles),
+        Input::Roles { peer, roles } => set_roles(world, &peer, roles),
         Input::Leave { peer } => leave(world, &peer),
         Input::Publish { peer, track, media, codec, clock_rate, ssrc } => {
             publish(world, config, &peer, track, media, codec, clock_rate, ssrc)
@@ -74,23 +75,47 @@ fn peer_entity(world: &World, name: &str) -> Option<Entity> {
     world.resource::<Directory>().peers.get(name).copied()
 }
 
-fn join(world: &mut World, name: Name, uid: Option<String>, roles: Vec<Role>) {
-    if name.as_str().is_empty() || peer_entity(world, name.as_str()).is_some() {
-        let invalid = name.as_str().is_empty();
-        return drop_input(world, |d| if invalid { &mut d.invalid } else { &mut d.duplicate_peer });
-    }
+/// Roles as a peer holds them: sorted, once each, a listener when none is named.
+fn role_set(roles: Vec<Role>) -> SmallVec<[Role; 2]> {
     let mut roles: SmallVec<[Role; 2]> = roles.into_iter().collect();
     roles.sort_unstable();
     roles.dedup();
     if roles.is_empty() {
         roles.push(Role::Listener);
     }
+    roles
+}
+
+fn join(world: &mut World, name: Name, uid: Option<String>, roles: Vec<Role>) {
+    if name.as_str().is_empty() || peer_entity(world, name.as_str()).is_some() {
+        let invalid = name.as_str().is_empty();
+        return drop_input(world, |d| if invalid { &mut d.invalid } else { &mut d.duplicate_peer });
+    }
+    let roles = role_set(roles);
     let key = PeerKey(world.resource::<Directory>().peer_names.len() as u32);
     let peer = Peer { key, name: name.clone(), uid, roles, tracks: SmallVec::new(), session: None };
     let entity = world.spawn((peer, Prefs::default(), Affinity::default())).id();
     let mut directory = world.resource_mut::<Directory>();
     directory.peer_names.push(name.clone());
     directory.peers.insert(name, entity);
+}
+
+fn set_roles(world: &mut World, name: &str, roles: Vec<Role>) {
+    let Some(entity) = peer_entity(world, name) else {
+        return drop_input(world, |d| &mut d.unknown_peer);
+    };
+    let Some(mut peer) = world.get_mut::<Peer>(entity) else {
+        return world_bug(world, "a peer in the directory has no Peer");
+    };
+    peer.roles = role_set(roles);
+    if peer.may_publish() {
+        return;
+    }
+    // Demoted: what it publishes ends now, as if it had unpublished.
+    let tracks = std::mem::take(&mut peer.tracks);
+    for track in tracks {
+        end_track(world, track, EndReason::Unpublished);
+    }
 }
 
 fn leave(world: &mut World, name: &str) {
@@ -535,7 +560,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::testkit::Room;
+    use crate::testkit::{Room, ends, starts};
 
     fn rtp(track: &str, seq: u16, size: usize, level: Option<u8>) -> Input {
         Input::Rtp {
@@ -646,5 +671,41 @@ mod tests {
         room.run_until(10_000);
         assert_eq!(room.engine.counters().drops.flood, 15);
         assert_eq!(room.engine.counters().drops.total(), 15, "bob's packet passed");
+    }
+
+    #[test]
+    fn roles_change_in_the_room_a_demoted_speaker_loses_its_tracks_and_a_promoted_listener_publishes() {
+        let mut room = Room::new(EngineConfig::default());
+        room.speaker("alice", "a1");
+        room.listener("lena");
+        room.talk("a1", 0, 1_000_000);
+        // Alice is moved to the audience mid-sentence: her utterance closes there.
+        room.push(500_000, Input::Roles { peer: Name::new("alice"), roles: vec![Role::Listener] });
+        // Lena accepts an invitation to speak, then publishes; Alice's publishing again is refused.
+        room.push(600_000, Input::Roles { peer: Name::new("lena"), roles: vec![Role::Listener, Role::Speaker] });
+        let publish = |peer: &str, track: &str| Input::Publish {
+            peer: Name::new(peer),
+            track: Name::new(track),
+            media: MediaKind::Audio,
+            codec: "opus".into(),
+            clock_rate: 48_000,
+            ssrc: 2,
+        };
+        room.push(610_000, publish("lena", "l1"));
+        room.push(620_000, publish("alice", "a2"));
+        room.talk("l1", 700_000, 1_500_000);
+        room.push(700_000, Input::Roles { peer: Name::new("nobody"), roles: vec![] });
+        let trace = room.run_until(2_500_000);
+        let ends = ends(&trace);
+        assert_eq!(
+            ends.first().map(|(id, _, reason)| (id.as_str(), *reason)),
+            Some(("alice#1", EndReason::Unpublished))
+        );
+        assert!(starts(&trace).iter().any(|(_, id, _, _)| id == "lena#1"), "lena spoke: {:?}", starts(&trace));
+        let drops = room.engine.counters().drops;
+        assert_eq!(drops.forbidden, 1, "alice may not publish again");
+        assert_eq!(drops.unknown_peer, 1);
+        // Alice's packets after the demotion name a track that is gone.
+        assert!(drops.unknown_track > 0);
     }
 }

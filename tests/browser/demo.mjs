@@ -361,6 +361,28 @@ async function main() {
       log(`B: ${ended.utterance} ended after ${(ended.duration_ms / 1000).toFixed(2)} s (${typeof ended.reason === 'string' ? ended.reason : JSON.stringify(ended.reason)}); the WAV's sentences last ${truth || '?'}`);
     }
 
+    // The stage: B raises a hand, a moderator (page M) invites B, B accepts and talks, the
+    // moderator moves B back to the audience: B's talking ends and Talk is off again.
+    const m = await openPage(chromium, 'M', null, logs);
+    opened.push(m);
+    await signInAndJoin(m, 'mo', 'moderator', left());
+    const byTestId = (id) => `[data-testid="${id}"]`;
+    await clickAndCheck(b, '#raise-hand', 'Raise hand');
+    await waitFor(m, `${peerB}'s raised hand`, (sel) => !!document.querySelector(sel), byTestId(`hand-${peerB}`), left());
+    await clickAndCheck(m, byTestId(`invite-${peerB}`), 'Invite to speak');
+    await waitFor(b, 'the invitation', () => !document.getElementById('invitation').hidden, null, left());
+    await clickAndCheck(b, '#accept-invite', 'Accept');
+    await waitFor(b, 'Talk to be allowed', () => !document.getElementById('talk').disabled, null, left());
+    await b.page.click('#talk');
+    await waitFor(b, 'B\'s send transport to connect', () => window.encore.sendPc && window.encore.sendPc.connectionState === 'connected', null, left());
+    await waitFor(m, `${peerB} publishing`, (sel) => !!document.querySelector(sel), byTestId(`publishing-${peerB}`), left());
+    // The button goes when B leaves the stage: wait for its effect, not for the button.
+    await m.page.click(byTestId(`move-to-audience-${peerB}`), { timeout: 10000 });
+    await waitFor(b, 'B back in the audience', () => !window.encore.sendPc && document.getElementById('talk').disabled, null, left());
+    const note = await b.page.textContent('#stage-note');
+    log(`stage: B raised a hand, M invited, B accepted and talked, M moved B back to the audience ("${note}")`);
+    result.stage = true;
+
     last = await listenerFacts(b.page);
     const sendEnd = await sendSideFacts(a.page);
     result.ok = true;

@@ -13,4 +13,5 @@ mod media;
 mod metrics;
 mod protocol;
 mod robustness;
+mod stage;
 pub mod support;

@@ -89,6 +89,25 @@ pub enum Moderation {
     Remove,
 }
 
+/// Who asks to speak and who may, in one room. Roles given here are the room's own: they end
+/// when the peer leaves, and the engine knows them as `roles` inputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stage {
+    RaiseHand,
+    LowerHand,
+    /// A moderator (the session checked) invites `peer` to speak.
+    Invite {
+        peer: Name,
+    },
+    AnswerInvite {
+        accept: bool,
+    },
+    /// A moderator (the session checked) moves `peer` back to the audience.
+    MoveToAudience {
+        peer: Name,
+    },
+}
+
 /// A reply a room gives to a request it can refuse.
 pub type Verdict = oneshot::Sender<Result<(), ErrorBody>>;
 
@@ -160,6 +179,19 @@ pub enum RoomCommand {
         peer: Name,
         by: Name,
         reply: Verdict,
+    },
+    /// A peer's act on the room's stage; `peer` is the one acting.
+    Stage {
+        at: Instant,
+        peer: Name,
+        action: Stage,
+        reply: Verdict,
+    },
+    /// An admin changed the account role of `uid`: its peers in the room take it now.
+    AccountRoles {
+        at: Instant,
+        uid: String,
+        roles: Vec<Role>,
     },
     View {
         reply: oneshot::Sender<RoomView>,
@@ -588,6 +620,19 @@ impl Rooms {
     /// The buffer budget, and every room's buffer and share summed.
     pub fn budget(&self) -> budget::BudgetView {
         self.budget.view()
+    }
+
+    /// Tells every room that `uid`'s account now has `roles` (an admin changed its claim):
+    /// the rooms it is in apply them at once. Best effort: a room whose queue is full misses
+    /// it, and the peer's next join or `reauth` carries the new role anyway.
+    pub fn account_roles(&self, uid: &str, roles: &[Role]) {
+        let at = Instant::now();
+        for entry in self.state().rooms.values() {
+            let command = RoomCommand::AccountRoles { at, uid: uid.to_owned(), roles: roles.to_vec() };
+            if entry.tx.try_send(command).is_err() {
+                tracing::warn!(uid, "a room missed an account's role change (its queue is full or closed)");
+            }
+        }
     }
 
     pub async fn view(&self, room: &str) -> Option<RoomView> {

@@ -19,10 +19,10 @@ use encore_systems::{Engine, RoomView};
 
 use super::budget::RoomShare;
 use super::worker::{MAX_CATCH_UP_TICKS, Pacer};
-use super::{JoinedRoom, Moderation, RoomCommand};
+use super::{JoinedRoom, Moderation, RoomCommand, Stage};
 use crate::media::{self as m, RtcpFeedback};
 use crate::metrics::{DropCause, RoomMetrics};
-use crate::protocol::{ErrorBody, ErrorCode, Notice, PeerInfo, Side};
+use crate::protocol::{ErrorBody, ErrorCode, Notice, PeerInfo, RoleChangeReason, Side};
 use crate::server::media::{ConnKey, MediaEvent, MediaIo};
 use crate::server::recorder::Recorder;
 
@@ -43,7 +43,11 @@ struct RecvLeg {
 /// A peer's channels and transports, as the room keeps them.
 struct PeerSlot {
     uid: Option<String>,
+    /// Its roles in this room: its account's, with the room's grant applied.
     roles: Vec<Role>,
+    /// Its account's roles (from its token, or an admin's change since).
+    account_roles: Vec<Role>,
+    grant: Option<Grant>,
     events: mpsc::Sender<Notice>,
     send: Option<ConnKey>,
     send_paused: bool,
@@ -51,6 +55,35 @@ struct PeerSlot {
     publishing: bool,
     /// When it asked to join, until its first packet (the join latency's end).
     waiting_since: Option<Instant>,
+}
+
+/// What the room's stage gave a peer, until it leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Grant {
+    /// It accepted an invitation to speak.
+    Speaker,
+    /// A moderator moved it back to the audience.
+    Audience,
+}
+
+/// A peer's roles in the room: its account's, with the room's grant applied; sorted.
+fn room_roles(account: &[Role], grant: Option<Grant>) -> Vec<Role> {
+    let mut roles: Vec<Role> = account.to_vec();
+    match grant {
+        None => {}
+        Some(Grant::Speaker) => roles.push(Role::Speaker),
+        Some(Grant::Audience) => roles.retain(|r| *r != Role::Speaker),
+    }
+    if roles.is_empty() {
+        roles.push(Role::Listener);
+    }
+    roles.sort_unstable();
+    roles.dedup();
+    roles
+}
+
+fn may_publish(roles: &[Role]) -> bool {
+    roles.iter().any(|r| r.may_publish())
 }
 
 /// A published track, as the engine names it.
@@ -70,6 +103,10 @@ pub struct Room {
     rx: mpsc::Receiver<RoomCommand>,
     pacer: Pacer,
     peers: BTreeMap<Name, PeerSlot>,
+    /// Raised hands, in the order they were raised.
+    hands: Vec<Name>,
+    /// Invitations to speak not yet answered: the invited peer, and who invited it.
+    invites: BTreeMap<Name, Name>,
     /// Whose each connection is, and which side.
     conns: HashMap<ConnKey, (Name, Side)>,
     /// Published tracks by their connection and SSRC, and by engine name.
@@ -107,6 +144,8 @@ impl Room {
             rx,
             pacer,
             peers: BTreeMap::new(),
+            hands: Vec::new(),
+            invites: BTreeMap::new(),
             conns: HashMap::new(),
             tracks: HashMap::new(),
             track_names: BTreeMap::new(),
@@ -303,7 +342,9 @@ impl Room {
                 self.broadcast(Notice::PeerJoined { peer: peer.to_string(), uid: uid.clone(), roles: roles.clone() });
                 let slot = PeerSlot {
                     uid,
-                    roles,
+                    roles: roles.clone(),
+                    account_roles: roles,
+                    grant: None,
                     events,
                     send: None,
                     send_paused: false,
@@ -320,6 +361,11 @@ impl Room {
                     for conn in conns {
                         self.forget_conn(conn, media);
                     }
+                }
+                self.invites.retain(|invited, by| *invited != peer && *by != peer);
+                if let Some(i) = self.hands.iter().position(|p| *p == peer) {
+                    self.hands.remove(i);
+                    self.broadcast_hands();
                 }
                 if let Some(slot) = self.peers.remove(&peer) {
                     self.push(at, Input::Leave { peer: peer.clone() });
@@ -399,6 +445,23 @@ impl Room {
             RoomCommand::Moderate { action, peer, by, reply } => {
                 let _ = reply.send(self.moderate(action, &peer, &by));
             }
+            RoomCommand::Stage { at, peer, action, reply } => {
+                let _ = reply.send(self.stage(at, &peer, action, media));
+            }
+            RoomCommand::AccountRoles { at, uid, roles } => {
+                let peers: Vec<Name> = self
+                    .peers
+                    .iter()
+                    .filter(|(_, slot)| slot.uid.as_deref() == Some(uid.as_str()))
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                for peer in peers {
+                    if let Some(slot) = self.peers.get_mut(&peer) {
+                        slot.account_roles = roles.clone();
+                    }
+                    self.apply_roles(at, &peer, RoleChangeReason::Account, media);
+                }
+            }
             RoomCommand::View { reply } => {
                 let _ = reply.send(self.view());
             }
@@ -410,6 +473,11 @@ impl Room {
 
     fn publish(&mut self, peer: &Name, offer: &str, media: &mut MediaIo) -> Result<String, ErrorBody> {
         let slot = self.peers.get(peer).ok_or_else(|| ErrorBody::new(ErrorCode::Conflict, "join a room first"))?;
+        if !may_publish(&slot.roles) {
+            let roles: Vec<&str> = slot.roles.iter().map(|r| r.as_str()).collect();
+            let message = format!("role {} may not publish in this room", roles.join(", "));
+            return Err(ErrorBody::new(ErrorCode::Forbidden, message));
+        }
         if slot.send.is_some() {
             return Err(ErrorBody::new(ErrorCode::Conflict, "already publishing; unpublish first"));
         }
@@ -619,6 +687,93 @@ impl Room {
         };
         self.tell(peer, notice);
         Ok(())
+    }
+
+    fn broadcast_hands(&mut self) {
+        let raised = self.hands.iter().map(|p| p.to_string()).collect();
+        self.broadcast(Notice::Hands { raised });
+    }
+
+    fn stage(&mut self, at: Instant, peer: &Name, action: Stage, media: &mut MediaIo) -> Result<(), ErrorBody> {
+        let not_found = |peer: &Name| ErrorBody::new(ErrorCode::NotFound, format!("no peer {peer:?} in this room"));
+        let speaker = |peer: &Name| ErrorBody::new(ErrorCode::Conflict, format!("{peer} may speak already"));
+        let slot = self.peers.get(peer).ok_or_else(|| ErrorBody::new(ErrorCode::Conflict, "join a room first"))?;
+        match action {
+            Stage::RaiseHand => {
+                if may_publish(&slot.roles) {
+                    return Err(speaker(peer));
+                }
+                if !self.hands.contains(peer) {
+                    self.hands.push(peer.clone());
+                    self.broadcast_hands();
+                }
+            }
+            Stage::LowerHand => {
+                if let Some(i) = self.hands.iter().position(|p| p == peer) {
+                    self.hands.remove(i);
+                    self.broadcast_hands();
+                }
+            }
+            Stage::Invite { peer: invited } => {
+                let target = self.peers.get(&invited).ok_or_else(|| not_found(&invited))?;
+                if may_publish(&target.roles) {
+                    return Err(speaker(&invited));
+                }
+                tracing::info!(room = %self.id, by = %peer, peer = %invited, "invited to speak");
+                self.invites.insert(invited.clone(), peer.clone());
+                self.tell(&invited, Notice::Invited { by: peer.to_string() });
+            }
+            Stage::AnswerInvite { accept } => {
+                let Some(by) = self.invites.remove(peer) else {
+                    return Err(ErrorBody::new(ErrorCode::Conflict, "no invitation to answer"));
+                };
+                tracing::info!(room = %self.id, %peer, accept, "invitation answered");
+                if accept {
+                    if let Some(slot) = self.peers.get_mut(peer) {
+                        slot.grant = Some(Grant::Speaker);
+                    }
+                    self.apply_roles(at, peer, RoleChangeReason::Invited, media);
+                } else {
+                    self.tell(&by, Notice::InviteDeclined { peer: peer.to_string() });
+                }
+            }
+            Stage::MoveToAudience { peer: moved } => {
+                let target = self.peers.get_mut(&moved).ok_or_else(|| not_found(&moved))?;
+                if target.account_roles.contains(&Role::Admin) {
+                    return Err(ErrorBody::new(ErrorCode::Forbidden, "an admin may always speak"));
+                }
+                target.grant = Some(Grant::Audience);
+                tracing::info!(room = %self.id, by = %peer, peer = %moved, "moved to the audience");
+                self.apply_roles(at, &moved, RoleChangeReason::MovedToAudience, media);
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives a peer its roles in the room after its account or grant changed: the engine gets
+    /// them (an input: recordings replay them), a peer that may no longer publish stops now,
+    /// and the room hears of it.
+    fn apply_roles(&mut self, at: Instant, peer: &Name, reason: RoleChangeReason, media: &mut MediaIo) {
+        let Some(slot) = self.peers.get_mut(peer) else { return };
+        let roles = room_roles(&slot.account_roles, slot.grant);
+        if roles == slot.roles {
+            return;
+        }
+        let old = std::mem::replace(&mut slot.roles, roles.clone());
+        let send = slot.send.filter(|_| !may_publish(&roles));
+        self.metrics.peer_left(&old);
+        self.metrics.peer_joined(&roles);
+        if let Some(conn) = send {
+            self.forget_conn(conn, media);
+        }
+        self.push(at, Input::Roles { peer: peer.clone(), roles: roles.clone() });
+        tracing::info!(room = %self.id, %peer, roles = ?roles, reason = ?reason, "roles changed");
+        let speaks = may_publish(&roles);
+        self.broadcast(Notice::RoleChanged { peer: peer.to_string(), roles, reason });
+        if speaks && let Some(i) = self.hands.iter().position(|p| p == peer) {
+            self.hands.remove(i);
+            self.broadcast_hands();
+        }
     }
 
     fn view(&mut self) -> RoomView {
