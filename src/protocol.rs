@@ -150,7 +150,13 @@ pub enum Request {
     Reauth {
         token: String,
     },
+    /// A moderator stops forwarding a peer's microphone, and holds it so until a moderator lifts
+    /// it: the peer's own `resume` of its send transport is refused meanwhile.
     MutePeer {
+        peer: String,
+    },
+    /// A moderator lifts a `mute_peer`: the peer's microphone is forwarded again.
+    UnmutePeer {
         peer: String,
     },
     RemovePeer {
@@ -181,13 +187,14 @@ impl Request {
             Request::Feedback { .. } => "feedback",
             Request::Reauth { .. } => "reauth",
             Request::MutePeer { .. } => "mute_peer",
+            Request::UnmutePeer { .. } => "unmute_peer",
             Request::RemovePeer { .. } => "remove_peer",
             Request::Leave => "leave",
         }
     }
 
     /// Every request type, for documentation checks.
-    pub const KINDS: [&'static str; 16] = [
+    pub const KINDS: [&'static str; 17] = [
         "ping",
         "join",
         "publish",
@@ -202,6 +209,7 @@ impl Request {
         "feedback",
         "reauth",
         "mute_peer",
+        "unmute_peer",
         "remove_peer",
         "leave",
     ];
@@ -353,6 +361,9 @@ pub struct PeerInfo {
     pub uid: Option<String>,
     pub roles: Vec<Role>,
     pub publishing: bool,
+    /// The moderator whose mute holds this peer's microphone, while one does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub muted_by: Option<String>,
 }
 
 /// `data` of the answer to `join`.
@@ -365,6 +376,10 @@ pub struct Joined {
     pub ice_servers: Vec<IceServer>,
     /// The peers already in the room.
     pub peers: Vec<PeerInfo>,
+    /// The moderator whose mute holds this peer's microphone: a mute holds for the user (its
+    /// uid) as long as the room lives, so leaving and joining again does not lift it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub muted_by: Option<String>,
 }
 
 /// `data` of the answer to `publish`.
@@ -449,8 +464,19 @@ pub enum Notice {
     Removed {
         by: String,
     },
-    /// A moderator muted this peer's microphone: its send transport is paused.
+    /// A moderator muted this peer's microphone: its send transport is paused, and stays so
+    /// (its `resume` is refused `forbidden`) until a moderator sends `unmute_peer`.
     Muted {
+        by: String,
+    },
+    /// A moderator lifted the mute: this peer's microphone is forwarded again.
+    Unmuted {
+        by: String,
+    },
+    /// To every peer in the room: a moderator muted (`muted`: true) or unmuted a peer.
+    PeerMuted {
+        peer: String,
+        muted: bool,
         by: String,
     },
     /// The server is stopping: the session closes next (1001). A client reconnects, to
@@ -482,13 +508,15 @@ impl Notice {
             Notice::SessionExpiring { .. } => "session_expiring",
             Notice::Removed { .. } => "removed",
             Notice::Muted { .. } => "muted",
+            Notice::Unmuted { .. } => "unmuted",
+            Notice::PeerMuted { .. } => "peer_muted",
             Notice::GoingAway { .. } => "going_away",
             Notice::Error { .. } => "error",
         }
     }
 
     /// Every notice type, for documentation checks.
-    pub const KINDS: [&'static str; 13] = [
+    pub const KINDS: [&'static str; 15] = [
         "welcome",
         "now_playing",
         "utterance_started",
@@ -500,6 +528,8 @@ impl Notice {
         "session_expiring",
         "removed",
         "muted",
+        "unmuted",
+        "peer_muted",
         "going_away",
         "error",
     ];
