@@ -115,13 +115,12 @@ async fn a_moderators_mute_holds_until_a_moderator_lifts_it() {
     let refused = mo.request::<Done>(Request::UnmutePeer { peer: "ghost".into() }).await.unwrap_err();
     assert_eq!(refused.refusal(), Some(ErrorCode::NotFound), "{refused}");
 
-    // A second session of sam's (a reload, a reconnect) joins muted too.
+    // A second session of sam's (another tab, a reconnect) joins muted too, and stays.
     let sam_again = server.client("sam", "speaker").await;
     let joined = sam_again.join("hold", "sam").await.unwrap();
     assert_eq!(joined.muted_by.as_deref(), Some("mo"), "{joined:?}");
     let listed = joined.peers.iter().find(|p| p.peer == "sam").expect("sam is listed");
     assert_eq!(listed.muted_by.as_deref(), Some("mo"));
-    sam_again.request::<Done>(Request::Leave).await.unwrap();
 
     // Two seconds of sam talking while muted: lea gets none of it.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -135,6 +134,10 @@ async fn a_moderators_mute_holds_until_a_moderator_lifts_it() {
     let unmuted_at = sent.load(Ordering::Relaxed);
     let by = notice(&sam, "unmuted", |n| matches!(n, Notice::Unmuted { .. })).await;
     assert_eq!(by, Notice::Unmuted { by: "mo".into() });
+    // The mute was the user's: its other session is unmuted with it.
+    let by = notice(&sam_again, "unmuted", |n| matches!(n, Notice::Unmuted { .. })).await;
+    assert_eq!(by, Notice::Unmuted { by: "mo".into() });
+    sam_again.request::<Done>(Request::Leave).await.unwrap();
     assert!(hears_after(&received, unmuted_at, Duration::from_secs(5)).await, "lea hears sam again after the unmute");
     // sam's own pause and resume work again.
     sam.request::<Done>(Request::Pause { transport: Side::Send }).await.unwrap();

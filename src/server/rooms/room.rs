@@ -628,32 +628,48 @@ impl Room {
     /// recording (the inputs the engine consumed) and its replay never see them, and replay
     /// reaches the live decisions without knowing of moderation (docs/protocol.md, Moderation).
     fn moderate(&mut self, action: Moderation, peer: &str, by: &str) -> Result<(), ErrorBody> {
-        let Some(slot) = self.peers.get_mut(peer) else {
+        let Some(slot) = self.peers.get(peer) else {
             return Err(ErrorBody::new(ErrorCode::NotFound, format!("no peer {peer:?} in this room")));
         };
         let key = hold_key(slot.uid.as_deref(), peer);
         let by = by.to_owned();
-        match action {
-            Moderation::Mute => {
+        let muting = match action {
+            Moderation::Mute => true,
+            Moderation::Unmute => false,
+            Moderation::Remove => {
+                self.tell(peer, Notice::Removed { by });
+                return Ok(());
+            }
+        };
+        if muting {
+            self.holds.insert(key.clone(), by.clone());
+        } else {
+            self.holds.remove(&key);
+        }
+        // The mute is the user's: every peer of it in the room (another tab, a session of a
+        // page that reconnected before its old one was gone) is muted or unmuted with it.
+        let peers: Vec<Name> = self
+            .peers
+            .iter()
+            .filter(|(name, slot)| hold_key(slot.uid.as_deref(), name) == key)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in peers {
+            let Some(slot) = self.peers.get_mut(&name) else { continue };
+            if muting {
                 // The microphone stops being forwarded here, and the peer cannot resume it.
                 slot.send_paused = true;
                 slot.muted_by = Some(by.clone());
-                self.holds.insert(key, by.clone());
-                tracing::info!(room = %self.id, %peer, %by, "peer muted by a moderator");
-                self.tell(peer, Notice::Muted { by: by.clone() });
-                self.broadcast(Notice::PeerMuted { peer: peer.to_owned(), muted: true, by });
+                tracing::info!(room = %self.id, peer = %name, %by, "peer muted by a moderator");
+                self.tell(&name, Notice::Muted { by: by.clone() });
+                self.broadcast(Notice::PeerMuted { peer: name.to_string(), muted: true, by: by.clone() });
+            } else if slot.muted_by.take().is_some() {
+                // (A peer no moderator muted keeps its own pause: there is nothing to lift.)
+                slot.send_paused = false;
+                tracing::info!(room = %self.id, peer = %name, %by, "peer unmuted by a moderator");
+                self.tell(&name, Notice::Unmuted { by: by.clone() });
+                self.broadcast(Notice::PeerMuted { peer: name.to_string(), muted: false, by: by.clone() });
             }
-            Moderation::Unmute => {
-                self.holds.remove(&key);
-                // A peer no moderator muted keeps its own pause: there is nothing to lift.
-                if slot.muted_by.take().is_some() {
-                    slot.send_paused = false;
-                    tracing::info!(room = %self.id, %peer, %by, "peer unmuted by a moderator");
-                    self.tell(peer, Notice::Unmuted { by: by.clone() });
-                    self.broadcast(Notice::PeerMuted { peer: peer.to_owned(), muted: false, by });
-                }
-            }
-            Moderation::Remove => self.tell(peer, Notice::Removed { by }),
         }
         Ok(())
     }
