@@ -13,6 +13,8 @@
 // and lifts it again. Then, when ENCORE_RESTART_ACK names a file (the cargo test sets it), it
 // prints `ACTION restart-server` and waits for the harness to restart the server and write that
 // file: both pages must reconnect by themselves (A talking, B listening) and B hear A again.
+// Then once more with the server's dev signing key gone (`ACTION restart-server-new-key`): the
+// pages' tokens are refused, and they must get fresh ones and reconnect, still signed in.
 // Last, B's page is reloaded: it must come back signed in, in the room, listening, hearing A.
 // Exits 0 on success, 1 with the reason on failure, 2 on bad usage. Prints what it measured,
 // and a last line `RESULT {json}`.
@@ -22,7 +24,7 @@
 // ESPEAK_NG, SOX (default: from PATH).
 
 import { spawnSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, rmSync, existsSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -261,17 +263,17 @@ async function listenerFacts(page) {
 
 // Which pages showed the reconnecting state within `timeoutMs` (polled: a quick restart may
 // slip between two looks; the reconnect counter is what the test holds the pages to).
-async function seenReconnecting(pages, timeoutMs) {
+async function seenReconnecting(pages, timeoutMs, before) {
   const seen = new Set();
   const until = Date.now() + timeoutMs;
   while (seen.size < pages.length && Date.now() < until) {
-    for (const p of pages) {
+    for (const [i, p] of pages.entries()) {
       const state = await p.page.evaluate(() => ({
         status: document.getElementById('status').dataset.state,
         banner: !document.getElementById('reconnecting').hidden,
         reconnects: window.encore.reconnects(),
       }));
-      if ((state.status === 'reconnecting' && state.banner) || state.reconnects > 0) seen.add(p.label);
+      if ((state.status === 'reconnecting' && state.banner) || state.reconnects > before[i]) seen.add(p.label);
     }
     await new Promise((r) => setTimeout(r, 100));
   }
@@ -427,23 +429,44 @@ async function main() {
     // A restart under both pages: they reconnect by themselves, and B hears A again.
     const ack = process.env.ENCORE_RESTART_ACK;
     if (ack) {
+      // Asks the harness for restart number `n` and waits for it; then both pages must have
+      // reconnected by themselves, A talking and B listening again.
+      const restart = async (action, n) => {
+        const before = await Promise.all([a, b].map((p) => p.page.evaluate(() => window.encore.reconnects())));
+        console.log(`ACTION ${action}`);
+        const seen = await seenReconnecting([a, b], 15000, before);
+        log(`the pages showed they were reconnecting: ${seen.join(', ') || 'neither (the restart was quicker than a look)'}`);
+        const acked = () => existsSync(ack) && readFileSync(ack, 'utf8').split('\n').filter(Boolean).length >= n;
+        while (!acked()) {
+          if (Date.now() > deadline) fail(`the harness did not ${action} in time`);
+          await new Promise((r) => setTimeout(r, 200));
+        }
+        for (const [i, p] of [a, b].entries()) {
+          await waitFor(p, `a reconnect by itself (${action})`, (was) => window.encore.reconnects() > was && document.getElementById('status').dataset.state === 'joined', before[i], left());
+        }
+        await waitFor(a, 'talking again', () => window.encore.sendPc && window.encore.sendPc.connectionState === 'connected', null, left());
+        await waitFor(b, 'listening again', () => window.encore.recvPc && window.encore.recvPc.connectionState === 'connected', null, left());
+        return seen;
+      };
+
       const restartAt = Date.now();
-      console.log('ACTION restart-server');
-      const reconnectingSeen = await seenReconnecting([a, b], 15000);
-      log(`the pages showed they were reconnecting: ${reconnectingSeen.join(', ') || 'neither (the restart was quicker than a look)'}`);
-      while (!existsSync(ack)) {
-        if (Date.now() > deadline) fail('the harness did not restart the server in time');
-        await new Promise((r) => setTimeout(r, 200));
-      }
-      log(`the server is up again, ${((Date.now() - restartAt) / 1000).toFixed(1)} s after the restart began`);
-      for (const p of [a, b]) {
-        await waitFor(p, 'a reconnect by itself', () => window.encore.reconnects() > 0 && document.getElementById('status').dataset.state === 'joined', null, left());
-      }
-      await waitFor(a, 'talking again', () => window.encore.sendPc && window.encore.sendPc.connectionState === 'connected', null, left());
-      await waitFor(b, 'listening again', () => window.encore.recvPc && window.encore.recvPc.connectionState === 'connected', null, left());
+      const reconnectingSeen = await restart('restart-server', 1);
       const again = await hearsAgain(b, await a.page.textContent('#my-peer'), left());
       result.reconnected = { ...again, heard_again_after_s: +((Date.now() - restartAt) / 1000).toFixed(2), seen_reconnecting: reconnectingSeen };
       log(`B hears A again after the restart: ${again.packets} packets, now playing ${again.utterance}`);
+
+      // A new signing key: every token the pages hold is refused (401 on the ticket); they get
+      // fresh ones and carry on, signed in as before.
+      const keyAt = Date.now();
+      const tokensBefore = await Promise.all([a, b].map((p) => p.page.evaluate(() => window.encore.auth().expiresAt)));
+      await restart('restart-server-new-key', 2);
+      const signedIn = await Promise.all([a, b].map((p) => p.page.evaluate(() => window.encore.auth().uid)));
+      if (signedIn[0] !== 'alice' || signedIn[1] !== 'bob') fail(`the pages are signed in as ${signedIn.join(', ')} after the key changed`);
+      const tokensAfter = await Promise.all([a, b].map((p) => p.page.evaluate(() => window.encore.auth().expiresAt)));
+      if (!tokensAfter.every((t, i) => t > tokensBefore[i])) fail('the pages reconnected after the key changed without a fresh token: was the old one not refused?');
+      const afterKey = await hearsAgain(b, await a.page.textContent('#my-peer'), left());
+      result.new_key = { ...afterKey, heard_again_after_s: +((Date.now() - keyAt) / 1000).toFixed(2), signed_in_as: signedIn.join(', ') };
+      log(`after a new signing key, still signed in as ${signedIn.join(', ')}; B hears A again: ${afterKey.packets} packets`);
 
       // A reload keeps B signed in and puts it back in its room, listening.
       const reloadAt = Date.now();

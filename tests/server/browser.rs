@@ -9,8 +9,10 @@
 //! moderator) mutes A and lifts it again from its page; then the script asks this harness to
 //! restart the server (`ACTION restart-server` on its output: the process is killed and started
 //! again on the same port and data folder, and the file named by `ENCORE_RESTART_ACK` is written
-//! when it is up), and both pages must reconnect by themselves and B hear A again; last, B's
-//! page is reloaded and must come back signed in, in the room, listening.
+//! when it is up), and both pages must reconnect by themselves and B hear A again; then again
+//! with the data folder's dev signing key gone (`ACTION restart-server-new-key`: the pages'
+//! tokens are refused, so they must get fresh ones and carry on, signed in); last, B's page is
+//! reloaded and must come back signed in, in the room, listening.
 //!
 //! Run it alone with `cargo test --test tests server::browser -- --nocapture`. Set
 //! `ENCORE_SKIP_BROWSER_TEST=1` to skip it on a machine that cannot install packages (it says so
@@ -57,7 +59,7 @@ fn demo_page_speaker_to_listener_in_real_chromium() {
     let url = format!("https://{addr}");
     eprintln!("browser test: server up at {url}; running tests/browser/demo.mjs");
     let restart_ack = work.path().join("restarted");
-    let restarted_log = work.path().join("server-restarted.log");
+    let mut restarted_logs: Vec<PathBuf> = Vec::new();
     let node = deps.get("NODE").map(String::as_str).unwrap_or("node");
     let mut command = Command::new(node);
     command
@@ -76,15 +78,24 @@ fn demo_page_speaker_to_listener_in_real_chromium() {
     // The script's one request of the harness: a restart of the server under its pages, as a
     // deploy would do it (killed, then started again with the same data folder: its TLS
     // certificate and dev signing key, so the pages' tokens still verify).
+    // With `-new-key`, the dev signing key goes too (a data folder lost): every token the pages
+    // hold is refused, as after a key rotation. The acknowledgement has a line per restart.
     let restart = |line: &str| {
-        if line.trim() != "ACTION restart-server" {
-            return;
-        }
-        eprintln!("browser test: restarting the server");
+        let new_key = match line.trim() {
+            "ACTION restart-server" => false,
+            "ACTION restart-server-new-key" => true,
+            _ => return,
+        };
+        eprintln!("browser test: restarting the server{}", if new_key { " with a new dev signing key" } else { "" });
         server.stop();
-        server = Server::start(&addr, &data_dir, &restarted_log);
-        wait_until_healthy(&addr, &mut server, &restarted_log);
-        fs::write(&restart_ack, b"up\n").expect("the restart acknowledgement");
+        if new_key {
+            fs::remove_file(data_dir.join(encore::auth::DEV_KEY_FILE)).expect("the dev signing key was kept");
+        }
+        let log = work.path().join(format!("server-restarted-{}.log", restarted_logs.len() + 1));
+        server = Server::start(&addr, &data_dir, &log);
+        wait_until_healthy(&addr, &mut server, &log);
+        restarted_logs.push(log);
+        fs::write(&restart_ack, "up\n".repeat(restarted_logs.len())).expect("the restart acknowledgement");
         eprintln!("browser test: the server is up again");
     };
     let (status, output) = run_logged(command, &script_log, Duration::from_secs(BROWSER_TIMEOUT_S + 60), restart);
@@ -96,11 +107,13 @@ fn demo_page_speaker_to_listener_in_real_chromium() {
         .and_then(|json| serde_json::from_str::<Value>(json).ok());
     let passed = status == Some(0) && result.as_ref().is_some_and(|r| r["ok"] == Value::Bool(true));
     if !passed {
+        let restarted: String = restarted_logs
+            .iter()
+            .map(|log| format!("\n--- {} (last 100 lines) ---\n{}", log.display(), tail(log, 100)))
+            .collect();
         panic!(
-            "the browser test failed (exit {status:?})\n--- demo.mjs ---\n{output}\n--- server log (last 150 lines) ---\n{}\n\
-             --- the restarted server's log (last 100 lines) ---\n{}",
+            "the browser test failed (exit {status:?})\n--- demo.mjs ---\n{output}\n--- server log (last 150 lines) ---\n{}{restarted}",
             tail(&server_log, 150),
-            tail(&restarted_log, 100)
         );
     }
     let result = result.expect("checked above");
@@ -127,6 +140,12 @@ fn demo_page_speaker_to_listener_in_real_chromium() {
         reconnected["heard_again_after_s"], reconnected["packets"], result["reloaded"]["heard_again_after_s"]
     );
     assert!(reconnected["packets"].as_u64().unwrap_or(0) > 0, "B did not hear A after the restart: {result}");
+    let new_key = &result["new_key"];
+    eprintln!(
+        "browser test: after a restart with a new signing key both pages reconnected signed in ({}), B heard A again {}s after",
+        new_key["signed_in_as"], new_key["heard_again_after_s"]
+    );
+    assert!(new_key["packets"].as_u64().unwrap_or(0) > 0, "B did not hear A after the key changed: {result}");
 }
 
 /// Runs scripts/browser-deps.sh and reads its `KEY=VALUE` lines.
