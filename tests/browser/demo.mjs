@@ -15,7 +15,9 @@
 // file: both pages must reconnect by themselves (A talking, B listening) and B hear A again.
 // Then once more with the server's dev signing key gone (`ACTION restart-server-new-key`): the
 // pages' tokens are refused, and they must get fresh ones and reconnect, still signed in.
-// Last, B's page is reloaded: it must come back signed in, in the room, listening, hearing A.
+// Then B's page is reloaded: it must come back signed in, in the room, listening, hearing A.
+// Last, a third restart while A's ticket requests are answered 503 (A must keep trying, signed
+// in), then 401 (a refused token, even fresh: A must sign out and say why).
 // Exits 0 on success, 1 with the reason on failure, 2 on bad usage. Prints what it measured,
 // and a last line `RESULT {json}`.
 //
@@ -476,6 +478,44 @@ async function main() {
       const reloaded = await hearsAgain(b, await a.page.textContent('#my-peer'), left());
       result.reloaded = { ...reloaded, heard_again_after_s: +((Date.now() - reloadAt) / 1000).toFixed(2), whoami: (await b.page.textContent('#whoami')).trim() };
       log(`B, reloaded, is ${result.reloaded.whoami} and hears A again: ${reloaded.packets} packets, now playing ${reloaded.utterance}`);
+
+      // Signing out is for a refused token only: a server that answers 503 is waited out; one
+      // that refuses the token (401), a fresh one too, signs the page out.
+      const ticketAnswer = { status: 503, code: 'keys-unavailable' };
+      await a.page.route('**/api/ws-ticket', (route) => route.fulfill({
+        status: ticketAnswer.status,
+        contentType: 'application/json',
+        body: JSON.stringify({ error: { code: ticketAnswer.code, message: `the test answers ${ticketAnswer.status}` } }),
+      }));
+      console.log('ACTION restart-server');
+      const unavailableUntil = Date.now() + 5000;
+      while (Date.now() < unavailableUntil) {
+        const state = await a.page.evaluate(() => ({ status: document.getElementById('status').dataset.state, uid: window.encore.auth().uid }));
+        if (state.uid !== 'alice' || state.status === 'signed-out') fail(`A signed out while the server answered 503 (${JSON.stringify(state)})`);
+        await new Promise((r) => setTimeout(r, 250));
+      }
+      ticketAnswer.status = 401;
+      ticketAnswer.code = 'argument-error';
+      const signedOut = Date.now() + 30000;
+      let outState = null;
+      for (;;) {
+        outState = await a.page.evaluate(() => ({
+          status: document.getElementById('status').dataset.state,
+          uid: window.encore.auth().uid,
+          signinShown: !document.getElementById('signin').hidden,
+          error: document.getElementById('error').hidden ? null : document.getElementById('error-text').textContent,
+          kept: localStorage.getItem('encore.session'),
+        }));
+        if (outState.status === 'signed-out' && !outState.uid) break;
+        if (Date.now() > signedOut) fail(`A did not sign out when its token was refused (${JSON.stringify(outState)})`);
+        await new Promise((r) => setTimeout(r, 250));
+      }
+      if (!outState.signinShown || !outState.error || !outState.error.includes('refused') || outState.kept) {
+        fail(`A signed out, but not cleanly: ${JSON.stringify(outState)}`);
+      }
+      result.refused = { error: outState.error };
+      log(`A kept trying through 503s, then signed out on 401: "${outState.error}"`);
+      await waitFor(b, 'B back after the third restart', () => document.getElementById('status').dataset.state === 'joined', null, left());
     } else {
       log('ENCORE_RESTART_ACK is not set: the restart and reload part is skipped');
     }

@@ -11,8 +11,9 @@
 //! again on the same port and data folder, and the file named by `ENCORE_RESTART_ACK` is written
 //! when it is up), and both pages must reconnect by themselves and B hear A again; then again
 //! with the data folder's dev signing key gone (`ACTION restart-server-new-key`: the pages'
-//! tokens are refused, so they must get fresh ones and carry on, signed in); last, B's page is
-//! reloaded and must come back signed in, in the room, listening.
+//! tokens are refused, so they must get fresh ones and carry on, signed in); then B's page is
+//! reloaded and must come back signed in, in the room, listening; last, a third restart while
+//! A's ticket requests are answered 503 (A keeps trying, signed in), then 401 (A signs out).
 //!
 //! Run it alone with `cargo test --test tests server::browser -- --nocapture`. Set
 //! `ENCORE_SKIP_BROWSER_TEST=1` to skip it on a machine that cannot install packages (it says so
@@ -146,6 +147,11 @@ fn demo_page_speaker_to_listener_in_real_chromium() {
         new_key["signed_in_as"], new_key["heard_again_after_s"]
     );
     assert!(new_key["packets"].as_u64().unwrap_or(0) > 0, "B did not hear A after the key changed: {result}");
+    // A third restart with A's ticket requests answered 503, then 401: A waited the 503s out,
+    // signed in, and signed out on the refused token, saying why.
+    let refused = result["refused"]["error"].as_str().unwrap_or_default();
+    eprintln!("browser test: A signed out only when its token was refused: {refused:?}");
+    assert!(refused.contains("refused"), "A did not sign out on a refused token: {result}");
 }
 
 /// Runs scripts/browser-deps.sh and reads its `KEY=VALUE` lines.
