@@ -150,7 +150,13 @@ pub enum Request {
     Reauth {
         token: String,
     },
+    /// A moderator stops forwarding a peer's microphone, and holds it so until a moderator lifts
+    /// it: the peer's own `resume` of its send transport is refused meanwhile.
     MutePeer {
+        peer: String,
+    },
+    /// A moderator lifts a `mute_peer`: the peer's microphone is forwarded again.
+    UnmutePeer {
         peer: String,
     },
     RemovePeer {
@@ -196,6 +202,7 @@ impl Request {
             Request::Feedback { .. } => "feedback",
             Request::Reauth { .. } => "reauth",
             Request::MutePeer { .. } => "mute_peer",
+            Request::UnmutePeer { .. } => "unmute_peer",
             Request::RemovePeer { .. } => "remove_peer",
             Request::RaiseHand => "raise_hand",
             Request::LowerHand => "lower_hand",
@@ -207,7 +214,7 @@ impl Request {
     }
 
     /// Every request type, for documentation checks.
-    pub const KINDS: [&'static str; 21] = [
+    pub const KINDS: [&'static str; 22] = [
         "ping",
         "join",
         "publish",
@@ -222,6 +229,7 @@ impl Request {
         "feedback",
         "reauth",
         "mute_peer",
+        "unmute_peer",
         "remove_peer",
         "raise_hand",
         "lower_hand",
@@ -378,6 +386,9 @@ pub struct PeerInfo {
     pub uid: Option<String>,
     pub roles: Vec<Role>,
     pub publishing: bool,
+    /// The moderator whose mute holds this peer's microphone, while one does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub muted_by: Option<String>,
 }
 
 /// `data` of the answer to `join`.
@@ -390,6 +401,10 @@ pub struct Joined {
     pub ice_servers: Vec<IceServer>,
     /// The peers already in the room.
     pub peers: Vec<PeerInfo>,
+    /// The moderator whose mute holds this peer's microphone: a mute holds for the user (its
+    /// uid) as long as the room lives, so leaving and joining again does not lift it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub muted_by: Option<String>,
 }
 
 /// `data` of the answer to `publish`.
@@ -474,7 +489,8 @@ pub enum Notice {
     Removed {
         by: String,
     },
-    /// A moderator muted this peer's microphone: its send transport is paused.
+    /// A moderator muted this peer's microphone: its send transport is paused, and stays so
+    /// (its `resume` is refused `forbidden`) until a moderator sends `unmute_peer`.
     Muted {
         by: String,
     },
@@ -499,6 +515,16 @@ pub enum Notice {
         peer: String,
         roles: Vec<Role>,
         reason: RoleChangeReason,
+    },
+    /// A moderator lifted the mute: this peer's microphone is forwarded again.
+    Unmuted {
+        by: String,
+    },
+    /// To every peer in the room: a moderator muted (`muted`: true) or unmuted a peer.
+    PeerMuted {
+        peer: String,
+        muted: bool,
+        by: String,
     },
     /// The server is stopping: the session closes next (1001). A client reconnects, to
     /// another server if it has one.
@@ -533,13 +559,15 @@ impl Notice {
             Notice::Invited { .. } => "invited",
             Notice::InviteDeclined { .. } => "invite_declined",
             Notice::RoleChanged { .. } => "role_changed",
+            Notice::Unmuted { .. } => "unmuted",
+            Notice::PeerMuted { .. } => "peer_muted",
             Notice::GoingAway { .. } => "going_away",
             Notice::Error { .. } => "error",
         }
     }
 
     /// Every notice type, for documentation checks.
-    pub const KINDS: [&'static str; 17] = [
+    pub const KINDS: [&'static str; 19] = [
         "welcome",
         "now_playing",
         "utterance_started",
@@ -555,6 +583,8 @@ impl Notice {
         "invited",
         "invite_declined",
         "role_changed",
+        "unmuted",
+        "peer_muted",
         "going_away",
         "error",
     ];

@@ -8,6 +8,13 @@ const REQUEST_TIMEOUT_MS = 20000;
 const RECENT_MAX = 30;
 const AUDIO_LEVEL_URI = 'urn:ietf:params:rtp-hdrext:ssrc-audio-level';
 const NAME_PATTERN = /^[A-Za-z0-9_.-]{1,64}$/;
+// The sign-in, kept across reloads and tabs as Firebase's web SDK keeps its user (localStorage).
+const SESSION_KEY = 'encore.session';
+// This tab's room and what it did there (talking, listening), kept across a reload of the tab.
+const ROOM_KEY = 'encore.room';
+// Reconnecting: the first attempt at once, then doubling up to this, with jitter.
+const RECONNECT_FIRST_MS = 250;
+const RECONNECT_MAX_MS = 15000;
 
 // ---------------------------------------------------------------------------------------------
 // DOM helpers
@@ -40,11 +47,13 @@ function setStatus(state, text) {
   el.textContent = text;
 }
 
-// Errors carry a stable `code` (the server's, or one of ours) and a readable message.
+// Errors carry a stable `code` (the server's, or one of ours) and a readable message; those of
+// an HTTP answer carry its `status` too (401: the credentials were refused).
 class EncoreError extends Error {
-  constructor(code, message) {
+  constructor(code, message, status) {
     super(message);
     this.code = code;
+    this.status = status;
   }
 }
 
@@ -104,7 +113,7 @@ async function fetchJson(url, options = {}) {
     const err = body && body.error;
     const code = err && typeof err.code === 'string' ? err.code : `http-${response.status}`;
     const message = err && err.message ? err.message : `${response.status} ${response.statusText}`;
-    throw new EncoreError(code, message);
+    throw new EncoreError(code, message, response.status);
   }
   return body;
 }
@@ -172,6 +181,89 @@ function takeToken(idToken, expiresInS, extra = {}) {
   auth.expiresAt = Date.now() + auth.lifetimeMs;
   Object.assign(auth, extra);
   scheduleRefresh();
+  saveSession();
+}
+
+// Keeps what the sign-in flow allows keeping, as Firebase's web SDK does (its user, ID token and
+// refresh token in localStorage): a reload signs in again without asking. Dev mode mints a new
+// token for the same uid and role when the kept one has expired.
+function saveSession() {
+  try {
+    localStorage.setItem(SESSION_KEY, JSON.stringify({
+      mode: auth.config.mode,
+      projectId: auth.config.projectId || null,
+      token: auth.token,
+      expiresAt: auth.expiresAt,
+      lifetimeMs: auth.lifetimeMs,
+      refreshToken: auth.refreshToken,
+      uid: auth.uid,
+      email: auth.email,
+      devRole: auth.devRole,
+    }));
+  } catch {
+    // no storage (private mode): a reload asks again
+  }
+}
+
+function forgetSession() {
+  try {
+    localStorage.removeItem(SESSION_KEY);
+  } catch {
+    // no storage
+  }
+}
+
+// Signs in again from what saveSession kept, if it is for this server's sign-in mode. A token
+// the server refuses (after one refresh) signs out; a server out of reach keeps it for later.
+async function restoreSession() {
+  let saved;
+  try {
+    saved = JSON.parse(localStorage.getItem(SESSION_KEY) || 'null');
+  } catch {
+    saved = null;
+  }
+  if (!saved || !saved.token || saved.mode !== auth.config.mode || (saved.projectId || null) !== (auth.config.projectId || null)) {
+    return false;
+  }
+  Object.assign(auth, {
+    token: saved.token,
+    expiresAt: Number(saved.expiresAt) || 0,
+    lifetimeMs: Number(saved.lifetimeMs) || 3600 * 1000,
+    refreshToken: saved.refreshToken || null,
+    uid: saved.uid || null,
+    email: saved.email || null,
+    devRole: saved.devRole || null,
+  });
+  try {
+    if (Date.now() > auth.expiresAt - 60000) await refreshToken();
+    else scheduleRefresh();
+    await whoamiOrRefresh();
+  } catch (error) {
+    if (refused(error)) {
+      signOut();
+      showError(new EncoreError('unauthorized', `the saved sign-in was refused (${error.code}): sign in again`));
+      return false;
+    }
+    throw error;
+  }
+  setStatus('signed-in', `signed in as ${auth.email || auth.uid}`);
+  return true;
+}
+
+// The server (401) or Firebase (400 on a bad refresh token) refused the credentials themselves.
+function refused(error) {
+  return !!error && (error.status === 401 || (error.status === 400 && auth.config.mode !== 'dev'));
+}
+
+// whoami, with one fresh token if the server refuses the one we have.
+async function whoamiOrRefresh() {
+  try {
+    await whoami();
+  } catch (error) {
+    if (error.status !== 401) throw error;
+    await refreshToken();
+    await whoami();
+  }
 }
 
 async function signInDev(name, role) {
@@ -252,6 +344,7 @@ async function whoami() {
 
 function signOut() {
   leaveRoom('signed out');
+  forgetSession();
   clearTimeout(auth.refreshTimer);
   Object.assign(auth, { token: null, expiresAt: 0, refreshToken: null, uid: null, email: null, devRole: null, roles: [] });
   setStatus('signed-out', 'signed out');
@@ -436,9 +529,12 @@ const room = {
   follow: new Set(),
   mute: new Set(),
   send: null, // Transport
+  sendCamera: false, // the send transport carries the camera too
   localStream: null,
   micPaused: false,
+  mutedBy: null, // the moderator whose mute holds our microphone (`muted` / `unmuted` notices)
   recv: null, // Transport
+  recvVideo: false, // the receive transport carries video too
   recvPaused: false,
   removedBy: null, // set by a `removed` notification, before the server closes the socket
   nowPlaying: null, // the last now_playing notification
@@ -465,13 +561,56 @@ async function joinRoom(roomName) {
     throw new EncoreError('bad_request', 'the room name must be 1 to 64 letters, digits, "_", "." or "-"');
   }
   if (!auth.token) throw new EncoreError('unauthorized', 'sign in first');
-  if (Date.now() > auth.expiresAt - 30000) await refreshToken();
-
+  stopReconnecting();
   setStatus('connecting', 'connecting…');
-  const { ticket } = await fetchJson('/api/ws-ticket', {
-    method: 'POST',
-    headers: { Authorization: `Bearer ${auth.token}` },
-  });
+  try {
+    await openRoom(roomName);
+  } catch (error) {
+    if (!auth.token) throw error; // signed out: the token was refused
+    setStatus('disconnected', 'not in a room');
+    throw error;
+  }
+}
+
+// A WebSocket ticket for the current token. A token the server refuses (401) gets one fresh
+// token (dev mode mints again, Firebase exchanges the refresh token); refused again, or refused
+// a fresh one, it signs out: that is the one failure a reconnect cannot outwait.
+async function wsTicket() {
+  if (Date.now() > auth.expiresAt - 30000) await refreshOrSignOut();
+  const ask = () => fetchJson('/api/ws-ticket', { method: 'POST', headers: { Authorization: `Bearer ${auth.token}` } });
+  try {
+    return await ask();
+  } catch (error) {
+    if (error.status !== 401) throw error;
+  }
+  await refreshOrSignOut();
+  try {
+    return await ask();
+  } catch (error) {
+    if (error.status === 401) tokenRefused(error);
+    throw error;
+  }
+}
+
+async function refreshOrSignOut() {
+  try {
+    await refreshToken();
+  } catch (error) {
+    if (refused(error)) tokenRefused(error);
+    throw error;
+  }
+}
+
+function tokenRefused(error) {
+  signOut();
+  const why = new EncoreError('unauthorized', `the server refused the sign-in (${error.code}): sign in again`);
+  showError(why);
+  throw why;
+}
+
+// Opens a session and joins `roomName` in it. Throws (and leaves nothing open) on failure.
+async function openRoom(roomName) {
+  const { ticket } = await wsTicket();
   const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
   const sig = new Signaling();
   installHandlers(sig);
@@ -480,24 +619,12 @@ async function joinRoom(roomName) {
   try {
     welcome = await sig.connect(`${scheme}://${location.host}/ws?ticket=${encodeURIComponent(ticket)}`);
   } catch (error) {
-    room.sig = null;
-    setStatus('disconnected', 'not connected');
+    if (room.sig === sig) room.sig = null;
     throw error;
   }
   room.roles = Array.isArray(welcome.roles) ? welcome.roles : auth.roles;
   room.sessionExpiresAt = welcome.session_expires_at || null;
-  sig.onclose = (_event, reason) => {
-    if (room.sig !== sig) return;
-    const removedBy = room.removedBy;
-    cleanupRoom();
-    if (removedBy) {
-      setStatus('disconnected', `removed by ${removedBy}`);
-    } else {
-      setStatus('disconnected', `disconnected: ${reason}`);
-      if (_event.code !== 1000) showError(new EncoreError('closed', `the server closed the connection: ${reason}`));
-    }
-    render();
-  };
+  sig.onclose = (event, reason) => sessionClosed(sig, event, reason);
 
   const display = auth.config.mode === 'dev' ? auth.uid : displayNameFromEmail(auth.email);
   const fields = { room: roomName };
@@ -506,21 +633,142 @@ async function joinRoom(roomName) {
   try {
     data = await sig.request('join', fields);
   } catch (error) {
-    room.sig = null;
+    if (room.sig === sig) room.sig = null;
     sig.close();
     cleanupRoom();
-    setStatus('disconnected', 'not in a room');
     throw error;
   }
   room.name = data.room;
   room.peer = data.peer;
   room.roles = data.roles;
   room.iceServers = sanitizeIceServers(data.ice_servers);
+  room.mutedBy = data.muted_by || null;
   room.peers.clear();
   for (const p of data.peers || []) {
     if (p && p.peer) room.peers.set(p.peer, { ...p });
   }
   setStatus('joined', `in room ${room.name} as ${room.peer}`);
+  saveRoom();
+}
+
+// The session closed without our asking: removed by a moderator, it stays out; otherwise
+// (a dropped connection, a server restart or shutdown, an expired session) it reconnects.
+function sessionClosed(sig, event, reason) {
+  if (room.sig !== sig) return;
+  const removedBy = room.removedBy;
+  const want = wanted();
+  room.sig = null;
+  cleanupRoom();
+  if (removedBy) {
+    forgetRoom();
+    setStatus('disconnected', `removed by ${removedBy}`);
+  } else {
+    console.info(`[encore] the connection closed (${reason}); reconnecting`);
+    scheduleReconnect(want, reason);
+  }
+  render();
+}
+
+// What this tab does in its room, to do again after a reconnect or a reload.
+function wanted() {
+  return {
+    name: room.name,
+    talking: !!room.send,
+    camera: room.sendCamera,
+    micPaused: !!room.send && room.micPaused && !room.mutedBy,
+    listening: !!room.recv,
+    video: room.recvVideo,
+    follow: [...room.follow],
+    mute: [...room.mute],
+  };
+}
+
+function saveRoom() {
+  try {
+    if (room.name) sessionStorage.setItem(ROOM_KEY, JSON.stringify(wanted()));
+  } catch {
+    // no storage
+  }
+}
+
+function forgetRoom() {
+  try {
+    sessionStorage.removeItem(ROOM_KEY);
+  } catch {
+    // no storage
+  }
+}
+
+function savedRoom() {
+  try {
+    const want = JSON.parse(sessionStorage.getItem(ROOM_KEY) || 'null');
+    return want && typeof want.name === 'string' && NAME_PATTERN.test(want.name) ? want : null;
+  } catch {
+    return null;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reconnecting: new ticket, join again, then talk and listen again as before, with backoff.
+
+const reconnect = {
+  want: null, // what to get back to (see wanted()), while reconnecting
+  attempt: 0,
+  timer: null,
+  last: '', // why the last attempt failed, or why the connection closed
+  done: 0, // reconnects that succeeded since the page loaded
+};
+
+function scheduleReconnect(want, why) {
+  reconnect.want = want;
+  reconnect.last = why || '';
+  const base = reconnect.attempt === 0 ? RECONNECT_FIRST_MS : Math.min(RECONNECT_MAX_MS, 1000 * 2 ** (reconnect.attempt - 1));
+  const delay = Math.round(base * (0.8 + Math.random() * 0.4));
+  reconnect.attempt += 1;
+  setStatus('reconnecting', `reconnecting to ${want.name}…`);
+  clearTimeout(reconnect.timer);
+  reconnect.timer = setTimeout(() => {
+    reconnectOnce(want).finally(render);
+  }, delay);
+  render();
+}
+
+function stopReconnecting() {
+  clearTimeout(reconnect.timer);
+  Object.assign(reconnect, { want: null, attempt: 0, timer: null, last: '' }); // `done` stays
+}
+
+async function reconnectOnce(want) {
+  if (reconnect.want !== want || !auth.token) return;
+  try {
+    await openRoom(want.name);
+  } catch (error) {
+    if (!auth.token) return; // the token was refused: signed out, and told why
+    if (reconnect.want !== want) return; // cancelled meanwhile
+    scheduleReconnect(want, error.message);
+    return;
+  }
+  if (reconnect.want !== want) return;
+  stopReconnecting();
+  reconnect.done += 1;
+  await restore(want);
+}
+
+// After a (re)join: the same preferences, listening and talking as before.
+async function restore(want) {
+  room.follow = new Set(want.follow || []);
+  room.mute = new Set(want.mute || []);
+  try {
+    if (room.follow.size || room.mute.size) await sendPrefs();
+    if (want.listening) await startListening(!!want.video);
+    if (want.talking && mayPublish()) {
+      await startTalking(!!want.camera);
+      if (want.micPaused && !room.micPaused) await toggleMic();
+    }
+  } catch (error) {
+    showError(error, 'getting back to where you were');
+  }
+  saveRoom();
 }
 
 function displayNameFromEmail(email) {
@@ -535,10 +783,11 @@ function sanitizeIceServers(list) {
 }
 
 function leaveRoom(why) {
+  stopReconnecting();
+  forgetRoom();
   const sig = room.sig;
-  if (!sig) return;
   room.sig = null;
-  if (sig.isOpen) {
+  if (sig && sig.isOpen) {
     sig.request('leave', {}, 3000).catch(() => {}).finally(() => sig.close(1000, why || 'leave'));
   }
   cleanupRoom();
@@ -558,6 +807,7 @@ function cleanupRoom() {
   room.stageNote = null;
   room.utterances.clear();
   room.removedBy = null;
+  room.mutedBy = null;
 }
 
 function installHandlers(sig) {
@@ -630,11 +880,23 @@ function installHandlers(sig) {
     refreshToken().catch((error) => showError(error, 'refreshing the sign-in')).finally(render);
   });
   sig.on('muted', (m) => {
-    // A moderator muted us: the server stopped forwarding our microphone (the send transport is
-    // paused on its side). Show it as muted; Unmute asks the server to resume.
+    // A moderator muted us: the server stopped forwarding our microphone and refuses our
+    // `resume` until a moderator lifts it. The mic button is disabled meanwhile, with the reason.
+    room.mutedBy = m.by || 'a moderator';
     room.micPaused = true;
     for (const track of room.localStream ? room.localStream.getAudioTracks() : []) track.enabled = false;
-    showError(new EncoreError('muted', `${m.by} muted your microphone`));
+    render();
+  });
+  sig.on('unmuted', () => {
+    // A moderator lifted it: the server forwards our microphone again.
+    room.mutedBy = null;
+    room.micPaused = false;
+    for (const track of room.localStream ? room.localStream.getAudioTracks() : []) track.enabled = true;
+    render();
+  });
+  sig.on('peer_muted', (m) => {
+    const p = room.peers.get(m.peer);
+    if (p) p.muted_by = m.muted ? m.by : null;
     render();
   });
   sig.on('removed', (m) => {
@@ -642,8 +904,9 @@ function installHandlers(sig) {
     showError(new EncoreError('removed', `${room.removedBy} removed you from the room`));
   });
   sig.on('going_away', (m) => {
-    // The server stops (it drained, or it was told to stop now); the socket closes next (1001).
-    showError(new EncoreError('going_away', `the server is going away (${m.reason}); join again in a moment`));
+    // The server stops (it drained, or it was told to stop now); the socket closes next (1001)
+    // and the page reconnects by itself.
+    console.info(`[encore] the server is going away (${m.reason}); the page will reconnect`);
   });
   sig.on('error', (m) => {
     if (m.code === 'transport_failed') {
@@ -710,7 +973,11 @@ async function startTalking(withCamera) {
     const data = await room.sig.request('publish', { offer: pc.localDescription.sdp });
     if (transport.closed) return;
     await pc.setRemoteDescription({ type: 'answer', sdp: remoteSdp(data.answer) });
-    room.micPaused = false;
+    room.sendCamera = !!withCamera;
+    // A moderator's mute holds across a new publish: the server drops the microphone anyway;
+    // the page says so and keeps the track silent.
+    room.micPaused = !!room.mutedBy;
+    for (const track of stream.getAudioTracks()) track.enabled = !room.mutedBy;
     const video = $('local-video');
     if (withCamera) {
       video.srcObject = stream;
@@ -758,6 +1025,7 @@ function stopTalkingLocally() {
 async function toggleMic() {
   if (!room.send) return;
   const pause = !room.micPaused;
+  if (!pause && room.mutedBy) throw new EncoreError('forbidden', `${room.mutedBy} (a moderator) muted your microphone; only a moderator can unmute it`);
   await room.sig.request(pause ? 'pause' : 'resume', { transport: 'send' });
   room.micPaused = pause;
   for (const track of room.localStream ? room.localStream.getAudioTracks() : []) track.enabled = !pause;
@@ -781,6 +1049,7 @@ async function startListening(withVideo) {
     await pc.setLocalDescription(answer);
     await room.sig.request('answer', { answer: pc.localDescription.sdp });
     room.recvPaused = false;
+    room.recvVideo = !!withVideo;
     startStats();
   } catch (error) {
     stopListeningLocally();
@@ -962,10 +1231,17 @@ function render() {
   }
 
   // room
+  const reconnecting = !!reconnect.want;
   show('room-card', signedIn);
-  show('join', !inRoom);
-  show('leave', inRoom);
-  $('room').disabled = inRoom;
+  show('join', !inRoom && !reconnecting);
+  show('leave', inRoom || reconnecting);
+  $('room').disabled = inRoom || reconnecting;
+  show('reconnecting', reconnecting);
+  if (reconnecting) {
+    $('reconnecting').textContent = reconnect.last
+      ? `Connection lost (${reconnect.last}): reconnecting to ${reconnect.want.name}, attempt ${reconnect.attempt}…`
+      : `Joining ${reconnect.want.name} again…`;
+  }
   show('room-info', inRoom);
   $('room-name').textContent = room.name || '';
   $('my-peer').textContent = room.peer || '';
@@ -992,6 +1268,10 @@ function render() {
   show('mute-mic', publishing);
   $('mute-mic').textContent = room.micPaused ? 'Unmute' : 'Mute';
   $('mute-mic').setAttribute('aria-pressed', String(room.micPaused));
+  // A moderator's mute: the button cannot lift it, and says why.
+  $('mute-mic').disabled = !!room.mutedBy;
+  show('mic-held', inRoom && !!room.mutedBy);
+  $('mic-held').textContent = room.mutedBy ? `${room.mutedBy} (a moderator) muted your microphone: only a moderator can unmute it.` : '';
 
   // listen
   show('listen-card', inRoom);
@@ -1006,6 +1286,7 @@ function render() {
 
   show('utterances-card', inRoom);
   renderUtterances();
+  if (inRoom) saveRoom();
 }
 
 function renderNowPlaying(listening) {
@@ -1045,6 +1326,7 @@ function renderPeers(inRoom) {
       h('span', { class: 'roles' }, (p.roles || []).join(', ')),
       p.publishing ? h('span', { class: 'badge talking', 'data-testid': `publishing-${p.peer}` }, 'publishing') : null,
       room.hands.includes(p.peer) ? h('span', { class: 'badge hand', 'data-testid': `hand-${p.peer}` }, `hand raised (#${room.hands.indexOf(p.peer) + 1})`) : null,
+      heldBy(p) ? h('span', { class: 'badge held', 'data-testid': `held-${p.peer}` }, `mic muted by ${heldBy(p)}`) : null,
     );
     const speaks = (p.roles || []).some((r) => r === 'speaker' || r === 'admin');
     if (!p.me) {
@@ -1060,7 +1342,9 @@ function renderPeers(inRoom) {
       );
       if (mayModerate()) {
         li.append(
-          h('button', { type: 'button', class: 'mod', 'data-testid': `mute-peer-${p.peer}`, dataset: { action: 'mute_peer', peer: p.peer } }, 'Silence mic'),
+          heldBy(p)
+            ? h('button', { type: 'button', class: 'mod', 'data-testid': `unmute-peer-${p.peer}`, dataset: { action: 'unmute_peer', peer: p.peer } }, 'Lift mic mute')
+            : h('button', { type: 'button', class: 'mod', 'data-testid': `mute-peer-${p.peer}`, dataset: { action: 'mute_peer', peer: p.peer } }, 'Silence mic'),
           h('button', { type: 'button', class: 'mod', 'data-testid': `remove-peer-${p.peer}`, dataset: { action: 'remove_peer', peer: p.peer } }, 'Remove'),
           speaks
             ? ((p.roles || []).includes('admin') ? null : h('button', { type: 'button', class: 'mod', 'data-testid': `move-to-audience-${p.peer}`, dataset: { action: 'move_to_audience', peer: p.peer } }, 'Move to audience'))
@@ -1070,6 +1354,11 @@ function renderPeers(inRoom) {
     }
     list.append(li);
   }
+}
+
+// The moderator whose mute holds a peer of the list (ourselves included).
+function heldBy(p) {
+  return p.me ? room.mutedBy : p.muted_by || null;
 }
 
 function renderUtterances() {
@@ -1163,6 +1452,7 @@ function wire() {
       follow: () => togglePref(room.follow, peer),
       mute: () => togglePref(room.mute, peer),
       mute_peer: () => room.sig.request('mute_peer', { peer }),
+      unmute_peer: () => room.sig.request('unmute_peer', { peer }),
       remove_peer: () => room.sig.request('remove_peer', { peer }),
       invite_to_speak: () => room.sig.request('invite_to_speak', { peer }),
       move_to_audience: () => room.sig.request('move_to_audience', { peer }),
@@ -1203,6 +1493,15 @@ async function main() {
     $('firebase-hint').textContent = `Firebase project ${auth.config.projectId}.`;
   }
   setStatus('signed-out', 'signed out');
+  // A reload: signed in again from what was kept, and back in this tab's room as before.
+  try {
+    if (await restoreSession()) {
+      const want = savedRoom();
+      if (want) scheduleReconnect(want, '');
+    }
+  } catch (error) {
+    showError(error, 'signing in again');
+  }
   render();
 }
 
@@ -1226,6 +1525,8 @@ window.encore = {
     return room.recv ? room.recv.pc : null;
   },
   recvStats,
+  // Reconnects that succeeded since the page loaded (the browser test checks them).
+  reconnects: () => reconnect.done,
   // Refresh the ID token now (and send `reauth` on a live session), as the timer would.
   refresh: () => refreshToken().then(() => ({ expiresAt: auth.expiresAt })),
 };

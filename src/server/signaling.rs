@@ -444,6 +444,7 @@ impl Session {
                 Ok(Reply::Reauthed(Reauthed { session_expires_at: self.deadline_s() }))
             }
             Request::MutePeer { peer } => self.moderate(Moderation::Mute, peer).await,
+            Request::UnmutePeer { peer } => self.moderate(Moderation::Unmute, peer).await,
             Request::RemovePeer { peer } => self.moderate(Moderation::Remove, peer).await,
             Request::RaiseHand => self.stage(Stage::RaiseHand).await,
             Request::LowerHand => self.stage(Stage::LowerHand).await,
@@ -486,6 +487,7 @@ impl Session {
             roles: self.user.roles.clone(),
             ice_servers: self.app.config.media.ice_servers.clone(),
             peers: joined.peers,
+            muted_by: joined.muted_by,
         })
     }
 

@@ -8,15 +8,25 @@
 // espeak-ng through Chromium's fake audio capture. Page B, another browser without that file, signs
 // in as a listener and presses Listen. Success: B's getStats() shows inbound audio packets and
 // totalAudioEnergy > 0 (audio really decoded and played by the <audio> element), and B's page
-// showed one of A's utterances (`<A's peer>#<n>`) in #now-playing. Exits 0 on success, 1 with the
-// reason on failure, 2 on bad usage. Prints what it measured, and a last line `RESULT {json}`.
+// showed one of A's utterances (`<A's peer>#<n>`) in #now-playing. B signs in as a moderator:
+// it silences A's microphone from its page (A's mic button must be disabled with the reason shown)
+// and lifts it again. Then, when ENCORE_RESTART_ACK names a file (the cargo test sets it), it
+// prints `ACTION restart-server` and waits for the harness to restart the server and write that
+// file: both pages must reconnect by themselves (A talking, B listening) and B hear A again.
+// Then once more with the server's dev signing key gone (`ACTION restart-server-new-key`): the
+// pages' tokens are refused, and they must get fresh ones and reconnect, still signed in.
+// Then B's page is reloaded: it must come back signed in, in the room, listening, hearing A.
+// Last, a third restart while A's ticket requests are answered 503 (A must keep trying, signed
+// in), then 401 (a refused token, even fresh: A must sign out and say why).
+// Exits 0 on success, 1 with the reason on failure, 2 on bad usage. Prints what it measured,
+// and a last line `RESULT {json}`.
 //
 // Environment (scripts/browser-deps.sh prints these): CHROMIUM (default /usr/lib/chromium/chromium),
 // PLAYWRIGHT_CORE (path of the playwright-core package, default: resolved from NODE_PATH),
 // ESPEAK_NG, SOX (default: from PATH).
 
 import { spawnSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, rmSync, existsSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -253,6 +263,46 @@ async function listenerFacts(page) {
   });
 }
 
+// Which pages showed the reconnecting state within `timeoutMs` (polled: a quick restart may
+// slip between two looks; the reconnect counter is what the test holds the pages to).
+async function seenReconnecting(pages, timeoutMs, before) {
+  const seen = new Set();
+  const until = Date.now() + timeoutMs;
+  while (seen.size < pages.length && Date.now() < until) {
+    for (const [i, p] of pages.entries()) {
+      const state = await p.page.evaluate(() => ({
+        status: document.getElementById('status').dataset.state,
+        banner: !document.getElementById('reconnecting').hidden,
+        reconnects: window.encore.reconnects(),
+      }));
+      if ((state.status === 'reconnecting' && state.banner) || state.reconnects > before[i]) seen.add(p.label);
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  return [...seen];
+}
+
+// Waits until `p` decodes audio on its (new) receive transport and shows an utterance of `speaker`.
+async function hearsAgain(p, speaker, timeoutMs) {
+  const pattern = new RegExp(`^${speaker.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}#\\d+$`);
+  const until = Date.now() + timeoutMs;
+  let utterance = null;
+  for (;;) {
+    const facts = await listenerFacts(p.page);
+    if (!utterance && pattern.test(facts.nowPlaying)) utterance = facts.nowPlaying;
+    const audio = facts.stats && facts.stats.audio;
+    if (audio && audio.packetsReceived > 0 && audio.totalAudioEnergy > 0 && facts.audioPlaying && utterance) {
+      return { packets: audio.packetsReceived, energy: audio.totalAudioEnergy, utterance };
+    }
+    const error = await pageError(p.page);
+    if (error) fail(`${p.label}: hearing ${speaker} again: the page shows an error: ${error}`);
+    if (Date.now() > until) {
+      fail(`${p.label}: did not hear ${speaker} again (${audio ? `${audio.packetsReceived} packets, energy ${audio.totalAudioEnergy}` : 'no inbound audio'}; now playing "${facts.nowPlayingText}")`);
+    }
+    await new Promise((r) => setTimeout(r, 250));
+  }
+}
+
 // -- main ----------------------------------------------------------------------------------------
 
 async function main() {
@@ -283,7 +333,7 @@ async function main() {
     log(`browsers: ${a.browser.version()}`);
 
     const peerA = await signInAndJoin(a, 'alice', 'speaker', left());
-    const peerB = await signInAndJoin(b, 'bob', 'listener', left());
+    const peerB = await signInAndJoin(b, 'bob', 'moderator', left());
     result.peer_a = peerA;
     result.peer_b = peerB;
 
@@ -344,6 +394,20 @@ async function main() {
     await clickAndCheck(b, '#pause-listen', 'Resume');
     log('B: Like, Follow, Pause and Resume answered ok');
 
+    // Moderation from the page: B silences A's microphone; A's page disables its mic button and
+    // says why; B lifts the mute from its page; A's button works again.
+    await b.page.click(`[data-testid="mute-peer-${peerA}"]`, { timeout: 10000 });
+    await waitFor(a, 'the mic button held by the moderator, with the reason', () => {
+      const held = document.getElementById('mic-held');
+      return !held.hidden && document.getElementById('mute-mic').disabled && held.textContent.includes('moderator');
+    }, null, 10000);
+    await waitFor(b, `${peerA} shown as muted, with a way to lift it`, (peer) => !!document.querySelector(`[data-testid="unmute-peer-${CSS.escape(peer)}"]`), peerA, 10000);
+    result.moderation = { held: (await a.page.textContent('#mic-held')).trim() };
+    log(`A: "${result.moderation.held}"`);
+    await b.page.click(`[data-testid="unmute-peer-${peerA}"]`, { timeout: 10000 });
+    await waitFor(a, 'the mic button free again', () => document.getElementById('mic-held').hidden && !document.getElementById('mute-mic').disabled, null, 10000);
+    log('B muted A and lifted it from its page; A\'s page followed');
+
     // Measured, not asserted: the first utterance's length as the server saw it, against the
     // WAV's ground truth (the fake capture starts somewhere in the loop, so it may be cut).
     const endBy = Math.min(deadline, Date.now() + 12000);
@@ -385,6 +449,99 @@ async function main() {
 
     last = await listenerFacts(b.page);
     const sendEnd = await sendSideFacts(a.page);
+
+    // A restart under both pages: they reconnect by themselves, and B hears A again.
+    const ack = process.env.ENCORE_RESTART_ACK;
+    if (ack) {
+      // Asks the harness for restart number `n` and waits for it; then both pages must have
+      // reconnected by themselves, A talking and B listening again.
+      const restart = async (action, n) => {
+        const before = await Promise.all([a, b].map((p) => p.page.evaluate(() => window.encore.reconnects())));
+        console.log(`ACTION ${action}`);
+        const seen = await seenReconnecting([a, b], 15000, before);
+        log(`the pages showed they were reconnecting: ${seen.join(', ') || 'neither (the restart was quicker than a look)'}`);
+        const acked = () => existsSync(ack) && readFileSync(ack, 'utf8').split('\n').filter(Boolean).length >= n;
+        while (!acked()) {
+          if (Date.now() > deadline) fail(`the harness did not ${action} in time`);
+          await new Promise((r) => setTimeout(r, 200));
+        }
+        for (const [i, p] of [a, b].entries()) {
+          await waitFor(p, `a reconnect by itself (${action})`, (was) => window.encore.reconnects() > was && document.getElementById('status').dataset.state === 'joined', before[i], left());
+        }
+        await waitFor(a, 'talking again', () => window.encore.sendPc && window.encore.sendPc.connectionState === 'connected', null, left());
+        await waitFor(b, 'listening again', () => window.encore.recvPc && window.encore.recvPc.connectionState === 'connected', null, left());
+        return seen;
+      };
+
+      const restartAt = Date.now();
+      const reconnectingSeen = await restart('restart-server', 1);
+      const again = await hearsAgain(b, await a.page.textContent('#my-peer'), left());
+      result.reconnected = { ...again, heard_again_after_s: +((Date.now() - restartAt) / 1000).toFixed(2), seen_reconnecting: reconnectingSeen };
+      log(`B hears A again after the restart: ${again.packets} packets, now playing ${again.utterance}`);
+
+      // A new signing key: every token the pages hold is refused (401 on the ticket); they get
+      // fresh ones and carry on, signed in as before.
+      const keyAt = Date.now();
+      const tokensBefore = await Promise.all([a, b].map((p) => p.page.evaluate(() => window.encore.auth().expiresAt)));
+      await restart('restart-server-new-key', 2);
+      const signedIn = await Promise.all([a, b].map((p) => p.page.evaluate(() => window.encore.auth().uid)));
+      if (signedIn[0] !== 'alice' || signedIn[1] !== 'bob') fail(`the pages are signed in as ${signedIn.join(', ')} after the key changed`);
+      const tokensAfter = await Promise.all([a, b].map((p) => p.page.evaluate(() => window.encore.auth().expiresAt)));
+      if (!tokensAfter.every((t, i) => t > tokensBefore[i])) fail('the pages reconnected after the key changed without a fresh token: was the old one not refused?');
+      const afterKey = await hearsAgain(b, await a.page.textContent('#my-peer'), left());
+      result.new_key = { ...afterKey, heard_again_after_s: +((Date.now() - keyAt) / 1000).toFixed(2), signed_in_as: signedIn.join(', ') };
+      log(`after a new signing key, still signed in as ${signedIn.join(', ')}; B hears A again: ${afterKey.packets} packets`);
+
+      // A reload keeps B signed in and puts it back in its room, listening.
+      const reloadAt = Date.now();
+      await b.page.reload({ waitUntil: 'load', timeout: left() });
+      await waitFor(b, 'back in the room after a reload', () => document.getElementById('status').dataset.state === 'joined', null, left());
+      await waitFor(b, 'listening after a reload', () => window.encore.recvPc && window.encore.recvPc.connectionState === 'connected', null, left());
+      const reloaded = await hearsAgain(b, await a.page.textContent('#my-peer'), left());
+      result.reloaded = { ...reloaded, heard_again_after_s: +((Date.now() - reloadAt) / 1000).toFixed(2), whoami: (await b.page.textContent('#whoami')).trim() };
+      log(`B, reloaded, is ${result.reloaded.whoami} and hears A again: ${reloaded.packets} packets, now playing ${reloaded.utterance}`);
+
+      // Signing out is for a refused token only: a server that answers 503 is waited out; one
+      // that refuses the token (401), a fresh one too, signs the page out.
+      const ticketAnswer = { status: 503, code: 'keys-unavailable' };
+      await a.page.route('**/api/ws-ticket', (route) => route.fulfill({
+        status: ticketAnswer.status,
+        contentType: 'application/json',
+        body: JSON.stringify({ error: { code: ticketAnswer.code, message: `the test answers ${ticketAnswer.status}` } }),
+      }));
+      console.log('ACTION restart-server');
+      const unavailableUntil = Date.now() + 5000;
+      while (Date.now() < unavailableUntil) {
+        const state = await a.page.evaluate(() => ({ status: document.getElementById('status').dataset.state, uid: window.encore.auth().uid }));
+        if (state.uid !== 'alice' || state.status === 'signed-out') fail(`A signed out while the server answered 503 (${JSON.stringify(state)})`);
+        await new Promise((r) => setTimeout(r, 250));
+      }
+      ticketAnswer.status = 401;
+      ticketAnswer.code = 'argument-error';
+      const signedOut = Date.now() + 30000;
+      let outState = null;
+      for (;;) {
+        outState = await a.page.evaluate(() => ({
+          status: document.getElementById('status').dataset.state,
+          uid: window.encore.auth().uid,
+          signinShown: !document.getElementById('signin').hidden,
+          error: document.getElementById('error').hidden ? null : document.getElementById('error-text').textContent,
+          kept: localStorage.getItem('encore.session'),
+        }));
+        if (outState.status === 'signed-out' && !outState.uid) break;
+        if (Date.now() > signedOut) fail(`A did not sign out when its token was refused (${JSON.stringify(outState)})`);
+        await new Promise((r) => setTimeout(r, 250));
+      }
+      if (!outState.signinShown || !outState.error || !outState.error.includes('refused') || outState.kept) {
+        fail(`A signed out, but not cleanly: ${JSON.stringify(outState)}`);
+      }
+      result.refused = { error: outState.error };
+      log(`A kept trying through 503s, then signed out on 401: "${outState.error}"`);
+      await waitFor(b, 'B back after the third restart', () => document.getElementById('status').dataset.state === 'joined', null, left());
+    } else {
+      log('ENCORE_RESTART_ACK is not set: the restart and reload part is skipped');
+    }
+
     result.ok = true;
     result.now_playing = sawNowPlaying;
     result.inbound_audio = last.stats.audio;

@@ -5,7 +5,15 @@
 //! and prints where it is; `tests/browser/demo.mjs` does the browser part: page A signs in as a
 //! speaker and publishes a speech WAV made with espeak-ng (Chromium's fake audio capture), page B
 //! signs in as a listener; B's `getStats()` must show inbound audio packets with
-//! `totalAudioEnergy > 0`, and B's page must show A's utterance as now playing.
+//! `totalAudioEnergy > 0`, and B's page must show A's utterance as now playing. Then B (a
+//! moderator) mutes A and lifts it again from its page; then the script asks this harness to
+//! restart the server (`ACTION restart-server` on its output: the process is killed and started
+//! again on the same port and data folder, and the file named by `ENCORE_RESTART_ACK` is written
+//! when it is up), and both pages must reconnect by themselves and B hear A again; then again
+//! with the data folder's dev signing key gone (`ACTION restart-server-new-key`: the pages'
+//! tokens are refused, so they must get fresh ones and carry on, signed in); then B's page is
+//! reloaded and must come back signed in, in the room, listening; last, a third restart while
+//! A's ticket requests are answered 503 (A keeps trying, signed in), then 401 (A signs out).
 //!
 //! Run it alone with `cargo test --test tests server::browser -- --nocapture`. Set
 //! `ENCORE_SKIP_BROWSER_TEST=1` to skip it on a machine that cannot install packages (it says so
@@ -29,7 +37,7 @@ use serde_json::Value;
 /// How long the server may take to answer /healthz (a debug build making its key and certificate).
 const SERVER_START: Duration = Duration::from_secs(90);
 /// The browser script's own timeout (seconds); it stops itself at this plus 30 s.
-const BROWSER_TIMEOUT_S: u64 = 90;
+const BROWSER_TIMEOUT_S: u64 = 180;
 
 #[test]
 fn demo_page_speaker_to_listener_in_real_chromium() {
@@ -51,6 +59,8 @@ fn demo_page_speaker_to_listener_in_real_chromium() {
 
     let url = format!("https://{addr}");
     eprintln!("browser test: server up at {url}; running tests/browser/demo.mjs");
+    let restart_ack = work.path().join("restarted");
+    let mut restarted_logs: Vec<PathBuf> = Vec::new();
     let node = deps.get("NODE").map(String::as_str).unwrap_or("node");
     let mut command = Command::new(node);
     command
@@ -58,6 +68,7 @@ fn demo_page_speaker_to_listener_in_real_chromium() {
         .arg("tests/browser/demo.mjs")
         .arg(&url)
         .args(["--timeout", &BROWSER_TIMEOUT_S.to_string()])
+        .env("ENCORE_RESTART_ACK", &restart_ack)
         .stdin(Stdio::null());
     for key in ["CHROMIUM", "PLAYWRIGHT_CORE", "ESPEAK_NG", "SOX"] {
         if let Some(value) = deps.get(key) {
@@ -65,7 +76,30 @@ fn demo_page_speaker_to_listener_in_real_chromium() {
         }
     }
     let script_log = work.path().join("demo.log");
-    let (status, output) = run_logged(command, &script_log, Duration::from_secs(BROWSER_TIMEOUT_S + 60));
+    // The script's one request of the harness: a restart of the server under its pages, as a
+    // deploy would do it (killed, then started again with the same data folder: its TLS
+    // certificate and dev signing key, so the pages' tokens still verify).
+    // With `-new-key`, the dev signing key goes too (a data folder lost): every token the pages
+    // hold is refused, as after a key rotation. The acknowledgement has a line per restart.
+    let restart = |line: &str| {
+        let new_key = match line.trim() {
+            "ACTION restart-server" => false,
+            "ACTION restart-server-new-key" => true,
+            _ => return,
+        };
+        eprintln!("browser test: restarting the server{}", if new_key { " with a new dev signing key" } else { "" });
+        server.stop();
+        if new_key {
+            fs::remove_file(data_dir.join(encore::auth::DEV_KEY_FILE)).expect("the dev signing key was kept");
+        }
+        let log = work.path().join(format!("server-restarted-{}.log", restarted_logs.len() + 1));
+        server = Server::start(&addr, &data_dir, &log);
+        wait_until_healthy(&addr, &mut server, &log);
+        restarted_logs.push(log);
+        fs::write(&restart_ack, "up\n".repeat(restarted_logs.len())).expect("the restart acknowledgement");
+        eprintln!("browser test: the server is up again");
+    };
+    let (status, output) = run_logged(command, &script_log, Duration::from_secs(BROWSER_TIMEOUT_S + 60), restart);
 
     let result = output
         .lines()
@@ -74,9 +108,13 @@ fn demo_page_speaker_to_listener_in_real_chromium() {
         .and_then(|json| serde_json::from_str::<Value>(json).ok());
     let passed = status == Some(0) && result.as_ref().is_some_and(|r| r["ok"] == Value::Bool(true));
     if !passed {
+        let restarted: String = restarted_logs
+            .iter()
+            .map(|log| format!("\n--- {} (last 100 lines) ---\n{}", log.display(), tail(log, 100)))
+            .collect();
         panic!(
-            "the browser test failed (exit {status:?})\n--- demo.mjs ---\n{output}\n--- server log (last 150 lines) ---\n{}",
-            tail(&server_log, 150)
+            "the browser test failed (exit {status:?})\n--- demo.mjs ---\n{output}\n--- server log (last 150 lines) ---\n{}{restarted}",
+            tail(&server_log, 150),
         );
     }
     let result = result.expect("checked above");
@@ -97,7 +135,23 @@ fn demo_page_speaker_to_listener_in_real_chromium() {
         now_playing.strip_prefix(&format!("{peer_a}#")).is_some_and(|n| n.parse::<u32>().is_ok()),
         "B's now playing {now_playing:?} is not an utterance of A ({peer_a:?})"
     );
-    drop(server);
+    let reconnected = &result["reconnected"];
+    eprintln!(
+        "browser test: after the restart B heard A again {}s after the restart began ({} packets); after a reload {}s",
+        reconnected["heard_again_after_s"], reconnected["packets"], result["reloaded"]["heard_again_after_s"]
+    );
+    assert!(reconnected["packets"].as_u64().unwrap_or(0) > 0, "B did not hear A after the restart: {result}");
+    let new_key = &result["new_key"];
+    eprintln!(
+        "browser test: after a restart with a new signing key both pages reconnected signed in ({}), B heard A again {}s after",
+        new_key["signed_in_as"], new_key["heard_again_after_s"]
+    );
+    assert!(new_key["packets"].as_u64().unwrap_or(0) > 0, "B did not hear A after the key changed: {result}");
+    // A third restart with A's ticket requests answered 503, then 401: A waited the 503s out,
+    // signed in, and signed out on the refused token, saying why.
+    let refused = result["refused"]["error"].as_str().unwrap_or_default();
+    eprintln!("browser test: A signed out only when its token was refused: {refused:?}");
+    assert!(refused.contains("refused"), "A did not sign out on a refused token: {result}");
 }
 
 /// Runs scripts/browser-deps.sh and reads its `KEY=VALUE` lines.
@@ -163,10 +217,17 @@ impl Server {
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
+impl Server {
+    /// Kills it (no drain: as a crash or a hard restart would) and waits for it to be gone.
+    fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -271,13 +332,26 @@ impl ServerCertVerifier for AnyCertificate {
 }
 
 /// Runs `command` with its output teed to `log` (and to this test's stderr), killing it after
-/// `limit`. Returns its exit code and everything it printed.
-fn run_logged(mut command: Command, log: &Path, limit: Duration) -> (Option<i32>, String) {
+/// `limit`; each line it prints that starts with `ACTION ` goes to `on_action` as it comes.
+/// Returns its exit code and everything it printed.
+fn run_logged(
+    mut command: Command,
+    log: &Path,
+    limit: Duration,
+    mut on_action: impl FnMut(&str),
+) -> (Option<i32>, String) {
     let file = File::create(log).expect("script log");
     command.stdout(file.try_clone().expect("log fd")).stderr(file);
     let mut child = command.spawn().expect("run node (scripts/browser-deps.sh installs it with npm)");
     let deadline = Instant::now() + limit;
+    let mut acted = 0;
     let status = loop {
+        let printed = fs::read_to_string(log).unwrap_or_default();
+        let actions: Vec<&str> = printed.lines().filter(|line| line.starts_with("ACTION ")).collect();
+        for action in &actions[acted.min(actions.len())..] {
+            on_action(action);
+        }
+        acted = actions.len();
         match child.try_wait() {
             Ok(Some(status)) => break status.code(),
             Ok(None) if Instant::now() > deadline => {

@@ -11,6 +11,7 @@ mod limits;
 mod loadgen;
 mod media;
 mod metrics;
+mod moderation;
 mod protocol;
 mod robustness;
 mod stage;

@@ -53,6 +53,8 @@ pub struct JoinedRoom {
     pub peer: Name,
     /// The peers already there.
     pub peers: Vec<PeerInfo>,
+    /// The moderator whose mute holds this user's microphone in this room, if one does.
+    pub muted_by: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -83,8 +85,10 @@ impl RoomError {
 /// What a moderator does to another peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Moderation {
-    /// Its microphone stops being forwarded (its session pauses the send transport).
+    /// Its microphone stops being forwarded, and stays so until a moderator unmutes it.
     Mute,
+    /// A moderator's mute is lifted: its microphone is forwarded again.
+    Unmute,
     /// It is told, and its session ends.
     Remove,
 }

@@ -50,7 +50,10 @@ struct PeerSlot {
     grant: Option<Grant>,
     events: mpsc::Sender<Notice>,
     send: Option<ConnKey>,
+    /// Its microphone is not forwarded: paused by the peer, or muted by a moderator.
     send_paused: bool,
+    /// The moderator whose mute holds the microphone paused: the peer cannot resume it.
+    muted_by: Option<String>,
     recv: Option<RecvLeg>,
     publishing: bool,
     /// When it asked to join, until its first packet (the join latency's end).
@@ -114,6 +117,9 @@ pub struct Room {
     track_names: BTreeMap<Name, PublishedTrack>,
     /// A listener's receive connection by engine key, filled on its first packet.
     recv_by_key: HashMap<PeerKey, Option<(ConnKey, Name)>>,
+    /// Moderators' mutes, by [`hold_key`], with who muted: a mute outlives the peer's session,
+    /// so a muted user who leaves and joins again (or whose page reconnects) is still muted.
+    holds: BTreeMap<String, String>,
     recorder: Option<Recorder>,
     /// The room's place in the server's buffer budget, and the cap its engine holds now.
     share: Arc<RoomShare>,
@@ -150,6 +156,7 @@ impl Room {
             tracks: HashMap::new(),
             track_names: BTreeMap::new(),
             recv_by_key: HashMap::new(),
+            holds: BTreeMap::new(),
             recorder,
             share,
             cap,
@@ -335,8 +342,10 @@ impl Room {
                         uid: slot.uid.clone(),
                         roles: slot.roles.clone(),
                         publishing: slot.publishing,
+                        muted_by: slot.muted_by.clone(),
                     })
                     .collect();
+                let muted_by = self.holds.get(&hold_key(uid.as_deref(), &peer)).cloned();
                 self.push(at, Input::Join { peer: peer.clone(), uid: uid.clone(), roles: roles.clone() });
                 self.metrics.peer_joined(&roles);
                 self.broadcast(Notice::PeerJoined { peer: peer.to_string(), uid: uid.clone(), roles: roles.clone() });
@@ -347,13 +356,14 @@ impl Room {
                     grant: None,
                     events,
                     send: None,
-                    send_paused: false,
+                    send_paused: muted_by.is_some(),
+                    muted_by: muted_by.clone(),
                     recv: None,
                     publishing: false,
                     waiting_since: Some(at),
                 };
                 self.peers.insert(peer.clone(), slot);
-                let _ = reply.send(JoinedRoom { peer, peers });
+                let _ = reply.send(JoinedRoom { peer, peers, muted_by });
             }
             RoomCommand::Leave { at, peer } => {
                 if let Some(slot) = self.peers.get(&peer) {
@@ -412,10 +422,17 @@ impl Room {
             }
             RoomCommand::Pause { peer, side, paused, reply } => {
                 let result = match (self.peers.get_mut(&peer), side) {
-                    (Some(slot), Side::Send) if slot.send.is_some() => {
-                        slot.send_paused = paused;
-                        Ok(())
-                    }
+                    (Some(slot), Side::Send) if slot.send.is_some() => match &slot.muted_by {
+                        // A moderator's mute holds until a moderator lifts it.
+                        Some(by) if !paused => Err(ErrorBody::new(
+                            ErrorCode::Forbidden,
+                            format!("{by} (a moderator) muted your microphone; only a moderator can unmute it"),
+                        )),
+                        _ => {
+                            slot.send_paused = paused;
+                            Ok(())
+                        }
+                    },
                     (Some(slot), Side::Recv) if slot.recv.is_some() => {
                         if let Some(leg) = slot.recv.as_mut() {
                             leg.paused = paused;
@@ -486,7 +503,8 @@ impl Room {
             .map_err(|e| ErrorBody::new(e.code(), e.to_string()))?;
         if let Some(slot) = self.peers.get_mut(peer) {
             slot.send = Some(conn);
-            slot.send_paused = false;
+            // Publishing anew does not lift a moderator's mute.
+            slot.send_paused = slot.muted_by.is_some();
         }
         self.conns.insert(conn, (peer.clone(), Side::Send));
         Ok(answer)
@@ -673,19 +691,54 @@ impl Room {
         }
     }
 
+    /// A moderator's act. Mutes live here, in the room worker, not in the engine: a muted
+    /// speaker's packets are dropped before they become engine inputs, so the engine, the
+    /// recording (the inputs the engine consumed) and its replay never see them, and replay
+    /// reaches the live decisions without knowing of moderation (docs/protocol.md, Moderation).
     fn moderate(&mut self, action: Moderation, peer: &str, by: &str) -> Result<(), ErrorBody> {
-        let Some(slot) = self.peers.get_mut(peer) else {
+        let Some(slot) = self.peers.get(peer) else {
             return Err(ErrorBody::new(ErrorCode::NotFound, format!("no peer {peer:?} in this room")));
         };
-        let notice = match action {
-            Moderation::Mute => {
-                // The microphone stops being forwarded here; the peer is told.
-                slot.send_paused = true;
-                Notice::Muted { by: by.to_owned() }
+        let key = hold_key(slot.uid.as_deref(), peer);
+        let by = by.to_owned();
+        let muting = match action {
+            Moderation::Mute => true,
+            Moderation::Unmute => false,
+            Moderation::Remove => {
+                self.tell(peer, Notice::Removed { by });
+                return Ok(());
             }
-            Moderation::Remove => Notice::Removed { by: by.to_owned() },
         };
-        self.tell(peer, notice);
+        if muting {
+            self.holds.insert(key.clone(), by.clone());
+        } else {
+            self.holds.remove(&key);
+        }
+        // The mute is the user's: every peer of it in the room (another tab, a session of a
+        // page that reconnected before its old one was gone) is muted or unmuted with it.
+        let peers: Vec<Name> = self
+            .peers
+            .iter()
+            .filter(|(name, slot)| hold_key(slot.uid.as_deref(), name) == key)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in peers {
+            let Some(slot) = self.peers.get_mut(&name) else { continue };
+            if muting {
+                // The microphone stops being forwarded here, and the peer cannot resume it.
+                slot.send_paused = true;
+                slot.muted_by = Some(by.clone());
+                tracing::info!(room = %self.id, peer = %name, %by, "peer muted by a moderator");
+                self.tell(&name, Notice::Muted { by: by.clone() });
+                self.broadcast(Notice::PeerMuted { peer: name.to_string(), muted: true, by: by.clone() });
+            } else if slot.muted_by.take().is_some() {
+                // (A peer no moderator muted keeps its own pause: there is nothing to lift.)
+                slot.send_paused = false;
+                tracing::info!(room = %self.id, peer = %name, %by, "peer unmuted by a moderator");
+                self.tell(&name, Notice::Unmuted { by: by.clone() });
+                self.broadcast(Notice::PeerMuted { peer: name.to_string(), muted: false, by: by.clone() });
+            }
+        }
         Ok(())
     }
 
@@ -899,6 +952,14 @@ impl Room {
             dropped_events = self.dropped_events,
             "room closed"
         );
+    }
+}
+
+/// Whom a moderator's mute holds: the user (its uid) when it has one, else the peer's name.
+fn hold_key(uid: Option<&str>, peer: &str) -> String {
+    match uid {
+        Some(uid) => format!("uid:{uid}"),
+        None => format!("peer:{peer}"),
     }
 }
 
