@@ -684,6 +684,10 @@ function wanted() {
 }
 
 function saveRoom() {
+  // The address bar holds the room's shareable link.
+  if (room.name && new URLSearchParams(location.search).get('room') !== room.name) {
+    history.replaceState(null, '', `${location.pathname}?room=${encodeURIComponent(room.name)}`);
+  }
   try {
     if (room.name) sessionStorage.setItem(ROOM_KEY, JSON.stringify(wanted()));
   } catch {
@@ -1205,6 +1209,25 @@ function renderStats() {
   el.dataset.packets = String(a.packetsReceived);
 }
 
+// Why the route changed (the trace's reasons), as a listener would say it.
+const REASONS = {
+  new_utterance: 'someone started talking',
+  switch: 'the recommender found something you will like more',
+  started_listening: 'you started listening',
+  finished: 'what played before finished',
+  skip: 'you skipped what played before',
+  evicted: 'what played before was dropped from the buffer',
+  muted: 'you chose not to hear its speaker',
+  prefs: 'you changed whom you follow or do not hear',
+  feedback: 'you gave feedback',
+  stopped_listening: 'you stopped listening',
+};
+
+function reasonInWords(reason) {
+  if (typeof reason !== 'string') return JSON.stringify(reason);
+  return REASONS[reason] || reason.replaceAll('_', ' ');
+}
+
 function formatLag(ms) {
   const s = (ms || 0) / 1000;
   return `${s < 10 ? s.toFixed(1) : Math.round(s)} s behind`;
@@ -1245,6 +1268,7 @@ function render() {
   show('room-info', inRoom);
   $('room-name').textContent = room.name || '';
   $('my-peer').textContent = room.peer || '';
+  $('room-link').href = room.name ? `${location.origin}${location.pathname}?room=${encodeURIComponent(room.name)}` : '';
   show('dominant', inRoom && !!room.dominant);
   $('dominant-speaker').textContent = room.dominant || '';
   renderPeers(inRoom);
@@ -1293,21 +1317,24 @@ function renderNowPlaying(listening) {
   const np = room.nowPlaying;
   const el = $('now-playing');
   const utterance = np && np.utterance ? np.utterance : null;
-  el.textContent = utterance || (listening ? 'nothing: waiting for someone to talk' : 'not listening');
+  const isLive = !!(utterance && np.live && (np.lag_ms || 0) < 1000);
+  const when = isLive ? 'live' : utterance && np.lag_ms ? formatLag(np.lag_ms) : 'ended';
+  // In plain words ("alice, live", "carol, 3.0 s behind"); the utterance id stays in the data.
+  const who = utterance ? np.speaker || utterance.split('#')[0] : null;
+  el.textContent = utterance ? `${who}, ${when}` : listening ? 'nothing: waiting for someone to talk' : 'not listening';
   el.dataset.utterance = utterance || '';
   el.classList.toggle('idle', !utterance);
-  $('now-speaker').textContent = utterance && np.speaker ? `by ${np.speaker}` : '';
+  $('now-speaker').textContent = utterance ? `(${utterance})` : '';
   const live = $('now-live');
   if (utterance) {
-    const isLive = np.live && (np.lag_ms || 0) < 1000;
-    live.textContent = isLive ? 'live' : np.lag_ms ? formatLag(np.lag_ms) : 'ended';
+    live.textContent = when;
     live.dataset.live = String(isLive);
     live.hidden = false;
   } else {
     live.textContent = '';
     live.hidden = true;
   }
-  $('now-reason').textContent = np && np.reason ? `why: ${typeof np.reason === 'string' ? np.reason : JSON.stringify(np.reason)}` : '';
+  $('now-reason').textContent = np && np.reason ? `why: ${reasonInWords(np.reason)}` : '';
   $('skip').disabled = !utterance;
   $('like').disabled = !utterance;
 }
@@ -1338,7 +1365,7 @@ function renderPeers(inRoom) {
         h('button', {
           type: 'button', class: 'toggle', 'aria-pressed': String(muted),
           'data-testid': `mute-${p.peer}`, dataset: { action: 'mute', peer: p.peer },
-        }, muted ? 'Muted' : 'Mute'),
+        }, muted ? 'Not played to you' : "Don't play to me"),
       );
       if (mayModerate()) {
         li.append(
@@ -1492,6 +1519,9 @@ async function main() {
   } else if (auth.config.mode === 'firebase') {
     $('firebase-hint').textContent = `Firebase project ${auth.config.projectId}.`;
   }
+  // A shared link (`/?room=NAME`) names the room to join.
+  const linked = new URLSearchParams(location.search).get('room');
+  if (linked && NAME_PATTERN.test(linked)) $('room').value = linked;
   setStatus('signed-out', 'signed out');
   // A reload: signed in again from what was kept, and back in this tab's room as before.
   try {

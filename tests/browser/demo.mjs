@@ -361,7 +361,9 @@ async function main() {
     for (;;) {
       last = await listenerFacts(b.page);
       if (!sawNowPlaying && pattern.test(last.nowPlaying)) {
-        sawNowPlaying = { utterance: last.nowPlaying, live: last.nowLive, after_s: +((Date.now() - talkAt) / 1000).toFixed(2) };
+        sawNowPlaying = { utterance: last.nowPlaying, text: last.nowPlayingText, live: last.nowLive, after_s: +((Date.now() - talkAt) / 1000).toFixed(2) };
+        // Now playing in plain words: "alice, live" or "alice, 1.2 s behind".
+        if (!last.nowPlayingText.startsWith(`${peerA}, `)) fail(`B: now playing reads "${last.nowPlayingText}", not "${peerA}, live" or "... behind"`);
         log(`B: now playing ${last.nowPlaying} (${last.nowLive}), ${sawNowPlaying.after_s} s after Talk`);
       }
       const audio = last.stats && last.stats.audio;
@@ -446,6 +448,9 @@ async function main() {
     const note = await b.page.textContent('#stage-note');
     log(`stage: B raised a hand, M invited, B accepted and talked, M moved B back to the audience ("${note}")`);
     result.stage = true;
+    // The address bar and the room's link share the room.
+    const link = await b.page.evaluate(() => ({ href: document.getElementById('room-link').href, search: location.search }));
+    if (!link.href.endsWith(`/?room=${roomName}`) || link.search !== `?room=${roomName}`) fail(`B: the room link is ${JSON.stringify(link)}`);
 
     last = await listenerFacts(b.page);
     const sendEnd = await sendSideFacts(a.page);
