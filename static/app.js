@@ -830,6 +830,13 @@ function installHandlers(sig) {
     render();
   });
   sig.on('now_playing', (m) => {
+    // What played before ends here: heard to the end, skipped, or cut for something else.
+    const before = room.nowPlaying && room.nowPlaying.utterance;
+    if (before && before !== m.utterance) {
+      const mark = { finished: 'heard', skip: 'skipped', switch: 'cut', evicted: 'cut', muted: 'skipped' }[m.reason];
+      if (mark) touchUtterance(before).mark = mark;
+    }
+    if (m.utterance) touchUtterance(m.utterance, m.speaker).played = true;
     room.nowPlaying = m;
     if (m.utterance) {
       const u = touchUtterance(m.utterance, m.speaker);
@@ -951,14 +958,17 @@ async function startTalking(withCamera) {
   }
   let stream;
   try {
+    const device = $('mic-device').value;
     stream = await navigator.mediaDevices.getUserMedia({
-      audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true },
+      audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, ...(device ? { deviceId: { exact: device } } : {}) },
       video: withCamera ? { width: { ideal: 640 }, height: { ideal: 360 }, frameRate: { ideal: 24 } } : false,
     });
   } catch (error) {
     throw new EncoreError('media', `no access to the ${withCamera ? 'microphone or camera' : 'microphone'}: ${error.message || error.name}`);
   }
   room.localStream = stream;
+  startMeter(stream);
+  listMicrophones().catch(() => {});
   const transport = new Transport('send', room.iceServers, (s) => setTransportState('send-state', s));
   room.send = transport;
   try {
@@ -1014,7 +1024,71 @@ async function stopTalking() {
   if (sig && wasPublishing) await sig.request('unpublish');
 }
 
+// The microphone's level, live: an analyser on the local stream, drawn into #mic-level.
+const meter = { ctx: null, source: null, timer: null, stream: null };
+
+function startMeter(stream) {
+  stopMeter();
+  const Ctx = window.AudioContext || window.webkitAudioContext;
+  if (!Ctx || !stream.getAudioTracks().length) return;
+  meter.ctx = meter.ctx || new Ctx();
+  meter.stream = stream;
+  meter.source = meter.ctx.createMediaStreamSource(stream);
+  const analyser = meter.ctx.createAnalyser();
+  analyser.fftSize = 512;
+  meter.source.connect(analyser);
+  const samples = new Float32Array(analyser.fftSize);
+  const bar = $('mic-level');
+  bar.hidden = false;
+  meter.timer = setInterval(() => {
+    analyser.getFloatTimeDomainData(samples);
+    let sum = 0;
+    for (const v of samples) sum += v * v;
+    // RMS in dBFS, shown from -60 dB (nothing) to 0 dB (full).
+    const db = 10 * Math.log10(sum / samples.length + 1e-12);
+    const level = Math.max(0, Math.min(1, (db + 60) / 60));
+    bar.value = level;
+    bar.dataset.level = level.toFixed(2);
+  }, 100);
+}
+
+function stopMeter() {
+  clearInterval(meter.timer);
+  meter.timer = null;
+  if (meter.source) meter.source.disconnect();
+  meter.source = null;
+  if (meter.stream && meter.stream !== room.localStream) for (const t of meter.stream.getTracks()) t.stop();
+  meter.stream = null;
+  const bar = $('mic-level');
+  bar.hidden = true;
+  bar.value = 0;
+}
+
+// Before talking: open the chosen microphone only to see its level.
+async function checkMicrophone() {
+  if (meter.stream) {
+    stopMeter();
+    return;
+  }
+  const device = $('mic-device').value;
+  const stream = await navigator.mediaDevices.getUserMedia({ audio: device ? { deviceId: { exact: device } } : true });
+  startMeter(stream);
+  await listMicrophones();
+}
+
+// The microphones the browser names (labels appear once access was granted).
+async function listMicrophones() {
+  if (!navigator.mediaDevices || !navigator.mediaDevices.enumerateDevices) return;
+  const select = $('mic-device');
+  const chosen = select.value;
+  const devices = (await navigator.mediaDevices.enumerateDevices()).filter((d) => d.kind === 'audioinput');
+  select.replaceChildren(h('option', { value: '' }, 'default microphone'),
+    ...devices.filter((d) => d.deviceId && d.deviceId !== 'default').map((d, i) => h('option', { value: d.deviceId }, d.label || `microphone ${i + 1}`)));
+  select.value = [...select.options].some((o) => o.value === chosen) ? chosen : '';
+}
+
 function stopTalkingLocally() {
+  stopMeter();
   if (room.send) room.send.close();
   room.send = null;
   if (room.localStream) for (const track of room.localStream.getTracks()) track.stop();
@@ -1122,6 +1196,11 @@ async function feedback(signal, utterance) {
   const fields = { signal };
   if (utterance) fields.utterance = utterance;
   await room.sig.request('feedback', fields);
+  // Seen: a liked utterance says so; a skipped one is marked where it ends.
+  if (utterance && signal === 'like') {
+    touchUtterance(utterance).liked = true;
+    render();
+  }
 }
 
 async function sendPrefs() {
@@ -1280,6 +1359,8 @@ function render() {
   $('talk').disabled = !mayPublish();
   $('camera').disabled = publishing || !mayPublish();
   show('talk-hint', !mayPublish());
+  $('check-mic').hidden = publishing;
+  $('check-mic').textContent = meter.stream && !publishing ? 'Stop checking' : 'Check microphone';
   const handRaised = room.hands.includes(room.peer);
   show('raise-hand', inRoom && !mayPublish());
   $('raise-hand').textContent = handRaised ? 'Lower hand' : 'Raise hand';
@@ -1336,7 +1417,16 @@ function renderNowPlaying(listening) {
   }
   $('now-reason').textContent = np && np.reason ? `why: ${reasonInWords(np.reason)}` : '';
   $('skip').disabled = !utterance;
+  const liked = !!(utterance && room.utterances.get(utterance) && room.utterances.get(utterance).liked);
   $('like').disabled = !utterance;
+  $('like').textContent = liked ? 'Liked' : 'Like';
+  $('like').setAttribute('aria-pressed', String(liked));
+}
+
+// A peer is speaking while one of its utterances is open (utterance_started until _ended).
+function speaking(peer) {
+  for (const u of room.utterances.values()) if (u.live && u.speaker === peer) return true;
+  return false;
 }
 
 function renderPeers(inRoom) {
@@ -1352,6 +1442,7 @@ function renderPeers(inRoom) {
       h('span', { class: 'peer-name' }, p.peer, p.me ? ' (you)' : ''),
       h('span', { class: 'roles' }, (p.roles || []).join(', ')),
       p.publishing ? h('span', { class: 'badge talking', 'data-testid': `publishing-${p.peer}` }, 'publishing') : null,
+      speaking(p.peer) ? h('span', { class: 'badge speaking', 'data-testid': `speaking-${p.peer}` }, 'speaking') : null,
       room.hands.includes(p.peer) ? h('span', { class: 'badge hand', 'data-testid': `hand-${p.peer}` }, `hand raised (#${room.hands.indexOf(p.peer) + 1})`) : null,
       heldBy(p) ? h('span', { class: 'badge held', 'data-testid': `held-${p.peer}` }, `mic muted by ${heldBy(p)}`) : null,
     );
@@ -1388,6 +1479,14 @@ function heldBy(p) {
   return p.me ? room.mutedBy : p.muted_by || null;
 }
 
+// What became of an utterance for this listener: heard, skipped, cut, or missed (it ended and
+// was never played to us while we listened).
+function utteranceMark(u) {
+  if (u.mark) return u.mark;
+  if (!u.played && !u.live && u.duration_ms !== undefined && room.recv && u.speaker !== room.peer) return 'missed';
+  return null;
+}
+
 function renderUtterances() {
   const list = $('utterances');
   list.replaceChildren();
@@ -1407,6 +1506,8 @@ function renderUtterances() {
     h('span', { class: 'utt-id' }, u.utterance),
     h('span', { class: 'utt-state' }, state),
     u.utterance === playing ? h('span', { class: 'badge' }, 'playing') : null,
+    u.utterance !== playing && utteranceMark(u) ? h('span', { class: `badge mark-${utteranceMark(u)}`, 'data-testid': `mark-${u.utterance}` }, utteranceMark(u)) : null,
+    u.liked ? h('span', { class: 'badge liked', 'data-testid': `liked-${u.utterance}` }, 'liked') : null,
     u.speaker !== room.peer && room.recv
       ? h('button', { type: 'button', class: 'small', dataset: { action: 'like-utterance', utterance: u.utterance } }, 'Like')
       : null));
@@ -1451,6 +1552,7 @@ function wire() {
   $('leave').addEventListener('click', action($('leave'), 'leave', async () => leaveRoom('leave')));
 
   $('talk').addEventListener('click', action($('talk'), 'talk', async () => startTalking($('camera').checked)));
+  $('check-mic').addEventListener('click', action($('check-mic'), 'check the microphone', checkMicrophone));
   $('raise-hand').addEventListener('click', action($('raise-hand'), 'raise hand', async () => {
     await room.sig.request(room.hands.includes(room.peer) ? 'lower_hand' : 'raise_hand', {});
   }));

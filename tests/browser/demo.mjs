@@ -356,6 +356,9 @@ async function main() {
     // Now poll B until audio decoded and A's utterance shown as now playing.
     const pattern = new RegExp(`^${peerA.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}#\\d+$`);
     let sawNowPlaying = null;
+    // B's peer list says A is speaking; A's own microphone meter moves.
+    let sawSpeaking = false;
+    let micLevel = 0;
     let last = null;
     let lastPrint = 0;
     for (;;) {
@@ -371,7 +374,9 @@ async function main() {
         lastPrint = Date.now();
         log(`B: ${audio ? `${audio.packetsReceived} packets, energy ${audio.totalAudioEnergy.toFixed(4)}, level ${audio.audioLevel.toFixed(3)}` : 'no inbound audio yet'}; now playing "${last.nowPlayingText}"; audio element ${last.audioPlaying ? 'playing' : 'not playing'}`);
       }
-      if (audio && audio.packetsReceived > 0 && audio.totalAudioEnergy > 0 && last.audioPlaying && sawNowPlaying) break;
+      if (!sawSpeaking) sawSpeaking = await b.page.evaluate((sel) => !!document.querySelector(sel), `[data-testid="speaking-${peerA}"]`);
+      if (!micLevel) micLevel = await a.page.evaluate(() => +(document.getElementById('mic-level').dataset.level || 0));
+      if (audio && audio.packetsReceived > 0 && audio.totalAudioEnergy > 0 && last.audioPlaying && sawNowPlaying && sawSpeaking && micLevel > 0) break;
       const error = (await pageError(b.page)) || (await pageError(a.page));
       if (error) fail(`a page shows an error: ${error}`);
       if (Date.now() > deadline) {
@@ -380,6 +385,8 @@ async function main() {
         else if (!(audio.totalAudioEnergy > 0)) missing.push(`B received ${audio.packetsReceived} packets but decoded no energy (totalAudioEnergy 0)`);
         if (!last.audioPlaying) missing.push('B\'s <audio> element is not playing');
         if (!sawNowPlaying) missing.push(`B never showed an utterance of ${peerA} as now playing (last: "${last.nowPlayingText}")`);
+        if (!sawSpeaking) missing.push(`B's peer list never showed ${peerA} speaking`);
+        if (!(micLevel > 0)) missing.push('A\'s microphone meter never moved');
         const sendNow = await sendSideFacts(a.page).catch(() => null);
         if (sendNow) missing.push(`A sent ${sendNow.packetsSent} audio packets`);
         fail(`timeout after ${timeoutS} s: ${missing.join('; ')}`);
@@ -389,6 +396,9 @@ async function main() {
 
     // The page's controls, against the real server: each must be answered ok (no error shown).
     await clickAndCheck(b, '#like', 'Like');
+    const likeText = await b.page.textContent('#like');
+    if (likeText !== 'Liked') fail(`B: the Like button reads "${likeText}" after a like, not "Liked"`);
+    log(`A's microphone meter at ${micLevel}; B saw ${peerA} speaking; B's Like shows "${likeText}"`);
     await clickAndCheck(b, `[data-testid="follow-${peerA}"]`, 'Follow');
     const pressed = await b.page.getAttribute(`[data-testid="follow-${peerA}"]`, 'aria-pressed');
     if (pressed !== 'true') fail(`B: the Follow toggle of ${peerA} is not pressed after the click`);
@@ -448,6 +458,17 @@ async function main() {
     const note = await b.page.textContent('#stage-note');
     log(`stage: B raised a hand, M invited, B accepted and talked, M moved B back to the audience ("${note}")`);
     result.stage = true;
+    // A phone (390 x 844): what plays now is above the fold.
+    await b.page.setViewportSize({ width: 390, height: 844 });
+    await b.page.evaluate(() => window.scrollTo(0, 0));
+    const nowBox = await b.page.locator('#now-playing').boundingBox();
+    if (!nowBox || nowBox.y + nowBox.height > 844) fail(`B on a 390x844 screen: now playing is at ${JSON.stringify(nowBox)}, below the fold`);
+    if (screenshots) {
+      mkdirSync(screenshots, { recursive: true });
+      await b.page.screenshot({ path: join(screenshots, 'B-phone.png') });
+    }
+    result.phone_now_playing_y = Math.round(nowBox.y);
+    log(`B on a 390x844 screen: now playing at y=${Math.round(nowBox.y)}`);
     // The address bar and the room's link share the room.
     const link = await b.page.evaluate(() => ({ href: document.getElementById('room-link').href, search: location.search }));
     if (!link.href.endsWith(`/?room=${roomName}`) || link.search !== `?room=${roomName}`) fail(`B: the room link is ${JSON.stringify(link)}`);
