@@ -340,10 +340,14 @@ async function main() {
     // B sees A in the peer list.
     await waitFor(b, `peer ${peerA} in B's list`, (peer) => !!document.querySelector(`#peers li[data-peer="${CSS.escape(peer)}"]`), peerA, left());
 
+    // B asks for video, and A talks with a camera (Chromium's fake one): B must see A's frames
+    // with A's utterance.
+    await b.page.check('#want-video');
     await b.page.click('#listen');
     await waitFor(b, 'the receive transport to connect', () => window.encore.recvPc && window.encore.recvPc.connectionState === 'connected', null, left());
     log('B: listening, receive transport connected');
 
+    await a.page.check('#camera');
     await a.page.click('#talk');
     await waitFor(a, 'the send transport to connect', () => window.encore.sendPc && window.encore.sendPc.connectionState === 'connected', null, left());
     const send = await sendSideFacts(a.page);
@@ -359,6 +363,7 @@ async function main() {
     // B's peer list says A is speaking; A's own microphone meter moves.
     let sawSpeaking = false;
     let micLevel = 0;
+    let videoFrames = 0;
     let last = null;
     let lastPrint = 0;
     for (;;) {
@@ -375,8 +380,9 @@ async function main() {
         log(`B: ${audio ? `${audio.packetsReceived} packets, energy ${audio.totalAudioEnergy.toFixed(4)}, level ${audio.audioLevel.toFixed(3)}` : 'no inbound audio yet'}; now playing "${last.nowPlayingText}"; audio element ${last.audioPlaying ? 'playing' : 'not playing'}`);
       }
       if (!sawSpeaking) sawSpeaking = await b.page.evaluate((sel) => !!document.querySelector(sel), `[data-testid="speaking-${peerA}"]`);
+      if (!videoFrames) videoFrames = (last.stats && last.stats.video && last.stats.video.framesDecoded) || 0;
       if (!micLevel) micLevel = await a.page.evaluate(() => +(document.getElementById('mic-level').dataset.level || 0));
-      if (audio && audio.packetsReceived > 0 && audio.totalAudioEnergy > 0 && last.audioPlaying && sawNowPlaying && sawSpeaking && micLevel > 0) break;
+      if (audio && audio.packetsReceived > 0 && audio.totalAudioEnergy > 0 && last.audioPlaying && sawNowPlaying && sawSpeaking && micLevel > 0 && videoFrames > 0) break;
       const error = (await pageError(b.page)) || (await pageError(a.page));
       if (error) fail(`a page shows an error: ${error}`);
       if (Date.now() > deadline) {
@@ -387,6 +393,7 @@ async function main() {
         if (!sawNowPlaying) missing.push(`B never showed an utterance of ${peerA} as now playing (last: "${last.nowPlayingText}")`);
         if (!sawSpeaking) missing.push(`B's peer list never showed ${peerA} speaking`);
         if (!(micLevel > 0)) missing.push('A\'s microphone meter never moved');
+        if (!(videoFrames > 0)) missing.push(`B decoded no video frame of ${peerA}'s camera (${JSON.stringify(last.stats && last.stats.video)})`);
         const sendNow = await sendSideFacts(a.page).catch(() => null);
         if (sendNow) missing.push(`A sent ${sendNow.packetsSent} audio packets`);
         fail(`timeout after ${timeoutS} s: ${missing.join('; ')}`);
@@ -398,7 +405,8 @@ async function main() {
     await clickAndCheck(b, '#like', 'Like');
     const likeText = await b.page.textContent('#like');
     if (likeText !== 'Liked') fail(`B: the Like button reads "${likeText}" after a like, not "Liked"`);
-    log(`A's microphone meter at ${micLevel}; B saw ${peerA} speaking; B's Like shows "${likeText}"`);
+    log(`A's microphone meter at ${micLevel}; B saw ${peerA} speaking and decoded ${videoFrames} frames of A's camera; B's Like shows "${likeText}"`);
+    result.video_frames = videoFrames;
     await clickAndCheck(b, `[data-testid="follow-${peerA}"]`, 'Follow');
     const pressed = await b.page.getAttribute(`[data-testid="follow-${peerA}"]`, 'aria-pressed');
     if (pressed !== 'true') fail(`B: the Follow toggle of ${peerA} is not pressed after the click`);
