@@ -494,6 +494,12 @@ pub enum Notice {
     Muted {
         by: String,
     },
+    /// To a speaker: how many listeners hear its utterances now, live (within a second) and
+    /// behind (time-shifted); sent when it changes, at most once a tick.
+    Audience {
+        live: u32,
+        behind: u32,
+    },
     /// To every peer in the room: the peers whose hands are raised, in the order they raised
     /// them (sent whenever it changes).
     Hands {
@@ -555,6 +561,7 @@ impl Notice {
             Notice::SessionExpiring { .. } => "session_expiring",
             Notice::Removed { .. } => "removed",
             Notice::Muted { .. } => "muted",
+            Notice::Audience { .. } => "audience",
             Notice::Hands { .. } => "hands",
             Notice::Invited { .. } => "invited",
             Notice::InviteDeclined { .. } => "invite_declined",
@@ -567,7 +574,7 @@ impl Notice {
     }
 
     /// Every notice type, for documentation checks.
-    pub const KINDS: [&'static str; 19] = [
+    pub const KINDS: [&'static str; 20] = [
         "welcome",
         "now_playing",
         "utterance_started",
@@ -579,6 +586,7 @@ impl Notice {
         "session_expiring",
         "removed",
         "muted",
+        "audience",
         "hands",
         "invited",
         "invite_declined",

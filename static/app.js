@@ -542,6 +542,7 @@ const room = {
   hands: [], // peers whose hands are raised, in order (hands notifications)
   invitedBy: null, // the moderator whose invitation to speak waits for an answer
   stageNote: null, // the last change on the stage that concerns us, in words
+  audience: null, // {live, behind}: who hears us now (audience notifications)
   utterances: new Map(), // id -> {utterance, speaker, live, duration_ms, reason, order}
   utteranceOrder: 0,
   statsTimer: null,
@@ -809,6 +810,7 @@ function cleanupRoom() {
   room.hands = [];
   room.invitedBy = null;
   room.stageNote = null;
+  room.audience = null;
   room.utterances.clear();
   room.removedBy = null;
   room.mutedBy = null;
@@ -859,6 +861,10 @@ function installHandlers(sig) {
     u.duration_ms = m.duration_ms;
     u.reason = m.reason;
     if (room.nowPlaying && room.nowPlaying.utterance === m.utterance) room.nowPlaying = { ...room.nowPlaying, live: false };
+    render();
+  });
+  sig.on('audience', (m) => {
+    room.audience = { live: m.live || 0, behind: m.behind || 0 };
     render();
   });
   sig.on('hands', (m) => {
@@ -1367,6 +1373,9 @@ function render() {
   $('raise-hand').setAttribute('aria-pressed', String(handRaised));
   show('invitation', inRoom && !!room.invitedBy);
   show('stage-note', inRoom && !!room.stageNote);
+  const heard = room.audience;
+  show('audience', inRoom && publishing && !!heard);
+  $('audience').textContent = heard ? `heard now by ${heard.live} live, ${heard.behind} behind` : '';
   $('stage-note').textContent = room.stageNote || '';
   $('invited-by').textContent = room.invitedBy || '';
   show('stop-talk', publishing);

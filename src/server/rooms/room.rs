@@ -5,7 +5,7 @@
 //! input here, on the worker's thread, and the engine's packets for a listener go from here to
 //! its connection, without a channel or a task in between.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -110,6 +110,10 @@ pub struct Room {
     hands: Vec<Name>,
     /// Invitations to speak not yet answered: the invited peer, and who invited it.
     invites: BTreeMap<Name, Name>,
+    /// Whom each listener hears now, and whether live (as its route said), for the speakers'
+    /// `audience` notices; the speakers whose audience changed this tick.
+    hearing: BTreeMap<Name, (Name, bool)>,
+    audience_changed: BTreeSet<Name>,
     /// Whose each connection is, and which side.
     conns: HashMap<ConnKey, (Name, Side)>,
     /// Published tracks by their connection and SSRC, and by engine name.
@@ -152,6 +156,8 @@ impl Room {
             peers: BTreeMap::new(),
             hands: Vec::new(),
             invites: BTreeMap::new(),
+            hearing: BTreeMap::new(),
+            audience_changed: BTreeSet::new(),
             conns: HashMap::new(),
             tracks: HashMap::new(),
             track_names: BTreeMap::new(),
@@ -278,6 +284,7 @@ impl Room {
         for event in &output.events {
             self.notify(event, media);
         }
+        self.tell_audiences();
         let now = Instant::now();
         for packet in output.packets.drain(..) {
             self.deliver(now, packet, media);
@@ -373,6 +380,9 @@ impl Room {
                     }
                 }
                 self.invites.retain(|invited, by| *invited != peer && *by != peer);
+                if let Some((speaker, _)) = self.hearing.remove(&peer) {
+                    self.audience_changed.insert(speaker);
+                }
                 if let Some(i) = self.hands.iter().position(|p| *p == peer) {
                     self.hands.remove(i);
                     self.broadcast_hands();
@@ -742,6 +752,24 @@ impl Room {
         Ok(())
     }
 
+    /// Tells each speaker whose audience changed this tick how many listeners hear it now,
+    /// live and behind: one notice per speaker per tick, however many routes changed.
+    fn tell_audiences(&mut self) {
+        if self.audience_changed.is_empty() {
+            return;
+        }
+        let changed = std::mem::take(&mut self.audience_changed);
+        for speaker in changed {
+            let (mut live, mut behind) = (0u32, 0u32);
+            for (heard, is_live) in self.hearing.values() {
+                if *heard == speaker {
+                    if *is_live { live += 1 } else { behind += 1 }
+                }
+            }
+            self.tell(&speaker, Notice::Audience { live, behind });
+        }
+    }
+
     fn broadcast_hands(&mut self) {
         let raised = self.hands.iter().map(|p| p.to_string()).collect();
         self.broadcast(Notice::Hands { raised });
@@ -874,6 +902,14 @@ impl Room {
                     reason: *reason,
                 };
                 self.tell(listener, notice);
+                // Live: the listener is within a second of the speaker (as the page says it).
+                let now = to.as_ref().map(|id| (id.speaker.clone(), *live && lag_us.unwrap_or(0) < 1_000_000));
+                let before = match now {
+                    Some(hears) => self.hearing.insert(listener.clone(), hears),
+                    None => self.hearing.remove(listener),
+                };
+                self.audience_changed.extend(before.map(|(speaker, _)| speaker));
+                self.audience_changed.extend(to.as_ref().map(|id| id.speaker.clone()));
             }
             Event::KeyframeRequest { track, .. } => {
                 if let Some(track) = self.track_names.get(track) {
