@@ -128,6 +128,9 @@ pub struct Room {
     /// The room's place in the server's buffer budget, and the cap its engine holds now.
     share: Arc<RoomShare>,
     cap: u64,
+    /// When the engine has something due next, as last computed; forgotten whenever the
+    /// engine changes (an input, a tick).
+    due_at: Option<Instant>,
     metrics: RoomMetrics,
     closed: bool,
     skipped_ticks: u64,
@@ -166,6 +169,7 @@ impl Room {
             recorder,
             share,
             cap,
+            due_at: None,
             metrics,
             closed: false,
             skipped_ticks: 0,
@@ -204,9 +208,20 @@ impl Room {
     /// waiting; for a quiet room, the next tick anything is due at (its next stats line), or
     /// an input, whichever comes first. An idle room costs nothing between.
     pub fn next_deadline(&mut self) -> Instant {
-        let waiting = !self.rx.is_empty() || self.share.granted() != self.cap;
-        let tick = if waiting { self.engine.next_tick() } else { self.engine.next_due_tick() };
-        self.pacer.deadline(tick)
+        if self.waiting() {
+            return self.pacer.deadline(self.engine.next_tick());
+        }
+        if let Some(due) = self.due_at {
+            return due;
+        }
+        let due = self.pacer.deadline(self.engine.next_due_tick());
+        self.due_at = Some(due);
+        due
+    }
+
+    /// A command or a new buffer share waits: the room runs its next tick.
+    fn waiting(&self) -> bool {
+        !self.rx.is_empty() || self.share.granted() != self.cap
     }
 
     /// Passes over the ticks up to now where a quiet engine has nothing due (the decisions
@@ -228,6 +243,12 @@ impl Room {
     /// Runs the ticks whose time has come; a quiet room passes over those with nothing due.
     /// Returns the ticks skipped for being too far behind.
     pub fn run_due(&mut self, now: Instant, media: &mut MediaIo) -> u64 {
+        // A worker visits every room at every wake-up: a room with nothing due before its
+        // known deadline costs two atomic loads, not a look into its engine (1 000 idle
+        // rooms cost 64 % of a core without this).
+        if self.due_at.is_some_and(|due| now < due) && !self.waiting() {
+            return 0;
+        }
         let mut skipped = 0;
         for _ in 0..MAX_CATCH_UP_TICKS {
             if self.closed {
@@ -249,6 +270,7 @@ impl Room {
     }
 
     fn push(&mut self, at: Instant, input: Input) {
+        self.due_at = None;
         // The engine keeps arrival times monotonic and within the tick that applies them;
         // the recording gets the time the engine keeps.
         let at_us = self.engine.arrival_us(self.pacer.engine_us(at));
@@ -262,6 +284,7 @@ impl Room {
     }
 
     fn tick_once(&mut self, media: &mut MediaIo) {
+        self.due_at = None;
         let started = Instant::now();
         self.apply_share(started);
         for _ in 0..MAX_COMMANDS_PER_TICK {
