@@ -1,10 +1,20 @@
 //! System 7, play out: sends each listener the packets that are due, at the pace they came.
 //!
 //! Packet k of the utterance a listener plays is due at `start_us + (media_us_k -
-//! origin_media_us)`, where `media_us` is the packet's RTP timestamp on the engine clock
-//! (anchored at the media's first packet) and `start_us` the tick the route began: the
-//! utterance replays at its original pace, never in a burst, and a live one waits at its
-//! newest packet for the next.
+//! origin_media_us) - ahead_us`, where `media_us` is the packet's RTP timestamp on the engine
+//! clock (anchored at the media's first packet), `start_us` the tick the route began and
+//! `ahead_us` how far the media has caught up: the utterance replays at its original pace,
+//! never in a burst, and a live one waits at its newest packet for the next.
+//!
+//! Live means live: a route that starts at the live edge of an open utterance (routed at its
+//! onset, behind only by the pre-roll and the onset) would stay that far behind for the whole
+//! utterance at the original pace. While its utterance is open it catches up instead: besides
+//! what is due, each tick sends up to [`CATCHUP_PACKETS_PER_TICK`] packets per media ahead of
+//! their time, never more than the route's `catchup_us` ahead in all ([`catchup_bound_us`]),
+//! and every packet sent ahead moves the media's pace forward by as much, so what follows keeps
+//! the original spacing from there. Once at the newest packet, each new one goes out in the
+//! tick it arrives. Nothing is dropped: the pre-roll is all sent, only sooner. A route that
+//! starts further behind (time-shifted, or a busy listener's late switch) stays paced.
 //!
 //! Each listener has one outgoing stream per media with a stable SSRC. Sequence numbers
 //! advance by exactly one per packet sent. At a switch (or a cut-over) the new source's
@@ -14,6 +24,7 @@
 
 use bevy_ecs::prelude::{Query, Res, ResMut};
 
+use encore_components::config::EngineConfig;
 use encore_components::ids::MediaKind;
 use encore_components::listener::{Cursor, ListenerSession, OutStream, OutStreams, Playing, Route, SentRecord};
 use encore_components::output::RouteReason;
@@ -26,6 +37,25 @@ use crate::shared::bug;
 
 /// Smallest timestamp step at a switch: one 20 ms frame.
 pub const MIN_SWITCH_STEP_US: u64 = 20_000;
+
+/// Packets per media a catching-up route may send ahead of their time in one tick (on top of
+/// the ones due). At onset a live route is behind by the pre-roll and the onset, about 13
+/// 20 ms packets with the defaults: six ahead per tick send them in two ticks, so the first
+/// voiced packet leaves about 10 ms after the onset and the live edge is reached in 20-30 ms,
+/// while a tick still carries a handful of small packets, not the whole backlog at once.
+pub const CATCHUP_PACKETS_PER_TICK: usize = 6;
+
+/// What a live route may be behind at its start beyond the pre-roll and the onset, and still
+/// catch up: the tick in which it was routed and the publisher's arrival jitter.
+pub const CATCHUP_SLACK_US: u64 = 100_000;
+
+/// The most a live route may run ahead of its pace, and the most it may be behind its
+/// utterance's first packet at its start to catch up at all: the pre-roll, the onset and
+/// [`CATCHUP_SLACK_US`] (340 ms with the defaults). A route further behind is time-shifted
+/// and stays paced.
+pub fn catchup_bound_us(config: &EngineConfig) -> u64 {
+    (config.preroll_ms + config.vad.onset_ms) * 1000 + CATCHUP_SLACK_US
+}
 
 /// True when the listener has sent every packet of a closed utterance (video counts as done
 /// while it waits for a key frame that will not come).
@@ -107,7 +137,7 @@ pub fn rewrite(
 #[allow(clippy::too_many_arguments)]
 pub fn play_out(
     clock: Res<EngineClock>,
-    config: Res<encore_components::config::EngineConfig>,
+    config: Res<EngineConfig>,
     directory: Res<Directory>,
     mut outputs: ResMut<Outputs>,
     mut counters: ResMut<Counters>,
@@ -139,10 +169,12 @@ pub fn play_out(
                 MediaKind::Audio => playing.audio,
                 MediaKind::Video => playing.video,
             };
+            // A live route may still catch up: it sends what it has, not only what is due.
+            let catching_up = utterance.is_open() && cursor.ahead_us < playing.catchup_us;
             if cursor.reshapes == buffer.reshapes {
                 // Early, or caught up with a live utterance that got nothing new: the
                 // listener costs nothing this tick.
-                let early = cursor.next_due_us.is_some_and(|due| due > now);
+                let early = cursor.next_due_us.is_some_and(|due| due > now) && !catching_up;
                 let caught_up = cursor.last_ext_seq.is_some() && cursor.next == packets.len();
                 if early || caught_up {
                     continue;
@@ -151,11 +183,23 @@ pub fn play_out(
             let mut index = if cursor.reshapes == buffer.reshapes { cursor.next } else { resume(packets, &cursor) };
             let mut last = cursor.last_ext_seq;
             let mut next_due_us = None;
+            let mut ahead_us = cursor.ahead_us;
+            let mut sent_ahead = 0;
             while let Some(packet) = packets.get(index) {
-                let due = (playing.start_us + packet.media_us).saturating_sub(playing.origin_media_us);
+                let paced = (playing.start_us + packet.media_us).saturating_sub(playing.origin_media_us);
+                let due = paced.saturating_sub(ahead_us);
                 if due > now {
-                    next_due_us = Some(due);
-                    break;
+                    // Ahead of its time: only a live route catching up sends it, within
+                    // both bounds, and its pace moves forward by as much.
+                    let early_by = paced - now;
+                    let may =
+                        utterance.is_open() && sent_ahead < CATCHUP_PACKETS_PER_TICK && early_by <= playing.catchup_us;
+                    if !may {
+                        next_due_us = Some(due);
+                        break;
+                    }
+                    sent_ahead += 1;
+                    ahead_us = ahead_us.max(early_by);
                 }
                 index += 1;
                 last = Some(packet.ext_seq);
@@ -184,7 +228,7 @@ pub fn play_out(
                 });
                 counters.sent += 1;
             }
-            let cursor = Cursor { next: index, last_ext_seq: last, next_due_us, reshapes: buffer.reshapes };
+            let cursor = Cursor { next: index, last_ext_seq: last, next_due_us, reshapes: buffer.reshapes, ahead_us };
             match media {
                 MediaKind::Audio => playing.audio = cursor,
                 MediaKind::Video => playing.video = cursor,
@@ -201,8 +245,10 @@ pub fn play_out(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
-    use crate::testkit::Room;
+    use crate::testkit::{Room, starts};
     use encore_components::config::EngineConfig;
 
     #[test]
@@ -221,6 +267,65 @@ mod tests {
         for pair in bob.windows(2) {
             assert!(pair[1].0 > pair[0].0, "burst: {:?} then {:?}", pair[0], pair[1]);
         }
+    }
+
+    #[test]
+    fn an_idle_listener_routed_at_onset_catches_up_to_the_live_edge_within_the_bound() {
+        let mut room = Room::new(EngineConfig::default());
+        room.speaker("alice", "a1");
+        room.listener("lena");
+        // 200 ms of silence to fill the pre-roll, then speech from 1.0 s: onset at 1.04 s.
+        room.silence("a1", 0, 1_000_000);
+        room.talk("a1", 1_000_000, 3_000_000);
+        let trace = room.run_until(3_500_000);
+        let onset_us = starts(&trace)[0].0 * 10_000;
+        assert_eq!(onset_us, 1_040_000);
+        let audio: Vec<(u64, &SendPacket)> =
+            room.sent.iter().filter(|(_, p)| p.media == MediaKind::Audio).map(|(at, p)| (*at, p)).collect();
+        // The packet's arrival, from its source timestamp (the testkit sends ts = at * 48 kHz).
+        let first_ts = audio[0].1.ts;
+        let arrived_us = |p: &SendPacket| 800_000 + u64::from(p.ts.wrapping_sub(first_ts)) * 1000 / 48;
+        // Nothing is dropped: the whole pre-roll (800-1000 ms) goes out, first, in the onset tick.
+        assert_eq!(audio[0].0, onset_us);
+        assert_eq!(audio.iter().filter(|(_, p)| arrived_us(p) < 1_000_000).count(), 10);
+        assert_eq!(audio.len(), 110, "every packet from 0.8 s to 3.0 s");
+        // One continuous stream: seq + 1 and one 20 ms frame per packet, a catch-up or not.
+        for pair in audio.windows(2) {
+            assert_eq!(pair[1].1.seq, pair[0].1.seq.wrapping_add(1));
+            assert_eq!(pair[1].1.ts.wrapping_sub(pair[0].1.ts), 960);
+        }
+        // Never more than the bound ahead per tick, plus the one due.
+        let mut per_tick = BTreeMap::new();
+        for (at, _) in &audio {
+            *per_tick.entry(*at).or_insert(0usize) += 1;
+        }
+        assert!(per_tick.values().all(|n| *n <= CATCHUP_PACKETS_PER_TICK + 1), "{per_tick:?}");
+        assert!(per_tick.values().any(|n| *n > 2), "no catch-up: {per_tick:?}");
+        // The live edge within two ticks of the onset; from then on every packet goes out in
+        // the tick it arrives.
+        let live_from = audio.iter().position(|(at, p)| *at == arrived_us(p)).unwrap();
+        assert!(audio[live_from].0 <= onset_us + 20_000, "live from {}", audio[live_from].0);
+        assert!(audio[live_from..].iter().all(|(at, p)| *at == arrived_us(p)));
+        // The first voiced packet (sent at 1.0 s) leaves one tick after the onset.
+        let first_voiced = audio.iter().find(|(_, p)| arrived_us(p) == 1_000_000).unwrap();
+        assert_eq!(first_voiced.0, onset_us + 10_000);
+    }
+
+    #[test]
+    fn a_late_route_to_a_live_utterance_stays_paced() {
+        let mut room = Room::new(EngineConfig::default());
+        room.speaker("alice", "a1");
+        room.speaker("bob", "b1");
+        room.listener("lena");
+        // lena is busy with alice when bob starts; she hears bob from 1.5 s, 1 s behind him,
+        // while he still talks: time-shifted, at his pace, no catch-up.
+        room.talk("a1", 0, 1_500_000);
+        room.talk("b1", 500_000, 3_000_000);
+        room.run_until(5_000_000);
+        let bob_ord = room.engine.utterance_ord(&"bob#1".parse().unwrap()).unwrap();
+        let bob: Vec<u64> = room.sent.iter().filter(|(_, p)| p.utterance == bob_ord).map(|(at, _)| *at).collect();
+        assert!(bob.len() > 100);
+        assert!(bob.windows(2).all(|w| w[1] >= w[0] + 20_000), "a burst: {bob:?}");
     }
 
     #[test]
@@ -319,6 +424,7 @@ mod rewrite_table {
                 speaker_name: Name::new("s"),
                 start_us: 0,
                 origin_media_us: 0,
+                catchup_us: 0,
                 score: 0,
                 terms: Default::default(),
                 audio: Default::default(),

@@ -17,6 +17,7 @@ use encore_components::resources::{
 };
 use encore_components::utterance::{Audience, PacketBuffer, Utterance};
 
+use crate::playout::catchup_bound_us;
 use crate::recommend::switch_margin;
 use crate::shared::bug;
 
@@ -43,6 +44,7 @@ pub fn route(
 ) {
     decisions.last_tick = decisions.list.len() as u64;
     let margin = switch_margin(&config.recommender);
+    let catchup_bound = catchup_bound_us(&config);
     for decision in decisions.list.drain(..) {
         let Ok((listener, mut route, mut streams, mut history)) = sessions.get_mut(decision.session) else {
             bug(&mut counters, "a decision names a session that lacks its components");
@@ -105,8 +107,12 @@ pub fn route(
                 verdict: Verdict::Started,
                 heard_us: 0,
             });
-            lag_us = Some(clock.now_us.saturating_sub(utterance.started_us));
+            let lag = clock.now_us.saturating_sub(utterance.started_us);
+            lag_us = Some(lag);
             live = utterance.is_open();
+            // Live means live: a route at the live edge (behind only by the pre-roll) catches
+            // up; one that starts further behind is time-shifted and keeps the original pace.
+            let catchup_us = if live && lag <= catchup_bound { catchup_bound } else { 0 };
             route.playing = Some(Playing {
                 utterance: choice.utterance,
                 id: choice.id.clone(),
@@ -115,6 +121,7 @@ pub fn route(
                 speaker_name: utterance.speaker_name.clone(),
                 start_us: clock.now_us,
                 origin_media_us,
+                catchup_us,
                 score: choice.score,
                 terms: choice.terms,
                 audio: Cursor::default(),

@@ -30,11 +30,31 @@ fn an_idle_listener_gets_the_first_preroll_packet_in_the_onset_tick() {
     let audio = sends(&trace, "lena", "audio");
     assert_eq!(audio[0]["tick"], start["tick"]);
     assert_eq!(audio[0]["marker"], true);
-    // The pre-roll: packets from 200 ms before the first voiced one (at 1.0 s) come first,
-    // one per 20 ms, paced.
+    // The pre-roll: packets from 200 ms before the first voiced one (at 1.0 s) come first, all
+    // of them, ahead of pace (the live route catches up, a bounded number a tick); then each
+    // packet goes out in the tick it arrives, one per 20 ms.
     assert_eq!(start["started_us"], 800_000);
-    let ticks: Vec<u64> = audio.iter().take(20).map(|l| l["tick"].as_u64().unwrap()).collect();
-    assert!(ticks.windows(2).all(|w| w[1] == w[0] + 2), "{ticks:?}");
+    let onset = start["tick"].as_u64().unwrap();
+    let ticks: Vec<u64> = audio.iter().map(|l| l["tick"].as_u64().unwrap()).collect();
+    let mut per_tick = std::collections::BTreeMap::new();
+    for tick in &ticks {
+        *per_tick.entry(*tick).or_insert(0usize) += 1;
+    }
+    let bound = encore_systems::playout::CATCHUP_PACKETS_PER_TICK + 1;
+    assert!(per_tick.values().all(|n| *n <= bound), "{per_tick:?}");
+    // The 10 pre-roll and 3 voiced packets (1.00-1.04 s) there are at the onset go out in the
+    // onset tick and the next.
+    assert_eq!(onset, 104);
+    assert_eq!(per_tick[&onset] + per_tick[&(onset + 1)], 13, "{per_tick:?}");
+    let live: Vec<u64> = ticks[13..].to_vec();
+    assert_eq!(live[0], 106, "the packet of 1.06 s in its own tick");
+    assert!(live.windows(2).all(|w| w[1] == w[0] + 2), "{live:?}");
+    // Continuous: one 20 ms frame and one sequence number per packet, catch-up or not.
+    for pair in audio.windows(2) {
+        let at = |l: &Value, field: &str| l[field].as_u64().unwrap() as u32;
+        assert_eq!(at(pair[1], "seq") as u16, (at(pair[0], "seq") as u16).wrapping_add(1));
+        assert_eq!(at(pair[1], "ts").wrapping_sub(at(pair[0], "ts")), 960);
+    }
 }
 
 #[test]
