@@ -39,11 +39,13 @@ use crate::shared::bug;
 pub const MIN_SWITCH_STEP_US: u64 = 20_000;
 
 /// Packets per media a catching-up route may send ahead of their time in one tick (on top of
-/// the ones due). At onset a live route is behind by the pre-roll and the onset, about 13
-/// 20 ms packets with the defaults: six ahead per tick send them in two ticks, so the first
-/// voiced packet leaves about 10 ms after the onset and the live edge is reached in 20-30 ms,
-/// while a tick still carries a handful of small packets, not the whole backlog at once.
-pub const CATCHUP_PACKETS_PER_TICK: usize = 6;
+/// the ones due). At onset a live route is behind by the pre-roll and the onset, 13 20 ms
+/// packets with the defaults (about 2 KB): twelve ahead and the one due send them all in the
+/// onset tick, so the first voiced packet leaves in the tick its onset is detected (the 40 ms
+/// of onset detection are then the whole delay the engine adds; the goal is 60 ms).
+/// Any more would only matter for a longer configured pre-roll, which then spreads over ticks
+/// (up to 2 s, 100 packets: nine ticks) instead of going out as one burst.
+pub const CATCHUP_PACKETS_PER_TICK: usize = 12;
 
 /// What a live route may be behind at its start beyond the pre-roll and the onset, and still
 /// catch up: the tick in which it was routed and the publisher's arrival jitter.
@@ -301,14 +303,15 @@ mod tests {
         }
         assert!(per_tick.values().all(|n| *n <= CATCHUP_PACKETS_PER_TICK + 1), "{per_tick:?}");
         assert!(per_tick.values().any(|n| *n > 2), "no catch-up: {per_tick:?}");
-        // The live edge within two ticks of the onset; from then on every packet goes out in
-        // the tick it arrives.
+        // The live edge in the onset tick (the next packet arrives two ticks later); from then
+        // on every packet goes out in the tick it arrives.
         let live_from = audio.iter().position(|(at, p)| *at == arrived_us(p)).unwrap();
         assert!(audio[live_from].0 <= onset_us + 20_000, "live from {}", audio[live_from].0);
         assert!(audio[live_from..].iter().all(|(at, p)| *at == arrived_us(p)));
-        // The first voiced packet (sent at 1.0 s) leaves one tick after the onset.
+        // The first voiced packet (sent at 1.0 s) leaves in the onset tick: all 13 there are do.
         let first_voiced = audio.iter().find(|(_, p)| arrived_us(p) == 1_000_000).unwrap();
-        assert_eq!(first_voiced.0, onset_us + 10_000);
+        assert_eq!(first_voiced.0, onset_us);
+        assert_eq!(per_tick[&onset_us], 13);
     }
 
     #[test]
