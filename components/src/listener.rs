@@ -58,6 +58,9 @@ pub struct Playing {
 #[derive(Component, Clone, Debug, Default)]
 pub struct Route {
     pub playing: Option<Playing>,
+    /// Since when the listener has paused its stream (engine time): play-out sends it
+    /// nothing and its position waits, and it takes no new utterance until it resumes.
+    pub paused_since_us: Option<u64>,
 }
 
 /// A sent packet, remembered to answer NACKs with the same header. Kept small: every

@@ -157,6 +157,10 @@ pub fn play_out(
             bug(&mut counters, "a session in the directory lacks its components");
             continue;
         };
+        if route.paused_since_us.is_some() {
+            // Paused: the position waits (the resume moves the pace on by the pause).
+            continue;
+        }
         let Some(playing) = route.playing.as_mut() else { continue };
         let Ok((utterance, buffer)) = utterances.get(playing.utterance) else {
             bug(&mut counters, "a listener plays an utterance that is gone");
@@ -250,8 +254,11 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::testkit::{Room, starts};
+    use crate::ingest::MAX_PAUSE_HOLD_US;
+    use crate::testkit::{Room, route, routes, starts};
     use encore_components::config::EngineConfig;
+    use encore_components::ids::Name;
+    use encore_components::input::Input;
 
     #[test]
     fn a_buffered_utterance_goes_out_at_its_original_pace() {
@@ -348,6 +355,97 @@ mod tests {
         let ts_gap = gap[1].1.ts.wrapping_sub(gap[0].1.ts) as u64;
         assert_eq!(ts_gap, elapsed_us * 48 / 1000, "{gap:?}");
         assert!(gap[1].1.marker);
+    }
+
+    #[test]
+    fn a_paused_listener_continues_from_where_it_paused_with_no_gap_in_its_stream() {
+        let mut room = Room::new(EngineConfig::default());
+        room.speaker("alice", "a1");
+        room.speaker("bob", "b1");
+        room.listener("lena");
+        room.talk("a1", 0, 3_000_000);
+        // bob talks while lena is paused: she takes him only after alice, from the buffer.
+        room.talk("b1", 1_500_000, 2_000_000);
+        let lena = || Name::new("lena");
+        room.push(1_000_000, Input::Pause { peer: lena() });
+        room.push(2_500_000, Input::Resume { peer: lena() });
+        let trace = room.run_until(8_000_000);
+        let alice_ord = room.engine.utterance_ord(&"alice#1".parse().unwrap()).unwrap();
+        let alice_packets = room.buffer_of("alice#1").audio.packets.len();
+        let audio: Vec<(u64, &SendPacket)> =
+            room.sent.iter().filter(|(_, p)| p.media == MediaKind::Audio).map(|(at, p)| (*at, p)).collect();
+        // Nothing while paused.
+        assert!(audio.iter().all(|(at, _)| *at < 1_000_000 || *at >= 2_500_000));
+        // Every packet of alice's utterance, each once and in order: the position waited.
+        let alice: Vec<u16> = audio.iter().filter(|(_, p)| p.utterance == alice_ord).map(|(_, p)| p.src_seq).collect();
+        assert_eq!(alice.len(), alice_packets);
+        assert!(alice.windows(2).all(|w| w[1] == w[0].wrapping_add(1)), "{alice:?}");
+        // One stream: the next sequence number after the pause, and a timestamp gap of the
+        // time that passed, marked, like a switch.
+        for pair in audio.windows(2) {
+            assert_eq!(pair[1].1.seq, pair[0].1.seq.wrapping_add(1));
+        }
+        let resumed = audio.iter().position(|(at, _)| *at >= 2_500_000).unwrap();
+        let (before, after) = (audio[resumed - 1], audio[resumed]);
+        assert_eq!(after.0, 2_500_000, "the resume tick sends");
+        assert!(after.1.marker);
+        assert_eq!(u64::from(after.1.ts.wrapping_sub(before.1.ts)), (after.0 - before.0) * 48 / 1000);
+        // The rest at the original pace: alice's last packet 1.5 s (the pause) after it would have gone.
+        let last_alice = audio.iter().rfind(|(_, p)| p.utterance == alice_ord).unwrap().0;
+        assert!((4_400_000..=4_600_000).contains(&last_alice), "{last_alice}");
+        // No route changed during the pause; bob#1 came after alice#1.
+        let lena_routes = routes(&trace, "lena");
+        assert!(lena_routes.iter().all(|(tick, ..)| *tick < 100 || *tick >= 250), "{lena_routes:?}");
+        assert_eq!(lena_routes[1].2.as_deref(), Some("bob#1"));
+        assert_eq!(lena_routes[1].3, RouteReason::Finished);
+    }
+
+    #[test]
+    fn a_resume_after_the_hold_or_while_idle_is_a_fresh_decision() {
+        let mut room = Room::new(EngineConfig::default());
+        room.speaker("alice", "a1");
+        room.speaker("bob", "b1");
+        room.listener("lena");
+        room.listener("max");
+        room.talk("a1", 0, 2_000_000);
+        room.talk("b1", 5_000_000, 6_000_000);
+        // lena pauses in alice#1 for longer than a pause holds a position.
+        room.push(1_000_000, Input::Pause { peer: Name::new("lena") });
+        let resume_us = 1_000_000 + MAX_PAUSE_HOLD_US + 10_000;
+        room.push(resume_us, Input::Resume { peer: Name::new("lena") });
+        // max pauses while idle, and bob talks meanwhile: on resume he gets bob#1.
+        room.push(4_000_000, Input::Pause { peer: Name::new("max") });
+        room.push(7_000_000, Input::Resume { peer: Name::new("max") });
+        let trace = room.run_until(resume_us + 100_000);
+        let lena = routes(&trace, "lena");
+        let resume_tick = resume_us / 10_000;
+        // Released: bob#1 is a minute old by then, and nothing else is worth hearing.
+        assert_eq!(lena.last().unwrap(), &route(resume_tick, Some("alice#1"), None, RouteReason::Resumed));
+        let max = routes(&trace, "max");
+        let after_alice: Vec<_> = max.iter().filter(|(tick, ..)| *tick > 400).cloned().collect();
+        assert_eq!(
+            after_alice,
+            vec![
+                route(700, None, Some("bob#1"), RouteReason::Resumed),
+                route(799, Some("bob#1"), None, RouteReason::Finished)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_paused_position_evicted_meanwhile_is_rerouted_at_once_with_its_reason() {
+        let mut room = Room::new(EngineConfig::default());
+        room.speaker("alice", "a1");
+        room.listener("lena");
+        room.talk("a1", 0, 2_000_000);
+        room.push(1_000_000, Input::Pause { peer: Name::new("lena") });
+        // The room's share shrinks to almost nothing: the paused position's utterance goes.
+        room.push(3_000_000, Input::BufferShare { bytes: 2_000 });
+        room.push(4_000_000, Input::Resume { peer: Name::new("lena") });
+        let trace = room.run_until(5_000_000);
+        let lena = routes(&trace, "lena");
+        assert_eq!(lena.last().unwrap(), &route(300, Some("alice#1"), None, RouteReason::Evicted));
+        assert!(room.sent.iter().all(|(at, _)| *at < 1_000_000), "sent after the pause");
     }
 
     #[test]

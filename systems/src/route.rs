@@ -6,6 +6,10 @@
 //! plays by `switch_margin` (hysteresis); otherwise it hears the new one later, from the
 //! buffer. A full decision (finished, skip, evicted, muted, ...) always takes the listener
 //! off what it played. Every change is a `route` event with its reason and score.
+//!
+//! A paused listener takes no new utterance: its position waits for it (an idle one gets
+//! a full decision when it resumes). What the listener asks for itself (a skip, a mute,
+//! new preferences) and eviction still apply; the new route waits for the resume too.
 
 use bevy_ecs::prelude::{Query, Res, ResMut};
 
@@ -50,6 +54,9 @@ pub fn route(
             bug(&mut counters, "a decision names a session that lacks its components");
             continue;
         };
+        if route.paused_since_us.is_some() && decision.kind == DecisionKind::NewUtterance {
+            continue;
+        }
         let current = route.playing.as_ref().map(|p| (p.utterance, p.id.clone(), p.score));
         let reason = match decision.kind {
             DecisionKind::NewUtterance => match (&current, &decision.choice, margin) {

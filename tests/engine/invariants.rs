@@ -6,7 +6,8 @@
 //! - per outgoing stream: one SSRC, sequence numbers up by exactly one per new packet,
 //!   timestamps never backwards;
 //! - a listener never receives its own voice or a speaker it muted;
-//! - an idle listener is routed in the tick an utterance it can hear opens;
+//! - an idle listener is routed in the tick an utterance it can hear opens (unless paused);
+//! - a paused listener is sent nothing new;
 //! - audio goes out at its pace: a time-shifted route never runs ahead of it (by its outgoing
 //!   timestamps against the clock) and gets at most two packets a tick; a live route that
 //!   started at the live edge may catch up, at most `CATCHUP_PACKETS_PER_TICK` more a tick
@@ -36,6 +37,7 @@ struct Checker {
     catchup_bound_us: u64,
     pending: Vec<Input>,
     listening: BTreeSet<String>,
+    paused: BTreeSet<String>,
     mutes: BTreeMap<String, BTreeSet<String>>,
     /// What each listener plays, and whether its route may catch up (live at the live edge).
     playing: BTreeMap<String, (String, bool)>,
@@ -83,6 +85,13 @@ impl ReplayObserver for Checker {
                 Input::Unlisten { peer } | Input::Leave { peer } => {
                     self.listening.remove(peer.as_str());
                     self.playing.remove(peer.as_str());
+                    self.paused.remove(peer.as_str());
+                }
+                Input::Pause { peer } if self.listening.contains(peer.as_str()) => {
+                    self.paused.insert(peer.to_string());
+                }
+                Input::Resume { peer } => {
+                    self.paused.remove(peer.as_str());
                 }
                 Input::Prefs { peer, mute, .. } => {
                     self.mutes.insert(peer.to_string(), mute.iter().map(|m| m.to_string()).collect());
@@ -141,6 +150,7 @@ impl ReplayObserver for Checker {
             }
             for listener in &idle_before {
                 let can_hear = self.listening.contains(listener)
+                    && !self.paused.contains(listener)
                     && listener != speaker
                     && !self.mutes.get(listener).is_some_and(|m| m.contains(speaker));
                 if can_hear {
@@ -165,6 +175,9 @@ impl ReplayObserver for Checker {
             }
             if packet.retransmit {
                 continue;
+            }
+            if self.paused.contains(&listener) {
+                self.fail(tick, format!("{listener} was sent a packet while paused"));
             }
             self.sends += 1;
             if packet.media == MediaKind::Audio {

@@ -76,6 +76,36 @@ fn a_time_shifted_utterance_keeps_its_pace_and_the_stream_stays_continuous() {
 }
 
 #[test]
+fn a_paused_listener_resumes_where_it_paused_on_one_continuous_stream() {
+    let trace = trace_of("16-pause-and-resume");
+    let audio = sends(&trace, "lena", "audio");
+    let tick = |l: &Value| l["tick"].as_u64().unwrap();
+    // Nothing from the pause (2.0 s) to the resume (3.5 s).
+    assert!(audio.iter().all(|l| tick(l) < 200 || tick(l) >= 350));
+    // Every packet of alice#1, once and in order: the position waited.
+    let alice: Vec<u64> =
+        audio.iter().filter(|l| l["utterance"] == "alice#1").map(|l| l["src_seq"].as_u64().unwrap()).collect();
+    assert!(alice.windows(2).all(|w| w[1] == w[0] + 1), "{alice:?}");
+    let max_alice = sends(&trace, "max", "audio").iter().filter(|l| l["utterance"] == "alice#1").count();
+    assert_eq!(alice.len(), max_alice, "lena got as much of alice#1 as max");
+    // One stream: the next sequence number at the resume, marked, the time passed in its timestamp.
+    let seq = |l: &Value| l["seq"].as_u64().unwrap() as u16;
+    assert!(audio.windows(2).all(|w| seq(w[1]) == seq(w[0]).wrapping_add(1)));
+    let resumed = audio.iter().position(|l| tick(l) >= 350).unwrap();
+    let (before, after) = (audio[resumed - 1], audio[resumed]);
+    assert_eq!((tick(after), &after["marker"]), (350, &Value::Bool(true)));
+    let ts = |l: &Value| l["ts"].as_u64().unwrap() as u32;
+    let elapsed_us = after["at_us"].as_u64().unwrap() - before["at_us"].as_u64().unwrap();
+    assert_eq!(u64::from(ts(after).wrapping_sub(ts(before))), elapsed_us * 48 / 1000);
+    // Bob came after Alice, for both.
+    for listener in ["lena", "max"] {
+        let utterances: Vec<&Value> = sends(&trace, listener, "audio").iter().map(|l| &l["utterance"]).collect();
+        let first_bob = utterances.iter().position(|u| *u == "bob#1").expect("bob#1 heard");
+        assert!(utterances[first_bob..].iter().all(|u| *u == "bob#1"), "{listener}");
+    }
+}
+
+#[test]
 fn late_packets_reach_the_time_shifted_listener_in_order_and_duplicates_nobody() {
     let trace = trace_of("10-lost-reordered-duplicated-input");
     let src = |listener: &str| -> Vec<u64> {
