@@ -5,7 +5,8 @@
 //! and prints where it is; `tests/browser/demo.mjs` does the browser part: page A signs in as a
 //! speaker and publishes a speech WAV made with espeak-ng (Chromium's fake audio capture), page B
 //! signs in as a listener; B's `getStats()` must show inbound audio packets with
-//! `totalAudioEnergy > 0`, and B's page must show A's utterance as now playing.
+//! `totalAudioEnergy > 0`, and B's page must show A's utterance as now playing. B pauses for
+//! 1.5 s while A talks and resumes: its browser must count no audio packet lost.
 //!
 //! Run it alone with `cargo test --test tests server::browser -- --nocapture`. Set
 //! `ENCORE_SKIP_BROWSER_TEST=1` to skip it on a machine that cannot install packages (it says so
