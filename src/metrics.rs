@@ -240,7 +240,7 @@ static METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, 
 
 const MEDIA: [MediaKind; 2] = [MediaKind::Audio, MediaKind::Video];
 const ROLES: [&str; 4] = ["admin", "moderator", "speaker", "listener"];
-const ROUTE_REASONS: [RouteReason; 10] = [
+const ROUTE_REASONS: [RouteReason; 11] = [
     RouteReason::NewUtterance,
     RouteReason::Switch,
     RouteReason::StartedListening,
@@ -251,6 +251,7 @@ const ROUTE_REASONS: [RouteReason; 10] = [
     RouteReason::Prefs,
     RouteReason::Feedback,
     RouteReason::StoppedListening,
+    RouteReason::Resumed,
 ];
 
 /// Which way a packet went, seen from the server.
@@ -395,6 +396,7 @@ fn route_reason_str(reason: RouteReason) -> &'static str {
         RouteReason::Prefs => "prefs",
         RouteReason::Feedback => "feedback",
         RouteReason::StoppedListening => "stopped_listening",
+        RouteReason::Resumed => "resumed",
     }
 }
 
@@ -469,7 +471,7 @@ struct Registry {
     utterances_evicted: Counter,
     evicted_bytes: Counter,
     trimmed_packets: Counter,
-    route_changes: [Counter; 10],
+    route_changes: [Counter; 11],
     decisions: Counter,
     decisions_per_tick: Histogram,
     /// [live, time-shifted]

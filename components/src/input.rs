@@ -45,6 +45,10 @@ pub enum Input {
     /// A peer stops listening.
     #[serde(alias = "unsubscribe")]
     Unlisten { peer: Name },
+    /// A listener pauses its personal stream: nothing is sent and its position waits.
+    Pause { peer: Name },
+    /// A listener resumes: its stream continues from where it paused, from the buffer.
+    Resume { peer: Name },
     /// One RTP packet of a published track.
     #[serde(serialize_with = "rtp_line::serialize", deserialize_with = "rtp_line::deserialize")]
     Rtp { track: Name, packet: RtpIn },
@@ -85,6 +89,8 @@ impl Input {
             Input::Unpublish { .. } => "unpublish",
             Input::Listen { .. } => "listen",
             Input::Unlisten { .. } => "unlisten",
+            Input::Pause { .. } => "pause",
+            Input::Resume { .. } => "resume",
             Input::Rtp { .. } => "rtp",
             Input::Prefs { .. } => "prefs",
             Input::Feedback { .. } => "feedback",

@@ -27,6 +27,10 @@ pub struct Cursor {
     /// The buffer's reshape count when the cursor was last moved; while it holds, `next` is
     /// exact and play-out need not look at the packets before it.
     pub reshapes: u32,
+    /// How far this media runs ahead of the route's pace, from a live route's catch-up: its
+    /// packets are due this much earlier than `Playing::start_us` and the origin say. Only
+    /// ever grows within a route, up to `Playing::catchup_us`.
+    pub ahead_us: u64,
 }
 
 /// The utterance a listener plays, and how.
@@ -40,6 +44,9 @@ pub struct Playing {
     /// Engine time at which the packet with media time `origin_media_us` is due.
     pub start_us: u64,
     pub origin_media_us: u64,
+    /// The most this route may run ahead of its pace (the catch-up of a live route that
+    /// started at the live edge, behind it only by the pre-roll); 0 for a paced route.
+    pub catchup_us: u64,
     pub score: i64,
     pub terms: ScoreTerms,
     pub audio: Cursor,
@@ -51,6 +58,9 @@ pub struct Playing {
 #[derive(Component, Clone, Debug, Default)]
 pub struct Route {
     pub playing: Option<Playing>,
+    /// Since when the listener has paused its stream (engine time): play-out sends it
+    /// nothing and its position waits, and it takes no new utterance until it resumes.
+    pub paused_since_us: Option<u64>,
 }
 
 /// A sent packet, remembered to answer NACKs with the same header. Kept small: every

@@ -78,6 +78,9 @@ pub enum RouteReason {
     Feedback,
     /// The listener stopped listening or left.
     StoppedListening,
+    /// The listener resumed after a pause with nothing to continue: it was idle, or its
+    /// pause outlasted the time a pause holds a position.
+    Resumed,
 }
 
 /// The named terms of a score; the score is their sum. The first seven are every policy's

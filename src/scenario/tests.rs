@@ -57,6 +57,8 @@ fn every_kind_round_trips_through_its_line() {
         Input::Feedback { peer: "a".into(), utterance: None, signal: FeedbackSignal::Like },
         Input::Nack { peer: "a".into(), media: MediaKind::Audio, seqs: vec![1, 2] },
         Input::KeyframeRequest { peer: "a".into() },
+        Input::Pause { peer: "a".into() },
+        Input::Resume { peer: "a".into() },
         Input::BufferShare { bytes: 5_000_000 },
         Input::Unlisten { peer: "a".into() },
         Input::Unpublish { track: "a.mic".into() },

@@ -63,6 +63,8 @@ fn apply(world: &mut World, config: &EngineConfig, clock: &EngineClock, at_us: u
         Input::Unpublish { track } => unpublish(world, &track),
         Input::Listen { peer } => listen(world, &config.limits, &peer),
         Input::Unlisten { peer } => unlisten(world, &peer),
+        Input::Pause { peer } => pause(world, clock, &peer),
+        Input::Resume { peer } => resume(world, clock, &peer),
         Input::Prefs { peer, follow, mute } => prefs(world, &peer, follow, mute),
         Input::Feedback { peer, utterance, signal } => feedback(world, config, &peer, utterance, signal),
         Input::Nack { peer, media, seqs } => nack(world, config, &peer, media, seqs),
@@ -309,6 +311,62 @@ fn end_listening(world: &mut World, session: Entity) {
     world.resource_mut::<Directory>().listeners.remove(&listener.key);
     world.resource_mut::<DecisionQueue>().needs.remove(&listener.key);
     world.despawn(session);
+}
+
+/// How long a pause holds a listener's position. A minute: past it the room has moved on
+/// (the recommender's window is two), and a resumed listener is better served by a fresh
+/// choice than by stale speech; meanwhile the held utterance counts as being played, so
+/// eviction takes it only after what nobody plays.
+pub const MAX_PAUSE_HOLD_US: u64 = 60_000_000;
+
+/// A listener pauses: play-out sends it nothing and its position waits (route system: it
+/// takes no new utterance meanwhile). Pausing twice is pausing once.
+fn pause(world: &mut World, clock: &EngineClock, name: &str) {
+    let Some(peer_entity) = peer_entity(world, name) else {
+        return drop_input(world, |d| &mut d.unknown_peer);
+    };
+    let Some((session, _)) = session_of(world, peer_entity) else {
+        return drop_input(world, |d| &mut d.not_listening);
+    };
+    let Some(mut route) = world.get_mut::<Route>(session) else {
+        return world_bug(world, "a session has no Route");
+    };
+    route.paused_since_us.get_or_insert(clock.now_us);
+}
+
+/// A listener resumes: its stream continues from where it paused, the pace moved on by the
+/// time it waited, and the next packet starts a new segment (the timestamp gap of the time
+/// that passed, the next sequence number: no loss to report). An idle listener, or one whose
+/// pause outlasted [`MAX_PAUSE_HOLD_US`], gets a full decision instead (reason `resumed`).
+fn resume(world: &mut World, clock: &EngineClock, name: &str) {
+    let Some(peer_entity) = peer_entity(world, name) else {
+        return drop_input(world, |d| &mut d.unknown_peer);
+    };
+    let Some((session, key)) = session_of(world, peer_entity) else {
+        return drop_input(world, |d| &mut d.not_listening);
+    };
+    let Some(mut route) = world.get_mut::<Route>(session) else {
+        return world_bug(world, "a session has no Route");
+    };
+    let Some(since) = route.paused_since_us.take() else { return };
+    let now = clock.now_us;
+    let released = match route.playing.as_mut() {
+        None => None,
+        Some(playing) if now - since > MAX_PAUSE_HOLD_US => Some(playing.id.clone()),
+        Some(playing) => {
+            // Routed during the pause (a skip, or a reroute after an eviction), the route
+            // waited only since it began.
+            playing.start_us += now - since.max(playing.start_us);
+            // Behind live by the pause now: time-shifted, so paced, with no catch-up left.
+            playing.catchup_us = 0;
+            if let Some(mut streams) = world.get_mut::<OutStreams>(session) {
+                streams.audio.rebase = true;
+                streams.video.rebase = true;
+            }
+            return;
+        }
+    };
+    need_decision(world, key, DecisionNeed { reason: RouteReason::Resumed, from: released });
 }
 
 fn session_of(world: &World, peer_entity: Entity) -> Option<(Entity, PeerKey)> {

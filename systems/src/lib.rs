@@ -91,7 +91,8 @@
 //!    configured policy (`fifo`, `loudest`, `rules`, `learn`).
 //! 7. [`route`]: apply decisions, with hysteresis for busy listeners.
 //! 8. [`learn`]: the learning recommender's model, from how listeners' utterances ended.
-//! 9. [`playout`]: send what is due, paced, with rewritten sequence numbers and timestamps.
+//! 9. [`playout`]: send what is due, paced (a live route first catches up with the live edge,
+//!    within a bound), with rewritten sequence numbers and timestamps.
 //! 10. [`retransmit`]: answer NACKs from the buffer.
 //! 11. [`stats`]: the buffer peak and the once-a-second stats line.
 //!

@@ -1,10 +1,20 @@
 //! System 7, play out: sends each listener the packets that are due, at the pace they came.
 //!
 //! Packet k of the utterance a listener plays is due at `start_us + (media_us_k -
-//! origin_media_us)`, where `media_us` is the packet's RTP timestamp on the engine clock
-//! (anchored at the media's first packet) and `start_us` the tick the route began: the
-//! utterance replays at its original pace, never in a burst, and a live one waits at its
-//! newest packet for the next.
+//! origin_media_us) - ahead_us`, where `media_us` is the packet's RTP timestamp on the engine
+//! clock (anchored at the media's first packet), `start_us` the tick the route began and
+//! `ahead_us` how far the media has caught up: the utterance replays at its original pace,
+//! never in a burst, and a live one waits at its newest packet for the next.
+//!
+//! Live means live: a route that starts at the live edge of an open utterance (routed at its
+//! onset, behind only by the pre-roll and the onset) would stay that far behind for the whole
+//! utterance at the original pace. While its utterance is open it catches up instead: besides
+//! what is due, each tick sends up to [`CATCHUP_PACKETS_PER_TICK`] packets per media ahead of
+//! their time, never more than the route's `catchup_us` ahead in all ([`catchup_bound_us`]),
+//! and every packet sent ahead moves the media's pace forward by as much, so what follows keeps
+//! the original spacing from there. Once at the newest packet, each new one goes out in the
+//! tick it arrives. Nothing is dropped: the pre-roll is all sent, only sooner. A route that
+//! starts further behind (time-shifted, or a busy listener's late switch) stays paced.
 //!
 //! Each listener has one outgoing stream per media with a stable SSRC. Sequence numbers
 //! advance by exactly one per packet sent. At a switch (or a cut-over) the new source's
@@ -14,6 +24,7 @@
 
 use bevy_ecs::prelude::{Query, Res, ResMut};
 
+use encore_components::config::EngineConfig;
 use encore_components::ids::MediaKind;
 use encore_components::listener::{Cursor, ListenerSession, OutStream, OutStreams, Playing, Route, SentRecord};
 use encore_components::output::RouteReason;
@@ -26,6 +37,27 @@ use crate::shared::bug;
 
 /// Smallest timestamp step at a switch: one 20 ms frame.
 pub const MIN_SWITCH_STEP_US: u64 = 20_000;
+
+/// Packets per media a catching-up route may send ahead of their time in one tick (on top of
+/// the ones due). At onset a live route is behind by the pre-roll and the onset, 13 20 ms
+/// packets with the defaults (about 2 KB): twelve ahead and the one due send them all in the
+/// onset tick, so the first voiced packet leaves in the tick its onset is detected (the 40 ms
+/// of onset detection are then the whole delay the engine adds; the goal is 60 ms).
+/// Any more would only matter for a longer configured pre-roll, which then spreads over ticks
+/// (up to 2 s, 100 packets: nine ticks) instead of going out as one burst.
+pub const CATCHUP_PACKETS_PER_TICK: usize = 12;
+
+/// What a live route may be behind at its start beyond the pre-roll and the onset, and still
+/// catch up: the tick in which it was routed and the publisher's arrival jitter.
+pub const CATCHUP_SLACK_US: u64 = 100_000;
+
+/// The most a live route may run ahead of its pace, and the most it may be behind its
+/// utterance's first packet at its start to catch up at all: the pre-roll, the onset and
+/// [`CATCHUP_SLACK_US`] (340 ms with the defaults). A route further behind is time-shifted
+/// and stays paced.
+pub fn catchup_bound_us(config: &EngineConfig) -> u64 {
+    (config.preroll_ms + config.vad.onset_ms) * 1000 + CATCHUP_SLACK_US
+}
 
 /// True when the listener has sent every packet of a closed utterance (video counts as done
 /// while it waits for a key frame that will not come).
@@ -107,7 +139,7 @@ pub fn rewrite(
 #[allow(clippy::too_many_arguments)]
 pub fn play_out(
     clock: Res<EngineClock>,
-    config: Res<encore_components::config::EngineConfig>,
+    config: Res<EngineConfig>,
     directory: Res<Directory>,
     mut outputs: ResMut<Outputs>,
     mut counters: ResMut<Counters>,
@@ -125,6 +157,10 @@ pub fn play_out(
             bug(&mut counters, "a session in the directory lacks its components");
             continue;
         };
+        if route.paused_since_us.is_some() {
+            // Paused: the position waits (the resume moves the pace on by the pause).
+            continue;
+        }
         let Some(playing) = route.playing.as_mut() else { continue };
         let Ok((utterance, buffer)) = utterances.get(playing.utterance) else {
             bug(&mut counters, "a listener plays an utterance that is gone");
@@ -139,10 +175,12 @@ pub fn play_out(
                 MediaKind::Audio => playing.audio,
                 MediaKind::Video => playing.video,
             };
+            // A live route may still catch up: it sends what it has, not only what is due.
+            let catching_up = utterance.is_open() && cursor.ahead_us < playing.catchup_us;
             if cursor.reshapes == buffer.reshapes {
                 // Early, or caught up with a live utterance that got nothing new: the
                 // listener costs nothing this tick.
-                let early = cursor.next_due_us.is_some_and(|due| due > now);
+                let early = cursor.next_due_us.is_some_and(|due| due > now) && !catching_up;
                 let caught_up = cursor.last_ext_seq.is_some() && cursor.next == packets.len();
                 if early || caught_up {
                     continue;
@@ -151,11 +189,23 @@ pub fn play_out(
             let mut index = if cursor.reshapes == buffer.reshapes { cursor.next } else { resume(packets, &cursor) };
             let mut last = cursor.last_ext_seq;
             let mut next_due_us = None;
+            let mut ahead_us = cursor.ahead_us;
+            let mut sent_ahead = 0;
             while let Some(packet) = packets.get(index) {
-                let due = (playing.start_us + packet.media_us).saturating_sub(playing.origin_media_us);
+                let paced = (playing.start_us + packet.media_us).saturating_sub(playing.origin_media_us);
+                let due = paced.saturating_sub(ahead_us);
                 if due > now {
-                    next_due_us = Some(due);
-                    break;
+                    // Ahead of its time: only a live route catching up sends it, within
+                    // both bounds, and its pace moves forward by as much.
+                    let early_by = paced - now;
+                    let may =
+                        utterance.is_open() && sent_ahead < CATCHUP_PACKETS_PER_TICK && early_by <= playing.catchup_us;
+                    if !may {
+                        next_due_us = Some(due);
+                        break;
+                    }
+                    sent_ahead += 1;
+                    ahead_us = ahead_us.max(early_by);
                 }
                 index += 1;
                 last = Some(packet.ext_seq);
@@ -184,7 +234,7 @@ pub fn play_out(
                 });
                 counters.sent += 1;
             }
-            let cursor = Cursor { next: index, last_ext_seq: last, next_due_us, reshapes: buffer.reshapes };
+            let cursor = Cursor { next: index, last_ext_seq: last, next_due_us, reshapes: buffer.reshapes, ahead_us };
             match media {
                 MediaKind::Audio => playing.audio = cursor,
                 MediaKind::Video => playing.video = cursor,
@@ -201,9 +251,14 @@ pub fn play_out(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
-    use crate::testkit::Room;
+    use crate::ingest::MAX_PAUSE_HOLD_US;
+    use crate::testkit::{Room, route, routes, starts};
     use encore_components::config::EngineConfig;
+    use encore_components::ids::Name;
+    use encore_components::input::Input;
 
     #[test]
     fn a_buffered_utterance_goes_out_at_its_original_pace() {
@@ -224,6 +279,66 @@ mod tests {
     }
 
     #[test]
+    fn an_idle_listener_routed_at_onset_catches_up_to_the_live_edge_within_the_bound() {
+        let mut room = Room::new(EngineConfig::default());
+        room.speaker("alice", "a1");
+        room.listener("lena");
+        // 200 ms of silence to fill the pre-roll, then speech from 1.0 s: onset at 1.04 s.
+        room.silence("a1", 0, 1_000_000);
+        room.talk("a1", 1_000_000, 3_000_000);
+        let trace = room.run_until(3_500_000);
+        let onset_us = starts(&trace)[0].0 * 10_000;
+        assert_eq!(onset_us, 1_040_000);
+        let audio: Vec<(u64, &SendPacket)> =
+            room.sent.iter().filter(|(_, p)| p.media == MediaKind::Audio).map(|(at, p)| (*at, p)).collect();
+        // The packet's arrival, from its source timestamp (the testkit sends ts = at * 48 kHz).
+        let first_ts = audio[0].1.ts;
+        let arrived_us = |p: &SendPacket| 800_000 + u64::from(p.ts.wrapping_sub(first_ts)) * 1000 / 48;
+        // Nothing is dropped: the whole pre-roll (800-1000 ms) goes out, first, in the onset tick.
+        assert_eq!(audio[0].0, onset_us);
+        assert_eq!(audio.iter().filter(|(_, p)| arrived_us(p) < 1_000_000).count(), 10);
+        assert_eq!(audio.len(), 110, "every packet from 0.8 s to 3.0 s");
+        // One continuous stream: seq + 1 and one 20 ms frame per packet, a catch-up or not.
+        for pair in audio.windows(2) {
+            assert_eq!(pair[1].1.seq, pair[0].1.seq.wrapping_add(1));
+            assert_eq!(pair[1].1.ts.wrapping_sub(pair[0].1.ts), 960);
+        }
+        // Never more than the bound ahead per tick, plus the one due.
+        let mut per_tick = BTreeMap::new();
+        for (at, _) in &audio {
+            *per_tick.entry(*at).or_insert(0usize) += 1;
+        }
+        assert!(per_tick.values().all(|n| *n <= CATCHUP_PACKETS_PER_TICK + 1), "{per_tick:?}");
+        assert!(per_tick.values().any(|n| *n > 2), "no catch-up: {per_tick:?}");
+        // The live edge in the onset tick (the next packet arrives two ticks later); from then
+        // on every packet goes out in the tick it arrives.
+        let live_from = audio.iter().position(|(at, p)| *at == arrived_us(p)).unwrap();
+        assert!(audio[live_from].0 <= onset_us + 20_000, "live from {}", audio[live_from].0);
+        assert!(audio[live_from..].iter().all(|(at, p)| *at == arrived_us(p)));
+        // The first voiced packet (sent at 1.0 s) leaves in the onset tick: all 13 there are do.
+        let first_voiced = audio.iter().find(|(_, p)| arrived_us(p) == 1_000_000).unwrap();
+        assert_eq!(first_voiced.0, onset_us);
+        assert_eq!(per_tick[&onset_us], 13);
+    }
+
+    #[test]
+    fn a_late_route_to_a_live_utterance_stays_paced() {
+        let mut room = Room::new(EngineConfig::default());
+        room.speaker("alice", "a1");
+        room.speaker("bob", "b1");
+        room.listener("lena");
+        // lena is busy with alice when bob starts; she hears bob from 1.5 s, 1 s behind him,
+        // while he still talks: time-shifted, at his pace, no catch-up.
+        room.talk("a1", 0, 1_500_000);
+        room.talk("b1", 500_000, 3_000_000);
+        room.run_until(5_000_000);
+        let bob_ord = room.engine.utterance_ord(&"bob#1".parse().unwrap()).unwrap();
+        let bob: Vec<u64> = room.sent.iter().filter(|(_, p)| p.utterance == bob_ord).map(|(at, _)| *at).collect();
+        assert!(bob.len() > 100);
+        assert!(bob.windows(2).all(|w| w[1] >= w[0] + 20_000), "a burst: {bob:?}");
+    }
+
+    #[test]
     fn sequence_numbers_are_continuous_and_a_switch_leaves_a_timestamp_gap_of_the_time_passed() {
         let mut room = Room::new(EngineConfig::default());
         room.speaker("alice", "a1");
@@ -240,6 +355,97 @@ mod tests {
         let ts_gap = gap[1].1.ts.wrapping_sub(gap[0].1.ts) as u64;
         assert_eq!(ts_gap, elapsed_us * 48 / 1000, "{gap:?}");
         assert!(gap[1].1.marker);
+    }
+
+    #[test]
+    fn a_paused_listener_continues_from_where_it_paused_with_no_gap_in_its_stream() {
+        let mut room = Room::new(EngineConfig::default());
+        room.speaker("alice", "a1");
+        room.speaker("bob", "b1");
+        room.listener("lena");
+        room.talk("a1", 0, 3_000_000);
+        // bob talks while lena is paused: she takes him only after alice, from the buffer.
+        room.talk("b1", 1_500_000, 2_000_000);
+        let lena = || Name::new("lena");
+        room.push(1_000_000, Input::Pause { peer: lena() });
+        room.push(2_500_000, Input::Resume { peer: lena() });
+        let trace = room.run_until(8_000_000);
+        let alice_ord = room.engine.utterance_ord(&"alice#1".parse().unwrap()).unwrap();
+        let alice_packets = room.buffer_of("alice#1").audio.packets.len();
+        let audio: Vec<(u64, &SendPacket)> =
+            room.sent.iter().filter(|(_, p)| p.media == MediaKind::Audio).map(|(at, p)| (*at, p)).collect();
+        // Nothing while paused.
+        assert!(audio.iter().all(|(at, _)| *at < 1_000_000 || *at >= 2_500_000));
+        // Every packet of alice's utterance, each once and in order: the position waited.
+        let alice: Vec<u16> = audio.iter().filter(|(_, p)| p.utterance == alice_ord).map(|(_, p)| p.src_seq).collect();
+        assert_eq!(alice.len(), alice_packets);
+        assert!(alice.windows(2).all(|w| w[1] == w[0].wrapping_add(1)), "{alice:?}");
+        // One stream: the next sequence number after the pause, and a timestamp gap of the
+        // time that passed, marked, like a switch.
+        for pair in audio.windows(2) {
+            assert_eq!(pair[1].1.seq, pair[0].1.seq.wrapping_add(1));
+        }
+        let resumed = audio.iter().position(|(at, _)| *at >= 2_500_000).unwrap();
+        let (before, after) = (audio[resumed - 1], audio[resumed]);
+        assert_eq!(after.0, 2_500_000, "the resume tick sends");
+        assert!(after.1.marker);
+        assert_eq!(u64::from(after.1.ts.wrapping_sub(before.1.ts)), (after.0 - before.0) * 48 / 1000);
+        // The rest at the original pace: alice's last packet 1.5 s (the pause) after it would have gone.
+        let last_alice = audio.iter().rfind(|(_, p)| p.utterance == alice_ord).unwrap().0;
+        assert!((4_400_000..=4_600_000).contains(&last_alice), "{last_alice}");
+        // No route changed during the pause; bob#1 came after alice#1.
+        let lena_routes = routes(&trace, "lena");
+        assert!(lena_routes.iter().all(|(tick, ..)| *tick < 100 || *tick >= 250), "{lena_routes:?}");
+        assert_eq!(lena_routes[1].2.as_deref(), Some("bob#1"));
+        assert_eq!(lena_routes[1].3, RouteReason::Finished);
+    }
+
+    #[test]
+    fn a_resume_after_the_hold_or_while_idle_is_a_fresh_decision() {
+        let mut room = Room::new(EngineConfig::default());
+        room.speaker("alice", "a1");
+        room.speaker("bob", "b1");
+        room.listener("lena");
+        room.listener("max");
+        room.talk("a1", 0, 2_000_000);
+        room.talk("b1", 5_000_000, 6_000_000);
+        // lena pauses in alice#1 for longer than a pause holds a position.
+        room.push(1_000_000, Input::Pause { peer: Name::new("lena") });
+        let resume_us = 1_000_000 + MAX_PAUSE_HOLD_US + 10_000;
+        room.push(resume_us, Input::Resume { peer: Name::new("lena") });
+        // max pauses while idle, and bob talks meanwhile: on resume he gets bob#1.
+        room.push(4_000_000, Input::Pause { peer: Name::new("max") });
+        room.push(7_000_000, Input::Resume { peer: Name::new("max") });
+        let trace = room.run_until(resume_us + 100_000);
+        let lena = routes(&trace, "lena");
+        let resume_tick = resume_us / 10_000;
+        // Released: bob#1 is a minute old by then, and nothing else is worth hearing.
+        assert_eq!(lena.last().unwrap(), &route(resume_tick, Some("alice#1"), None, RouteReason::Resumed));
+        let max = routes(&trace, "max");
+        let after_alice: Vec<_> = max.iter().filter(|(tick, ..)| *tick > 400).cloned().collect();
+        assert_eq!(
+            after_alice,
+            vec![
+                route(700, None, Some("bob#1"), RouteReason::Resumed),
+                route(799, Some("bob#1"), None, RouteReason::Finished)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_paused_position_evicted_meanwhile_is_rerouted_at_once_with_its_reason() {
+        let mut room = Room::new(EngineConfig::default());
+        room.speaker("alice", "a1");
+        room.listener("lena");
+        room.talk("a1", 0, 2_000_000);
+        room.push(1_000_000, Input::Pause { peer: Name::new("lena") });
+        // The room's share shrinks to almost nothing: the paused position's utterance goes.
+        room.push(3_000_000, Input::BufferShare { bytes: 2_000 });
+        room.push(4_000_000, Input::Resume { peer: Name::new("lena") });
+        let trace = room.run_until(5_000_000);
+        let lena = routes(&trace, "lena");
+        assert_eq!(lena.last().unwrap(), &route(300, Some("alice#1"), None, RouteReason::Evicted));
+        assert!(room.sent.iter().all(|(at, _)| *at < 1_000_000), "sent after the pause");
     }
 
     #[test]
@@ -319,6 +525,7 @@ mod rewrite_table {
                 speaker_name: Name::new("s"),
                 start_us: 0,
                 origin_media_us: 0,
+                catchup_us: 0,
                 score: 0,
                 terms: Default::default(),
                 audio: Default::default(),

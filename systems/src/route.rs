@@ -6,6 +6,10 @@
 //! plays by `switch_margin` (hysteresis); otherwise it hears the new one later, from the
 //! buffer. A full decision (finished, skip, evicted, muted, ...) always takes the listener
 //! off what it played. Every change is a `route` event with its reason and score.
+//!
+//! A paused listener takes no new utterance: its position waits for it (an idle one gets
+//! a full decision when it resumes). What the listener asks for itself (a skip, a mute,
+//! new preferences) and eviction still apply; the new route waits for the resume too.
 
 use bevy_ecs::prelude::{Query, Res, ResMut};
 
@@ -17,6 +21,7 @@ use encore_components::resources::{
 };
 use encore_components::utterance::{Audience, PacketBuffer, Utterance};
 
+use crate::playout::catchup_bound_us;
 use crate::recommend::switch_margin;
 use crate::shared::bug;
 
@@ -43,11 +48,15 @@ pub fn route(
 ) {
     decisions.last_tick = decisions.list.len() as u64;
     let margin = switch_margin(&config.recommender);
+    let catchup_bound = catchup_bound_us(&config);
     for decision in decisions.list.drain(..) {
         let Ok((listener, mut route, mut streams, mut history)) = sessions.get_mut(decision.session) else {
             bug(&mut counters, "a decision names a session that lacks its components");
             continue;
         };
+        if route.paused_since_us.is_some() && decision.kind == DecisionKind::NewUtterance {
+            continue;
+        }
         let current = route.playing.as_ref().map(|p| (p.utterance, p.id.clone(), p.score));
         let reason = match decision.kind {
             DecisionKind::NewUtterance => match (&current, &decision.choice, margin) {
@@ -105,8 +114,12 @@ pub fn route(
                 verdict: Verdict::Started,
                 heard_us: 0,
             });
-            lag_us = Some(clock.now_us.saturating_sub(utterance.started_us));
+            let lag = clock.now_us.saturating_sub(utterance.started_us);
+            lag_us = Some(lag);
             live = utterance.is_open();
+            // Live means live: a route at the live edge (behind only by the pre-roll) catches
+            // up; one that starts further behind is time-shifted and keeps the original pace.
+            let catchup_us = if live && lag <= catchup_bound { catchup_bound } else { 0 };
             route.playing = Some(Playing {
                 utterance: choice.utterance,
                 id: choice.id.clone(),
@@ -115,6 +128,7 @@ pub fn route(
                 speaker_name: utterance.speaker_name.clone(),
                 start_us: clock.now_us,
                 origin_media_us,
+                catchup_us,
                 score: choice.score,
                 terms: choice.terms,
                 audio: Cursor::default(),

@@ -30,11 +30,31 @@ fn an_idle_listener_gets_the_first_preroll_packet_in_the_onset_tick() {
     let audio = sends(&trace, "lena", "audio");
     assert_eq!(audio[0]["tick"], start["tick"]);
     assert_eq!(audio[0]["marker"], true);
-    // The pre-roll: packets from 200 ms before the first voiced one (at 1.0 s) come first,
-    // one per 20 ms, paced.
+    // The pre-roll: packets from 200 ms before the first voiced one (at 1.0 s) come first, all
+    // of them, ahead of pace (the live route catches up, a bounded number a tick); then each
+    // packet goes out in the tick it arrives, one per 20 ms.
     assert_eq!(start["started_us"], 800_000);
-    let ticks: Vec<u64> = audio.iter().take(20).map(|l| l["tick"].as_u64().unwrap()).collect();
-    assert!(ticks.windows(2).all(|w| w[1] == w[0] + 2), "{ticks:?}");
+    let onset = start["tick"].as_u64().unwrap();
+    let ticks: Vec<u64> = audio.iter().map(|l| l["tick"].as_u64().unwrap()).collect();
+    let mut per_tick = std::collections::BTreeMap::new();
+    for tick in &ticks {
+        *per_tick.entry(*tick).or_insert(0usize) += 1;
+    }
+    let bound = encore_systems::playout::CATCHUP_PACKETS_PER_TICK + 1;
+    assert!(per_tick.values().all(|n| *n <= bound), "{per_tick:?}");
+    // The 10 pre-roll and 3 voiced packets (1.00-1.04 s) there are at the onset all go out in
+    // the onset tick.
+    assert_eq!(onset, 104);
+    assert_eq!(per_tick[&onset], 13, "{per_tick:?}");
+    let live: Vec<u64> = ticks[13..].to_vec();
+    assert_eq!(live[0], 106, "the packet of 1.06 s in its own tick");
+    assert!(live.windows(2).all(|w| w[1] == w[0] + 2), "{live:?}");
+    // Continuous: one 20 ms frame and one sequence number per packet, catch-up or not.
+    for pair in audio.windows(2) {
+        let at = |l: &Value, field: &str| l[field].as_u64().unwrap() as u32;
+        assert_eq!(at(pair[1], "seq") as u16, (at(pair[0], "seq") as u16).wrapping_add(1));
+        assert_eq!(at(pair[1], "ts").wrapping_sub(at(pair[0], "ts")), 960);
+    }
 }
 
 #[test]
@@ -53,6 +73,36 @@ fn a_time_shifted_utterance_keeps_its_pace_and_the_stream_stays_continuous() {
     let ts_gap = (switch[1]["ts"].as_u64().unwrap() as u32).wrapping_sub(switch[0]["ts"].as_u64().unwrap() as u32);
     assert_eq!(ts_gap as u64, elapsed_us * 48_000 / 1_000_000);
     assert_eq!(switch[1]["marker"], true);
+}
+
+#[test]
+fn a_paused_listener_resumes_where_it_paused_on_one_continuous_stream() {
+    let trace = trace_of("16-pause-and-resume");
+    let audio = sends(&trace, "lena", "audio");
+    let tick = |l: &Value| l["tick"].as_u64().unwrap();
+    // Nothing from the pause (2.0 s) to the resume (3.5 s).
+    assert!(audio.iter().all(|l| tick(l) < 200 || tick(l) >= 350));
+    // Every packet of alice#1, once and in order: the position waited.
+    let alice: Vec<u64> =
+        audio.iter().filter(|l| l["utterance"] == "alice#1").map(|l| l["src_seq"].as_u64().unwrap()).collect();
+    assert!(alice.windows(2).all(|w| w[1] == w[0] + 1), "{alice:?}");
+    let max_alice = sends(&trace, "max", "audio").iter().filter(|l| l["utterance"] == "alice#1").count();
+    assert_eq!(alice.len(), max_alice, "lena got as much of alice#1 as max");
+    // One stream: the next sequence number at the resume, marked, the time passed in its timestamp.
+    let seq = |l: &Value| l["seq"].as_u64().unwrap() as u16;
+    assert!(audio.windows(2).all(|w| seq(w[1]) == seq(w[0]).wrapping_add(1)));
+    let resumed = audio.iter().position(|l| tick(l) >= 350).unwrap();
+    let (before, after) = (audio[resumed - 1], audio[resumed]);
+    assert_eq!((tick(after), &after["marker"]), (350, &Value::Bool(true)));
+    let ts = |l: &Value| l["ts"].as_u64().unwrap() as u32;
+    let elapsed_us = after["at_us"].as_u64().unwrap() - before["at_us"].as_u64().unwrap();
+    assert_eq!(u64::from(ts(after).wrapping_sub(ts(before))), elapsed_us * 48 / 1000);
+    // Bob came after Alice, for both.
+    for listener in ["lena", "max"] {
+        let utterances: Vec<&Value> = sends(&trace, listener, "audio").iter().map(|l| &l["utterance"]).collect();
+        let first_bob = utterances.iter().position(|u| *u == "bob#1").expect("bob#1 heard");
+        assert!(utterances[first_bob..].iter().all(|u| *u == "bob#1"), "{listener}");
+    }
 }
 
 #[test]

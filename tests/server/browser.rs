@@ -5,7 +5,8 @@
 //! and prints where it is; `tests/browser/demo.mjs` does the browser part: page A signs in as a
 //! speaker and publishes a speech WAV made with espeak-ng (Chromium's fake audio capture), page B
 //! signs in as a listener; B's `getStats()` must show inbound audio packets with
-//! `totalAudioEnergy > 0`, and B's page must show A's utterance as now playing. Then B (a
+//! `totalAudioEnergy > 0`, and B's page must show A's utterance as now playing. B pauses for
+//! 1.5 s while A talks and resumes: its browser must count no audio packet lost. Then B (a
 //! moderator) mutes A and lifts it again from its page; then the script asks this harness to
 //! restart the server (`ACTION restart-server` on its output: the process is killed and started
 //! again on the same port and data folder, and the file named by `ENCORE_RESTART_ACK` is written

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::Value;
 
-use encore::protocol::{Done, Notice, Request};
+use encore::protocol::{Done, Notice, Request, Side};
 use encore_systems::rtp::{FIRST_SEQ_CYCLE, unwrap_seq};
 
 use encore::client::{Listener, Publisher, Received, Signaling};
@@ -27,18 +27,25 @@ fn payload(speaker: u8, n: u32) -> Bytes {
     Bytes::from(bytes)
 }
 
+/// What a speaker sent: when each voiced stretch began (third voiced packet: the onset the
+/// server detects after 40 ms), and when each packet went, by its counter, with its voicing.
+#[derive(Default)]
+struct Spoken {
+    onsets: Vec<Instant>,
+    sent: BTreeMap<u32, (Instant, bool)>,
+}
+
 /// Talks: from `talk.0` to `talk.1` (seconds since `start`) at level 30, silence at 100
-/// otherwise, until `end`. Returns when each voiced stretch began (third voiced packet: the
-/// onset the server detects after 40 ms).
+/// otherwise, until `end`.
 async fn speak(
     mut publisher: Publisher,
     speaker: u8,
     start: Instant,
     talks: Vec<(f64, f64)>,
     end: f64,
-) -> (Publisher, Vec<Instant>) {
+) -> (Publisher, Spoken) {
     let mut interval = tokio::time::interval(Duration::from_millis(20));
-    let mut onsets = Vec::new();
+    let mut spoken = Spoken::default();
     let mut n = 0u32;
     let mut voiced_run = 0;
     loop {
@@ -51,13 +58,19 @@ async fn speak(
         let voiced = talks.iter().any(|(from, to)| t >= *from && t < *to);
         voiced_run = if voiced { voiced_run + 1 } else { 0 };
         if voiced_run == 3 {
-            onsets.push(Instant::now());
+            spoken.onsets.push(Instant::now());
         }
         let level = if voiced { 30 } else { 100 };
         n += 1;
+        spoken.sent.insert(n, (Instant::now(), voiced));
         publisher.send_audio(elapsed, payload(speaker, n), level, voiced).await.expect("sending audio");
     }
-    (publisher, onsets)
+    (publisher, spoken)
+}
+
+/// A received packet's counter (see [`payload`]).
+fn counter(packet: &Received) -> u32 {
+    u32::from_be_bytes(packet.payload[1..5].try_into().expect("a 5-byte prefix"))
 }
 
 async fn collect(mut listener: Listener, until: Instant) -> (Listener, Vec<Received>) {
@@ -179,10 +192,10 @@ async fn three_speakers_six_listeners_live_time_shifted_continuous_and_muted() {
             (uid, client, listener, packets, notes)
         }));
     }
-    let mut onsets = BTreeMap::new();
+    let mut spoken = BTreeMap::new();
     for talker in talkers {
         let (publisher, times) = talker.await.unwrap();
-        onsets.insert(onsets.len() as u8 + 1, times);
+        spoken.insert(spoken.len() as u8 + 1, times);
         publisher.close().await;
     }
     let mut heard = BTreeMap::new();
@@ -203,12 +216,33 @@ async fn three_speakers_six_listeners_live_time_shifted_continuous_and_muted() {
     // Idle at sam's onset, lea gets his first packet right away: the server routes her in the
     // onset tick (checked exactly on the recorded trace below); on the wire it is a few ticks
     // plus scheduling on a busy machine, bounded loosely here and printed.
-    let sam_onset = onsets[&1][0];
+    let sam_onset = spoken[&1].onsets[0];
     let lea = &heard["lea"].0;
     let first_sam = lea.iter().find(|p| p.payload[0] == 1).expect("lea heard sam");
     let delay = first_sam.at.saturating_duration_since(sam_onset);
     println!("lea: first packet of sam's utterance {delay:?} after sam's onset packet was sent");
     assert!(delay < Duration::from_millis(250), "{delay:?}");
+    // How far behind the speaker lea hears him: per packet of sam#1, from its sending to its
+    // arrival. The first voiced packet is the speaker's first speech sample; the median is
+    // where she sits for the utterance (the live edge once the pre-roll has caught up).
+    let sam_sent = &spoken[&1].sent;
+    let mut first_speech = None;
+    let mut behind: Vec<Duration> = Vec::new();
+    for packet in lea.iter().filter(|p| p.media == MediaKind::Audio && p.payload[0] == 1) {
+        let Some((sent, voiced)) = sam_sent.get(&counter(packet)) else { continue };
+        if *voiced {
+            let late = packet.at.saturating_duration_since(*sent);
+            first_speech.get_or_insert(late);
+            behind.push(late);
+        }
+    }
+    behind.sort();
+    let median = behind.get(behind.len() / 2).copied().unwrap_or_default();
+    println!(
+        "lea: sam's first speech {:?} after he sent it; his voiced packets {median:?} late at the median ({} heard)",
+        first_speech.unwrap_or_default(),
+        behind.len()
+    );
 
     // Busy with sam when sue spoke, lea hears sue afterwards, from the buffer.
     let last_sam = lea.iter().filter(|p| p.payload[0] == 1).map(|p| p.at).max().unwrap();
@@ -285,5 +319,60 @@ async fn three_speakers_six_listeners_live_time_shifted_continuous_and_muted() {
         replayed.starts_with(&live),
         "replay diverged from the live room at line {}",
         live.lines().zip(replayed.lines()).position(|(a, b)| a != b).unwrap_or(0) + 1
+    );
+}
+
+/// Pause means pause: a listener that pauses mid-utterance gets nothing while paused, and on
+/// resume hears what was said meanwhile, from the buffer, on one stream with no sequence
+/// number missing (what a browser would count as lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_listener_resumes_where_it_paused_with_no_gap_in_its_stream() {
+    // `rules` accepts every utterance (see the test above).
+    let server = start_server("pause", |c| c.engine.recommender.policy = encore::components::Policy::Rules, None).await;
+    let sam = server.client("sam", "speaker").await;
+    sam.join("pause", "sam").await.expect("join");
+    let lea = server.client("lea", "listener").await;
+    lea.join("pause", "lea").await.expect("join");
+    let publisher = Publisher::start(&sam, false, 1).await.expect("publish");
+    let listener = Listener::start(&lea, false).await.expect("consume");
+
+    // sam talks 1.0-4.0 s; lea pauses from 2.0 s to 3.0 s.
+    let start = Instant::now();
+    let until = start + Duration::from_secs(8);
+    let talker = tokio::spawn(speak(publisher, 1, start, vec![(1.0, 4.0)], 6.0));
+    let collector = tokio::spawn(collect(listener, until));
+    tokio::time::sleep_until((start + Duration::from_secs(2)).into()).await;
+    lea.request::<Done>(Request::Pause { transport: Side::Recv }).await.expect("pause");
+    let paused = Instant::now();
+    tokio::time::sleep_until((start + Duration::from_secs(3)).into()).await;
+    let resuming = Instant::now();
+    lea.request::<Done>(Request::Resume { transport: Side::Recv }).await.expect("resume");
+    let (publisher, spoken) = talker.await.unwrap();
+    publisher.close().await;
+    let (listener, packets) = collector.await.unwrap();
+    listener.close().await;
+
+    assert_continuous("lea", &packets);
+    let heard: Vec<&Received> = packets.iter().filter(|p| p.media == MediaKind::Audio && p.payload[0] == 1).collect();
+    // Nothing while paused (a tick and the loopback's way for what was already on it).
+    let in_pause: Vec<_> =
+        heard.iter().filter(|p| p.at > paused + Duration::from_millis(50) && p.at < resuming).collect();
+    assert!(in_pause.is_empty(), "{} packets came during the pause", in_pause.len());
+    // Every voiced packet sam sent came, in order, those of the pause after it.
+    let counters: Vec<u32> = heard.iter().map(|p| counter(p)).collect();
+    assert!(counters.windows(2).all(|w| w[1] > w[0]), "out of order: {counters:?}");
+    let voiced: Vec<u32> = spoken.sent.iter().filter(|(_, (_, v))| *v).map(|(n, _)| *n).collect();
+    let missing: Vec<&u32> = voiced.iter().filter(|n| !counters.contains(n)).collect();
+    assert!(missing.is_empty(), "voiced packets never heard: {missing:?}");
+    let said_in_pause = spoken.sent.iter().filter(|(_, (at, v))| *v && *at > paused && *at < resuming).count();
+    assert!(said_in_pause > 30, "only {said_in_pause} voiced packets sent during the pause");
+    let resumed_first = heard.iter().find(|p| p.at >= resuming).expect("heard after the resume");
+    let (sent_at, _) = spoken.sent[&counter(resumed_first)];
+    assert!(sent_at < paused + Duration::from_millis(100), "the resume skipped ahead: first packet sent {sent_at:?}");
+    println!(
+        "lea: paused {:?}, resumed {:?} after; {} voiced packets heard, none missing",
+        paused - start,
+        resuming - paused,
+        voiced.len()
     );
 }

@@ -37,6 +37,8 @@ const MAX_COMMANDS_PER_TICK: usize = 20_000;
 struct RecvLeg {
     conn: ConnKey,
     connected: bool,
+    /// Paused by its client: the engine holds the listener's position (told at once when
+    /// connected, or with the `listen` input when it connects).
     paused: bool,
 }
 
@@ -467,8 +469,16 @@ impl Room {
                         }
                     },
                     (Some(slot), Side::Recv) if slot.recv.is_some() => {
+                        // The engine pauses the listener's stream: its position waits and
+                        // nothing is sent, so no sequence number goes missing on the wire.
+                        let mut tell = false;
                         if let Some(leg) = slot.recv.as_mut() {
+                            tell = leg.connected && leg.paused != paused;
                             leg.paused = paused;
+                        }
+                        if tell {
+                            let input = if paused { Input::Pause { peer } } else { Input::Resume { peer } };
+                            self.push(Instant::now(), input);
                         }
                         Ok(())
                     }
@@ -632,8 +642,12 @@ impl Room {
                     && leg.conn == conn
                 {
                     leg.connected = true;
+                    let paused = leg.paused;
                     self.recv_by_key.clear();
                     self.push(Instant::now(), Input::Listen { peer: peer.clone() });
+                    if paused {
+                        self.push(Instant::now(), Input::Pause { peer: peer.clone() });
+                    }
                     tracing::info!(room = %self.id, %peer, "listening started");
                 }
             }
@@ -957,10 +971,6 @@ impl Room {
             self.recv_by_key.insert(key, found);
         }
         let Some(Some((conn, peer))) = self.recv_by_key.get(&key) else { return };
-        let paused = self.peers.get(peer.as_str()).and_then(|s| s.recv.as_ref()).is_none_or(|leg| leg.paused);
-        if paused {
-            return;
-        }
         let Some(payload) = packet.payload else { return };
         if let Some(slot) = self.peers.get_mut(peer.as_str())
             && let Some(since) = slot.waiting_since.take()
