@@ -1306,6 +1306,7 @@ const REASONS = {
   prefs: 'you changed whom you follow or do not hear',
   feedback: 'you gave feedback',
   stopped_listening: 'you stopped listening',
+  resumed: 'you resumed after a long pause',
 };
 
 function reasonInWords(reason) {
