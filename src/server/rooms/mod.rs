@@ -203,12 +203,35 @@ pub enum RoomCommand {
     Close,
 }
 
+/// The sending end of a room's command queue. Every command also raises its worker's flag:
+/// a worker with many sleeping rooms looks at them all only when a command came, a deadline
+/// passed or a datagram arrived, not at every wake-up.
+#[derive(Clone)]
+struct RoomSender {
+    tx: mpsc::Sender<RoomCommand>,
+    wake: Arc<AtomicBool>,
+}
+
+impl RoomSender {
+    fn try_send(&self, command: RoomCommand) -> Result<(), mpsc::error::TrySendError<RoomCommand>> {
+        self.tx.try_send(command)?;
+        self.wake.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    async fn send(&self, command: RoomCommand) -> Result<(), mpsc::error::SendError<RoomCommand>> {
+        self.tx.send(command).await?;
+        self.wake.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
 /// A network task's handle on its room.
 #[derive(Clone)]
 pub struct RoomLink {
     pub room: String,
     pub peer: Name,
-    tx: mpsc::Sender<RoomCommand>,
+    tx: RoomSender,
     dropped: Arc<AtomicU64>,
     metrics: WorkerMetrics,
 }
@@ -276,7 +299,7 @@ pub struct RoomList {
 }
 
 struct RoomEntry {
-    tx: mpsc::Sender<RoomCommand>,
+    tx: RoomSender,
     peers: usize,
     worker: usize,
     serial: u64,
@@ -317,6 +340,8 @@ pub struct MediaPorts {
 pub struct Rooms {
     state: Mutex<RoomsState>,
     workers: Vec<std::sync::mpsc::Sender<Room>>,
+    /// Each worker's flag: a command was queued for one of its rooms.
+    wakes: Vec<Arc<AtomicBool>>,
     worker_metrics: Vec<WorkerMetrics>,
     handles: Mutex<Vec<JoinHandle<()>>>,
     stopping: Arc<AtomicBool>,
@@ -404,15 +429,18 @@ impl Rooms {
             );
         }
         let mut worker_metrics = Vec::new();
+        let mut wakes = Vec::new();
         for (index, io) in ios.into_iter().enumerate() {
             let (tx, rx) = std::sync::mpsc::channel::<Room>();
+            let wake = Arc::new(AtomicBool::new(false));
+            wakes.push(wake.clone());
             let stopping = stopping.clone();
             let stats = worker_stats.clone();
             let metrics = WorkerMetrics::new(index);
             worker_metrics.push(metrics.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("encore-worker-{index}"))
-                .spawn(move || worker::run(index, rx, stopping, io, stats, metrics))?;
+                .spawn(move || worker::run(index, rx, stopping, wake, io, stats, metrics))?;
             senders.push(tx);
             handles.push(handle);
         }
@@ -436,6 +464,7 @@ impl Rooms {
                 created_by: HashMap::new(),
             }),
             workers: senders,
+            wakes,
             worker_metrics,
             handles: Mutex::new(handles),
             stopping,
@@ -483,6 +512,7 @@ impl Rooms {
                 let worker = state.next_worker % self.workers.len();
                 state.next_worker += 1;
                 let (tx, rx) = mpsc::channel(ROOM_CHANNEL);
+                let tx = RoomSender { tx, wake: self.wakes[worker].clone() };
                 let engine = Engine::new(self.engine.clone()).map_err(|_| RoomError::Closed)?;
                 let created = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
                 let recorder = self.record_dir.as_ref().and_then(|dir| {

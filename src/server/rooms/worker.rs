@@ -6,7 +6,7 @@
 //! replayed) and the skip is counted and logged. Inputs are recorded with the tick that
 //! consumed them, so a recording replays exactly whatever the worker's timing was.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -71,6 +71,9 @@ impl Pacer {
 
 /// Longest a worker sleeps with nothing due: it also picks up new rooms when it wakes.
 const IDLE_WAIT: Duration = Duration::from_millis(20);
+/// How often a worker looks at every room even without a flag: a room's new buffer share
+/// (the budget's thread rebalances once a second) waits at most this long.
+const LOOK_ALL_EVERY: Duration = Duration::from_secs(1);
 /// How often a worker sums up in its log what its media path dropped (when it dropped anything):
 /// one line a minute, however much junk arrives.
 const DROP_REPORT_EVERY: Duration = Duration::from_secs(60);
@@ -83,6 +86,7 @@ pub fn run(
     index: usize,
     control: std::sync::mpsc::Receiver<Room>,
     stopping: Arc<AtomicBool>,
+    wake: Arc<AtomicBool>,
     mut media: MediaIo,
     stats: Arc<Vec<Mutex<WorkerStats>>>,
     metrics: WorkerMetrics,
@@ -91,8 +95,16 @@ pub fn run(
     let mut io_errors = 0u64;
     let mut reported = (Instant::now(), media.stats());
     let mut counted = media.stats();
+    // When each room has something due next: a worker visits the rooms whose time came, and
+    // those a datagram, a connection event or a command concerns, not every room at every
+    // wake-up (1 000 sleeping rooms would cost a good part of a core just being looked at).
+    let mut schedule: BTreeSet<(Instant, u64)> = BTreeSet::new();
+    let mut deadline_of: HashMap<u64, Instant> = HashMap::new();
+    let mut look_all_at = Instant::now();
     loop {
+        let mut visit: BTreeSet<u64> = BTreeSet::new();
         while let Ok(room) = control.try_recv() {
+            visit.insert(room.serial());
             rooms.insert(room.serial(), room);
         }
         let now = Instant::now();
@@ -105,14 +117,32 @@ pub fn run(
         }
         media.collect(now);
         while let Some(event) = media.poll_event() {
-            if let Some(room) = rooms.get_mut(&owner_of(&event)) {
+            let owner = owner_of(&event);
+            visit.insert(owner);
+            if let Some(room) = rooms.get_mut(&owner) {
                 room.media_event(event, &mut media);
             }
         }
         let now = Instant::now();
         let stop = stopping.load(Ordering::Relaxed);
+        // A command for some room (its queue raised the flag), the stop, or now and then (a
+        // new buffer share raises no flag): every room is looked at.
+        let all = wake.swap(false, Ordering::AcqRel) || stop || now >= look_all_at;
+        if all {
+            look_all_at = now + LOOK_ALL_EVERY;
+            visit.extend(rooms.keys().copied());
+        } else {
+            while let Some(&(at, serial)) = schedule.first() {
+                if at > now {
+                    break;
+                }
+                schedule.pop_first();
+                visit.insert(serial);
+            }
+        }
         let mut queued = 0;
-        for room in rooms.values_mut() {
+        for serial in &visit {
+            let Some(room) = rooms.get_mut(serial) else { continue };
             let skipped = room.run_due(now, &mut media);
             if skipped > 0 {
                 metrics.skipped_ticks(skipped);
@@ -122,17 +152,35 @@ pub fn run(
                 room.close(&mut media);
             }
         }
-        metrics.queue_depth(queued);
+        if all {
+            metrics.queue_depth(queued);
+        }
         media.collect(Instant::now());
         media.flush();
         // Events raised by the ticks' own writes and closes (a room's closed connections).
         while let Some(event) = media.poll_event() {
-            if let Some(room) = rooms.get_mut(&owner_of(&event)) {
+            let owner = owner_of(&event);
+            visit.insert(owner);
+            if let Some(room) = rooms.get_mut(&owner) {
                 room.media_event(event, &mut media);
             }
         }
+        for serial in &visit {
+            let Some(room) = rooms.get_mut(serial) else { continue };
+            let at = room.next_deadline();
+            if let Some(old) = deadline_of.insert(*serial, at) {
+                schedule.remove(&(old, *serial));
+            }
+            schedule.insert((at, *serial));
+        }
         let before = rooms.len();
-        rooms.retain(|_, room| !room.is_closed());
+        rooms.retain(|serial, room| {
+            let open = !room.is_closed();
+            if !open && let Some(at) = deadline_of.remove(serial) {
+                schedule.remove(&(at, *serial));
+            }
+            open
+        });
         if rooms.len() < before {
             // A closed room's buffer went back to this thread's heap; give what is free at
             // the top of it back to the system (docs/operations.md, "Memory").
@@ -159,7 +207,7 @@ pub fn run(
             return;
         }
         let now = Instant::now();
-        let next = rooms.values_mut().map(Room::next_deadline).chain(media.next_deadline()).min();
+        let next = schedule.first().map(|(at, _)| *at).into_iter().chain(media.next_deadline()).min();
         let wait = next.map_or(IDLE_WAIT, |at| at.saturating_duration_since(now)).min(IDLE_WAIT);
         if !wait.is_zero()
             && let Err(error) = media.wait(wait)
