@@ -248,3 +248,25 @@ async fn an_admins_role_change_reaches_the_room_at_once_and_old_tokens_keep_it()
     publisher.close().await;
     server.server.shutdown().await;
 }
+
+/// A quiet room sleeps until its next stats tick; a join (a command, not yet an engine input)
+/// must wake it at once, not wait for that tick (it once waited up to a second). The bound is
+/// loose, for a loaded machine: a join takes a few milliseconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_to_a_sleeping_room_is_answered_at_once() {
+    let server = start_server("stage-wake", |_| {}, None).await;
+    let first = server.client("ann", "listener").await;
+    first.join("sleepy", "ann").await.unwrap();
+    let mut slowest = Duration::ZERO;
+    for i in 0..5 {
+        // Long enough for the room to fall asleep between joins.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let client = server.client(&format!("u{i}"), "listener").await;
+        let started = Instant::now();
+        client.join("sleepy", &format!("u{i}")).await.unwrap();
+        slowest = slowest.max(started.elapsed());
+    }
+    println!("joins to a sleeping room: slowest answered in {slowest:?}");
+    assert!(slowest < Duration::from_millis(400), "a join waited {slowest:?} for a sleeping room");
+    server.server.shutdown().await;
+}

@@ -233,7 +233,11 @@ impl Room {
             return;
         }
         let current = self.pacer.engine_us(now) / self.engine.tick_us();
-        let to = self.engine.next_due_tick().min(current + 1);
+        // Commands wait in the queue, not in the engine, so the engine stays quiet until a
+        // tick applies them: that tick is the one due now. Otherwise the clock passes to the
+        // next tick, where an input pushed now arrives at its real time.
+        let next = if self.waiting() { current } else { current + 1 };
+        let to = self.engine.next_due_tick().min(next);
         self.engine.skip_to(to);
     }
 
