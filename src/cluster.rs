@@ -39,6 +39,9 @@ pub const TICKET_PREFIX: &str = "cl.";
 const DELETE_IF_OWNED: &str =
     r"if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
 
+/// Sets a room's key to this node (with a TTL) unless it names another node.
+const CLAIM: &str = r"local v = redis.call('get', KEYS[1]) if not v or v == ARGV[1] then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end return 0";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     #[error("cluster.redis_url: {0}")]
@@ -190,10 +193,13 @@ impl Cluster {
             let ttl = millis(ENTRY_TTL);
             let mut pipe = redis::pipe();
             pipe.cmd("SET").arg(node_key(&self.node_id)).arg(serde_json::to_string(&info)?).arg("PX").arg(ttl).ignore();
-            // A running room is this node's, whatever the key said (after a Redis restart,
-            // say): the node that runs it is the one to send its joins to.
+            // A running room's key is refreshed while it names this node, and claimed when it
+            // names none (after a Redis restart, or placed here a moment ago). One that names
+            // another node stays: the room ran on both during an outage, and the directory keeps
+            // the first claim rather than flip between the two at every beat. EVAL with the
+            // text (a few dozen bytes) keeps it in the one pipeline.
             for room in rooms {
-                pipe.cmd("SET").arg(room_key(room)).arg(&self.node_id).arg("PX").arg(ttl).ignore();
+                pipe.cmd("EVAL").arg(CLAIM).arg(1).arg(room_key(room)).arg(&self.node_id).arg(ttl).ignore();
             }
             let mut redis = self.redis();
             pipe.query_async::<()>(&mut redis).await?;

@@ -194,6 +194,16 @@ async fn rooms_live_on_one_node_and_joins_find_them() {
     let (carol, _) = carol.join_anywhere("second", "carol").await.expect("carol joins");
     assert_eq!(cluster.which(&carol), 1, "placed on node b, the least loaded");
 
+    // Two nodes asked for the same new room at once: the lock makes one place it, the other
+    // follows, and both clients end up on the same node.
+    let (ivy, jon) = tokio::join!(
+        async { cluster.session(1, "ivy").await.join_anywhere("race", "ivy").await.expect("ivy joins") },
+        async { cluster.session(2, "jon").await.join_anywhere("race", "jon").await.expect("jon joins") },
+    );
+    assert_eq!(cluster.which(&ivy.0), cluster.which(&jon.0), "one room, on one node");
+    assert_eq!(ivy.1.peers.len() + jon.1.peers.len(), 1, "the second to join saw the first");
+    drop((ivy, jon));
+
     // Redis goes away: the rooms go on, and new rooms are made where they are asked for.
     redis.kill();
     let outage = Instant::now();
