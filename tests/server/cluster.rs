@@ -2,7 +2,8 @@
 //! loopback sharing a room directory (docs/scaling.md). A client that joins a room on the wrong
 //! node ends up in the right one (redirect with a ticket), a new room goes to the least-loaded
 //! node, a Redis restart does not close a running room, a killed node's room is placed again
-//! after the entries' TTL, and a draining node gets no new rooms.
+//! after the entries' TTL, and a draining node gets no new rooms. And the demo page, in real
+//! Chromium (tests/browser/redirect.mjs), follows a redirect to the room's node.
 //!
 //! `redis-server` is Debian's package: `.ci/run` installs it (scripts/cluster-deps.sh); the test
 //! fails, not skips, without it.
@@ -275,4 +276,84 @@ async fn rooms_live_on_one_node_and_joins_find_them() {
     let stopped = cluster.nodes[2].exited(Duration::from_secs(20)).await;
     assert!(stopped.is_some_and(|s| s.success()), "node c stops when its room empties");
     assert_eq!(redis.node("c").await, None, "a stopped node leaves the directory");
+}
+
+/// `scripts/browser-deps.sh`'s `KEY=VALUE` lines (it installs what is missing).
+fn browser_deps() -> std::collections::HashMap<String, String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let output = Command::new("bash")
+        .arg(root.join("scripts/browser-deps.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("scripts/browser-deps.sh runs");
+    assert!(output.status.success(), "scripts/browser-deps.sh failed");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .collect()
+}
+
+/// The demo page, opened on one node, follows a `redirect` to the node where its room lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_page_follows_a_redirect() {
+    if std::env::var_os("ENCORE_SKIP_BROWSER_TEST").is_some_and(|v| !v.is_empty() && v != "0") {
+        eprintln!("SKIPPED: the page's redirect in real Chromium (ENCORE_SKIP_BROWSER_TEST is set)");
+        return;
+    }
+    let deps = tokio::task::spawn_blocking(browser_deps).await.unwrap();
+    let dir = temp_dir("cluster-page");
+    let redis = RedisServer::start(free_port(), dir.clone()).await;
+    let url = redis.url();
+    let mut nodes = Vec::new();
+    for id in ["a", "b"] {
+        let env = [("ENCORE_REDIS_URL", url.as_str()), ("ENCORE_NODE_ID", id)];
+        nodes.push(ServerProcess::start(&format!("cluster-page-{id}"), &[], &env).await);
+    }
+    for id in ["a", "b"] {
+        until(&format!("node {id} in the directory"), Duration::from_secs(10), || async {
+            redis.node(id).await.is_some()
+        })
+        .await;
+    }
+    // The room lives on node a.
+    let alice = nodes[0].client("alice", "speaker").await;
+    alice.join("hall", "alice").await.expect("alice makes the room on node a");
+    assert_eq!(redis.get("encore:room:hall").await.as_deref(), Some("a"));
+
+    // The page is opened on node b.
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/redirect.mjs");
+    let mut command = tokio::process::Command::new(deps.get("NODE").map_or("node", String::as_str));
+    command.arg(&script).arg(&nodes[1].base).arg("hall").stdin(Stdio::null()).kill_on_drop(true);
+    for key in ["CHROMIUM", "NODE_PATH"] {
+        if let Some(value) = deps.get(key) {
+            command.env(key, value);
+        }
+    }
+    let output = tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .expect("the browser script ends within 2 minutes")
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().find_map(|l| l.strip_prefix("RESULT ")).unwrap_or_else(|| {
+        panic!("no RESULT line:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    });
+    let result: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(result["ok"], true, "{result}");
+    let host = |base: &str| base.trim_start_matches("https://").to_owned();
+    let sockets: Vec<String> =
+        result["sockets"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().into()).collect();
+    assert_eq!(sockets.len(), 2, "the page's session on b, then on a: {sockets:?}");
+    assert!(sockets[0].contains(&host(&nodes[1].base)), "first on node b: {sockets:?}");
+    assert!(sockets[1].contains(&host(&nodes[0].base)), "then on node a: {sockets:?}");
+    // Alice, on node a, sees the page's peer join her room.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(encore::protocol::Notice::PeerJoined { peer, .. }) =
+            alice.notification(Duration::from_millis(200)).await
+        {
+            assert_eq!(peer, "pat");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no peer_joined for the page on node a");
+    }
 }
