@@ -45,15 +45,13 @@ pub async fn ws_upgrade(
     Query(query): Query<UpgradeQuery>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    let user = match cluster_ticket(&app, query.ticket.as_deref()).await {
-        Some(redeemed) => match redeemed {
-            Ok(user) => user,
-            Err(error) => return upgrade_refused(error),
-        },
-        None => match app.auth.authenticate_upgrade(&headers, query.ticket.as_deref()).await {
-            Ok(user) => user,
-            Err(error) => return upgrade_refused(error),
-        },
+    let authenticated = match cluster_ticket(&app, query.ticket.as_deref()).await {
+        Some(redeemed) => redeemed,
+        None => app.auth.authenticate_upgrade(&headers, query.ticket.as_deref()).await,
+    };
+    let user = match authenticated {
+        Ok(user) => user,
+        Err(error) => return upgrade_refused(error),
     };
     let session = Session::new(app, user);
     // The session's place in the registry is taken now, under the user's quota, and given
@@ -80,7 +78,8 @@ pub async fn ws_upgrade(
 
 /// A ticket another node of the cluster issued with a `redirect` (it starts with
 /// [`crate::cluster::TICKET_PREFIX`]), redeemed once through Redis; none for any other
-/// credential. Redis out means the ticket cannot be checked: `unavailable`, try again.
+/// credential. Redis out means the ticket cannot be checked: HTTP 503
+/// `ticket-store-unavailable`, try again.
 async fn cluster_ticket(app: &AppState, ticket: Option<&str>) -> Option<Result<AuthUser, AuthError>> {
     let ticket = ticket.filter(|t| t.starts_with(crate::cluster::TICKET_PREFIX))?;
     let Some(cluster) = &app.cluster else { return Some(Err(AuthError::InvalidTicket)) };
