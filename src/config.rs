@@ -221,6 +221,20 @@ pub struct LogSection {
     pub format: LogFormat,
 }
 
+/// Many nodes sharing one room directory in Redis (docs/scaling.md). Without `redis_url` the
+/// server runs alone, exactly as before.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSection {
+    /// `redis://HOST:PORT/DB` (with `user:password@` if need be); none: alone.
+    pub redis_url: Option<String>,
+    /// This node's id in the directory; none: one made at start (random, kept for the process).
+    pub node_id: Option<String>,
+    /// The HTTPS base URL clients use to reach this node (redirects send them there); none:
+    /// the server's own URL (`https://` and its listen address).
+    pub public_url: Option<String>,
+}
+
 /// The whole server configuration.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -232,6 +246,7 @@ pub struct ServerConfig {
     pub limits: LimitsSection,
     pub metrics: MetricsSection,
     pub log: LogSection,
+    pub cluster: ClusterSection,
 }
 
 /// Flags of `encore serve` that override the configuration.
@@ -339,6 +354,16 @@ impl ServerConfig {
         if let Some(v) = env("ENCORE_MAX_UTTERANCE_MS") {
             e.max_utterance_ms = parse("engine.max_utterance_ms", "ENCORE_MAX_UTTERANCE_MS", v)?;
         }
+        let c = &mut self.cluster;
+        if let Some(v) = env("ENCORE_REDIS_URL") {
+            c.redis_url = Some(v.trim().to_owned()).filter(|v| !v.is_empty());
+        }
+        if let Some(v) = env("ENCORE_NODE_ID") {
+            c.node_id = Some(v.trim().to_owned()).filter(|v| !v.is_empty());
+        }
+        if let Some(v) = env("ENCORE_PUBLIC_URL") {
+            c.public_url = Some(v.trim().to_owned()).filter(|v| !v.is_empty());
+        }
         self.auth.apply_env(env).map_err(|e| invalid_auth(&e))?;
         Ok(())
     }
@@ -429,6 +454,25 @@ impl ServerConfig {
         if l.header_timeout_s == 0 || l.header_timeout_s > 300 {
             return Err(invalid("limits.header_timeout_s", "must be between 1 and 300"));
         }
+        let c = &self.cluster;
+        if let Some(url) = &c.redis_url {
+            // Parsed as the client will; the message names the scheme, never the password.
+            if redis::parse_redis_url(url).is_none()
+                || !(url.starts_with("redis://") || url.starts_with("redis+unix://"))
+            {
+                return Err(invalid("cluster.redis_url", "must be a redis:// URL (redis://HOST:PORT/DB)"));
+            }
+        }
+        if let Some(id) = &c.node_id
+            && (id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)))
+        {
+            return Err(invalid("cluster.node_id", "must be 1 to 64 characters of A-Z, a-z, 0-9, _ . -"));
+        }
+        if let Some(url) = &c.public_url
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            return Err(invalid("cluster.public_url", "must be an https:// base URL"));
+        }
         self.engine.validate().map_err(|e| invalid(&format!("engine.{}", e.key), e.problem))?;
         self.auth.validate().map_err(|e| invalid_auth(&e))?;
         Ok(())
@@ -499,6 +543,29 @@ mod tests {
         assert_eq!(config.engine.buffer_max_bytes, 5_000_000);
         assert_eq!(config.engine.vad.hangover_ms, 300);
         assert_eq!(config.engine.max_utterance_ms, 10_000);
+    }
+
+    #[test]
+    fn cluster_keys_from_file_and_environment() {
+        let defaults = ServerConfig::load(None, no_env, &Overrides::default()).unwrap();
+        assert_eq!(defaults.cluster, ClusterSection::default(), "alone by default");
+        let env = |key: &str| match key {
+            "ENCORE_REDIS_URL" => Some("redis://127.0.0.1:6399/0".to_owned()),
+            "ENCORE_NODE_ID" => Some("node-a".to_owned()),
+            _ => None,
+        };
+        let config = ServerConfig::load(None, env, &Overrides::default()).unwrap();
+        assert_eq!(config.cluster.redis_url.as_deref(), Some("redis://127.0.0.1:6399/0"));
+        assert_eq!(config.cluster.node_id.as_deref(), Some("node-a"));
+        for (key, value, named) in [
+            ("ENCORE_REDIS_URL", "http://x", "cluster.redis_url"),
+            ("ENCORE_NODE_ID", "a b", "cluster.node_id"),
+            ("ENCORE_PUBLIC_URL", "wss://x", "cluster.public_url"),
+        ] {
+            let env = |k: &str| (k == key).then(|| value.to_owned());
+            let err = ServerConfig::load(None, env, &Overrides::default()).unwrap_err().to_string();
+            assert!(err.contains(named), "{err}");
+        }
     }
 
     #[test]

@@ -304,6 +304,9 @@ pub enum ErrorCode {
     Internal,
     /// A transport failed outside any request (`error` notices only).
     TransportFailed,
+    /// `join` only: the room lives on another node of the cluster; the error's `redirect` says
+    /// where, with a ticket valid there (docs/scaling.md).
+    Redirect,
 }
 
 impl ErrorCode {
@@ -318,6 +321,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::TransportFailed => "transport_failed",
+            ErrorCode::Redirect => "redirect",
         }
     }
 }
@@ -334,12 +338,34 @@ impl fmt::Display for ErrorCode {
 pub struct ErrorBody {
     pub code: ErrorCode,
     pub message: String,
+    /// With `redirect` only: where the room lives (boxed: every other error is without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<Box<Redirect>>,
 }
 
 impl ErrorBody {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ErrorBody { code, message: message.into() }
+        ErrorBody { code, message: message.into(), redirect: None }
     }
+
+    /// A `join` answered with the node where the room lives.
+    pub fn redirect(message: impl Into<String>, redirect: Redirect) -> Self {
+        ErrorBody { code: ErrorCode::Redirect, message: message.into(), redirect: Some(Box::new(redirect)) }
+    }
+}
+
+/// Where a room lives, in a `redirect` error: connect to `url` (`https://` base: the WebSocket
+/// is `wss://…/ws?ticket=TICKET`) with `ticket`, once, within `expires_in` seconds, and send the
+/// same `join` again there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Redirect {
+    /// The node's public base URL (`cluster.public_url` of that node).
+    pub url: String,
+    /// That node's id (`cluster.node_id`).
+    pub node: String,
+    /// A single-use WebSocket ticket for this user, redeemable at that node.
+    pub ticket: String,
+    pub expires_in: u64,
 }
 
 /// The answer to one request.

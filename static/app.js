@@ -428,7 +428,10 @@ class Signaling {
         pending.resolve(message.data === undefined ? {} : message.data);
       } else {
         const err = message.error || {};
-        pending.reject(new EncoreError(err.code || 'internal', err.message || `${pending.type} failed`));
+        const error = new EncoreError(err.code || 'internal', err.message || `${pending.type} failed`);
+        // In a cluster, a join can be sent to the room's node (see openRoom).
+        if (err.code === 'redirect' && err.redirect && typeof err.redirect === 'object') error.redirect = err.redirect;
+        pending.reject(error);
       }
       return;
     }
@@ -609,16 +612,42 @@ function tokenRefused(error) {
   throw why;
 }
 
-// Opens a session and joins `roomName` in it. Throws (and leaves nothing open) on failure.
+// A join follows at most this many redirects (in a cluster, one is enough).
+const MAX_REDIRECTS = 3;
+
+// The WebSocket URL of a node's HTTPS base URL (a redirect's `url`), with a ticket.
+function wsUrl(base, ticket) {
+  const url = new URL('/ws', base);
+  url.protocol = url.protocol === 'http:' ? 'ws:' : 'wss:';
+  url.searchParams.set('ticket', ticket);
+  return url.toString();
+}
+
+// Opens a session and joins `roomName` in it, following the cluster's redirects to the node
+// where the room lives (docs/protocol.md). Throws (and leaves nothing open) on failure.
 async function openRoom(roomName) {
   const { ticket } = await wsTicket();
-  const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
+  let url = wsUrl(location.origin, ticket);
+  for (let hop = 0; ; hop += 1) {
+    try {
+      return await openRoomAt(url, roomName);
+    } catch (error) {
+      if (error.code !== 'redirect' || !error.redirect || hop >= MAX_REDIRECTS) throw error;
+      const { url: base, node, ticket: next } = error.redirect;
+      if (typeof base !== 'string' || typeof next !== 'string') throw error;
+      console.info(`[encore] room ${roomName} lives on node ${node}: joining it there`);
+      url = wsUrl(base, next);
+    }
+  }
+}
+
+async function openRoomAt(url, roomName) {
   const sig = new Signaling();
   installHandlers(sig);
   room.sig = sig;
   let welcome;
   try {
-    welcome = await sig.connect(`${scheme}://${location.host}/ws?ticket=${encodeURIComponent(ticket)}`);
+    welcome = await sig.connect(url);
   } catch (error) {
     if (room.sig === sig) room.sig = null;
     throw error;

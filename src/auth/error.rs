@@ -73,6 +73,10 @@ pub enum AuthError {
     #[error("too many outstanding WebSocket tickets; try again shortly")]
     TicketsExhausted,
 
+    /// A cluster ticket (from another node's `redirect`) cannot be checked: Redis is out.
+    #[error("the cluster's ticket store is unreachable; try again shortly")]
+    TicketStoreUnavailable,
+
     #[error(
         "this user holds {limit} unredeemed WebSocket tickets already (limits.tickets_per_user); use one or wait for them to expire"
     )]
@@ -88,6 +92,7 @@ impl AuthError {
             AuthError::KeysUnavailable(_) => "keys-unavailable",
             AuthError::InvalidTicket => "invalid-ticket",
             AuthError::TicketsExhausted => "tickets-exhausted",
+            AuthError::TicketStoreUnavailable => "ticket-store-unavailable",
             AuthError::TooManyTickets { .. } => "too-many-tickets",
             // The Admin SDK reports every other verification failure as `argument-error`.
             _ => "argument-error",
@@ -109,14 +114,19 @@ impl AuthError {
             AuthError::Expired { .. } => "exp",
             AuthError::TenantMismatch(_) => "tenant",
             AuthError::KeysUnavailable(_) => "keys",
-            AuthError::InvalidTicket | AuthError::TicketsExhausted | AuthError::TooManyTickets { .. } => "ticket",
+            AuthError::InvalidTicket
+            | AuthError::TicketsExhausted
+            | AuthError::TooManyTickets { .. }
+            | AuthError::TicketStoreUnavailable => "ticket",
         }
     }
 
     /// The HTTP status this error maps to.
     pub fn status(&self) -> StatusCode {
         match self {
-            AuthError::KeysUnavailable(_) | AuthError::TicketsExhausted => StatusCode::SERVICE_UNAVAILABLE,
+            AuthError::KeysUnavailable(_) | AuthError::TicketsExhausted | AuthError::TicketStoreUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             AuthError::TooManyTickets { .. } => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::UNAUTHORIZED,
         }

@@ -38,8 +38,9 @@ pub const MAX_UID_LEN: usize = 128;
 /// Bigger than any real ID token by far; refuse before decoding anything.
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
-/// Who a verified token says the caller is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// Who a verified token says the caller is. Deserialize: a cluster ticket carries it through
+/// Redis to the node that redeems it (src/cluster).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct AuthUser {
     /// The Firebase uid (`sub`).
     pub uid: String,

@@ -16,7 +16,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use super::error::ClientError;
 use super::tls::ClientTls;
-use crate::protocol::{Answer, Joined, Notice, Request, RequestId, ServerMessage};
+use crate::protocol::{Answer, ErrorBody, ErrorCode, Joined, Notice, Request, RequestId, ServerMessage};
 
 type Pending = Arc<std::sync::Mutex<HashMap<u64, oneshot::Sender<Answer>>>>;
 
@@ -40,7 +40,13 @@ pub struct Signaling {
     pub welcome: Welcome,
     /// The close code and reason, once the server closed the socket.
     pub closed: Arc<std::sync::Mutex<Option<(u16, String)>>>,
+    /// The server's base URL (`https://…`), and the trust to reach another node with.
+    pub base: String,
+    tls: ClientTls,
 }
+
+/// A join follows at most this many redirects (one is enough: the directory names the node).
+pub const MAX_REDIRECTS: usize = 3;
 
 impl Signaling {
     /// Connects to `wss://…/ws` with the token in the Authorization header (`ticket` instead, as
@@ -176,6 +182,8 @@ impl Signaling {
             others: Mutex::new(others),
             welcome,
             closed,
+            base: base.trim_end_matches('/').to_owned(),
+            tls: tls.clone(),
         })
     }
 
@@ -248,6 +256,27 @@ impl Signaling {
 
     pub async fn join(&self, room: &str, name: &str) -> Result<Joined, ClientError> {
         self.request(Request::Join { room: room.to_owned(), name: Some(name.to_owned()) }).await
+    }
+
+    /// Joins `room` wherever it lives: a `redirect` answer (the room is on another node of the
+    /// cluster) is followed by connecting there with its ticket and joining again; this session
+    /// is then closed. The session in the room comes back with the answer.
+    pub async fn join_anywhere(self, room: &str, name: &str) -> Result<(Signaling, Joined), ClientError> {
+        let mut session = self;
+        for _ in 0..=MAX_REDIRECTS {
+            let redirect = match session.join(room, name).await {
+                Ok(joined) => return Ok((session, joined)),
+                Err(ClientError::Refused { source: ErrorBody { code: ErrorCode::Redirect, redirect, .. }, .. }) => {
+                    redirect.ok_or_else(|| ClientError::Protocol("a `redirect` without its `redirect` field".into()))?
+                }
+                Err(other) => return Err(other),
+            };
+            tracing::debug!(room, node = %redirect.node, url = %redirect.url, "join redirected");
+            let next = Signaling::connect(&session.tls, &redirect.url, None, Some(&redirect.ticket)).await?;
+            // Dropping the old session closes its socket (its writer sends a Close).
+            session = next;
+        }
+        Err(ClientError::Protocol(format!("more than {MAX_REDIRECTS} redirects for room {room}")))
     }
 
     pub fn close_code(&self) -> Option<(u16, String)> {

@@ -23,6 +23,7 @@ use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use tokio::sync::broadcast;
 
 use crate::auth::{AuthOptions, AuthSetupError, AuthState, DevIssuer, SharedClock};
+use crate::cluster::Cluster;
 use crate::config::ServerConfig;
 use crate::protocol::GoingAwayReason;
 use accept::{ConnectionLimits, LimitedAcceptor};
@@ -42,6 +43,8 @@ pub enum ServerError {
     Start(String),
     #[error("binding the media ports: {source}")]
     Media { source: std::io::Error },
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// The workers' media path from the configuration: what to bind, what to announce.
@@ -74,6 +77,8 @@ pub struct AppState {
     pub sessions: Arc<Sessions>,
     /// Connections per source address, and what the listener turned away.
     pub connections: Arc<ConnectionLimits>,
+    /// The room directory shared with the other nodes; none when the server runs alone.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 /// Test and embedding hooks that the configuration file cannot express.
@@ -97,7 +102,15 @@ pub struct Server {
     handle: axum_server::Handle<SocketAddr>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     metrics_task: Option<tokio::task::JoinHandle<()>>,
+    /// Keeps this node's entry and its rooms' in the directory (cluster only).
+    heartbeat: Option<Heartbeat>,
     draining: bool,
+}
+
+/// The task that refreshes this node's directory entries, and a way to make it write at once.
+struct Heartbeat {
+    task: tokio::task::JoinHandle<()>,
+    now: Arc<tokio::sync::Notify>,
 }
 
 impl Server {
@@ -120,6 +133,10 @@ impl Server {
             self.app.stopping.store(true, Ordering::Relaxed);
             self.app.rooms.drain();
             crate::metrics::draining(true);
+            // The directory learns it at once: this node gets no new rooms from the others.
+            if let Some(heartbeat) = &self.heartbeat {
+                heartbeat.now.notify_one();
+            }
             tracing::info!(rooms = self.app.rooms.count(), timeout_s = timeout.as_secs(), "draining");
         }
         let emptied = tokio::time::timeout(timeout, self.app.rooms.empty()).await.is_ok();
@@ -144,6 +161,19 @@ impl Server {
             && tokio::time::timeout(patience, task).await.is_ok()
         {
             self.task = None;
+        }
+        if let Some(heartbeat) = self.heartbeat.take() {
+            heartbeat.task.abort();
+            if let Some(cluster) = &self.app.cluster {
+                // Out of the directory now rather than at the entries' expiry: the rooms here
+                // can be placed again at once.
+                let (rooms, _) = self.app.rooms.load();
+                match cluster.leave(&rooms).await {
+                    Ok(()) => tracing::info!(node = %cluster.node_id, "left the cluster's directory"),
+                    Err(error) => tracing::warn!(node = %cluster.node_id, %error, code = error.code(),
+                        "could not leave the directory; the entries expire by themselves"),
+                }
+            }
         }
         let rooms = self.app.rooms.clone();
         let _ = tokio::task::spawn_blocking(move || rooms.shutdown()).await;
@@ -230,6 +260,14 @@ pub async fn start(config: ServerConfig, options: StartOptions) -> Result<Server
     )
     .map_err(|source| ServerError::Media { source })?;
     tracing::info!(udp = ?rooms.media_ports.udp, tcp = ?rooms.media_ports.tcp, "media ports");
+    let cluster = match &config.cluster.redis_url {
+        Some(redis_url) => {
+            let cluster = Arc::new(Cluster::new(&config.cluster, redis_url, &url)?);
+            tracing::info!(node = %cluster.node_id, url = %cluster.public_url, "in a cluster (room directory in Redis)");
+            Some(cluster)
+        }
+        None => None,
+    };
     let (shutdown, _) = broadcast::channel(1);
     let app = AppState {
         config: config.clone(),
@@ -239,7 +277,13 @@ pub async fn start(config: ServerConfig, options: StartOptions) -> Result<Server
         stopping: Arc::new(AtomicBool::new(false)),
         sessions: Arc::new(Sessions::default()),
         connections: ConnectionLimits::new(config.limits.connections_per_ip),
+        cluster: cluster.clone(),
     };
+    let heartbeat = cluster.map(|cluster| {
+        let now = Arc::new(tokio::sync::Notify::new());
+        let task = tokio::spawn(heartbeat(cluster, app.rooms.clone(), now.clone()));
+        Heartbeat { task, now }
+    });
     let router = http::router(app.clone());
     let rustls = RustlsConfig::from_config(tls.server_config()?);
     let handle = axum_server::Handle::new();
@@ -284,6 +328,41 @@ pub async fn start(config: ServerConfig, options: StartOptions) -> Result<Server
         handle,
         task: Some(task),
         metrics_task,
+        heartbeat,
         draining: false,
     })
+}
+
+/// Every [`crate::cluster::HEARTBEAT_EVERY`] (and at once when told): this node's entry with its
+/// load, its rooms' keys, and the keys of the rooms that closed since. A failing Redis is logged
+/// when it starts failing and when it is back, not at every beat.
+async fn heartbeat(cluster: Arc<Cluster>, rooms: Arc<Rooms>, now: Arc<tokio::sync::Notify>) {
+    let mut owned: Vec<String> = Vec::new();
+    let mut failing = false;
+    loop {
+        let (running, load) = rooms.load();
+        let closed: Vec<String> = owned.iter().filter(|room| !running.contains(room)).cloned().collect();
+        match cluster.heartbeat(load, &running, &closed).await {
+            Ok(()) => {
+                if failing {
+                    tracing::info!(node = %cluster.node_id, rooms = running.len(), "the room directory is back");
+                }
+                failing = false;
+                owned = running;
+            }
+            Err(error) => {
+                if !failing {
+                    tracing::warn!(node = %cluster.node_id, %error, code = error.code(),
+                        "the room directory (Redis) is unreachable: rooms here go on, new rooms are made where they are asked for");
+                }
+                failing = true;
+                // The closed rooms' keys are tried again next time.
+                owned = running.into_iter().chain(closed).collect();
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(crate::cluster::HEARTBEAT_EVERY) => {}
+            _ = now.notified() => {}
+        }
+    }
 }

@@ -20,11 +20,12 @@ use super::AppState;
 use super::rooms::{Moderation, PEER_EVENTS, RoomCommand, RoomLink, Stage};
 use super::sessions::{SessionKey, Sessions};
 use crate::auth::{AuthError, AuthUser};
+use crate::cluster::Route;
 use crate::metrics::{self, SessionMetric};
 use crate::protocol::{
     Answer, BURST_MESSAGES, Done, ErrorBody, ErrorCode, FLOOD_MESSAGES, GoingAwayReason, Joined, MAX_MESSAGE_BYTES,
-    MAX_MESSAGES_PER_S, MAX_PREFS_NAMES, Notice, Offered, PROTOCOL_VERSION, Published, Reauthed, Request, RequestId,
-    RoleChangeReason, Side, UpgradeError, UpgradeRefusal, close, parse_request,
+    MAX_MESSAGES_PER_S, MAX_PREFS_NAMES, Notice, Offered, PROTOCOL_VERSION, Published, Reauthed, Redirect, Request,
+    RequestId, RoleChangeReason, Side, UpgradeError, UpgradeRefusal, close, parse_request,
 };
 
 /// The WebSocket read buffer (tungstenite's default is 128 KiB; see `ws_upgrade`).
@@ -44,7 +45,11 @@ pub async fn ws_upgrade(
     Query(query): Query<UpgradeQuery>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    let user = match app.auth.authenticate_upgrade(&headers, query.ticket.as_deref()).await {
+    let authenticated = match cluster_ticket(&app, query.ticket.as_deref()).await {
+        Some(redeemed) => redeemed,
+        None => app.auth.authenticate_upgrade(&headers, query.ticket.as_deref()).await,
+    };
+    let user = match authenticated {
         Ok(user) => user,
         Err(error) => return upgrade_refused(error),
     };
@@ -69,6 +74,25 @@ pub async fn ws_upgrade(
         // Larger messages still arrive whole; the buffer grows to the frame's length.
         .read_buffer_size(WS_READ_BUFFER_BYTES)
         .on_upgrade(move |socket| session.run(socket, registered))
+}
+
+/// A ticket another node of the cluster issued with a `redirect` (it starts with
+/// [`crate::cluster::TICKET_PREFIX`]), redeemed once through Redis; none for any other
+/// credential. Redis out means the ticket cannot be checked: HTTP 503
+/// `ticket-store-unavailable`, try again.
+async fn cluster_ticket(app: &AppState, ticket: Option<&str>) -> Option<Result<AuthUser, AuthError>> {
+    let ticket = ticket.filter(|t| t.starts_with(crate::cluster::TICKET_PREFIX))?;
+    let Some(cluster) = &app.cluster else { return Some(Err(AuthError::InvalidTicket)) };
+    let result = match cluster.redeem_ticket(ticket).await {
+        Ok(Some(user)) => Ok(user),
+        Ok(None) => Err(AuthError::InvalidTicket),
+        Err(error) => {
+            tracing::warn!(node = %cluster.node_id, %error, code = error.code(), "a cluster ticket could not be redeemed");
+            Err(AuthError::TicketStoreUnavailable)
+        }
+    };
+    crate::metrics::auth_verification(crate::metrics::Credential::Ticket, result.as_ref().map(|_| ()));
+    Some(result)
 }
 
 /// A refused upgrade: the auth layer's status and headers (`WWW-Authenticate`, `Retry-After`),
@@ -471,6 +495,7 @@ impl Session {
         if room.is_empty() || room.len() > 64 || !room.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
             return Err(bad("`room` must be 1 to 64 characters of A-Z, a-z, 0-9, _ . -"));
         }
+        self.route(&room).await?;
         let name = name.unwrap_or_else(|| self.user.uid.clone());
         let (link, joined) = self
             .app
@@ -489,6 +514,39 @@ impl Session {
             peers: joined.peers,
             muted_by: joined.muted_by,
         })
+    }
+
+    /// In a cluster, a room that does not run here may live on another node: the join is then
+    /// answered `redirect`, with that node's URL and a ticket valid there. When the directory
+    /// cannot be reached, the room is made here (docs/scaling.md, "Failure modes").
+    async fn route(&self, room: &str) -> Result<(), ErrorBody> {
+        let Some(cluster) = &self.app.cluster else { return Ok(()) };
+        if self.app.rooms.contains(room) {
+            return Ok(());
+        }
+        let (_, load) = self.app.rooms.load();
+        let node = match cluster.route(room, load).await {
+            Ok(Route::Local) => return Ok(()),
+            Ok(Route::Remote(node)) => node,
+            Err(error) => {
+                tracing::warn!(room, node = %cluster.node_id, %error, code = error.code(),
+                    "the room directory is unreachable: the room is placed here");
+                return Ok(());
+            }
+        };
+        let ticket = match cluster.issue_ticket(&self.user, crate::auth::WS_TICKET_TTL).await {
+            Ok(ticket) => ticket,
+            Err(error) => {
+                tracing::warn!(room, node = %cluster.node_id, %error, code = error.code(),
+                    "no ticket for a redirect: the room is placed here");
+                return Ok(());
+            }
+        };
+        tracing::info!(uid = %self.user.uid, room, to = %node.id, "join redirected");
+        Err(ErrorBody::redirect(
+            format!("room {room} lives on node {}; join it there", node.id),
+            Redirect { url: node.url, node: node.id, ticket, expires_in: crate::auth::WS_TICKET_TTL.as_secs() },
+        ))
     }
 
     async fn pause(&self, side: Side, paused: bool) -> Result<Reply, ErrorBody> {

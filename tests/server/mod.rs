@@ -3,6 +3,7 @@
 
 mod auth_live;
 mod browser;
+mod cluster;
 mod deploy;
 mod drain;
 mod e2e;

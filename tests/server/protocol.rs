@@ -96,6 +96,7 @@ fn every_example_in_the_protocol_document_parses_with_the_protocol_types() {
         ErrorCode::Unavailable,
         ErrorCode::Internal,
         ErrorCode::TransportFailed,
+        ErrorCode::Redirect,
     ] {
         assert!(doc.contains(&format!("| `{code}` |")), "error code {code} is not in the table");
     }

@@ -676,6 +676,23 @@ impl Rooms {
         answer.await.ok()
     }
 
+    /// Whether `room` runs here now.
+    pub fn contains(&self, room: &str) -> bool {
+        self.state().rooms.contains_key(room)
+    }
+
+    /// The rooms running here, the peers in them, and whether the server drains: what the
+    /// cluster's directory knows of this node.
+    pub fn load(&self) -> (Vec<String>, crate::cluster::Load) {
+        let state = self.state();
+        let load = crate::cluster::Load {
+            rooms: state.rooms.len(),
+            peers: state.rooms.values().map(|entry| entry.peers).sum(),
+            draining: self.draining(),
+        };
+        (state.rooms.keys().cloned().collect(), load)
+    }
+
     /// Rooms open now.
     pub fn count(&self) -> usize {
         self.state().rooms.len()
