@@ -78,6 +78,16 @@ pub struct NodeInfo {
     pub rooms: usize,
     pub peers: usize,
     pub draining: bool,
+    /// Its workers' media sockets (`ip:port`, as bound), for operators and firewalls.
+    #[serde(default)]
+    pub media: Vec<String>,
+    /// The process's CPU over the last beat, in percent of one core, and the media datagrams it
+    /// received and sent a second: load figures for operators (placement goes by rooms, then
+    /// peers).
+    #[serde(default)]
+    pub cpu_percent: u32,
+    #[serde(default)]
+    pub datagrams_per_s: u64,
     /// When it wrote this (Unix ms), for people reading Redis.
     pub at_ms: u64,
 }
@@ -88,6 +98,8 @@ pub struct Load {
     pub rooms: usize,
     pub peers: usize,
     pub draining: bool,
+    pub cpu_percent: u32,
+    pub datagrams_per_s: u64,
 }
 
 /// Where a join should go.
@@ -104,6 +116,8 @@ pub struct Cluster {
     redis: ConnectionManager,
     pub node_id: String,
     pub public_url: String,
+    /// Its workers' media sockets, for its entry.
+    pub media: Vec<String>,
     delete_if_owned: redis::Script,
 }
 
@@ -153,7 +167,12 @@ pub fn generated_node_id() -> String {
 impl Cluster {
     /// A handle on the directory at `config.redis_url`. The connection is made lazily and
     /// remade by itself after an outage, so a node starts even while Redis is down.
-    pub fn new(config: &ClusterSection, redis_url: &str, own_url: &str) -> Result<Self, ClusterError> {
+    pub fn new(
+        config: &ClusterSection,
+        redis_url: &str,
+        own_url: &str,
+        media: Vec<String>,
+    ) -> Result<Self, ClusterError> {
         let client = redis::Client::open(redis_url).map_err(ClusterError::Url)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CALL_TIMEOUT))
@@ -170,6 +189,7 @@ impl Cluster {
                 .unwrap_or_else(|| own_url.to_owned())
                 .trim_end_matches('/')
                 .to_owned(),
+            media,
             delete_if_owned: redis::Script::new(DELETE_IF_OWNED),
         })
     }
@@ -188,6 +208,9 @@ impl Cluster {
                 rooms: load.rooms,
                 peers: load.peers,
                 draining: load.draining,
+                media: self.media.clone(),
+                cpu_percent: load.cpu_percent,
+                datagrams_per_s: load.datagrams_per_s,
                 at_ms: now_ms(),
             };
             let ttl = millis(ENTRY_TTL);
@@ -276,6 +299,9 @@ impl Cluster {
             rooms: own.rooms,
             peers: own.peers,
             draining: own.draining,
+            media: self.media.clone(),
+            cpu_percent: own.cpu_percent,
+            datagrams_per_s: own.datagrams_per_s,
             at_ms: now_ms(),
         });
         let chosen = nodes

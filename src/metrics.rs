@@ -1186,6 +1186,11 @@ fn render_process(out: &mut String) {
     }
 }
 
+/// The CPU time (user and system) this process has used, in seconds (Linux; `None` elsewhere).
+pub fn process_cpu_seconds() -> Option<f64> {
+    ProcessStats::read()?.cpu_seconds
+}
+
 /// The process's figures from /proc (Linux).
 #[derive(Debug, Default)]
 struct ProcessStats {

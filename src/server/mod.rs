@@ -17,7 +17,7 @@ pub mod tls;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use tokio::sync::broadcast;
@@ -262,7 +262,8 @@ pub async fn start(config: ServerConfig, options: StartOptions) -> Result<Server
     tracing::info!(udp = ?rooms.media_ports.udp, tcp = ?rooms.media_ports.tcp, "media ports");
     let cluster = match &config.cluster.redis_url {
         Some(redis_url) => {
-            let cluster = Arc::new(Cluster::new(&config.cluster, redis_url, &url)?);
+            let media = rooms.media_ports.udp.iter().map(|a| a.to_string()).collect();
+            let cluster = Arc::new(Cluster::new(&config.cluster, redis_url, &url, media)?);
             tracing::info!(node = %cluster.node_id, url = %cluster.public_url, "in a cluster (room directory in Redis)");
             Some(cluster)
         }
@@ -333,14 +334,31 @@ pub async fn start(config: ServerConfig, options: StartOptions) -> Result<Server
     })
 }
 
+/// Media datagrams received and sent by every worker so far.
+fn datagrams(rooms: &Rooms) -> u64 {
+    let media = rooms.media_stats().media;
+    media.rx_datagrams + media.tx_datagrams
+}
+
 /// Every [`crate::cluster::HEARTBEAT_EVERY`] (and at once when told): this node's entry with its
 /// load, its rooms' keys, and the keys of the rooms that closed since. A failing Redis is logged
 /// when it starts failing and when it is back, not at every beat.
 async fn heartbeat(cluster: Arc<Cluster>, rooms: Arc<Rooms>, now: Arc<tokio::sync::Notify>) {
     let mut owned: Vec<String> = Vec::new();
     let mut failing = false;
+    // CPU seconds and media datagrams at the last beat, for the rates in the entry.
+    let mut last = (Instant::now(), crate::metrics::process_cpu_seconds(), datagrams(&rooms));
     loop {
-        let (running, load) = rooms.load();
+        let (running, mut load) = rooms.load();
+        let at = (Instant::now(), crate::metrics::process_cpu_seconds(), datagrams(&rooms));
+        let seconds = at.0.duration_since(last.0).as_secs_f64();
+        if seconds > 0.0 {
+            if let (Some(before), Some(now)) = (last.1, at.1) {
+                load.cpu_percent = ((now - before).max(0.0) / seconds * 100.0).round() as u32;
+            }
+            load.datagrams_per_s = (at.2.saturating_sub(last.2) as f64 / seconds).round() as u64;
+        }
+        last = at;
         let closed: Vec<String> = owned.iter().filter(|room| !running.contains(room)).cloned().collect();
         match cluster.heartbeat(load, &running, &closed).await {
             Ok(()) => {

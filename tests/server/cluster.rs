@@ -144,6 +144,10 @@ async fn rooms_live_on_one_node_and_joins_find_them() {
         })
         .await;
     }
+    // An entry names the node's media sockets and its load figures.
+    let entry = redis.node("a").await.expect("node a's entry");
+    assert!(entry["media"].as_array().is_some_and(|m| !m.is_empty()), "{entry}");
+    assert!(entry["cpu_percent"].is_u64() && entry["datagrams_per_s"].is_u64(), "{entry}");
 
     // A room nobody runs, on a cluster of idle nodes: placed where it was asked for.
     let alice = cluster.session(0, "alice").await;

@@ -689,6 +689,7 @@ impl Rooms {
             rooms: state.rooms.len(),
             peers: state.rooms.values().map(|entry| entry.peers).sum(),
             draining: self.draining(),
+            ..Default::default()
         };
         (state.rooms.keys().cloned().collect(), load)
     }
