@@ -520,6 +520,11 @@ pub enum Notice {
     Muted {
         by: String,
     },
+    /// To every peer in a room of at most 200: each publisher's loudest audio level (0
+    /// silence, 127 loudest) over the last quarter second, while someone publishes.
+    Levels {
+        levels: std::collections::BTreeMap<String, u8>,
+    },
     /// To a speaker: how many listeners hear its utterances now, live (within a second) and
     /// behind (time-shifted); sent when it changes, at most once a tick.
     Audience {
@@ -587,6 +592,7 @@ impl Notice {
             Notice::SessionExpiring { .. } => "session_expiring",
             Notice::Removed { .. } => "removed",
             Notice::Muted { .. } => "muted",
+            Notice::Levels { .. } => "levels",
             Notice::Audience { .. } => "audience",
             Notice::Hands { .. } => "hands",
             Notice::Invited { .. } => "invited",
@@ -600,7 +606,7 @@ impl Notice {
     }
 
     /// Every notice type, for documentation checks.
-    pub const KINDS: [&'static str; 20] = [
+    pub const KINDS: [&'static str; 21] = [
         "welcome",
         "now_playing",
         "utterance_started",
@@ -612,6 +618,7 @@ impl Notice {
         "session_expiring",
         "removed",
         "muted",
+        "levels",
         "audience",
         "hands",
         "invited",

@@ -546,6 +546,7 @@ const room = {
   invitedBy: null, // the moderator whose invitation to speak waits for an answer
   stageNote: null, // the last change on the stage that concerns us, in words
   audience: null, // {live, behind}: who hears us now (audience notifications)
+  levels: {}, // peer -> loudest level (0..127) of the last quarter second (levels notifications)
   utterances: new Map(), // id -> {utterance, speaker, live, duration_ms, reason, order}
   utteranceOrder: 0,
   statsTimer: null,
@@ -840,6 +841,7 @@ function cleanupRoom() {
   room.invitedBy = null;
   room.stageNote = null;
   room.audience = null;
+  room.levels = {};
   room.utterances.clear();
   room.removedBy = null;
   room.mutedBy = null;
@@ -891,6 +893,10 @@ function installHandlers(sig) {
     u.reason = m.reason;
     if (room.nowPlaying && room.nowPlaying.utterance === m.utterance) room.nowPlaying = { ...room.nowPlaying, live: false };
     render();
+  });
+  sig.on('levels', (m) => {
+    room.levels = m.levels || {};
+    renderLevels();
   });
   sig.on('audience', (m) => {
     room.audience = { live: m.live || 0, behind: m.behind || 0 };
@@ -1462,6 +1468,13 @@ function renderNowPlaying(listening) {
   $('like').setAttribute('aria-pressed', String(liked));
 }
 
+// The publishers' meters move with every levels notice, without redrawing the peer list.
+function renderLevels() {
+  for (const meter of document.querySelectorAll('meter[data-level-peer]')) {
+    meter.value = room.levels[meter.dataset.levelPeer] || 0;
+  }
+}
+
 // A peer is speaking while one of its utterances is open (utterance_started until _ended).
 function speaking(peer) {
   for (const u of room.utterances.values()) if (u.live && u.speaker === peer) return true;
@@ -1482,6 +1495,7 @@ function renderPeers(inRoom) {
       h('span', { class: 'roles' }, (p.roles || []).join(', ')),
       p.publishing ? h('span', { class: 'badge talking', 'data-testid': `publishing-${p.peer}` }, 'publishing') : null,
       speaking(p.peer) ? h('span', { class: 'badge speaking', 'data-testid': `speaking-${p.peer}` }, 'speaking') : null,
+      p.publishing ? h('meter', { class: 'peer-level', min: '0', max: '127', value: String(room.levels[p.peer] || 0), 'data-testid': `level-${p.peer}`, dataset: { levelPeer: p.peer }, title: 'level' }) : null,
       room.hands.includes(p.peer) ? h('span', { class: 'badge hand', 'data-testid': `hand-${p.peer}` }, `hand raised (#${room.hands.indexOf(p.peer) + 1})`) : null,
       heldBy(p) ? h('span', { class: 'badge held', 'data-testid': `held-${p.peer}` }, `mic muted by ${heldBy(p)}`) : null,
     );

@@ -365,6 +365,7 @@ async function main() {
     let micLevel = 0;
     let videoFrames = 0;
     let heardBy = null; // A's page: how many hear A live
+    let peerLevel = 0; // B's meter of A's level
     let last = null;
     let lastPrint = 0;
     for (;;) {
@@ -383,8 +384,9 @@ async function main() {
       if (!sawSpeaking) sawSpeaking = await b.page.evaluate((sel) => !!document.querySelector(sel), `[data-testid="speaking-${peerA}"]`);
       if (!videoFrames) videoFrames = (last.stats && last.stats.video && last.stats.video.framesDecoded) || 0;
       if (!heardBy) heardBy = await a.page.evaluate(() => { const el = document.getElementById('audience'); return !el.hidden && /heard now by [1-9]\d* live/.test(el.textContent) ? el.textContent : null; });
+      if (!peerLevel) peerLevel = await b.page.evaluate((sel) => { const m = document.querySelector(sel); return m ? +m.value : 0; }, `[data-testid="level-${peerA}"]`);
       if (!micLevel) micLevel = await a.page.evaluate(() => +(document.getElementById('mic-level').dataset.level || 0));
-      if (audio && audio.packetsReceived > 0 && audio.totalAudioEnergy > 0 && last.audioPlaying && sawNowPlaying && sawSpeaking && micLevel > 0 && videoFrames > 0 && heardBy) break;
+      if (audio && audio.packetsReceived > 0 && audio.totalAudioEnergy > 0 && last.audioPlaying && sawNowPlaying && sawSpeaking && micLevel > 0 && videoFrames > 0 && heardBy && peerLevel > 0) break;
       const error = (await pageError(b.page)) || (await pageError(a.page));
       if (error) fail(`a page shows an error: ${error}`);
       if (Date.now() > deadline) {
@@ -395,6 +397,7 @@ async function main() {
         if (!sawNowPlaying) missing.push(`B never showed an utterance of ${peerA} as now playing (last: "${last.nowPlayingText}")`);
         if (!sawSpeaking) missing.push(`B's peer list never showed ${peerA} speaking`);
         if (!(micLevel > 0)) missing.push('A\'s microphone meter never moved');
+        if (!(peerLevel > 0)) missing.push(`B's meter of ${peerA}'s level never moved`);
         if (!heardBy) missing.push('A\'s page never said a listener hears A live');
         if (!(videoFrames > 0)) missing.push(`B decoded no video frame of ${peerA}'s camera (${JSON.stringify(last.stats && last.stats.video)})`);
         const sendNow = await sendSideFacts(a.page).catch(() => null);
@@ -408,7 +411,7 @@ async function main() {
     await clickAndCheck(b, '#like', 'Like');
     const likeText = await b.page.textContent('#like');
     if (likeText !== 'Liked') fail(`B: the Like button reads "${likeText}" after a like, not "Liked"`);
-    log(`A's microphone meter at ${micLevel}; B saw ${peerA} speaking and decoded ${videoFrames} frames of A's camera; B's Like shows "${likeText}"; A's page: "${heardBy}"`);
+    log(`A's microphone meter at ${micLevel}; B saw ${peerA} speaking and decoded ${videoFrames} frames of A's camera; B's Like shows "${likeText}"; A's page: "${heardBy}"; B's meter of A at ${peerLevel}`);
     result.video_frames = videoFrames;
     await clickAndCheck(b, `[data-testid="follow-${peerA}"]`, 'Follow');
     const pressed = await b.page.getAttribute(`[data-testid="follow-${peerA}"]`, 'aria-pressed');

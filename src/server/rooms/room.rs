@@ -30,6 +30,10 @@ use crate::server::recorder::Recorder;
 /// `encore_rtp_bytes_total` count: header and payload, before SRTP).
 const RTP_HEADER_BYTES: usize = 20;
 
+/// How often the room tells its peers its publishers' levels, and up to how many peers.
+const LEVELS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+const LEVELS_MAX_PEERS: usize = 200;
+
 /// Commands applied per room per tick at most (the rest wait for the next tick).
 const MAX_COMMANDS_PER_TICK: usize = 20_000;
 
@@ -116,6 +120,10 @@ pub struct Room {
     /// `audience` notices; the speakers whose audience changed this tick.
     hearing: BTreeMap<Name, (Name, bool)>,
     audience_changed: BTreeSet<Name>,
+    /// The loudest audio level (0 silence, 127 loudest) each publisher sent since the last
+    /// `levels` notice, and when the next may go.
+    levels: BTreeMap<Name, u8>,
+    levels_at: Option<Instant>,
     /// Whose each connection is, and which side.
     conns: HashMap<ConnKey, (Name, Side)>,
     /// Published tracks by their connection and SSRC, and by engine name.
@@ -163,6 +171,8 @@ impl Room {
             invites: BTreeMap::new(),
             hearing: BTreeMap::new(),
             audience_changed: BTreeSet::new(),
+            levels: BTreeMap::new(),
+            levels_at: None,
             conns: HashMap::new(),
             tracks: HashMap::new(),
             track_names: BTreeMap::new(),
@@ -315,6 +325,7 @@ impl Room {
         }
         self.tell_audiences();
         let now = Instant::now();
+        self.send_levels(now);
         for packet in output.packets.drain(..) {
             self.deliver(now, packet, media);
         }
@@ -692,6 +703,12 @@ impl Room {
                     return;
                 }
                 let name = track.name.clone();
+                if let Some(level) = level {
+                    // RFC 6464: 0 is the loudest, 127 silence; the meter wants loudness.
+                    let volume = 127 - level.0.min(127);
+                    let loudest = self.levels.entry(track.peer.clone()).or_insert(0);
+                    *loudest = (*loudest).max(volume);
+                }
                 crate::metrics::rtp_in(
                     kind,
                     rtc::shared::marshal::MarshalSize::marshal_size(&packet.header) + packet.payload.len(),
@@ -791,6 +808,21 @@ impl Room {
             }
         }
         Ok(())
+    }
+
+    /// Every [`LEVELS_EVERY`], the loudest level each publisher sent since, to everyone in the
+    /// room (the page's meters), while the room has at most [`LEVELS_MAX_PEERS`] peers: a
+    /// stage with a large audience does without, rather than send thousands of notices a second.
+    fn send_levels(&mut self, now: Instant) {
+        if self.levels.is_empty() || self.levels_at.is_some_and(|at| now < at) {
+            return;
+        }
+        self.levels_at = Some(now + LEVELS_EVERY);
+        let levels: BTreeMap<String, u8> =
+            std::mem::take(&mut self.levels).into_iter().map(|(peer, level)| (peer.to_string(), level)).collect();
+        if self.peers.len() <= LEVELS_MAX_PEERS {
+            self.broadcast(Notice::Levels { levels });
+        }
     }
 
     /// Tells each speaker whose audience changed this tick how many listeners hear it now,
