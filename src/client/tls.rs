@@ -46,7 +46,7 @@ impl ClientTls {
             .ok_or_else(|| ClientError::Protocol(format!("no certificate in {}", cert_pem.display())))?
             .map_err(|e| ClientError::tls("reading the certificate PEM", e))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = Arc::new(PinnedCertificate { der: cert.to_vec(), provider: provider.clone() });
+        let verifier = Arc::new(CertificateCheck { accept: Accept::Only(cert.to_vec()), provider: provider.clone() });
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .expect("ring supports the default protocol versions")
@@ -92,7 +92,7 @@ impl TlsTrust {
 /// gives no protection against an active attacker and must never be used for anything else.
 pub fn insecure_tls() -> ClientTls {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(InsecureAcceptAnyServerCertificate(provider.clone()));
+    let verifier = Arc::new(CertificateCheck { accept: Accept::Any, provider: provider.clone() });
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions")
@@ -102,54 +102,23 @@ pub fn insecure_tls() -> ClientTls {
     ClientTls { config: Arc::new(config) }
 }
 
-/// TEST ONLY (see [`insecure_tls`]): trusts every server certificate, checks handshake
-/// signatures with the provider's algorithms.
+/// A server-certificate check that is not a CA's: the handshake signatures are checked with the
+/// provider's algorithms, the certificate by [`Accept`].
 #[derive(Debug)]
-struct InsecureAcceptAnyServerCertificate(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for InsecureAcceptAnyServerCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// Accepts exactly one end-entity certificate (see [`ClientTls::pinned`]).
-#[derive(Debug)]
-struct PinnedCertificate {
-    der: Vec<u8>,
+struct CertificateCheck {
+    accept: Accept,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
-impl rustls::client::danger::ServerCertVerifier for PinnedCertificate {
+#[derive(Debug)]
+enum Accept {
+    /// TEST ONLY (see [`insecure_tls`]): every server certificate.
+    Any,
+    /// Exactly this end-entity certificate (DER; see [`ClientTls::pinned`]).
+    Only(Vec<u8>),
+}
+
+impl rustls::client::danger::ServerCertVerifier for CertificateCheck {
     fn verify_server_cert(
         &self,
         end_entity: &rustls::pki_types::CertificateDer<'_>,
@@ -158,10 +127,11 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCertificate {
         _ocsp_response: &[u8],
         _now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        if end_entity.as_ref() == self.der.as_slice() {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+        match &self.accept {
+            Accept::Only(der) if end_entity.as_ref() != der.as_slice() => {
+                Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+            }
+            _ => Ok(rustls::client::danger::ServerCertVerified::assertion()),
         }
     }
 
@@ -185,5 +155,27 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+
+    use super::*;
+
+    #[test]
+    fn a_pinned_check_accepts_its_certificate_only_and_the_insecure_one_any() {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let check = |accept| CertificateCheck { accept, provider: provider.clone() };
+        let name = ServerName::try_from("localhost").expect("a name");
+        let verify = |check: &CertificateCheck, der: &[u8]| {
+            check.verify_server_cert(&CertificateDer::from(der.to_vec()), &[], &name, &[], UnixTime::now()).is_ok()
+        };
+        let pinned = check(Accept::Only(vec![1, 2, 3]));
+        assert!(verify(&pinned, &[1, 2, 3]));
+        assert!(!verify(&pinned, &[1, 2, 4]), "another certificate");
+        assert!(verify(&check(Accept::Any), &[9, 9]));
     }
 }
