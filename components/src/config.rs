@@ -28,6 +28,11 @@ pub struct EngineConfig {
     #[serde(skip_serializing_if = "DominantSpeakerConfig::is_default")]
     pub dominant_speaker: DominantSpeakerConfig,
     pub recommender: RecommenderConfig,
+    /// How a listener's stream moves through what it plays: pauses shortened when time-shifted,
+    /// switches at pauses. Left out when it is [`PlayoutConfig::LEGACY`], the behaviour of
+    /// scenarios and recordings written before it existed (see docs/scenario-format.md).
+    #[serde(skip_serializing_if = "PlayoutConfig::is_legacy")]
+    pub playout: PlayoutConfig,
     pub limits: LimitsConfig,
 }
 
@@ -42,8 +47,45 @@ impl Default for EngineConfig {
             vad: VadConfig::default(),
             dominant_speaker: DominantSpeakerConfig::default(),
             recommender: RecommenderConfig::default(),
+            playout: PlayoutConfig::default(),
             limits: LimitsConfig::default(),
         }
+    }
+}
+
+/// Play-out beyond pacing: what a time-shifted listener skips, and when a switch happens.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlayoutConfig {
+    /// A time-shifted route (one that plays behind live at the original pace) keeps at most
+    /// this much of any pause in its utterance, and drops the rest of the pause's silent audio
+    /// packets (timestamps stay continuous), so its lag shrinks without touching speech.
+    /// 0 keeps pauses whole. Utterances with video keep theirs (video cannot skip frames).
+    pub max_pause_ms: u64,
+    /// A switch (a busy listener leaving its utterance for a much better new one) waits for a
+    /// pause at least this long in what it plays, so it does not cut a word...
+    pub switch_pause_ms: u64,
+    /// ...but at most this long after it was decided. 0 switches at once.
+    pub switch_wait_ms: u64,
+    /// After a switch, the utterance it cut is played again from where it was cut once the
+    /// listener is done with the new one (finished or skipped it), unless it is gone.
+    pub resume_cut: bool,
+}
+
+impl PlayoutConfig {
+    /// The behaviour before these settings existed: pauses kept, switches at once, nothing
+    /// resumed. What a scenario or recording that does not name `playout` replays with.
+    pub const LEGACY: PlayoutConfig =
+        PlayoutConfig { max_pause_ms: 0, switch_pause_ms: 200, switch_wait_ms: 0, resume_cut: false };
+
+    pub fn is_legacy(&self) -> bool {
+        *self == PlayoutConfig::LEGACY
+    }
+}
+
+impl Default for PlayoutConfig {
+    fn default() -> Self {
+        PlayoutConfig { max_pause_ms: 250, switch_pause_ms: 200, switch_wait_ms: 2_000, resume_cut: true }
     }
 }
 
@@ -364,6 +406,16 @@ impl EngineConfig {
         }
         if l.explore > 1_000_000 || l.utterance > 1_000_000 || l.follow.abs() > 1_000_000 {
             return fail("recommender.learn", "follow, explore and utterance must be within 1000000");
+        }
+        let p = &self.playout;
+        if p.max_pause_ms > 10_000 {
+            return fail("playout.max_pause_ms", format!("must be at most 10000, got {}", p.max_pause_ms));
+        }
+        if p.switch_pause_ms == 0 || p.switch_pause_ms > 5_000 {
+            return fail("playout.switch_pause_ms", format!("must be between 1 and 5000, got {}", p.switch_pause_ms));
+        }
+        if p.switch_wait_ms > 60_000 {
+            return fail("playout.switch_wait_ms", format!("must be at most 60000, got {}", p.switch_wait_ms));
         }
         if self.limits.max_payload_bytes == 0 || self.limits.max_payload_bytes > 65_535 {
             return fail("limits.max_payload_bytes", "must be between 1 and 65535");

@@ -27,10 +27,14 @@ pub struct Cursor {
     /// The buffer's reshape count when the cursor was last moved; while it holds, `next` is
     /// exact and play-out need not look at the packets before it.
     pub reshapes: u32,
-    /// How far this media runs ahead of the route's pace, from a live route's catch-up: its
-    /// packets are due this much earlier than `Playing::start_us` and the origin say. Only
-    /// ever grows within a route, up to `Playing::catchup_us`.
+    /// How far this media runs ahead of the route's pace: its packets are due this much
+    /// earlier than `Playing::start_us` and the origin say. Only ever grows within a route:
+    /// by a live route's catch-up (up to `Playing::catchup_us`), and by the silence a
+    /// time-shifted route dropped from long pauses.
     pub ahead_us: u64,
+    /// Audio: the media time of the first packet of the unvoiced run the cursor is in (none
+    /// after a voiced packet): how long the pause being played has lasted.
+    pub silent_since_us: Option<u64>,
 }
 
 /// The utterance a listener plays, and how.

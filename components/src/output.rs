@@ -217,10 +217,18 @@ pub struct Counters {
     pub evicted_bytes: u64,
     /// Packets removed from the front of utterances (and pre-roll rings) under buffer pressure.
     pub trimmed_packets: u64,
+    /// Silent audio packets time-shifted play-out left out of long pauses
+    /// (`playout.max_pause_ms`; absent from the line while zero).
+    #[serde(skip_serializing_if = "is_no_count")]
+    pub pause_dropped: u64,
     /// Lookups that failed although they cannot unless the engine has a bug (an entity in the
     /// directory without its components, say). Debug builds assert instead; release builds
     /// count and skip the item, so one broken entity never takes a room down. Always 0.
     pub internal_errors: u64,
+}
+
+fn is_no_count(count: &u64) -> bool {
+    *count == 0
 }
 
 /// NACKed sequence numbers the retransmit system refused, by cause: what bounds a listener

@@ -48,6 +48,8 @@ pub struct StagedPacket {
     pub keyframe: bool,
     pub audio_level: Option<u8>,
     pub voice: Option<bool>,
+    /// Voice detection's verdict on this packet (audio only; set by the voice system).
+    pub voiced: bool,
     pub payload: Arc<[u8]>,
 }
 

@@ -41,6 +41,9 @@ pub struct BufferedPacket {
     pub marker: bool,
     pub keyframe: bool,
     pub audio_level: Option<u8>,
+    /// Voice detection judged it speech (audio; video packets are never voiced): time-shifted
+    /// play-out shortens runs of unvoiced ones, and switches wait for them.
+    pub voiced: bool,
     pub payload: Arc<[u8]>,
 }
 

@@ -19,7 +19,7 @@ use std::io;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use encore_systems::components::config::{EngineConfig, Policy};
+use encore_systems::components::config::{EngineConfig, PlayoutConfig, Policy};
 use encore_systems::components::input::Input;
 
 pub use encore_systems::components::input::filler_payload;
@@ -67,10 +67,16 @@ struct RawHeader {
     end_us: Option<u64>,
 }
 
-/// A configuration that does not name `recommender.policy` was written before there was a
-/// choice: it ran, and replays with, the `rules` policy.
-fn name_the_policy(config: &mut Value) {
+/// A configuration written before a setting existed ran, and replays with, the behaviour from
+/// before it: without `recommender.policy` the `rules` policy, without `playout`
+/// [`PlayoutConfig::LEGACY`] (pauses kept, switches at once).
+fn fill_legacy_defaults(config: &mut Value) {
     let Value::Object(config) = config else { return };
+    if !config.contains_key("playout")
+        && let Ok(legacy) = serde_json::to_value(PlayoutConfig::LEGACY)
+    {
+        config.insert("playout".to_owned(), legacy);
+    }
     let recommender = config.entry("recommender").or_insert_with(|| Value::Object(Default::default()));
     if let Value::Object(recommender) = recommender {
         recommender.entry("policy").or_insert_with(|| Value::from(Policy::Rules.as_str()));
@@ -92,12 +98,13 @@ impl ScenarioHeader {
         }
         let mut config: EngineConfig = match raw.config {
             Some(mut value) => {
-                name_the_policy(&mut value);
+                fill_legacy_defaults(&mut value);
                 serde_json::from_value(value).map_err(|e| format!("bad config: {e}"))?
             }
             None => {
                 let mut config = EngineConfig::default();
                 config.recommender.policy = Policy::Rules;
+                config.playout = PlayoutConfig::LEGACY;
                 config
             }
         };

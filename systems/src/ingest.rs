@@ -584,6 +584,7 @@ fn rtp(world: &mut World, config: &EngineConfig, clock: &EngineClock, at_us: u64
         keyframe: packet.keyframe,
         audio_level: packet.audio_level,
         voice: packet.voice,
+        voiced: false,
         payload: packet.payload,
     };
     match world.get_mut::<Incoming>(track) {

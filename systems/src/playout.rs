@@ -152,6 +152,7 @@ pub fn play_out(
     let credit_per_packet = config.limits.retransmit_percent;
     let credit_cap = config.limits.retransmit_burst.saturating_mul(100);
     let payloads = outputs.payloads;
+    let max_pause_us = config.playout.max_pause_ms * 1000;
     for session in directory.listeners.values() {
         let Ok((listener, mut route, mut streams)) = sessions.get_mut(*session) else {
             bug(&mut counters, "a session in the directory lacks its components");
@@ -191,7 +192,39 @@ pub fn play_out(
             let mut next_due_us = None;
             let mut ahead_us = cursor.ahead_us;
             let mut sent_ahead = 0;
+            let mut silent_since_us = cursor.silent_since_us;
+            // A time-shifted audio-only route shortens long pauses (see the module doc).
+            let shorten = media == MediaKind::Audio
+                && max_pause_us > 0
+                && playing.catchup_us == 0
+                && buffer.video.packets.is_empty();
             while let Some(packet) = packets.get(index) {
+                if media == MediaKind::Audio {
+                    if packet.voiced {
+                        silent_since_us = None;
+                    } else {
+                        let since = *silent_since_us.get_or_insert(packet.media_us);
+                        if shorten && packet.media_us >= since + max_pause_us {
+                            // Silence past the pause's bound: drop it when what follows is
+                            // already here (or nothing will follow), and let the next packet
+                            // take its slot, on the pace and in the timestamps.
+                            let next = packets.get(index + 1);
+                            if next.is_some() || !utterance.is_open() {
+                                if let Some(next) = next {
+                                    ahead_us += next.media_us.saturating_sub(packet.media_us);
+                                    let stream = streams.get_mut(media);
+                                    if stream.source == Some(playing.ord) && !stream.rebase {
+                                        stream.ts_offset = stream.ts_offset.wrapping_sub(next.ts.wrapping_sub(packet.ts));
+                                    }
+                                }
+                                index += 1;
+                                last = Some(packet.ext_seq);
+                                counters.pause_dropped += 1;
+                                continue;
+                            }
+                        }
+                    }
+                }
                 let paced = (playing.start_us + packet.media_us).saturating_sub(playing.origin_media_us);
                 let due = paced.saturating_sub(ahead_us);
                 if due > now {
@@ -234,7 +267,14 @@ pub fn play_out(
                 });
                 counters.sent += 1;
             }
-            let cursor = Cursor { next: index, last_ext_seq: last, next_due_us, reshapes: buffer.reshapes, ahead_us };
+            let cursor = Cursor {
+                next: index,
+                last_ext_seq: last,
+                next_due_us,
+                reshapes: buffer.reshapes,
+                ahead_us,
+                silent_since_us,
+            };
             match media {
                 MediaKind::Audio => playing.audio = cursor,
                 MediaKind::Video => playing.video = cursor,
@@ -336,6 +376,68 @@ mod tests {
         let bob: Vec<u64> = room.sent.iter().filter(|(_, p)| p.utterance == bob_ord).map(|(at, _)| *at).collect();
         assert!(bob.len() > 100);
         assert!(bob.windows(2).all(|w| w[1] >= w[0] + 20_000), "a burst: {bob:?}");
+    }
+
+    /// bob's utterance (0.5-3.38 s) has a 360 ms pause inside and a 380 ms silent tail: lena,
+    /// busy with alice, hears it time-shifted with each pause cut to `max_pause_ms` (250 ms).
+    fn room_with_a_paused_speaker(config: EngineConfig) -> (Room, Vec<(u64, SendPacket)>) {
+        let mut room = Room::new(config);
+        room.speaker("alice", "a1");
+        room.speaker("bob", "b1");
+        room.listener("lena");
+        room.talk("a1", 0, 2_000_000);
+        room.talk("b1", 500_000, 1_500_000);
+        room.silence("b1", 1_500_000, 1_860_000);
+        room.talk("b1", 1_860_000, 3_000_000);
+        room.silence("b1", 3_000_000, 3_600_000);
+        room.run_until(8_000_000);
+        let bob_ord = room.engine.utterance_ord(&"bob#1".parse().unwrap()).unwrap();
+        let bob = room.sent.iter().filter(|(_, p)| p.utterance == bob_ord).map(|(at, p)| (*at, p.clone())).collect();
+        (room, bob)
+    }
+
+    #[test]
+    fn a_time_shifted_route_shortens_long_pauses_and_keeps_its_stream_continuous() {
+        let (mut room, bob) = room_with_a_paused_speaker(EngineConfig::default());
+        let buffered = room.buffer_of("bob#1").audio.packets;
+        let silent = |p: &SendPacket| p.audio_level == Some(100);
+        // The inner pause (18 packets, 360 ms) keeps 250 ms (13 packets), and so does the
+        // tail (19 packets until the offset, 400 ms after the last voiced one).
+        let dropped = buffered.len() - bob.len();
+        assert_eq!(dropped, 5 + 6, "{} buffered, {} sent", buffered.len(), bob.len());
+        let runs: Vec<usize> = bob
+            .split(|(_, p)| !silent(p))
+            .map(|run| run.len())
+            .filter(|n| *n > 0)
+            .collect();
+        assert_eq!(runs, vec![13, 13], "silent runs as sent");
+        // Every word is there, and one continuous stream: seq + 1, one 20 ms frame per packet,
+        // one packet per 20 ms of the clock (the pace moved up, it did not burst).
+        assert_eq!(bob.iter().filter(|(_, p)| !silent(p)).count(), buffered.iter().filter(|p| p.voiced).count());
+        for pair in bob.windows(2) {
+            assert_eq!(pair[1].1.seq, pair[0].1.seq.wrapping_add(1));
+            assert_eq!(pair[1].1.ts.wrapping_sub(pair[0].1.ts), 960);
+            assert_eq!(pair[1].0 - pair[0].0, 20_000, "{:?} then {:?}", pair[0], pair[1]);
+        }
+        // 11 packets fewer: lena is done with bob 220 ms sooner than with the pauses whole.
+        let mut whole = EngineConfig::default();
+        whole.playout.max_pause_ms = 0;
+        let (_, kept) = room_with_a_paused_speaker(whole);
+        assert_eq!(kept.len(), buffered.len());
+        assert_eq!(kept.last().unwrap().0 - bob.last().unwrap().0, 220_000);
+    }
+
+    #[test]
+    fn a_live_route_keeps_its_pauses() {
+        let mut room = Room::new(EngineConfig::default());
+        room.speaker("bob", "b1");
+        room.listener("lena");
+        room.talk("b1", 500_000, 1_500_000);
+        room.silence("b1", 1_500_000, 1_860_000);
+        room.talk("b1", 1_860_000, 3_000_000);
+        room.run_until(5_000_000);
+        let buffered = room.buffer_of("bob#1").audio.packets.len();
+        assert_eq!(room.sent.len(), buffered, "live: nothing dropped");
     }
 
     #[test]
@@ -461,6 +563,7 @@ mod tests {
                 marker: false,
                 keyframe: false,
                 audio_level: None,
+                voiced: false,
                 payload: std::sync::Arc::from(vec![]),
             })
             .collect();
@@ -541,6 +644,7 @@ mod rewrite_table {
                 marker: row.marker,
                 keyframe: false,
                 audio_level: None,
+                voiced: false,
                 payload: std::sync::Arc::from(vec![]),
             };
             stream.rebase |= row.cut;

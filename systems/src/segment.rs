@@ -363,6 +363,7 @@ pub fn append_to(buffer: &mut PacketBuffer, media: MediaKind, clock_rate: u32, p
         marker: packet.marker,
         keyframe: packet.keyframe,
         audio_level: packet.audio_level,
+        voiced: packet.voiced,
         payload: packet.payload,
     };
     match target.packets.last() {

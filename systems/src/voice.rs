@@ -40,7 +40,7 @@ pub fn detect_voice(
     for (mut incoming, mut voice) in &mut tracks {
         let Incoming { packets, changes } = &mut *incoming;
         changes.clear();
-        for (index, packet) in packets.iter().enumerate() {
+        for (index, packet) in packets.iter_mut().enumerate() {
             let arrival = packet.arrival_us;
             if voice.speaking
                 && let Some(last) = voice.last_voiced_us
@@ -49,7 +49,8 @@ pub fn detect_voice(
                 voice.speaking = false;
                 changes.push(VoiceChange::Offset { before: index, at_us: last + hangover_us });
             }
-            if is_voiced(packet, &config.vad) {
+            packet.voiced = is_voiced(packet, &config.vad);
+            if packet.voiced {
                 if !voice.speaking {
                     if voice.last_voiced_us.is_some_and(|last| arrival > last + RUN_GAP_US) {
                         voice.run_start_us = None;
@@ -96,6 +97,7 @@ mod tests {
             keyframe: false,
             audio_level: level,
             voice,
+            voiced: false,
             payload: Arc::from(vec![0u8; size]),
         }
     }
