@@ -16,9 +16,14 @@
 //! reloaded and must come back signed in, in the room, listening; last, a third restart while
 //! A's ticket requests are answered 503 (A keeps trying, signed in), then 401 (A signs out).
 //!
-//! Run it alone with `cargo test --test tests server::browser -- --nocapture`. Set
-//! `ENCORE_SKIP_BROWSER_TEST=1` to skip it on a machine that cannot install packages (it says so
-//! loudly); CI does not set it.
+//! The second test puts Firefox in the room too (Debian's firefox-esr, driven by puppeteer-core over
+//! WebDriver BiDi; `tests/browser/firefox.mjs`): a Firefox listener hears a Chromium speaker, and a
+//! Chromium listener hears Firefox's fake microphone.
+//!
+//! Run them alone with `cargo test --test tests server::browser -- --nocapture`. Set
+//! `ENCORE_SKIP_BROWSER_TEST=1` to skip both on a machine that cannot install packages (they say so
+//! loudly); CI does not set it. They run one at a time (each starts browsers enough to keep two
+//! cores busy, and each runs `scripts/browser-deps.sh`, whose apt and npm must not race).
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -26,7 +31,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -39,13 +44,32 @@ use serde_json::Value;
 const SERVER_START: Duration = Duration::from_secs(90);
 /// The browser script's own timeout (seconds); it stops itself at this plus 30 s.
 const BROWSER_TIMEOUT_S: u64 = 180;
+/// firefox.mjs's own timeout (seconds): it passes in about 10 s on an idle machine.
+const FIREFOX_TIMEOUT_S: u64 = 90;
+
+/// Held by a browser test for its whole run: the browser tests go one at a time.
+static BROWSER_TESTS: Mutex<()> = Mutex::new(());
+
+/// Waits for the other browser test to finish (a failed one, which panicked holding it, too).
+fn one_browser_test_at_a_time() -> MutexGuard<'static, ()> {
+    BROWSER_TESTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// True (and says so) when `ENCORE_SKIP_BROWSER_TEST` asks to skip the real-browser tests.
+fn skip_browser_test(which: &str) -> bool {
+    let skip = std::env::var_os("ENCORE_SKIP_BROWSER_TEST").is_some_and(|v| !v.is_empty() && v != "0");
+    if skip {
+        eprintln!("SKIPPED: {which} (ENCORE_SKIP_BROWSER_TEST is set)");
+    }
+    skip
+}
 
 #[test]
 fn demo_page_speaker_to_listener_in_real_chromium() {
-    if std::env::var_os("ENCORE_SKIP_BROWSER_TEST").is_some_and(|v| !v.is_empty() && v != "0") {
-        eprintln!("SKIPPED: the real-browser test (ENCORE_SKIP_BROWSER_TEST is set)");
+    if skip_browser_test("the real-browser test") {
         return;
     }
+    let _one = one_browser_test_at_a_time();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let deps = browser_deps(root);
     let work = TempDir::new("encore-browser-test");
@@ -155,6 +179,86 @@ fn demo_page_speaker_to_listener_in_real_chromium() {
     assert!(refused.contains("refused"), "A did not sign out on a refused token: {result}");
 }
 
+#[test]
+fn firefox_and_chromium_hear_each_other() {
+    if skip_browser_test("the Firefox and Chromium test") {
+        return;
+    }
+    let _one = one_browser_test_at_a_time();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let deps = browser_deps(root);
+    let work = TempDir::new("encore-firefox-test");
+
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let data_dir = work.path().join("data");
+    fs::create_dir_all(&data_dir).expect("data dir");
+    let server_log = work.path().join("server.log");
+    let mut server = Server::start(&addr, &data_dir, &server_log);
+    wait_until_healthy(&addr, &mut server, &server_log);
+
+    let url = format!("https://{addr}");
+    eprintln!("browser test: server up at {url}; running tests/browser/firefox.mjs");
+    let node = deps.get("NODE").map(String::as_str).unwrap_or("node");
+    let mut command = Command::new(node);
+    command
+        .current_dir(root)
+        .arg("tests/browser/firefox.mjs")
+        .arg(&url)
+        .args(["--timeout", &FIREFOX_TIMEOUT_S.to_string()])
+        .stdin(Stdio::null());
+    for key in ["CHROMIUM", "PLAYWRIGHT_CORE", "FIREFOX", "PUPPETEER_CORE", "ESPEAK_NG", "SOX"] {
+        if let Some(value) = deps.get(key) {
+            command.env(key, value);
+        }
+    }
+    // The script's output holds Firefox's own stdout and stderr (puppeteer's dumpio) and, on a
+    // failure, Chromium's and both pages' consoles: all of it goes in the panic below.
+    let script_log = work.path().join("firefox.log");
+    let (status, output) = run_logged(command, &script_log, Duration::from_secs(FIREFOX_TIMEOUT_S + 60), |_| {});
+    let result = output
+        .lines()
+        .rev()
+        .find_map(|line| line.strip_prefix("RESULT "))
+        .and_then(|json| serde_json::from_str::<Value>(json).ok());
+    let passed = status == Some(0) && result.as_ref().is_some_and(|r| r["ok"] == Value::Bool(true));
+    if !passed {
+        panic!(
+            "the Firefox and Chromium test failed (exit {status:?})\n--- firefox.mjs ---\n{output}\n--- server log (last 150 lines) ---\n{}",
+            tail(&server_log, 150),
+        );
+    }
+    let result = result.expect("checked above");
+    // The script checked these; say them again here so a changed script cannot pass silently.
+    for (listener, heard, speaker) in
+        [("Firefox", "firefox_hears_chromium", "peer_chromium"), ("Chromium", "chromium_hears_firefox", "peer_firefox")]
+    {
+        let heard = &result[heard];
+        let packets = heard["audio"]["packetsReceived"].as_u64().unwrap_or(0);
+        let first = heard["first"]["packets"].as_u64().unwrap_or(u64::MAX);
+        let bytes = heard["audio"]["bytesReceived"].as_u64().unwrap_or(0);
+        let energy = heard["audio"]["totalAudioEnergy"].as_f64().unwrap_or(0.0);
+        let now_playing = heard["now_playing"]["utterance"].as_str().unwrap_or_default();
+        let speaker = result[speaker].as_str().unwrap_or_default();
+        eprintln!(
+            "browser test: {listener} received {packets} audio packets ({bytes} bytes), totalAudioEnergy {energy:.4}; \
+             now playing {now_playing} {}s after {speaker} began; its meter of {speaker} reached {}",
+            heard["now_playing"]["after_s"], heard["max_level"]
+        );
+        assert!(packets > first, "{listener}'s inbound audio did not rise: {result}");
+        assert!(energy > 0.0, "{listener} decoded no audio energy: {result}");
+        assert!(
+            now_playing.strip_prefix(&format!("{speaker}#")).is_some_and(|n| n.parse::<u32>().is_ok()),
+            "{listener}'s now playing {now_playing:?} is not an utterance of {speaker:?}"
+        );
+    }
+    eprintln!(
+        "browser test: Chromium {} and {} heard each other in {}s",
+        result["chromium"].as_str().unwrap_or("?"),
+        result["firefox"].as_str().unwrap_or("?"),
+        result["elapsed_s"]
+    );
+}
+
 /// Runs scripts/browser-deps.sh and reads its `KEY=VALUE` lines.
 fn browser_deps(root: &Path) -> HashMap<String, String> {
     let output = Command::new("bash")
@@ -167,8 +271,8 @@ fn browser_deps(root: &Path) -> HashMap<String, String> {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
-        "scripts/browser-deps.sh failed ({}); it installs chromium, espeak-ng and sox with apt-get (root) and \
-         playwright-core with npm. Set ENCORE_SKIP_BROWSER_TEST=1 to skip this test where that is impossible.\n{stderr}",
+        "scripts/browser-deps.sh failed ({}); it installs chromium, firefox-esr, espeak-ng and sox with apt-get \
+         (root) and playwright-core and puppeteer-core with npm. Set ENCORE_SKIP_BROWSER_TEST=1 to skip this test where that is impossible.\n{stderr}",
         output.status
     );
     let deps: HashMap<String, String> = stdout
@@ -177,9 +281,11 @@ fn browser_deps(root: &Path) -> HashMap<String, String> {
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
         .collect();
     eprintln!(
-        "browser test: {} with playwright-core at {}",
+        "browser test: {} with playwright-core at {}; {} with puppeteer-core at {}",
         deps.get("CHROMIUM_VERSION").map(String::as_str).unwrap_or("chromium"),
-        deps.get("PLAYWRIGHT_CORE").map(String::as_str).unwrap_or("?")
+        deps.get("PLAYWRIGHT_CORE").map(String::as_str).unwrap_or("?"),
+        deps.get("FIREFOX_VERSION").map(String::as_str).unwrap_or("firefox"),
+        deps.get("PUPPETEER_CORE").map(String::as_str).unwrap_or("?")
     );
     deps
 }
