@@ -378,7 +378,7 @@ impl Simulation<'_> {
                 }
             }
             Some(RouteReason::Skip) => t.skipped += 1,
-            Some(RouteReason::Switch) => t.switched += 1,
+            Some(RouteReason::Switch | RouteReason::SwitchAtPause) => t.switched += 1,
             // Stopped listening, or the run ended: its end is unknown.
             Some(RouteReason::StoppedListening) | None => {}
             Some(_) => t.other += 1,

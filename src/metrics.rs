@@ -240,19 +240,6 @@ static METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, 
 
 const MEDIA: [MediaKind; 2] = [MediaKind::Audio, MediaKind::Video];
 const ROLES: [&str; 4] = ["admin", "moderator", "speaker", "listener"];
-const ROUTE_REASONS: [RouteReason; 11] = [
-    RouteReason::NewUtterance,
-    RouteReason::Switch,
-    RouteReason::StartedListening,
-    RouteReason::Finished,
-    RouteReason::Skip,
-    RouteReason::Evicted,
-    RouteReason::Muted,
-    RouteReason::Prefs,
-    RouteReason::Feedback,
-    RouteReason::StoppedListening,
-    RouteReason::Resumed,
-];
 
 /// Which way a packet went, seen from the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -381,23 +368,7 @@ fn direction_index(direction: Direction) -> usize {
 }
 
 fn route_reason_index(reason: RouteReason) -> usize {
-    ROUTE_REASONS.iter().position(|r| *r == reason).unwrap_or(0)
-}
-
-fn route_reason_str(reason: RouteReason) -> &'static str {
-    match reason {
-        RouteReason::NewUtterance => "new_utterance",
-        RouteReason::Switch => "switch",
-        RouteReason::StartedListening => "started_listening",
-        RouteReason::Finished => "finished",
-        RouteReason::Skip => "skip",
-        RouteReason::Evicted => "evicted",
-        RouteReason::Muted => "muted",
-        RouteReason::Prefs => "prefs",
-        RouteReason::Feedback => "feedback",
-        RouteReason::StoppedListening => "stopped_listening",
-        RouteReason::Resumed => "resumed",
-    }
+    RouteReason::ALL.iter().position(|r| *r == reason).unwrap_or(0)
 }
 
 /// A peer's highest role: the one its `encore_peers` series counts it under.
@@ -471,7 +442,7 @@ struct Registry {
     utterances_evicted: Counter,
     evicted_bytes: Counter,
     trimmed_packets: Counter,
-    route_changes: [Counter; 11],
+    route_changes: [Counter; RouteReason::ALL.len()],
     decisions: Counter,
     decisions_per_tick: Histogram,
     /// [live, time-shifted]
@@ -577,7 +548,7 @@ impl Registry {
             utterances_evicted: c(UTTERANCES_EVICTED, &[]),
             evicted_bytes: c(EVICTED_BYTES, &[]),
             trimmed_packets: c(TRIMMED_PACKETS, &[]),
-            route_changes: ROUTE_REASONS.map(|r| c(ROUTE_CHANGES, &[("reason", route_reason_str(r))])),
+            route_changes: RouteReason::ALL.map(|r| c(ROUTE_CHANGES, &[("reason", r.as_str())])),
             decisions: c(DECISIONS, &[]),
             decisions_per_tick: h(DECISIONS_PER_TICK),
             playing: ["live", "time_shifted"].map(|mode| g(LISTENERS_PLAYING, &[("mode", mode)])),

@@ -1333,6 +1333,8 @@ function renderStats() {
 const REASONS = {
   new_utterance: 'someone started talking',
   switch: 'the recommender found something you will like more',
+  switch_at_pause: 'the recommender found something you will like more, and waited for a pause',
+  resume_cut: 'back to what that interrupted, from where it stopped',
   started_listening: 'you started listening',
   finished: 'what played before finished',
   skip: 'you skipped what played before',

@@ -6,6 +6,7 @@ use bevy_ecs::prelude::{Component, Entity};
 
 use crate::ids::{MediaKind, Name, PeerKey, UtteranceId, UtteranceOrd};
 use crate::output::ScoreTerms;
+use crate::resources::Choice;
 
 #[derive(Component, Clone, Debug)]
 pub struct ListenerSession {
@@ -65,6 +66,32 @@ pub struct Route {
     /// Since when the listener has paused its stream (engine time): play-out sends it
     /// nothing and its position waits, and it takes no new utterance until it resumes.
     pub paused_since_us: Option<u64>,
+    /// A switch decided and waiting for a pause in what plays (`playout.switch_wait_ms`).
+    pub pending_switch: Option<PendingSwitch>,
+    /// Where the last switch cut the listener's utterance: played on from there once the
+    /// listener is done with the one it switched to (`playout.resume_cut`).
+    pub cut: Option<CutPlace>,
+}
+
+/// A switch waiting for its moment: the new utterance and when it was decided.
+#[derive(Clone, Debug)]
+pub struct PendingSwitch {
+    pub choice: Choice,
+    pub decided_us: u64,
+}
+
+/// An utterance a switch cut, and where: its cursors as they stood.
+#[derive(Clone, Debug)]
+pub struct CutPlace {
+    pub utterance: Entity,
+    pub id: UtteranceId,
+    pub ord: UtteranceOrd,
+    pub speaker: PeerKey,
+    pub speaker_name: Name,
+    pub score: i64,
+    pub terms: ScoreTerms,
+    pub audio: Cursor,
+    pub video: Cursor,
 }
 
 /// A sent packet, remembered to answer NACKs with the same header. Kept small: every

@@ -60,8 +60,14 @@ pub enum EndReason {
 pub enum RouteReason {
     /// An idle listener starts an utterance in the tick it opens.
     NewUtterance,
-    /// A busy listener leaves its utterance for a much better new one.
+    /// A busy listener leaves its utterance for a much better new one at once (no pause came
+    /// within `playout.switch_wait_ms`, or the wait is 0).
     Switch,
+    /// The same, at a pause in what the listener heard.
+    SwitchAtPause,
+    /// Back to the utterance a switch cut, from where it was cut, once the listener is done
+    /// with the one it switched to.
+    ResumeCut,
     /// The listener just started listening.
     StartedListening,
     /// The listener finished its utterance.
@@ -81,6 +87,44 @@ pub enum RouteReason {
     /// The listener resumed after a pause with nothing to continue: it was idle, or its
     /// pause outlasted the time a pause holds a position.
     Resumed,
+}
+
+impl RouteReason {
+    /// Every reason, in declaration order (metrics label one series per reason).
+    pub const ALL: [RouteReason; 13] = [
+        RouteReason::NewUtterance,
+        RouteReason::Switch,
+        RouteReason::SwitchAtPause,
+        RouteReason::ResumeCut,
+        RouteReason::StartedListening,
+        RouteReason::Finished,
+        RouteReason::Skip,
+        RouteReason::Evicted,
+        RouteReason::Muted,
+        RouteReason::Prefs,
+        RouteReason::Feedback,
+        RouteReason::StoppedListening,
+        RouteReason::Resumed,
+    ];
+
+    /// The reason as the trace, the protocol and metrics write it (serde's name).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteReason::NewUtterance => "new_utterance",
+            RouteReason::Switch => "switch",
+            RouteReason::SwitchAtPause => "switch_at_pause",
+            RouteReason::ResumeCut => "resume_cut",
+            RouteReason::StartedListening => "started_listening",
+            RouteReason::Finished => "finished",
+            RouteReason::Skip => "skip",
+            RouteReason::Evicted => "evicted",
+            RouteReason::Muted => "muted",
+            RouteReason::Prefs => "prefs",
+            RouteReason::Feedback => "feedback",
+            RouteReason::StoppedListening => "stopped_listening",
+            RouteReason::Resumed => "resumed",
+        }
+    }
 }
 
 /// The named terms of a score; the score is their sum. The first seven are every policy's
@@ -315,4 +359,17 @@ pub enum Event {
         speaker: Option<Name>,
         track: Option<Name>,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RouteReason;
+
+    #[test]
+    fn every_route_reason_is_listed_once_under_its_serde_name() {
+        for (i, reason) in RouteReason::ALL.iter().enumerate() {
+            assert_eq!(serde_json::to_value(reason).unwrap(), reason.as_str());
+            assert_eq!(RouteReason::ALL.iter().position(|r| r == reason), Some(i));
+        }
+    }
 }

@@ -186,6 +186,14 @@ pub struct Decision {
     pub rescored: Option<i64>,
 }
 
+/// Waiting switches whose moment came during play-out (a pause in what the listener hears,
+/// or the end of the wait), for the router to apply at the next tick, in listener key order:
+/// the session and whether it was a pause.
+#[derive(Resource, Debug, Default)]
+pub struct SwitchesDue {
+    pub list: Vec<(Entity, bool)>,
+}
+
 /// Decisions of this tick, from the recommender to the router, in listener key order.
 #[derive(Resource, Debug, Default)]
 pub struct Decisions {

@@ -51,6 +51,8 @@ pub type ClientId = usize;
 pub struct LiveFlag {
     pub live: AtomicBool,
     pub lag_us: AtomicU64,
+    /// When the route's `now_playing` arrived (µs since the run's epoch).
+    pub since_us: AtomicU64,
 }
 
 /// What the publishers sent.
@@ -83,6 +85,8 @@ enum Command {
 
 /// The fleet: its loop on a thread of its own, and the way to talk to it.
 pub struct Fleet {
+    /// The run's epoch: every time the fleet and its clients stamp is measured from it.
+    pub epoch: Instant,
     commands: Sender<Command>,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<Totals>>>,
 }
@@ -92,7 +96,7 @@ impl Fleet {
         let (commands, rx) = std::sync::mpsc::channel();
         let thread =
             std::thread::Builder::new().name("loadgen-fleet".into()).spawn(move || Loop::new(epoch, rx).run())?;
-        Ok(Fleet { commands, thread: std::sync::Mutex::new(Some(thread)) })
+        Ok(Fleet { epoch, commands, thread: std::sync::Mutex::new(Some(thread)) })
     }
 
     async fn ask<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, String> {
@@ -582,7 +586,10 @@ impl Loop {
                 let RTCMessage::RtpPacket(track_id, packet) = message.message else { continue };
                 let Some((live, stats, tracks)) = client.listening.as_mut() else { continue };
                 let media = tracks.get(&track_id).copied().unwrap_or(MediaKind::Audio);
-                let lag = live.live.load(Ordering::Relaxed).then(|| live.lag_us.load(Ordering::Relaxed));
+                let lag = live
+                    .live
+                    .load(Ordering::Relaxed)
+                    .then(|| (live.lag_us.load(Ordering::Relaxed), live.since_us.load(Ordering::Relaxed)));
                 account(stats, media, packet.header.sequence_number, message.now, &packet.payload, epoch, lag);
             }
             while let Some(out) = client.pc.poll_write() {

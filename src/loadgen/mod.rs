@@ -214,7 +214,8 @@ struct ListenerStats {
     delays_us: Vec<u32>,
     /// The same, for packets received while the listener's now_playing said live.
     live_delays_us: Vec<u32>,
-    /// Those live delays less the route's `lag_ms` (the engine's deliberate pacing offset).
+    /// Those live delays less the route's `lag_ms` (the engine's deliberate pacing offset),
+    /// of packets published after the route began.
     path_delays_us: Vec<u32>,
     unstamped: u64,
 }
@@ -326,9 +327,10 @@ pub struct Report {
     pub delay_all: Delays,
     /// The same, only while the listener's now_playing said live.
     pub delay_live: Delays,
-    /// Live delays less the `lag_ms` their route started with: a live route plays from the
-    /// utterance's first packet (the pre-roll) at the original pace, so it stays that far
-    /// behind by design; what is left is the transport path (network, ticks, channels, SRTP).
+    /// Live delays less the `lag_ms` of their route (0 for a live route that catches up with
+    /// the live edge), of packets published after the route began (its pre-roll, sent ahead
+    /// at once, is old by design): what is left is the transport path (network, ticks,
+    /// channels, SRTP).
     pub delay_live_less_lag: Delays,
     /// Packets received per wall second over the window (what the server forwarded, less
     /// what was lost).
@@ -464,6 +466,7 @@ fn follow_notices(
     notices: Arc<AtomicU64>,
     until: Instant,
 ) -> tokio::task::JoinHandle<()> {
+    let epoch = fleet.epoch;
     tokio::spawn(async move {
         loop {
             let wait = until.saturating_duration_since(Instant::now());
@@ -476,6 +479,7 @@ fn follow_notices(
                         notices.fetch_add(1, Ordering::Relaxed);
                         if let Some(live) = &live {
                             live.lag_us.store(lag_ms * 1000, Ordering::Relaxed);
+                            live.since_us.store(epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
                             live.live.store(is_live && utterance.is_some(), Ordering::Relaxed);
                         }
                     }
@@ -541,6 +545,10 @@ async fn set_up(
 
 /// Accounts one packet a listener received. `live`: the listener's route is live, with this
 /// lag (µs) at its start.
+/// How much sooner than its `now_playing` notice a route's first live packet may have been
+/// published: the notice leaves the room in the tick of the route, like the packets.
+const NOTICE_SLACK_US: u64 = 20_000;
+
 fn account(
     stats: &mut ListenerStats,
     media: MediaKind,
@@ -548,7 +556,7 @@ fn account(
     at: Instant,
     payload: &[u8],
     epoch: Instant,
-    live: Option<u64>,
+    live: Option<(u64, u64)>,
 ) {
     match media {
         MediaKind::Video => stats.video.push(seq),
@@ -559,9 +567,12 @@ fn account(
                     let received_us = at.saturating_duration_since(epoch).as_micros() as u64;
                     let delay = received_us.saturating_sub(stamp.sent_us).min(u64::from(u32::MAX)) as u32;
                     stats.delays_us.push(delay);
-                    if let Some(lag_us) = live {
+                    if let Some((lag_us, since_us)) = live {
                         stats.live_delays_us.push(delay);
-                        stats.path_delays_us.push((u64::from(delay)).saturating_sub(lag_us) as u32);
+                        // The notice comes over WSS a little after the route's first packets.
+                        if stamp.sent_us + NOTICE_SLACK_US >= since_us {
+                            stats.path_delays_us.push((u64::from(delay)).saturating_sub(lag_us) as u32);
+                        }
                     }
                 }
                 None => stats.unstamped += 1,

@@ -12,7 +12,8 @@ use encore_components::output::TickOutput;
 use encore_components::peer::{Peer, Prefs};
 use encore_components::resources::{
     BufferLedger, ClosedUtterances, Counters, DecisionQueue, Decisions, Departures, Directory, Dominance, EngineClock,
-    EngineRng, ListenOutcomes, NackQueue, NewUtterances, Outputs, PendingInputs, RecommenderCounts, TimedInput,
+    EngineRng, ListenOutcomes, NackQueue, NewUtterances, Outputs, PendingInputs, RecommenderCounts, SwitchesDue,
+    TimedInput,
 };
 use encore_components::track::{PreRoll, SpeechLevels, Track, Voice};
 use encore_components::utterance::{Audience, PacketBuffer, Utterance};
@@ -104,6 +105,7 @@ impl Engine {
         world.init_resource::<Counters>();
         world.init_resource::<DecisionQueue>();
         world.init_resource::<Decisions>();
+        world.init_resource::<SwitchesDue>();
         world.init_resource::<Departures>();
         world.init_resource::<NewUtterances>();
         world.init_resource::<NackQueue>();

@@ -332,6 +332,9 @@ fn pause(world: &mut World, clock: &EngineClock, name: &str) {
         return world_bug(world, "a session has no Route");
     };
     route.paused_since_us.get_or_insert(clock.now_us);
+    // A switch that waited for a pause in what plays has no moment now: after the resume
+    // the listener continues where it was, and a new decision will come if one is due.
+    route.pending_switch = None;
 }
 
 /// A listener resumes: its stream continues from where it paused, the pace moved on by the

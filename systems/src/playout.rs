@@ -29,7 +29,9 @@ use encore_components::ids::MediaKind;
 use encore_components::listener::{Cursor, ListenerSession, OutStream, OutStreams, Playing, Route, SentRecord};
 use encore_components::output::RouteReason;
 use encore_components::output::SendPacket;
-use encore_components::resources::{Counters, DecisionNeed, DecisionQueue, Directory, EngineClock, Outputs};
+use encore_components::resources::{
+    Counters, DecisionNeed, DecisionQueue, Directory, EngineClock, Outputs, SwitchesDue,
+};
 use encore_components::utterance::{BufferedPacket, PacketBuffer, Utterance};
 
 use crate::rtp::{ts_after, us_to_ticks};
@@ -144,6 +146,7 @@ pub fn play_out(
     mut outputs: ResMut<Outputs>,
     mut counters: ResMut<Counters>,
     mut queue: ResMut<DecisionQueue>,
+    mut due: ResMut<SwitchesDue>,
     mut sessions: Query<(&ListenerSession, &mut Route, &mut OutStreams)>,
     utterances: Query<(&Utterance, &PacketBuffer)>,
 ) {
@@ -153,6 +156,8 @@ pub fn play_out(
     let credit_cap = config.limits.retransmit_burst.saturating_mul(100);
     let payloads = outputs.payloads;
     let max_pause_us = config.playout.max_pause_ms * 1000;
+    let switch_pause_us = config.playout.switch_pause_ms * 1000;
+    let switch_wait_us = config.playout.switch_wait_ms * 1000;
     for session in directory.listeners.values() {
         let Ok((listener, mut route, mut streams)) = sessions.get_mut(*session) else {
             bug(&mut counters, "a session in the directory lacks its components");
@@ -162,6 +167,7 @@ pub fn play_out(
             // Paused: the position waits (the resume moves the pace on by the pause).
             continue;
         }
+        let route = &mut *route;
         let Some(playing) = route.playing.as_mut() else { continue };
         let Ok((utterance, buffer)) = utterances.get(playing.utterance) else {
             bug(&mut counters, "a listener plays an utterance that is gone");
@@ -214,7 +220,8 @@ pub fn play_out(
                                     ahead_us += next.media_us.saturating_sub(packet.media_us);
                                     let stream = streams.get_mut(media);
                                     if stream.source == Some(playing.ord) && !stream.rebase {
-                                        stream.ts_offset = stream.ts_offset.wrapping_sub(next.ts.wrapping_sub(packet.ts));
+                                        stream.ts_offset =
+                                            stream.ts_offset.wrapping_sub(next.ts.wrapping_sub(packet.ts));
                                     }
                                 }
                                 index += 1;
@@ -285,6 +292,18 @@ pub fn play_out(
                 .needs
                 .entry(listener.key)
                 .or_insert(DecisionNeed { reason: RouteReason::Finished, from: Some(playing.id.clone()) });
+        } else if let Some(pending) = &route.pending_switch {
+            // A switch waits for a pause in what the listener hears: silent audio sent for
+            // `switch_pause_ms` of media time, or the end of its wait.
+            let last_sent = playing.audio.next.checked_sub(1).and_then(|i| buffer.audio.packets.get(i));
+            let at_pause = playing
+                .audio
+                .silent_since_us
+                .zip(last_sent)
+                .is_some_and(|(since, last)| last.media_us >= since + switch_pause_us);
+            if at_pause || now >= pending.decided_us + switch_wait_us {
+                due.list.push((*session, at_pause));
+            }
         }
     }
 }
@@ -405,11 +424,7 @@ mod tests {
         // tail (19 packets until the offset, 400 ms after the last voiced one).
         let dropped = buffered.len() - bob.len();
         assert_eq!(dropped, 5 + 6, "{} buffered, {} sent", buffered.len(), bob.len());
-        let runs: Vec<usize> = bob
-            .split(|(_, p)| !silent(p))
-            .map(|run| run.len())
-            .filter(|n| *n > 0)
-            .collect();
+        let runs: Vec<usize> = bob.split(|(_, p)| !silent(p)).map(|run| run.len()).filter(|n| *n > 0).collect();
         assert_eq!(runs, vec![13, 13], "silent runs as sent");
         // Every word is there, and one continuous stream: seq + 1, one 20 ms frame per packet,
         // one packet per 20 ms of the clock (the pace moved up, it did not burst).

@@ -175,11 +175,12 @@ async fn three_speakers_six_listeners_live_time_shifted_continuous_and_muted() {
         receivers.push((uid.clone(), client.clone(), Listener::start(client, false).await.expect("consume")));
     }
 
-    // sam talks 1.0-4.0 s; sue 2.0-3.0 s (everyone is busy with sam then); sid 5.5-6.5 s.
+    // sam talks 1.0-4.0 s with a 300 ms pause at 2.6 s (one utterance: the hangover is 400 ms);
+    // sue 2.0-3.0 s (everyone is busy with sam then); sid 5.5-6.5 s.
     let start = Instant::now();
     let end = 9.0;
     let until = start + Duration::from_secs_f64(end + 1.5);
-    let scripts = [(1u8, vec![(1.0, 4.0)]), (2u8, vec![(2.0, 3.0)]), (3u8, vec![(5.5, 6.5)])];
+    let scripts = [(1u8, vec![(1.0, 2.6), (2.9, 4.0)]), (2u8, vec![(2.0, 3.0)]), (3u8, vec![(5.5, 6.5)])];
     let mut talkers = Vec::new();
     for (id, publisher) in publishers {
         let talks = scripts.iter().find(|(s, _)| *s == id).map(|(_, t)| t.clone()).unwrap_or_default();
@@ -249,10 +250,23 @@ async fn three_speakers_six_listeners_live_time_shifted_continuous_and_muted() {
     let first_sue = lea.iter().find(|p| p.payload[0] == 2).map(|p| p.at).expect("lea heard sue");
     assert!(first_sue >= last_sam, "lea heard sue before sam had finished");
     assert!(first_sue > start + Duration::from_secs_f64(3.9), "sue reached lea live, not from the buffer");
-    // liv follows sue: she switches to sue mid-way through sam.
+    // liv follows sue: she switches to sue mid-way through sam, at his pause (2.6-2.9 s), and
+    // afterwards hears the rest of sam from where the switch cut him, every word of it.
     let liv = &heard["liv"].0;
     let liv_first_sue = liv.iter().find(|p| p.payload[0] == 2).map(|p| p.at).expect("liv heard sue");
-    assert!(liv_first_sue < start + Duration::from_secs_f64(3.0), "liv did not switch to sue live");
+    assert!(
+        liv_first_sue > start + Duration::from_secs_f64(2.7) && liv_first_sue < start + Duration::from_secs_f64(3.0),
+        "liv did not switch to sue at sam's pause: {:?}",
+        liv_first_sue.saturating_duration_since(start)
+    );
+    let liv_last_sue = liv.iter().filter(|p| p.payload[0] == 2).map(|p| p.at).max().unwrap();
+    let sam_after = liv.iter().filter(|p| p.payload[0] == 1 && p.at > liv_last_sue).count();
+    assert!(sam_after > 40, "liv did not hear the rest of sam after sue ({sam_after} packets)");
+    let liv_heard: std::collections::BTreeSet<u32> =
+        liv.iter().filter(|p| p.media == MediaKind::Audio && p.payload[0] == 1).map(counter).collect();
+    let sam_voiced: Vec<u32> = sam_sent.iter().filter(|(_, (_, voiced))| *voiced).map(|(c, _)| *c).collect();
+    let missed = sam_voiced.iter().filter(|c| !liv_heard.contains(c)).count();
+    assert_eq!(missed, 0, "liv missed {missed} of sam's {} voiced packets", sam_voiced.len());
 
     // One continuous stream per listener, across every switch.
     for (uid, (packets, _)) in &heard {

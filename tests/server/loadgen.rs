@@ -31,7 +31,8 @@ async fn loadgen_two_speakers_three_listeners_reports_traffic() {
     assert_eq!(report.unstamped, 0, "{report}");
     assert_eq!(report.delay_all.count, report.received_audio, "{report}");
     assert!(report.delay_live.count <= report.delay_all.count);
-    assert_eq!(report.delay_live_less_lag.count, report.delay_live.count);
+    // The path delay leaves out what a route sent of before it began (a live route's pre-roll).
+    assert!(report.delay_live_less_lag.count <= report.delay_live.count);
     assert!(report.now_playing_notices > 0, "{report}");
     for d in [report.delay_all, report.delay_live, report.delay_live_less_lag] {
         assert!(d.p50_ms <= d.p90_ms && d.p90_ms <= d.p99_ms && d.p99_ms <= d.max_ms, "{d:?}");

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use encore_systems::components::ids::{MediaKind, Name, PeerKey, Role};
 use encore_systems::components::input::{Input, RtpIn};
 use encore_systems::components::output::{Event, SendPacket};
+use encore_systems::playout::catchup_bound_us;
 use encore_systems::{Engine, RoomView};
 
 use super::budget::RoomShare;
@@ -966,6 +967,13 @@ impl Room {
                 );
                 // The speaker's uid while the speaker is in the room.
                 let uid = to.as_ref().and_then(|id| self.peers.get(id.speaker.as_str())?.uid.clone());
+                // A live route that starts within the catch-up bound is at the live edge a tick
+                // later (play-out sends what it is behind by ahead of its time): that is the
+                // lag the listener hears, not the pre-roll the route started behind by.
+                let lag_us = match lag_us {
+                    Some(lag) if *live && *lag <= catchup_bound_us(self.engine.config()) => Some(0),
+                    other => *other,
+                };
                 let notice = Notice::NowPlaying {
                     utterance: to.clone(),
                     speaker: to.as_ref().map(|id| id.speaker.to_string()),

@@ -111,8 +111,8 @@ mod tests {
         let lena: Vec<_> = routes(&trace, "lena").into_iter().map(|(_, _, to, reason)| (to, reason)).collect();
         let some = |id: &str| Some(id.to_owned());
         assert_eq!(lena[0], (some("alice#1"), RouteReason::NewUtterance), "{lena:?}");
-        // Bob takes over the room, and lena is switched to him, live.
-        assert_eq!(lena[1], (some("bob#1"), RouteReason::Switch), "{lena:?}");
+        // Bob takes over the room, and lena is switched to him, live, at alice's next pause.
+        assert_eq!(lena[1], (some("bob#1"), RouteReason::SwitchAtPause), "{lena:?}");
         assert_eq!(lena.len(), 3, "alice#1 is never resumed: {lena:?}");
         assert_eq!(lena[2], (None, RouteReason::Finished));
     }
