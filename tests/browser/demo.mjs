@@ -25,175 +25,29 @@
 // PLAYWRIGHT_CORE (path of the playwright-core package, default: resolved from NODE_PATH),
 // ESPEAK_NG, SOX (default: from PATH).
 
-import { spawnSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, existsSync } from 'node:fs';
-import { createRequire } from 'node:module';
-import { tmpdir } from 'node:os';
+import { mkdirSync, readFileSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 
-const require = createRequire(import.meta.url);
+import {
+  RATE, begin, chromiumPath, cleanUp, elapsed, exitWith, fail, hardStop, listenerFacts, load, log, makeSpeechWav, sleep,
+  openChromiumPage as openPage, pageError, parseArgs, reportFailure, sendSideFacts, signInAndJoin,
+  utterancesOf, waitFor, waitRecvConnected, waitSendConnected,
+} from './common.mjs';
 
-// -- arguments -----------------------------------------------------------------------------------
+const { serverUrl, timeoutS, roomName, wav: wavArg, screenshots } = parseArgs({
+  script: 'demo.mjs',
+  usage: 'node tests/browser/demo.mjs SERVER_URL [--timeout SECONDS] [--room NAME] [--wav FILE] [--screenshots DIR]',
+  timeoutS: 60,
+  roomName: `browser-${process.pid}-${Date.now() % 100000}`,
+  options: { '--wav': 'wav', '--screenshots': 'screenshots' },
+});
 
-function usage(message) {
-  if (message) console.error(`demo.mjs: ${message}`);
-  console.error('usage: node tests/browser/demo.mjs SERVER_URL [--timeout SECONDS] [--room NAME] [--wav FILE] [--screenshots DIR]');
-  process.exit(2);
-}
-
-const args = process.argv.slice(2);
-let serverUrl = null;
-let timeoutS = 60;
-let roomName = `browser-${process.pid}-${Date.now() % 100000}`;
-let wavArg = null;
-let screenshots = null;
-for (let i = 0; i < args.length; i++) {
-  const a = args[i];
-  if (a === '--timeout') timeoutS = Number(args[++i]);
-  else if (a === '--room') roomName = args[++i];
-  else if (a === '--wav') wavArg = args[++i];
-  else if (a === '--screenshots') screenshots = args[++i];
-  else if (a === '-h' || a === '--help') usage();
-  else if (a.startsWith('--')) usage(`unknown option ${a}`);
-  else if (serverUrl === null) serverUrl = a;
-  else usage(`unexpected argument ${a}`);
-}
-if (!serverUrl) usage('missing SERVER_URL');
-if (!(timeoutS > 0)) usage('--timeout must be a positive number of seconds');
-serverUrl = serverUrl.replace(/\/+$/, '');
-
-const chromiumPath = process.env.CHROMIUM || '/usr/lib/chromium/chromium';
-const espeak = process.env.ESPEAK_NG || 'espeak-ng';
-const sox = process.env.SOX || 'sox';
-
-const started = Date.now();
-const elapsed = () => ((Date.now() - started) / 1000).toFixed(1);
-const log = (...parts) => console.log(`[demo ${elapsed()}s]`, ...parts);
-
-class Failure extends Error {}
-const fail = (message) => {
-  throw new Failure(message);
-};
-
-// -- the speech WAV ------------------------------------------------------------------------------
-// FIELD-NOTES "Speech with exact ground truth": each sentence synthesized by espeak-ng, resampled to
-// 48 kHz mono 16-bit with sox and trimmed of its silences, joined with 1.5 s silences, so the
-// speech boundaries are known to the sample.
-
+// The speech WAV: two sentences, 1.5 s of silence around them.
 const SENTENCES = [
   'Hello everyone, this is Encore, a server for time shifted speech.',
   'The quick brown fox jumps over the lazy dog, and everybody hears it.',
 ];
 const GAP_S = 1.5;
-const RATE = 48000;
-
-function run(cmd, cmdArgs) {
-  const r = spawnSync(cmd, cmdArgs, { encoding: 'utf8' });
-  if (r.error) fail(`${cmd} could not run: ${r.error.message} (run scripts/browser-deps.sh)`);
-  if (r.status !== 0) fail(`${cmd} ${cmdArgs.join(' ')} failed (${r.status}): ${r.stderr.trim()}`);
-  return r.stdout;
-}
-
-function samplesOf(file) {
-  return Number(run(sox, ['--i', '-s', file]).trim());
-}
-
-function makeSpeechWav(dir) {
-  const parts = [];
-  const gap = join(dir, 'gap.wav');
-  run(sox, ['-n', '-r', String(RATE), '-c', '1', '-b', '16', gap, 'trim', '0', String(GAP_S)]);
-  parts.push(gap);
-  const truth = [];
-  let at = samplesOf(gap);
-  SENTENCES.forEach((text, i) => {
-    const raw = join(dir, `s${i}-raw.wav`);
-    const out = join(dir, `s${i}.wav`);
-    run(espeak, ['-v', 'en-us', '-s', '150', '-w', raw, text]);
-    // Trim leading and trailing silence (below 0.1 % for 10 ms), then resample.
-    run(sox, [raw, '-r', String(RATE), '-c', '1', '-b', '16', out,
-      'silence', '1', '0.01', '0.1%', 'reverse', 'silence', '1', '0.01', '0.1%', 'reverse']);
-    const n = samplesOf(out);
-    truth.push({ sentence: i, start_sample: at, end_sample: at + n, seconds: +(n / RATE).toFixed(3) });
-    at += n + samplesOf(gap);
-    parts.push(out, gap);
-  });
-  const wav = join(dir, 'speech.wav');
-  run(sox, [...parts, wav]);
-  return { wav, truth, total_s: +(samplesOf(wav) / RATE).toFixed(3) };
-}
-
-// -- browsers ------------------------------------------------------------------------------------
-
-function loadPlaywright() {
-  const where = process.env.PLAYWRIGHT_CORE || 'playwright-core';
-  try {
-    return require(where);
-  } catch (error) {
-    fail(`cannot load playwright-core from ${where}: ${error.message} (run scripts/browser-deps.sh and set PLAYWRIGHT_CORE)`);
-  }
-}
-
-function chromiumArgs(fakeAudioFile) {
-  const a = [
-    '--no-sandbox',
-    '--disable-gpu',
-    '--disable-quic',
-    '--no-first-run',
-    '--disable-background-networking',
-    '--disable-component-update',
-    '--disable-sync',
-    '--use-fake-ui-for-media-stream',
-    '--use-fake-device-for-media-stream',
-    '--autoplay-policy=no-user-gesture-required',
-    '--ignore-certificate-errors',
-  ];
-  if (fakeAudioFile) a.push(`--use-file-for-fake-audio-capture=${fakeAudioFile}`);
-  return a;
-}
-
-async function openPage(chromium, label, fakeAudioFile, logs) {
-  const browser = await chromium.launch({
-    executablePath: chromiumPath,
-    headless: true, // playwright adds --headless
-    args: chromiumArgs(fakeAudioFile),
-    // playwright's --mute-audio keeps inbound audioLevel and totalAudioEnergy at 0
-    ignoreDefaultArgs: ['--mute-audio'],
-    timeout: 30000,
-  });
-  const context = await browser.newContext({ ignoreHTTPSErrors: true });
-  const page = await context.newPage();
-  page.on('console', (msg) => logs.push(`[${label} console.${msg.type()}] ${msg.text()}`));
-  page.on('pageerror', (error) => logs.push(`[${label} pageerror] ${error.message}`));
-  page.on('requestfailed', (req) => logs.push(`[${label} requestfailed] ${req.method()} ${req.url().split('?')[0]}: ${req.failure() && req.failure().errorText}`));
-  page.on('websocket', (ws) => {
-    logs.push(`[${label} websocket] open ${ws.url().split('?')[0]}`);
-    ws.on('close', () => logs.push(`[${label} websocket] closed`));
-  });
-  return { browser, context, page, label };
-}
-
-async function pageError(page) {
-  return page.evaluate(() => {
-    const el = document.getElementById('error');
-    return el && !el.hidden ? document.getElementById('error-text').textContent.trim() : null;
-  });
-}
-
-// Waits for `predicate` in the page, failing early with the page's own error display.
-async function waitFor(p, what, fn, arg, timeoutMs) {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await p.page.evaluate(fn, arg);
-    if (value) return value;
-    const error = await pageError(p.page);
-    if (error) fail(`${p.label}: ${what}: the page shows an error: ${error}`);
-    if (Date.now() > deadline) {
-      const status = await p.page.evaluate(() => document.getElementById('status').textContent);
-      fail(`${p.label}: ${what}: not within ${timeoutMs / 1000} s (status: "${status}")`);
-    }
-    await new Promise((r) => setTimeout(r, 200));
-  }
-}
 
 async function clickAndCheck(p, selector, what) {
   await p.page.click(selector, { timeout: 10000 });
@@ -204,63 +58,6 @@ async function clickAndCheck(p, selector, what) {
   }, selector, 10000);
   const error = await pageError(p.page);
   if (error) fail(`${p.label}: ${what}: the page shows an error: ${error}`);
-}
-
-async function signInAndJoin(p, name, role, timeoutMs) {
-  const response = await p.page.goto(`${serverUrl}/`, { waitUntil: 'load', timeout: timeoutMs });
-  if (!response || !response.ok()) fail(`${p.label}: GET / answered ${response ? response.status() : 'nothing'}`);
-  await waitFor(p, 'the dev sign-in form', () => {
-    const f = document.getElementById('dev-form');
-    return f && !f.hidden;
-  }, null, timeoutMs);
-  await p.page.fill('#dev-name', name);
-  await p.page.selectOption('#dev-role', role);
-  await p.page.click('#dev-signin');
-  await waitFor(p, 'sign-in', () => document.getElementById('status').dataset.state === 'signed-in', null, timeoutMs);
-  await p.page.fill('#room', roomName);
-  await p.page.click('#join');
-  await waitFor(p, `joining room ${roomName}`, () => document.getElementById('status').dataset.state === 'joined', null, timeoutMs);
-  const peer = await p.page.textContent('#my-peer');
-  log(`${p.label}: signed in as ${name} (${role}), joined ${roomName} as peer "${peer}"`);
-  return peer;
-}
-
-async function sendSideFacts(page) {
-  return page.evaluate(async () => {
-    const pc = window.encore.sendPc;
-    if (!pc) return null;
-    let packetsSent = 0;
-    const stats = await pc.getStats();
-    stats.forEach((s) => {
-      if (s.type === 'outbound-rtp' && s.kind === 'audio') packetsSent += s.packetsSent || 0;
-    });
-    const uri = 'urn:ietf:params:rtp-hdrext:ssrc-audio-level';
-    return {
-      connectionState: pc.connectionState,
-      packetsSent,
-      offerHasAudioLevel: !!(pc.localDescription && pc.localDescription.sdp.includes(uri)),
-      answerHasAudioLevel: !!(pc.remoteDescription && pc.remoteDescription.sdp.includes(uri)),
-      answerCodecs: pc.remoteDescription
-        ? [...new Set([...pc.remoteDescription.sdp.matchAll(/a=rtpmap:\d+ ([^/\r\n]+)/g)].map((m) => m[1]))]
-        : [],
-    };
-  });
-}
-
-async function listenerFacts(page) {
-  return page.evaluate(async () => {
-    const audio = document.getElementById('remote-audio');
-    const np = document.getElementById('now-playing');
-    return {
-      stats: await window.encore.recvStats(),
-      recvState: window.encore.recvPc ? window.encore.recvPc.connectionState : 'none',
-      nowPlaying: np.dataset.utterance || '',
-      nowPlayingText: np.textContent,
-      nowLive: document.getElementById('now-live').textContent,
-      audioPlaying: !!(audio.srcObject && !audio.paused),
-      utterances: window.encore.room().utterances.map((u) => u.utterance),
-    };
-  });
 }
 
 // Which pages showed the reconnecting state within `timeoutMs` (polled: a quick restart may
@@ -277,14 +74,14 @@ async function seenReconnecting(pages, timeoutMs, before) {
       }));
       if ((state.status === 'reconnecting' && state.banner) || state.reconnects > before[i]) seen.add(p.label);
     }
-    await new Promise((r) => setTimeout(r, 100));
+    await sleep(100);
   }
   return [...seen];
 }
 
 // Waits until `p` decodes audio on its (new) receive transport and shows an utterance of `speaker`.
 async function hearsAgain(p, speaker, timeoutMs) {
-  const pattern = new RegExp(`^${speaker.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}#\\d+$`);
+  const pattern = utterancesOf(speaker);
   const until = Date.now() + timeoutMs;
   let utterance = null;
   for (;;) {
@@ -299,28 +96,22 @@ async function hearsAgain(p, speaker, timeoutMs) {
     if (Date.now() > until) {
       fail(`${p.label}: did not hear ${speaker} again (${audio ? `${audio.packetsReceived} packets, energy ${audio.totalAudioEnergy}` : 'no inbound audio'}; now playing "${facts.nowPlayingText}")`);
     }
-    await new Promise((r) => setTimeout(r, 250));
+    await sleep(250);
   }
 }
 
 // -- main ----------------------------------------------------------------------------------------
 
 async function main() {
-  const result = { ok: false, server: serverUrl, room: roomName };
-  const logs = [];
-  const work = mkdtempSync(join(tmpdir(), 'encore-browser-'));
-  const opened = [];
-  const timeoutMs = timeoutS * 1000;
-  const deadline = started + timeoutMs;
-  const left = () => Math.max(1000, deadline - Date.now());
+  const { result, logs, work, opened, deadline, left } = begin('encore-browser-', { serverUrl, roomName, timeoutS });
 
   try {
     if (!existsSync(chromiumPath)) fail(`no chromium at ${chromiumPath} (run scripts/browser-deps.sh)`);
-    const { chromium } = loadPlaywright();
+    const { chromium } = load('PLAYWRIGHT_CORE', 'playwright-core');
 
     let wav = wavArg;
     if (!wav) {
-      const speech = makeSpeechWav(work);
+      const speech = makeSpeechWav(work, SENTENCES, GAP_S);
       wav = speech.wav;
       result.speech = speech.truth;
       log(`speech WAV: ${speech.total_s} s at ${RATE} Hz, sentences ${speech.truth.map((t) => `${(t.start_sample / RATE).toFixed(2)}-${(t.end_sample / RATE).toFixed(2)} s`).join(', ')}`);
@@ -332,8 +123,8 @@ async function main() {
     opened.push(b);
     log(`browsers: ${a.browser.version()}`);
 
-    const peerA = await signInAndJoin(a, 'alice', 'speaker', left());
-    const peerB = await signInAndJoin(b, 'bob', 'moderator', left());
+    const peerA = await signInAndJoin(a, { serverUrl, roomName, name: 'alice', role: 'speaker', timeoutMs: left() });
+    const peerB = await signInAndJoin(b, { serverUrl, roomName, name: 'bob', role: 'moderator', timeoutMs: left() });
     result.peer_a = peerA;
     result.peer_b = peerB;
 
@@ -344,12 +135,12 @@ async function main() {
     // with A's utterance.
     await b.page.check('#want-video');
     await b.page.click('#listen');
-    await waitFor(b, 'the receive transport to connect', () => window.encore.recvPc && window.encore.recvPc.connectionState === 'connected', null, left());
+    await waitRecvConnected(b, 'the receive transport to connect', left());
     log('B: listening, receive transport connected');
 
     await a.page.check('#camera');
     await a.page.click('#talk');
-    await waitFor(a, 'the send transport to connect', () => window.encore.sendPc && window.encore.sendPc.connectionState === 'connected', null, left());
+    await waitSendConnected(a, 'the send transport to connect', left());
     const send = await sendSideFacts(a.page);
     result.send = send;
     log(`A: talking, send transport connected; offer has audio level: ${send.offerHasAudioLevel}, answer has it: ${send.answerHasAudioLevel}, codecs: ${send.answerCodecs.join(' ')}`);
@@ -358,7 +149,7 @@ async function main() {
     const talkAt = Date.now();
 
     // Now poll B until audio decoded and A's utterance shown as now playing.
-    const pattern = new RegExp(`^${peerA.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}#\\d+$`);
+    const pattern = utterancesOf(peerA);
     let sawNowPlaying = null;
     // B's peer list says A is speaking; A's own microphone meter moves.
     let sawSpeaking = false;
@@ -404,7 +195,7 @@ async function main() {
         if (sendNow) missing.push(`A sent ${sendNow.packetsSent} audio packets`);
         fail(`timeout after ${timeoutS} s: ${missing.join('; ')}`);
       }
-      await new Promise((r) => setTimeout(r, 250));
+      await sleep(250);
     }
 
     // The page's controls, against the real server: each must be answered ok (no error shown).
@@ -419,7 +210,7 @@ async function main() {
     // A pause of 1.5 s while A talks: B's position waits, and the stream resumes with the next
     // sequence number, so B's browser counts nothing lost (checked at the end).
     await clickAndCheck(b, '#pause-listen', 'Pause');
-    await new Promise((r) => setTimeout(r, 1500));
+    await sleep(1500);
     await clickAndCheck(b, '#pause-listen', 'Resume');
     log('B: Like, Follow, Pause (1.5 s) and Resume answered ok');
 
@@ -446,7 +237,7 @@ async function main() {
         const x = window.encore.room().utterances.find((v) => v.utterance === u && v.duration_ms !== undefined);
         return x ? { utterance: x.utterance, duration_ms: x.duration_ms, reason: x.reason } : null;
       }, sawNowPlaying.utterance);
-      if (!ended) await new Promise((r) => setTimeout(r, 250));
+      if (!ended) await sleep(250);
     }
     result.first_utterance = ended;
     if (ended) {
@@ -458,7 +249,7 @@ async function main() {
     // moderator moves B back to the audience: B's talking ends and Talk is off again.
     const m = await openPage(chromium, 'M', null, logs);
     opened.push(m);
-    await signInAndJoin(m, 'mo', 'moderator', left());
+    await signInAndJoin(m, { serverUrl, roomName, name: 'mo', role: 'moderator', timeoutMs: left() });
     const byTestId = (id) => `[data-testid="${id}"]`;
     await clickAndCheck(b, '#raise-hand', 'Raise hand');
     await waitFor(m, `${peerB}'s raised hand`, (sel) => !!document.querySelector(sel), byTestId(`hand-${peerB}`), left());
@@ -467,7 +258,7 @@ async function main() {
     await clickAndCheck(b, '#accept-invite', 'Accept');
     await waitFor(b, 'Talk to be allowed', () => !document.getElementById('talk').disabled, null, left());
     await b.page.click('#talk');
-    await waitFor(b, 'B\'s send transport to connect', () => window.encore.sendPc && window.encore.sendPc.connectionState === 'connected', null, left());
+    await waitSendConnected(b, 'B\'s send transport to connect', left());
     await waitFor(m, `${peerB} publishing`, (sel) => !!document.querySelector(sel), byTestId(`publishing-${peerB}`), left());
     // The button goes when B leaves the stage: wait for its effect, not for the button.
     await m.page.click(byTestId(`move-to-audience-${peerB}`), { timeout: 10000 });
@@ -506,13 +297,13 @@ async function main() {
         const acked = () => existsSync(ack) && readFileSync(ack, 'utf8').split('\n').filter(Boolean).length >= n;
         while (!acked()) {
           if (Date.now() > deadline) fail(`the harness did not ${action} in time`);
-          await new Promise((r) => setTimeout(r, 200));
+          await sleep(200);
         }
         for (const [i, p] of [a, b].entries()) {
           await waitFor(p, `a reconnect by itself (${action})`, (was) => window.encore.reconnects() > was && document.getElementById('status').dataset.state === 'joined', before[i], left());
         }
-        await waitFor(a, 'talking again', () => window.encore.sendPc && window.encore.sendPc.connectionState === 'connected', null, left());
-        await waitFor(b, 'listening again', () => window.encore.recvPc && window.encore.recvPc.connectionState === 'connected', null, left());
+        await waitSendConnected(a, 'talking again', left());
+        await waitRecvConnected(b, 'listening again', left());
         return seen;
       };
 
@@ -539,7 +330,7 @@ async function main() {
       const reloadAt = Date.now();
       await b.page.reload({ waitUntil: 'load', timeout: left() });
       await waitFor(b, 'back in the room after a reload', () => document.getElementById('status').dataset.state === 'joined', null, left());
-      await waitFor(b, 'listening after a reload', () => window.encore.recvPc && window.encore.recvPc.connectionState === 'connected', null, left());
+      await waitRecvConnected(b, 'listening after a reload', left());
       const reloaded = await hearsAgain(b, await a.page.textContent('#my-peer'), left());
       result.reloaded = { ...reloaded, heard_again_after_s: +((Date.now() - reloadAt) / 1000).toFixed(2), whoami: (await b.page.textContent('#whoami')).trim() };
       log(`B, reloaded, is ${result.reloaded.whoami} and hears A again: ${reloaded.packets} packets, now playing ${reloaded.utterance}`);
@@ -557,7 +348,7 @@ async function main() {
       while (Date.now() < unavailableUntil) {
         const state = await a.page.evaluate(() => ({ status: document.getElementById('status').dataset.state, uid: window.encore.auth().uid }));
         if (state.uid !== 'alice' || state.status === 'signed-out') fail(`A signed out while the server answered 503 (${JSON.stringify(state)})`);
-        await new Promise((r) => setTimeout(r, 250));
+        await sleep(250);
       }
       ticketAnswer.status = 401;
       ticketAnswer.code = 'argument-error';
@@ -573,7 +364,7 @@ async function main() {
         }));
         if (outState.status === 'signed-out' && !outState.uid) break;
         if (Date.now() > signedOut) fail(`A did not sign out when its token was refused (${JSON.stringify(outState)})`);
-        await new Promise((r) => setTimeout(r, 250));
+        await sleep(250);
       }
       if (!outState.signinShown || !outState.error || !outState.error.includes('refused') || outState.kept) {
         fail(`A signed out, but not cleanly: ${JSON.stringify(outState)}`);
@@ -597,13 +388,7 @@ async function main() {
       `${au.totalSamplesReceived} samples (${au.concealedSamples} concealed); A sent ${sendEnd.packetsSent}; B showed ${sawNowPlaying.utterance} as now playing ` +
       `${sawNowPlaying.after_s} s after Talk; utterances seen: ${last.utterances.join(', ')}`);
   } catch (error) {
-    result.ok = false;
-    result.error = error instanceof Failure ? error.message : `${error.stack || error}`;
-    console.error(`[demo ${elapsed()}s] FAIL: ${result.error}`);
-    if (logs.length) {
-      console.error('--- browser logs ---');
-      for (const line of logs.slice(-80)) console.error(line);
-    }
+    reportFailure(result, error, logs, 80);
   } finally {
     if (screenshots) {
       mkdirSync(screenshots, { recursive: true });
@@ -611,18 +396,10 @@ async function main() {
         await p.page.screenshot({ path: join(screenshots, `${p.label}.png`), fullPage: true }).catch(() => {});
       }
     }
-    for (const p of opened.reverse()) await p.browser.close().catch(() => {});
-    rmSync(work, { recursive: true, force: true });
+    await cleanUp(opened, work);
   }
-  console.log(`RESULT ${JSON.stringify(result)}`);
-  process.exit(result.ok ? 0 : 1);
+  exitWith(result);
 }
 
-// A hard stop, whatever hangs (a browser that does not close, a stuck evaluate).
-setTimeout(() => {
-  console.error(`[demo ${elapsed()}s] FAIL: hard timeout after ${timeoutS + 30} s`);
-  console.log(`RESULT ${JSON.stringify({ ok: false, error: 'hard timeout' })}`);
-  process.exit(1);
-}, (timeoutS + 30) * 1000).unref();
-
+hardStop(timeoutS);
 main();

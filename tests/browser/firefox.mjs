@@ -22,82 +22,25 @@
 // Environment (scripts/browser-deps.sh prints these): CHROMIUM, PLAYWRIGHT_CORE, FIREFOX,
 // PUPPETEER_CORE, ESPEAK_NG, SOX.
 
-import { spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
-import { createRequire } from 'node:module';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { existsSync } from 'node:fs';
 
-const require = createRequire(import.meta.url);
+import {
+  begin, chromiumPath, cleanUp, elapsed, exitWith, fail, hardStop, listenerFacts, load, log, makeSpeechWav,
+  openChromiumPage, pageError, parseArgs, reportFailure, sendSideFacts, signInAndJoin, sleep, utterancesOf,
+  waitFor, waitRecvConnected, waitSendConnected,
+} from './common.mjs';
 
-function usage(message) {
-  if (message) console.error(`firefox.mjs: ${message}`);
-  console.error('usage: node tests/browser/firefox.mjs SERVER_URL [--timeout SECONDS] [--room NAME]');
-  process.exit(2);
-}
+const { serverUrl, timeoutS, roomName } = parseArgs({
+  script: 'firefox.mjs',
+  usage: 'node tests/browser/firefox.mjs SERVER_URL [--timeout SECONDS] [--room NAME]',
+  timeoutS: 90,
+  roomName: `firefox-${process.pid}-${Date.now() % 100000}`,
+});
 
-const args = process.argv.slice(2);
-let serverUrl = null;
-let timeoutS = 90;
-let roomName = `firefox-${process.pid}-${Date.now() % 100000}`;
-for (let i = 0; i < args.length; i++) {
-  const a = args[i];
-  if (a === '--timeout') timeoutS = Number(args[++i]);
-  else if (a === '--room') roomName = args[++i];
-  else if (a === '-h' || a === '--help') usage();
-  else if (a.startsWith('--')) usage(`unknown option ${a}`);
-  else if (serverUrl === null) serverUrl = a;
-  else usage(`unexpected argument ${a}`);
-}
-if (!serverUrl) usage('missing SERVER_URL');
-if (!(timeoutS > 0)) usage('--timeout must be a positive number of seconds');
-serverUrl = serverUrl.replace(/\/+$/, '');
-
-const chromiumPath = process.env.CHROMIUM || '/usr/lib/chromium/chromium';
 const firefoxPath = process.env.FIREFOX || '/usr/lib/firefox-esr/firefox-esr';
-const espeak = process.env.ESPEAK_NG || 'espeak-ng';
-const sox = process.env.SOX || 'sox';
 
-const started = Date.now();
-const elapsed = () => ((Date.now() - started) / 1000).toFixed(1);
-const log = (...parts) => console.log(`[firefox ${elapsed()}s]`, ...parts);
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-class Failure extends Error {}
-const fail = (message) => {
-  throw new Failure(message);
-};
-
-function run(cmd, cmdArgs) {
-  const r = spawnSync(cmd, cmdArgs, { encoding: 'utf8' });
-  if (r.error) fail(`${cmd} could not run: ${r.error.message} (run scripts/browser-deps.sh)`);
-  if (r.status !== 0) fail(`${cmd} ${cmdArgs.join(' ')} failed (${r.status}): ${r.stderr.trim()}`);
-  return r.stdout;
-}
-
-// Chromium's microphone: one espeak-ng sentence between 1 s silences, 48 kHz mono (as demo.mjs
-// makes it; Chromium's fake capture loops the file).
-function makeSpeechWav(dir) {
-  const raw = join(dir, 'raw.wav');
-  const speech = join(dir, 'speech.wav');
-  const gap = join(dir, 'gap.wav');
-  const wav = join(dir, 'talk.wav');
-  run(espeak, ['-v', 'en-us', '-s', '150', '-w', raw, 'Hello from Chromium, this is Encore, and Firefox hears it.']);
-  run(sox, [raw, '-r', '48000', '-c', '1', '-b', '16', speech,
-    'silence', '1', '0.01', '0.1%', 'reverse', 'silence', '1', '0.01', '0.1%', 'reverse']);
-  run(sox, ['-n', '-r', '48000', '-c', '1', '-b', '16', gap, 'trim', '0', '1']);
-  run(sox, [gap, speech, gap, wav]);
-  return wav;
-}
-
-function load(envName, name) {
-  const where = process.env[envName] || name;
-  try {
-    return require(where);
-  } catch (error) {
-    fail(`cannot load ${name} from ${where}: ${error.message} (run scripts/browser-deps.sh and set ${envName})`);
-  }
-}
+// Chromium's microphone: one espeak-ng sentence between 1 s silences.
+const SENTENCE = 'Hello from Chromium, this is Encore, and Firefox hears it.';
 
 // -- browsers ------------------------------------------------------------------------------------
 
@@ -106,24 +49,8 @@ async function openChromium(wav, logs) {
   // gets them); read by playwright's `debug` when it loads, so set before.
   if (!process.env.DEBUG) process.env.DEBUG = 'pw:browser';
   const { chromium } = load('PLAYWRIGHT_CORE', 'playwright-core');
-  const browser = await chromium.launch({
-    executablePath: chromiumPath,
-    headless: true,
-    args: [
-      '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync', '--use-fake-ui-for-media-stream',
-      '--use-fake-device-for-media-stream', '--autoplay-policy=no-user-gesture-required',
-      '--ignore-certificate-errors', `--use-file-for-fake-audio-capture=${wav}`,
-    ],
-    // playwright's --mute-audio keeps inbound audioLevel and totalAudioEnergy at 0
-    ignoreDefaultArgs: ['--mute-audio'],
-    timeout: 30000,
-  });
-  const context = await browser.newContext({ ignoreHTTPSErrors: true });
-  const page = await context.newPage();
-  page.on('console', (msg) => logs.push(`[chromium console.${msg.type()}] ${msg.text()}`));
-  page.on('pageerror', (error) => logs.push(`[chromium pageerror] ${error.message}`));
-  return { label: 'chromium', browser, page, version: browser.version() };
+  const p = await openChromiumPage(chromium, 'chromium', wav, logs);
+  return { ...p, version: p.browser.version() };
 }
 
 // What Firefox needs here, found by leaving each out (Firefox 140 ESR, Linux):
@@ -170,99 +97,24 @@ async function openFirefox(logs) {
 // -- the page ------------------------------------------------------------------------------------
 // Only what both drivers share: page.evaluate(fn, arg), page.click(selector), page.goto(url).
 
-async function pageError(page) {
-  return page.evaluate(() => {
-    const el = document.getElementById('error');
-    return el && !el.hidden ? document.getElementById('error-text').textContent.trim() : null;
-  });
-}
-
-async function waitFor(p, what, fn, arg, timeoutMs) {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await p.page.evaluate(fn, arg);
-    if (value) return value;
-    const error = await pageError(p.page);
-    if (error) fail(`${p.label}: ${what}: the page shows an error: ${error}`);
-    if (Date.now() > deadline) {
-      const status = await p.page.evaluate(() => document.getElementById('status').textContent);
-      fail(`${p.label}: ${what}: not within ${(timeoutMs / 1000).toFixed(0)} s (status: "${status}")`);
-    }
-    await sleep(200);
-  }
-}
-
-async function setValue(p, selector, value) {
-  await p.page.evaluate(([sel, v]) => {
-    const el = document.querySelector(sel);
-    el.value = v;
-    el.dispatchEvent(new Event('input', { bubbles: true }));
-    el.dispatchEvent(new Event('change', { bubbles: true }));
-  }, [selector, value]);
-}
-
-async function signInAndJoin(p, name, timeoutMs) {
-  await p.page.goto(`${serverUrl}/`, { waitUntil: 'load', timeout: timeoutMs });
-  await waitFor(p, 'the dev sign-in form', () => {
-    const f = document.getElementById('dev-form');
-    return f && !f.hidden;
-  }, null, timeoutMs);
-  await setValue(p, '#dev-name', name);
-  await setValue(p, '#dev-role', 'speaker');
-  await p.page.click('#dev-signin');
-  await waitFor(p, 'sign-in', () => document.getElementById('status').dataset.state === 'signed-in', null, timeoutMs);
-  await setValue(p, '#room', roomName);
-  await p.page.click('#join');
-  await waitFor(p, `joining room ${roomName}`, () => document.getElementById('status').dataset.state === 'joined', null, timeoutMs);
-  const peer = await p.page.evaluate(() => document.getElementById('my-peer').textContent);
-  log(`${p.label}: signed in as ${name} (speaker), joined ${roomName} as peer "${peer}"`);
-  return peer;
+async function signInAndJoinAsSpeaker(p, name, timeoutMs) {
+  return signInAndJoin(p, { serverUrl, roomName, name, role: 'speaker', timeoutMs });
 }
 
 async function listen(p, timeoutMs) {
   await p.page.click('#listen');
-  await waitFor(p, 'the receive transport to connect', () => window.encore.recvPc && window.encore.recvPc.connectionState === 'connected', null, timeoutMs);
+  await waitRecvConnected(p, 'the receive transport to connect', timeoutMs);
 }
 
 async function talk(p, timeoutMs) {
   await p.page.click('#talk');
-  await waitFor(p, 'the send transport to connect', () => window.encore.sendPc && window.encore.sendPc.connectionState === 'connected', null, timeoutMs);
-  return p.page.evaluate(async () => {
-    const pc = window.encore.sendPc;
-    const uri = 'urn:ietf:params:rtp-hdrext:ssrc-audio-level';
-    return {
-      offerHasAudioLevel: pc.localDescription.sdp.includes(uri),
-      answerHasAudioLevel: pc.remoteDescription.sdp.includes(uri),
-      answerCodecs: [...new Set([...pc.remoteDescription.sdp.matchAll(/a=rtpmap:\d+ ([^/\r\n]+)/g)].map((m) => m[1]))],
-    };
-  });
+  await waitSendConnected(p, 'the send transport to connect', timeoutMs);
+  return sendSideFacts(p.page);
 }
 
 async function packetsSent(p) {
-  return p.page.evaluate(async () => {
-    const pc = window.encore.sendPc;
-    if (!pc) return 0;
-    let n = 0;
-    (await pc.getStats()).forEach((s) => {
-      if (s.type === 'outbound-rtp' && s.kind === 'audio') n += s.packetsSent || 0;
-    });
-    return n;
-  });
-}
-
-async function listenerFacts(p, speaker) {
-  return p.page.evaluate(async (peer) => {
-    const audio = document.getElementById('remote-audio');
-    const np = document.getElementById('now-playing');
-    const meter = document.querySelector(`[data-testid="level-${CSS.escape(peer)}"]`);
-    return {
-      stats: await window.encore.recvStats(),
-      nowPlaying: np.dataset.utterance || '',
-      nowPlayingText: np.textContent,
-      audioPlaying: !!(audio.srcObject && !audio.paused),
-      level: meter ? +meter.value : 0,
-    };
-  }, speaker);
+  const facts = await sendSideFacts(p.page);
+  return facts ? facts.packetsSent : 0;
 }
 
 // A second of Opus at 20 ms a packet: how far inbound packets must rise after the first look.
@@ -273,7 +125,7 @@ const RISE_PACKETS = 50;
 // it), the <audio> element playing, an utterance of `speaker` shown as now playing, and `p`'s meter
 // of `speaker` (the server's levels notice) moving. Returns what it saw.
 async function hears(p, speaker, timeoutMs) {
-  const pattern = new RegExp(`^${speaker.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}#\\d+$`);
+  const pattern = utterancesOf(speaker);
   const since = Date.now();
   const until = since + timeoutMs;
   let first = null;
@@ -281,7 +133,7 @@ async function hears(p, speaker, timeoutMs) {
   let level = 0;
   let lastPrint = 0;
   for (;;) {
-    const facts = await listenerFacts(p, speaker);
+    const facts = await listenerFacts(p.page, speaker);
     const audio = facts.stats && facts.stats.audio;
     if (!utterance && pattern.test(facts.nowPlaying)) {
       utterance = { utterance: facts.nowPlaying, text: facts.nowPlayingText, after_s: +((Date.now() - since) / 1000).toFixed(2) };
@@ -316,17 +168,12 @@ async function hears(p, speaker, timeoutMs) {
 // -- main ----------------------------------------------------------------------------------------
 
 async function main() {
-  const result = { ok: false, server: serverUrl, room: roomName };
-  const logs = [];
-  const work = mkdtempSync(join(tmpdir(), 'encore-firefox-'));
-  const opened = [];
-  const deadline = started + timeoutS * 1000;
-  const left = () => Math.max(1000, deadline - Date.now());
+  const { result, logs, work, opened, left } = begin('encore-firefox-', { serverUrl, roomName, timeoutS });
   try {
     for (const [what, path] of [['chromium', chromiumPath], ['firefox', firefoxPath]]) {
       if (!existsSync(path)) fail(`no ${what} at ${path} (run scripts/browser-deps.sh)`);
     }
-    const wav = makeSpeechWav(work);
+    const { wav } = makeSpeechWav(work, [SENTENCE], 1);
     const c = await openChromium(wav, logs);
     opened.push(c);
     const f = await openFirefox(logs);
@@ -335,8 +182,8 @@ async function main() {
     result.firefox = f.version;
     log(`browsers: Chromium ${c.version}, ${f.version} (WebDriver BiDi)`);
 
-    const peerC = await signInAndJoin(c, 'chrome', left());
-    const peerF = await signInAndJoin(f, 'fox', left());
+    const peerC = await signInAndJoinAsSpeaker(c, 'chrome', left());
+    const peerF = await signInAndJoinAsSpeaker(f, 'fox', left());
     result.peer_chromium = peerC;
     result.peer_firefox = peerF;
     await listen(c, left());
@@ -366,26 +213,12 @@ async function main() {
     result.elapsed_s = +elapsed();
     log(`PASS in ${elapsed()} s`);
   } catch (error) {
-    result.ok = false;
-    result.error = error instanceof Failure ? error.message : `${error.stack || error}`;
-    console.error(`[firefox ${elapsed()}s] FAIL: ${result.error}`);
-    if (logs.length) {
-      console.error('--- browser logs ---');
-      for (const line of logs.slice(-150)) console.error(line);
-    }
+    reportFailure(result, error, logs, 150);
   } finally {
-    for (const p of opened.reverse()) await p.browser.close().catch(() => {});
-    rmSync(work, { recursive: true, force: true });
+    await cleanUp(opened, work);
   }
-  console.log(`RESULT ${JSON.stringify(result)}`);
-  process.exit(result.ok ? 0 : 1);
+  exitWith(result);
 }
 
-// A hard stop, whatever hangs (a browser that does not close, a stuck evaluate).
-setTimeout(() => {
-  console.error(`[firefox ${elapsed()}s] FAIL: hard timeout after ${timeoutS + 30} s`);
-  console.log(`RESULT ${JSON.stringify({ ok: false, error: 'hard timeout' })}`);
-  process.exit(1);
-}, (timeoutS + 30) * 1000).unref();
-
+hardStop(timeoutS);
 main();

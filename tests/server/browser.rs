@@ -70,37 +70,16 @@ fn demo_page_speaker_to_listener_in_real_chromium() {
         return;
     }
     let _one = one_browser_test_at_a_time();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let deps = browser_deps(root);
-    let work = TempDir::new("encore-browser-test");
-
-    let port = free_port();
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let data_dir = work.path().join("data");
-    fs::create_dir_all(&data_dir).expect("data dir");
-    let server_log = work.path().join("server.log");
-    let mut server = Server::start(&addr, &data_dir, &server_log);
-    wait_until_healthy(&addr, &mut server, &server_log);
-
-    let url = format!("https://{addr}");
-    eprintln!("browser test: server up at {url}; running tests/browser/demo.mjs");
-    let restart_ack = work.path().join("restarted");
+    let mut run = BrowserRun::start("encore-browser-test");
+    let restart_ack = run.work.path().join("restarted");
     let mut restarted_logs: Vec<PathBuf> = Vec::new();
-    let node = deps.get("NODE").map(String::as_str).unwrap_or("node");
-    let mut command = Command::new(node);
-    command
-        .current_dir(root)
-        .arg("tests/browser/demo.mjs")
-        .arg(&url)
-        .args(["--timeout", &BROWSER_TIMEOUT_S.to_string()])
-        .env("ENCORE_RESTART_ACK", &restart_ack)
-        .stdin(Stdio::null());
-    for key in ["CHROMIUM", "PLAYWRIGHT_CORE", "ESPEAK_NG", "SOX"] {
-        if let Some(value) = deps.get(key) {
-            command.env(key, value);
-        }
-    }
-    let script_log = work.path().join("demo.log");
+    let mut command = run.node_command(
+        "tests/browser/demo.mjs",
+        BROWSER_TIMEOUT_S,
+        &["CHROMIUM", "PLAYWRIGHT_CORE", "ESPEAK_NG", "SOX"],
+    );
+    command.env("ENCORE_RESTART_ACK", &restart_ack);
+    let script_log = run.work.path().join("demo.log");
     // The script's one request of the harness: a restart of the server under its pages, as a
     // deploy would do it (killed, then started again with the same data folder: its TLS
     // certificate and dev signing key, so the pages' tokens still verify).
@@ -113,36 +92,29 @@ fn demo_page_speaker_to_listener_in_real_chromium() {
             _ => return,
         };
         eprintln!("browser test: restarting the server{}", if new_key { " with a new dev signing key" } else { "" });
-        server.stop();
+        run.server.stop();
         if new_key {
-            fs::remove_file(data_dir.join(encore::auth::DEV_KEY_FILE)).expect("the dev signing key was kept");
+            fs::remove_file(run.data_dir.join(encore::auth::DEV_KEY_FILE)).expect("the dev signing key was kept");
         }
-        let log = work.path().join(format!("server-restarted-{}.log", restarted_logs.len() + 1));
-        server = Server::start(&addr, &data_dir, &log);
-        wait_until_healthy(&addr, &mut server, &log);
+        let log = run.work.path().join(format!("server-restarted-{}.log", restarted_logs.len() + 1));
+        run.server = Server::start(&run.addr, &run.data_dir, &log);
+        wait_until_healthy(&run.addr, &mut run.server, &log);
         restarted_logs.push(log);
         fs::write(&restart_ack, "up\n".repeat(restarted_logs.len())).expect("the restart acknowledgement");
         eprintln!("browser test: the server is up again");
     };
     let (status, output) = run_logged(command, &script_log, Duration::from_secs(BROWSER_TIMEOUT_S + 60), restart);
 
-    let result = output
-        .lines()
-        .rev()
-        .find_map(|line| line.strip_prefix("RESULT "))
-        .and_then(|json| serde_json::from_str::<Value>(json).ok());
-    let passed = status == Some(0) && result.as_ref().is_some_and(|r| r["ok"] == Value::Bool(true));
-    if !passed {
+    let Some(result) = passed_result(status, &output) else {
         let restarted: String = restarted_logs
             .iter()
             .map(|log| format!("\n--- {} (last 100 lines) ---\n{}", log.display(), tail(log, 100)))
             .collect();
         panic!(
             "the browser test failed (exit {status:?})\n--- demo.mjs ---\n{output}\n--- server log (last 150 lines) ---\n{}{restarted}",
-            tail(&server_log, 150),
+            tail(&run.server_log, 150),
         );
-    }
-    let result = result.expect("checked above");
+    };
     let audio = &result["inbound_audio"];
     let packets = audio["packetsReceived"].as_u64().unwrap_or(0);
     let energy = audio["totalAudioEnergy"].as_f64().unwrap_or(0.0);
@@ -185,49 +157,22 @@ fn firefox_and_chromium_hear_each_other() {
         return;
     }
     let _one = one_browser_test_at_a_time();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let deps = browser_deps(root);
-    let work = TempDir::new("encore-firefox-test");
-
-    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let data_dir = work.path().join("data");
-    fs::create_dir_all(&data_dir).expect("data dir");
-    let server_log = work.path().join("server.log");
-    let mut server = Server::start(&addr, &data_dir, &server_log);
-    wait_until_healthy(&addr, &mut server, &server_log);
-
-    let url = format!("https://{addr}");
-    eprintln!("browser test: server up at {url}; running tests/browser/firefox.mjs");
-    let node = deps.get("NODE").map(String::as_str).unwrap_or("node");
-    let mut command = Command::new(node);
-    command
-        .current_dir(root)
-        .arg("tests/browser/firefox.mjs")
-        .arg(&url)
-        .args(["--timeout", &FIREFOX_TIMEOUT_S.to_string()])
-        .stdin(Stdio::null());
-    for key in ["CHROMIUM", "PLAYWRIGHT_CORE", "FIREFOX", "PUPPETEER_CORE", "ESPEAK_NG", "SOX"] {
-        if let Some(value) = deps.get(key) {
-            command.env(key, value);
-        }
-    }
+    let run = BrowserRun::start("encore-firefox-test");
+    let command = run.node_command(
+        "tests/browser/firefox.mjs",
+        FIREFOX_TIMEOUT_S,
+        &["CHROMIUM", "PLAYWRIGHT_CORE", "FIREFOX", "PUPPETEER_CORE", "ESPEAK_NG", "SOX"],
+    );
     // The script's output holds Firefox's own stdout and stderr (puppeteer's dumpio) and, on a
     // failure, Chromium's and both pages' consoles: all of it goes in the panic below.
-    let script_log = work.path().join("firefox.log");
+    let script_log = run.work.path().join("firefox.log");
     let (status, output) = run_logged(command, &script_log, Duration::from_secs(FIREFOX_TIMEOUT_S + 60), |_| {});
-    let result = output
-        .lines()
-        .rev()
-        .find_map(|line| line.strip_prefix("RESULT "))
-        .and_then(|json| serde_json::from_str::<Value>(json).ok());
-    let passed = status == Some(0) && result.as_ref().is_some_and(|r| r["ok"] == Value::Bool(true));
-    if !passed {
+    let Some(result) = passed_result(status, &output) else {
         panic!(
             "the Firefox and Chromium test failed (exit {status:?})\n--- firefox.mjs ---\n{output}\n--- server log (last 150 lines) ---\n{}",
-            tail(&server_log, 150),
+            tail(&run.server_log, 150),
         );
-    }
-    let result = result.expect("checked above");
+    };
     // The script checked these; say them again here so a changed script cannot pass silently.
     for (listener, heard, speaker) in
         [("Firefox", "firefox_hears_chromium", "peer_chromium"), ("Chromium", "chromium_hears_firefox", "peer_firefox")]
@@ -257,6 +202,66 @@ fn firefox_and_chromium_hear_each_other() {
         result["firefox"].as_str().unwrap_or("?"),
         result["elapsed_s"]
     );
+}
+
+/// What each browser test starts with: what scripts/browser-deps.sh found, a temporary folder, and
+/// a real `encore serve` on a free loopback port (its data folder and log in that folder) that
+/// answers /healthz.
+struct BrowserRun {
+    // Before `work`: fields drop in order, and the server goes before its folder does.
+    server: Server,
+    work: TempDir,
+    root: &'static Path,
+    deps: HashMap<String, String>,
+    addr: SocketAddr,
+    data_dir: PathBuf,
+    server_log: PathBuf,
+}
+
+impl BrowserRun {
+    fn start(temp_prefix: &str) -> BrowserRun {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let deps = browser_deps(root);
+        let work = TempDir::new(temp_prefix);
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let data_dir = work.path().join("data");
+        fs::create_dir_all(&data_dir).expect("data dir");
+        let server_log = work.path().join("server.log");
+        let mut server = Server::start(&addr, &data_dir, &server_log);
+        wait_until_healthy(&addr, &mut server, &server_log);
+        BrowserRun { server, work, root, deps, addr, data_dir, server_log }
+    }
+
+    /// `node SCRIPT https://ADDR --timeout TIMEOUT_S` in the repository, with the `env` paths
+    /// browser-deps.sh printed.
+    fn node_command(&self, script: &str, timeout_s: u64, env: &[&str]) -> Command {
+        let url = format!("https://{}", self.addr);
+        eprintln!("browser test: server up at {url}; running {script}");
+        let node = self.deps.get("NODE").map(String::as_str).unwrap_or("node");
+        let mut command = Command::new(node);
+        command
+            .current_dir(self.root)
+            .arg(script)
+            .arg(&url)
+            .args(["--timeout", &timeout_s.to_string()])
+            .stdin(Stdio::null());
+        for key in env {
+            if let Some(value) = self.deps.get(*key) {
+                command.env(key, value);
+            }
+        }
+        command
+    }
+}
+
+/// The script's `RESULT {json}` (its last) when it passed: exit 0 and `"ok": true`.
+fn passed_result(status: Option<i32>, output: &str) -> Option<Value> {
+    let result = output
+        .lines()
+        .rev()
+        .find_map(|line| line.strip_prefix("RESULT "))
+        .and_then(|json| serde_json::from_str::<Value>(json).ok())?;
+    (status == Some(0) && result["ok"] == Value::Bool(true)).then_some(result)
 }
 
 /// Runs scripts/browser-deps.sh and reads its `KEY=VALUE` lines.
