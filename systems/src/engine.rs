@@ -10,6 +10,7 @@ use encore_components::learner::Learner;
 use encore_components::listener::{ListenerSession, Route};
 use encore_components::output::TickOutput;
 use encore_components::peer::{Peer, Prefs};
+use encore_components::replica::{EvictOrder, Evictions};
 use encore_components::resources::{
     BufferLedger, ClosedUtterances, Counters, DecisionQueue, Decisions, Departures, Directory, Dominance, EngineClock,
     EngineRng, ListenOutcomes, NackQueue, NewUtterances, Outputs, PendingInputs, RecommenderCounts, TimedInput,
@@ -113,6 +114,7 @@ impl Engine {
         world.init_resource::<ListenOutcomes>();
         world.init_resource::<RecommenderCounts>();
         world.init_resource::<Learner>();
+        world.init_resource::<Evictions>();
         let mut schedule = build_schedule();
         schedule.initialize(&mut world).map_err(|e| EngineError::Schedule(e.to_string(schedule.graph(), &world)))?;
         Ok(Engine { world, schedule, next_tick: 0, tick_us, last_at_us: 0, spare: TickOutput::default(), quiet: None })
@@ -174,6 +176,41 @@ impl Engine {
     /// nothing reads the bytes, and sharing them costs a reference count per packet.
     pub fn set_payloads(&mut self, payloads: bool) {
         self.world.resource_mut::<Outputs>().payloads = payloads;
+    }
+
+    /// Makes this engine a replica of another (an edge node's copy of an origin's room): its
+    /// evict system applies the orders given to [`Engine::push_evict_orders`] instead of
+    /// choosing by its own listeners. Feed it the origin's speaker-side inputs
+    /// ([`Input::is_speaker_side`]) at the ticks the origin consumed them, and its own
+    /// listeners' inputs; its utterances and buffer are then the origin's (docs/scaling.md).
+    pub fn set_replica(&mut self) {
+        let mut evictions = self.world.resource_mut::<Evictions>();
+        if evictions.replica.is_none() {
+            evictions.replica = Some(Default::default());
+        }
+    }
+
+    pub fn is_replica(&self) -> bool {
+        self.world.resource::<Evictions>().replica.is_some()
+    }
+
+    /// Queues the origin's eviction orders of its tick `tick` (from its
+    /// [`Engine::evict_orders`] after that tick) for this replica's tick of the same number.
+    /// Ignored unless [`Engine::set_replica`] was called.
+    pub fn push_evict_orders(&mut self, tick: u64, orders: &[EvictOrder]) {
+        if orders.is_empty() {
+            return;
+        }
+        self.quiet = Some(false);
+        if let Some(replica) = self.world.resource_mut::<Evictions>().replica.as_mut() {
+            replica.entry(tick).or_default().extend_from_slice(orders);
+        }
+    }
+
+    /// What the last tick's eviction removed, in order: what a replica of this engine needs
+    /// besides its speaker-side inputs.
+    pub fn evict_orders(&self) -> &[EvictOrder] {
+        &self.world.resource::<Evictions>().made
     }
 
     /// The number of the tick the next call to [`Engine::tick`] runs.
@@ -277,6 +314,7 @@ impl Engine {
 
     fn compute_quiet(&mut self) -> bool {
         if !self.world.resource::<PendingInputs>().items.is_empty()
+            || self.world.resource::<Evictions>().replica.as_ref().is_some_and(|orders| !orders.is_empty())
             || !self.world.resource::<DecisionQueue>().needs.is_empty()
             || !self.world.resource::<NackQueue>().listeners.is_empty()
             || !self.world.resource::<Departures>().tracks.is_empty()
