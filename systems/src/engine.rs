@@ -140,6 +140,23 @@ impl Engine {
         at_us
     }
 
+    /// Queues an origin's speaker-side input on a replica with the arrival time the origin's
+    /// engine kept for it, exactly (held only to the next tick's time). [`Engine::push`]
+    /// would hold it to the last input pushed, and an edge's own listener pushed a moment
+    /// before could then move a speaker's packet later than the origin saw it: its media
+    /// time and an utterance's start come from that arrival. The tick applies its inputs in
+    /// order of arrival time, so origin and replica apply the speaker side in the same order.
+    pub fn push_replicated(&mut self, at_us: u64, input: Input) -> u64 {
+        let at_us = at_us.min(self.next_tick_us());
+        self.last_at_us = self.last_at_us.max(at_us);
+        self.quiet = Some(false);
+        let mut pending = self.world.resource_mut::<PendingInputs>();
+        let order = pending.next_order;
+        pending.next_order += 1;
+        pending.items.push(TimedInput { at_us, order, input });
+        at_us
+    }
+
     /// The arrival time [`Engine::push`] would give an input stamped `at_us` now (for a
     /// recorder that writes the input before pushing it).
     pub fn arrival_us(&self, at_us: u64) -> u64 {
@@ -462,6 +479,22 @@ mod tests {
     fn the_schedule_builds_with_ambiguity_detection_as_an_error() {
         let engine = Engine::new(EngineConfig::default());
         assert!(engine.is_ok());
+    }
+
+    #[test]
+    fn a_replicated_input_keeps_its_arrival_time_after_a_later_local_one() {
+        let mut engine = Engine::new(EngineConfig::default()).unwrap();
+        let tick_us = engine.tick_us();
+        engine.tick();
+        engine.tick();
+        // A local listener's input stamped at the tick's time, then an origin's input that
+        // arrived earlier at the origin.
+        assert_eq!(engine.push(2 * tick_us, Input::Listen { peer: Name::new("edge.l") }), 2 * tick_us);
+        assert_eq!(engine.push_replicated(tick_us + 5, Input::Leave { peer: Name::new("s") }), tick_us + 5);
+        // Never later than the tick that applies it; and a local input after it is held
+        // to the latest time pushed, as always.
+        assert_eq!(engine.push_replicated(9 * tick_us, Input::Leave { peer: Name::new("t") }), 2 * tick_us);
+        assert_eq!(engine.push(0, Input::Listen { peer: Name::new("edge.m") }), 2 * tick_us);
     }
 
     #[test]

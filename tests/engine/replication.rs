@@ -2,7 +2,9 @@
 //! generated room; edge engines get the origin's speaker-side inputs at the ticks it consumed
 //! them, with its eviction orders, plus listeners of their own that act differently. Their
 //! utterances (ids, speakers, start and end, evictions) and buffers must be the origin's, tick
-//! by tick. docs/scaling.md, "One room across nodes", is the design this holds to.
+//! by tick. The edges take the origin's stream in the relay's wire form (src/relay.rs: the
+//! origin's `OriginLog` as text lines, parsed into a `Replica`), one of them joining 15 s into
+//! the room from the log. docs/scaling.md, "One room across nodes", is the design this holds to.
 
 use encore::Engine;
 use encore::components::config::EngineConfig;
@@ -11,6 +13,7 @@ use encore::components::input::Input;
 use encore::components::output::Event;
 use encore::components::replica::EvictOrder;
 use encore::generate::{GenerateOptions, generate_events};
+use encore::relay::{OriginLog, RelayLine, Replica};
 
 /// What an origin's tick hands its edges: the speaker-side inputs it consumed, with the
 /// arrival times it kept, and what its eviction removed.
@@ -44,6 +47,8 @@ struct Run {
     /// Per tick: the utterance events and the buffer's bytes at the end of it.
     ticks: Vec<(Vec<Event>, u64)>,
     records: Vec<TickRecord>,
+    /// The origin's relay stream.
+    log: OriginLog,
     sent: u64,
     routes: u64,
     cap: u64,
@@ -54,7 +59,14 @@ struct Run {
 fn run(mut engine: Engine, inputs: &[(u64, Input)], replicated: Option<&[TickRecord]>, end_tick: u64) -> Run {
     let tick_us = engine.tick_us();
     let mut next = inputs.iter().peekable();
-    let mut out = Run { ticks: Vec::new(), records: Vec::new(), sent: 0, routes: 0, cap: engine.buffer_cap() };
+    let mut out = Run {
+        ticks: Vec::new(),
+        records: Vec::new(),
+        log: OriginLog::new(u64::MAX),
+        sent: 0,
+        routes: 0,
+        cap: engine.buffer_cap(),
+    };
     for tick in 0..end_tick {
         assert_eq!(engine.next_tick(), tick);
         let mut record = TickRecord::default();
@@ -77,6 +89,10 @@ fn run(mut engine: Engine, inputs: &[(u64, Input)], replicated: Option<&[TickRec
         }
         let output = engine.tick();
         record.orders = engine.evict_orders().to_vec();
+        for (at_us, input) in &record.inputs {
+            out.log.input(*at_us, tick, input);
+        }
+        out.log.ticked(tick, &record.orders);
         out.sent += output.packets.len() as u64;
         out.routes += output.events.iter().filter(|e| matches!(e, Event::Route { .. })).count() as u64;
         out.ticks.push((utterance_events(&output.events), engine.buffer_bytes()));
@@ -89,14 +105,57 @@ fn run(mut engine: Engine, inputs: &[(u64, Input)], replicated: Option<&[TickRec
     out
 }
 
-fn rename(name: &Name, prefix: &str) -> Name {
-    Name::from(format!("{prefix}{name}"))
+/// An edge through the relay's wire form: the origin's log as text lines, parsed, into a
+/// [`Replica`] with the edge's own audience. The edge starts at origin tick `start`: before
+/// it, it takes the log from the room's start (joining mid-room); its own audience arrives
+/// from then on.
+fn run_edge(config: &EngineConfig, log: &OriginLog, audience: &[(u64, Input)], start: u64, end_tick: u64) -> Run {
+    let mut replica = Replica::new(Engine::new(config.clone()).expect("valid"));
+    let tick_us = replica.engine().tick_us();
+    let lines: Vec<RelayLine> =
+        log.since(0).expect("kept").iter().map(|text| RelayLine::parse(text).expect("a relay line")).collect();
+    let mut lines = lines.into_iter().peekable();
+    // Its audience arrives once it runs: their times move on by its start.
+    let mut local = audience.iter().map(|(at_us, input)| (at_us + start * tick_us, input)).peekable();
+    let mut out = Run {
+        ticks: Vec::new(),
+        records: Vec::new(),
+        log: OriginLog::new(u64::MAX),
+        sent: 0,
+        routes: 0,
+        cap: replica.engine().buffer_cap(),
+    };
+    for tick in 0..end_tick {
+        // Live, an edge holds the origin's lines up to the tick the origin ran last; a late
+        // one holds the whole log up to its start.
+        let held = tick.max(start);
+        while let Some(line) = lines.next_if(|line| line.tick() <= held) {
+            replica.line(line).expect("in order");
+        }
+        while let Some((at_us, input)) = local.next_if(|(at_us, _)| at_us.div_ceil(tick_us) <= tick) {
+            replica.local(at_us, input.clone()).expect("a listener's input");
+        }
+        let output = replica.tick().expect("the origin is past this tick");
+        let engine = replica.engine();
+        out.sent += output.packets.len() as u64;
+        out.routes += output.events.iter().filter(|e| matches!(e, Event::Route { .. })).count() as u64;
+        out.ticks.push((utterance_events(&output.events), engine.buffer_bytes()));
+        out.cap = out.cap.max(engine.buffer_cap());
+        assert!(engine.buffer_bytes() <= engine.buffer_cap(), "tick {tick}: over the cap");
+        assert_eq!(engine.buffer_bytes(), engine.audit_buffer_bytes(), "tick {tick}: the ledger is off");
+        replica.recycle(output);
+    }
+    out
+}
+
+fn rename(name: &Name, edge: &str) -> Name {
+    Name::from(format!("{name}@{edge}"))
 }
 
 /// An edge's own audience: the listeners of another generated room over the same speakers
 /// (other seed: other joins, preferences, skips, likes, pauses, leaves), renamed into the
 /// edge's namespace so they never take an origin peer's name.
-fn edge_audience(options: &GenerateOptions, seed: u64, prefix: &str) -> Vec<(u64, Input)> {
+fn edge_audience(options: &GenerateOptions, seed: u64, edge: &str) -> Vec<(u64, Input)> {
     let (_, events) = generate_events(&GenerateOptions { seed, ..options.clone() });
     let is_listener = |peer: &Name| peer.starts_with('l');
     events
@@ -104,25 +163,25 @@ fn edge_audience(options: &GenerateOptions, seed: u64, prefix: &str) -> Vec<(u64
         .filter_map(|(at_us, input)| {
             let input = match input {
                 Input::Join { peer, uid, roles } if is_listener(&peer) => {
-                    Input::Join { peer: rename(&peer, prefix), uid, roles }
+                    Input::Join { peer: rename(&peer, edge), uid, roles }
                 }
-                Input::Leave { peer } if is_listener(&peer) => Input::Leave { peer: rename(&peer, prefix) },
+                Input::Leave { peer } if is_listener(&peer) => Input::Leave { peer: rename(&peer, edge) },
                 input if input.is_speaker_side() => return None,
-                Input::Listen { peer } if is_listener(&peer) => Input::Listen { peer: rename(&peer, prefix) },
-                Input::Unlisten { peer } if is_listener(&peer) => Input::Unlisten { peer: rename(&peer, prefix) },
-                Input::Pause { peer } if is_listener(&peer) => Input::Pause { peer: rename(&peer, prefix) },
-                Input::Resume { peer } if is_listener(&peer) => Input::Resume { peer: rename(&peer, prefix) },
+                Input::Listen { peer } if is_listener(&peer) => Input::Listen { peer: rename(&peer, edge) },
+                Input::Unlisten { peer } if is_listener(&peer) => Input::Unlisten { peer: rename(&peer, edge) },
+                Input::Pause { peer } if is_listener(&peer) => Input::Pause { peer: rename(&peer, edge) },
+                Input::Resume { peer } if is_listener(&peer) => Input::Resume { peer: rename(&peer, edge) },
                 Input::Prefs { peer, follow, mute } if is_listener(&peer) => {
-                    Input::Prefs { peer: rename(&peer, prefix), follow, mute }
+                    Input::Prefs { peer: rename(&peer, edge), follow, mute }
                 }
                 Input::Feedback { peer, utterance, signal } if is_listener(&peer) => {
-                    Input::Feedback { peer: rename(&peer, prefix), utterance, signal }
+                    Input::Feedback { peer: rename(&peer, edge), utterance, signal }
                 }
                 Input::Nack { peer, media, seqs } if is_listener(&peer) => {
-                    Input::Nack { peer: rename(&peer, prefix), media, seqs }
+                    Input::Nack { peer: rename(&peer, edge), media, seqs }
                 }
                 Input::KeyframeRequest { peer } if is_listener(&peer) => {
-                    Input::KeyframeRequest { peer: rename(&peer, prefix) }
+                    Input::KeyframeRequest { peer: rename(&peer, edge) }
                 }
                 _ => return None,
             };
@@ -144,21 +203,25 @@ fn replicate(options: &GenerateOptions, origin_extra: &[(u64, Input)], replica: 
     let end_tick = (options.seconds * 1_000_000 + 2_000_000) / options.config.tick_us();
     let origin = run(Engine::new(options.config.clone()).expect("valid"), &origin_inputs, None, end_tick);
     let audiences = [
-        edge_audience(options, options.seed + 100, "a."),
+        edge_audience(options, options.seed + 100, "a"),
         edge_audience(
             &GenerateOptions { listeners: options.listeners * 3, ..options.clone() },
             options.seed + 200,
-            "b.",
+            "b",
         ),
     ];
     let edges = audiences
         .iter()
-        .map(|audience| {
-            let mut engine = Engine::new(options.config.clone()).expect("valid");
+        .enumerate()
+        .map(|(e, audience)| {
             if replica {
-                engine.set_replica();
+                // Edge b starts 15 s into the room, from the log.
+                let start = if e == 1 { 15_000_000 / options.config.tick_us() } else { 0 };
+                run_edge(&options.config, &origin.log, audience, start, end_tick)
+            } else {
+                // The same inputs straight into an engine that chooses its own evictions.
+                run(Engine::new(options.config.clone()).expect("valid"), audience, Some(&origin.records), end_tick)
             }
-            run(engine, audience, Some(&origin.records), end_tick)
         })
         .collect();
     Outcome { origin, edges }
@@ -170,11 +233,13 @@ fn assert_same_utterances(outcome: &Outcome) {
     let events: usize = outcome.origin.ticks.iter().map(|(events, _)| events.len()).sum();
     println!(
         "origin: {events} utterance events, {} whole and {} partial evictions, {prerolls} pre-roll orders; \
-         sent to listeners: origin {}, edges {:?}",
+         sent to listeners: origin {}, edges {:?}; relay stream {} lines, {} bytes",
         count(&outcome.origin, true),
         count(&outcome.origin, false),
         outcome.origin.sent,
         outcome.edges.iter().map(|edge| edge.sent).collect::<Vec<_>>(),
+        outcome.origin.log.len(),
+        outcome.origin.log.bytes(),
     );
     for (e, edge) in outcome.edges.iter().enumerate() {
         assert!(edge.sent > 0 && edge.routes > 0, "edge {e}'s own listeners hear nothing");
