@@ -56,7 +56,19 @@ struct Run {
 
 /// Runs `inputs` (arrival-ordered) through `engine` tick by tick up to `end_tick`. With
 /// `replicated`, each tick first takes the origin's record of the same tick.
-fn run(mut engine: Engine, inputs: &[(u64, Input)], replicated: Option<&[TickRecord]>, end_tick: u64) -> Run {
+/// A live worker that falls behind: in three ticks of every ten it takes no input, and the
+/// next tick takes what waited, with the arrival times it had (as `Room::push` does).
+fn stalled(tick: u64) -> bool {
+    tick % 10 >= 7
+}
+
+fn run(
+    mut engine: Engine,
+    inputs: &[(u64, Input)],
+    replicated: Option<&[TickRecord]>,
+    end_tick: u64,
+    late: bool,
+) -> Run {
     let tick_us = engine.tick_us();
     let mut next = inputs.iter().peekable();
     let mut out = Run {
@@ -81,7 +93,9 @@ fn run(mut engine: Engine, inputs: &[(u64, Input)], replicated: Option<&[TickRec
             }
             engine.push_evict_orders(tick, &origin.orders);
         }
-        while let Some((at_us, input)) = next.next_if(|(at_us, _)| at_us.div_ceil(tick_us) <= tick) {
+        while let Some((at_us, input)) =
+            next.next_if(|(at_us, _)| at_us.div_ceil(tick_us) <= tick && !(late && stalled(tick)))
+        {
             let kept = engine.push(*at_us, input.clone());
             if input.is_speaker_side() {
                 record.inputs.push((kept, input.clone()));
@@ -109,7 +123,14 @@ fn run(mut engine: Engine, inputs: &[(u64, Input)], replicated: Option<&[TickRec
 /// [`Replica`] with the edge's own audience. The edge starts at origin tick `start`: before
 /// it, it takes the log from the room's start (joining mid-room); its own audience arrives
 /// from then on.
-fn run_edge(config: &EngineConfig, log: &OriginLog, audience: &[(u64, Input)], start: u64, end_tick: u64) -> Run {
+fn run_edge(
+    config: &EngineConfig,
+    log: &OriginLog,
+    audience: &[(u64, Input)],
+    start: u64,
+    end_tick: u64,
+    late: bool,
+) -> Run {
     let mut replica = Replica::new(Engine::new(config.clone()).expect("valid"));
     let tick_us = replica.engine().tick_us();
     let lines: Vec<RelayLine> =
@@ -133,6 +154,9 @@ fn run_edge(config: &EngineConfig, log: &OriginLog, audience: &[(u64, Input)], s
             replica.line(line).expect("in order");
         }
         while let Some((at_us, input)) = local.next_if(|(at_us, _)| at_us.div_ceil(tick_us) <= tick) {
+            // Behind a late origin, the edge's own inputs are stamped when it takes them, at
+            // its tick's time: later than the origin's inputs of the same tick.
+            let at_us = if late { tick * tick_us } else { at_us };
             replica.local(at_us, input.clone()).expect("a listener's input");
         }
         let output = replica.tick().expect("the origin is past this tick");
@@ -196,12 +220,12 @@ struct Outcome {
 }
 
 /// An origin and two edges with audiences of their own (edge `b` larger than the origin's).
-fn replicate(options: &GenerateOptions, origin_extra: &[(u64, Input)], replica: bool) -> Outcome {
+fn replicate(options: &GenerateOptions, origin_extra: &[(u64, Input)], replica: bool, late: bool) -> Outcome {
     let (_, mut origin_inputs) = generate_events(options);
     origin_inputs.extend_from_slice(origin_extra);
     origin_inputs.sort_by_key(|(at_us, _)| *at_us);
     let end_tick = (options.seconds * 1_000_000 + 2_000_000) / options.config.tick_us();
-    let origin = run(Engine::new(options.config.clone()).expect("valid"), &origin_inputs, None, end_tick);
+    let origin = run(Engine::new(options.config.clone()).expect("valid"), &origin_inputs, None, end_tick, late);
     let audiences = [
         edge_audience(options, options.seed + 100, "a"),
         edge_audience(
@@ -217,10 +241,11 @@ fn replicate(options: &GenerateOptions, origin_extra: &[(u64, Input)], replica: 
             if replica {
                 // Edge b starts 15 s into the room, from the log.
                 let start = if e == 1 { 15_000_000 / options.config.tick_us() } else { 0 };
-                run_edge(&options.config, &origin.log, audience, start, end_tick)
+                run_edge(&options.config, &origin.log, audience, start, end_tick, late)
             } else {
                 // The same inputs straight into an engine that chooses its own evictions.
-                run(Engine::new(options.config.clone()).expect("valid"), audience, Some(&origin.records), end_tick)
+                let engine = Engine::new(options.config.clone()).expect("valid");
+                run(engine, audience, Some(&origin.records), end_tick, false)
             }
         })
         .collect();
@@ -274,7 +299,7 @@ fn options(seed: u64, cap: u64) -> GenerateOptions {
 #[test]
 fn edges_with_their_own_listeners_make_the_origins_utterances() {
     for seed in [1, 2] {
-        let outcome = replicate(&options(seed, EngineConfig::default().buffer_max_bytes), &[], true);
+        let outcome = replicate(&options(seed, EngineConfig::default().buffer_max_bytes), &[], true, false);
         let starts =
             outcome.origin.ticks.iter().flat_map(|(e, _)| e).filter(|e| matches!(e, Event::UtteranceStart { .. }));
         assert!(starts.count() > 20, "seed {seed}: the room should talk");
@@ -289,7 +314,7 @@ fn edges_follow_the_origins_evictions_under_a_small_cap_and_a_changing_share() {
     // origin's share shrinks and grows again mid-room.
     let shares =
         [(12_000_000, Input::BufferShare { bytes: 150_000 }), (25_000_000, Input::BufferShare { bytes: 400_000 })];
-    let outcome = replicate(&options(3, 300_000), &shares, true);
+    let outcome = replicate(&options(3, 300_000), &shares, true, false);
     assert!(count(&outcome.origin, true) > 5 && count(&outcome.origin, false) > 5, "the cap should bite");
     assert_eq!(outcome.origin.cap, 400_000);
     assert_same_utterances(&outcome);
@@ -299,7 +324,7 @@ fn edges_follow_the_origins_evictions_under_a_small_cap_and_a_changing_share() {
 fn an_edge_that_chose_its_own_evictions_would_diverge() {
     // Why eviction replicates as the origin's orders: the same inputs with the edge choosing
     // by its own listeners give another buffer, and with it other evictions.
-    let outcome = replicate(&options(3, 300_000), &[], false);
+    let outcome = replicate(&options(3, 300_000), &[], false, false);
     let diverged = outcome
         .edges
         .iter()
@@ -312,8 +337,20 @@ fn edges_follow_the_origin_down_to_its_pre_roll_rings() {
     // A cap so small that whole open utterances and the silent tracks' pre-roll rings go
     // too (steps 6 and 7): a speaker still talking continues in a new utterance, on the
     // edges as on the origin.
-    let outcome = replicate(&GenerateOptions { video: false, ..options(4, 6_000) }, &[], true);
+    let outcome = replicate(&GenerateOptions { video: false, ..options(4, 6_000) }, &[], true, false);
     let prerolls = outcome.origin.records.iter().flat_map(|r| &r.orders);
     assert!(prerolls.filter(|o| matches!(o, EvictOrder::PreRoll { .. })).count() > 0);
     assert_same_utterances(&outcome);
+}
+
+#[test]
+fn edges_follow_an_origin_whose_worker_falls_behind() {
+    // The origin takes inputs ticks after they arrived, keeping their arrival times; the
+    // edges stamp their own listeners' inputs at the tick, later than those. A replica that
+    // held the origin's times to its own last input (`Engine::push`) would move speakers'
+    // packets later and open utterances at other times.
+    for cap in [EngineConfig::default().buffer_max_bytes, 300_000] {
+        let outcome = replicate(&options(5, cap), &[], true, true);
+        assert_same_utterances(&outcome);
+    }
 }
