@@ -6,7 +6,7 @@ mod determinism;
 mod eval;
 mod invariants;
 mod policies;
-mod replication;
+pub mod replication;
 mod scenarios;
 mod snapshots;
 pub mod support;

@@ -2,7 +2,7 @@
 //! generated room; edge engines get the origin's speaker-side inputs at the ticks it consumed
 //! them, with its eviction orders, plus listeners of their own that act differently. Their
 //! utterances (ids, speakers, start and end, evictions) and buffers must be the origin's, tick
-//! by tick. The edges take the origin's stream in the relay's wire form (src/relay.rs: the
+//! by tick. The edges take the origin's stream in the relay's wire form (src/relay/mod.rs: the
 //! origin's `OriginLog` as text lines, parsed into a `Replica`), one of them joining 15 s into
 //! the room from the log. docs/scaling.md, "One room across nodes", is the design this holds to.
 
@@ -18,14 +18,14 @@ use encore::relay::{OriginLog, RelayLine, Replica};
 /// What an origin's tick hands its edges: the speaker-side inputs it consumed, with the
 /// arrival times it kept, and what its eviction removed.
 #[derive(Default)]
-struct TickRecord {
+pub struct TickRecord {
     inputs: Vec<(u64, Input)>,
     orders: Vec<EvictOrder>,
 }
 
 /// An engine's utterance events of one tick: what must be equal across origin and edges.
 /// An eviction's `listeners` counts the node's own listeners and is left out.
-fn utterance_events(events: &[Event]) -> Vec<Event> {
+pub fn utterance_events(events: &[Event]) -> Vec<Event> {
     events
         .iter()
         .filter_map(|event| match event {
@@ -43,12 +43,12 @@ fn utterance_events(events: &[Event]) -> Vec<Event> {
         .collect()
 }
 
-struct Run {
+pub struct Run {
     /// Per tick: the utterance events and the buffer's bytes at the end of it.
-    ticks: Vec<(Vec<Event>, u64)>,
+    pub ticks: Vec<(Vec<Event>, u64)>,
     records: Vec<TickRecord>,
     /// The origin's relay stream.
-    log: OriginLog,
+    pub log: OriginLog,
     sent: u64,
     routes: u64,
     cap: u64,
@@ -62,7 +62,7 @@ fn stalled(tick: u64) -> bool {
     tick % 10 >= 7
 }
 
-fn run(
+pub fn run(
     mut engine: Engine,
     inputs: &[(u64, Input)],
     replicated: Option<&[TickRecord]>,
@@ -179,7 +179,7 @@ fn rename(name: &Name, edge: &str) -> Name {
 /// An edge's own audience: the listeners of another generated room over the same speakers
 /// (other seed: other joins, preferences, skips, likes, pauses, leaves), renamed into the
 /// edge's namespace so they never take an origin peer's name.
-fn edge_audience(options: &GenerateOptions, seed: u64, edge: &str) -> Vec<(u64, Input)> {
+pub fn edge_audience(options: &GenerateOptions, seed: u64, edge: &str) -> Vec<(u64, Input)> {
     let (_, events) = generate_events(&GenerateOptions { seed, ..options.clone() });
     let is_listener = |peer: &Name| peer.starts_with('l');
     events
@@ -284,7 +284,7 @@ fn count(run: &Run, whole: bool) -> usize {
         .count()
 }
 
-fn options(seed: u64, cap: u64) -> GenerateOptions {
+pub fn options(seed: u64, cap: u64) -> GenerateOptions {
     GenerateOptions {
         speakers: 4,
         listeners: 6,

@@ -17,6 +17,8 @@
 //! it holds a `through` at or past it, so it runs a fixed, short delay behind its origin.
 //! docs/scaling.md has the design and why each part replicates or not.
 
+pub mod quic;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
