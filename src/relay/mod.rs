@@ -1,12 +1,16 @@
 //! The origin → edge relay of one room (issue 11), without its transport: what an origin
 //! writes for its edges, and how an edge runs the room's engine on it.
 //!
-//! The relay stream is JSON Lines, one source of truth with the scenario format: an input
-//! line is the scenario's event line with its `tick` (what a live recording writes,
-//! docs/scenario-format.md), limited to the speaker side (`Input::is_speaker_side`); two more
-//! kinds carry what the origin's tick decided besides its inputs:
+//! The relay stream is JSON Lines, one source of truth with the scenario format: it opens
+//! with the scenario header (the origin engine's whole configuration, which the edge's
+//! engine is built from: two nodes with different voice or buffer settings would cut other
+//! utterances), and an input line is the scenario's event line with its `tick` (what a live
+//! recording writes, docs/scenario-format.md), limited to the speaker side
+//! (`Input::is_speaker_side`); two more kinds carry what the origin's tick decided besides
+//! its inputs:
 //!
 //! ```text
+//! {"encore_scenario":1,"tick_ms":10,"config":{...}}
 //! {"at_us":1000,"tick":1,"kind":"join","peer":"s01","roles":["speaker"]}
 //! {"kind":"evict","tick":700,"order":{"kind":"trim","utterance":"s01#4","audio":12,"video":0}}
 //! {"kind":"through","tick":700}
@@ -27,10 +31,11 @@ use serde_json::Value;
 
 use encore_systems::Engine;
 use encore_systems::components::TickOutput;
+use encore_systems::components::config::EngineConfig;
 use encore_systems::components::input::Input;
 use encore_systems::components::replica::EvictOrder;
 
-use crate::scenario::{event_line, parse_event};
+use crate::scenario::{ScenarioHeader, event_line, parse_event};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RelayError {
@@ -44,6 +49,10 @@ pub enum RelayError {
     SpeakerSideOnEdge(&'static str),
     #[error("a `{0}` input is not replicated: it stays on the node of its listener")]
     ListenerSide(&'static str),
+    #[error("bad relay header: {0}")]
+    BadHeader(String),
+    #[error("a relay header for another engine configuration than this replica's")]
+    ConfigMismatch,
     #[error("an edge's own peer must be named `<name>@<edge>` (origin names never hold `@`), not `{0}`")]
     LocalName(String),
     #[error("the room's relay log passed {max_bytes} bytes and is no longer kept: a new edge cannot start")]
@@ -61,6 +70,8 @@ impl RelayError {
             RelayError::ListenerSide(_) => "relay-listener-side",
             RelayError::LogTruncated { .. } => "relay-log-truncated",
             RelayError::LocalName(_) => "relay-local-name",
+            RelayError::BadHeader(_) => "relay-bad-header",
+            RelayError::ConfigMismatch => "relay-config-mismatch",
         }
     }
 }
@@ -68,6 +79,8 @@ impl RelayError {
 /// One line of the relay stream.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RelayLine {
+    /// The stream's first line: the scenario header with the origin engine's configuration.
+    Header(Box<ScenarioHeader>),
     /// A speaker-side input as the origin's engine consumed it: its kept arrival time and
     /// the tick that applied it.
     Input { at_us: u64, tick: u64, input: Input },
@@ -88,6 +101,7 @@ enum Mark {
 impl RelayLine {
     pub fn to_line(&self) -> String {
         let mark = match self {
+            RelayLine::Header(header) => return header.to_line(),
             RelayLine::Input { at_us, tick, input } => return event_line(*at_us, Some(*tick), input),
             RelayLine::Evict { tick, order } => Mark::Evict { tick: *tick, order: order.clone() },
             RelayLine::Through { tick } => Mark::Through { tick: *tick },
@@ -98,6 +112,9 @@ impl RelayLine {
 
     pub fn parse(text: &str) -> Result<RelayLine, RelayError> {
         let value: Value = serde_json::from_str(text).map_err(|e| RelayError::BadLine(e.to_string()))?;
+        if value.get("encore_scenario").is_some() {
+            return ScenarioHeader::parse(text).map(|h| RelayLine::Header(Box::new(h))).map_err(RelayError::BadHeader);
+        }
         let mark = matches!(value.get("kind"), Some(Value::String(kind)) if kind == "evict" || kind == "through");
         if mark {
             return match serde_json::from_value::<Mark>(value).map_err(|e| RelayError::BadLine(e.to_string()))? {
@@ -113,9 +130,10 @@ impl RelayLine {
         Ok(RelayLine::Input { at_us: event.at_us, tick, input: event.input })
     }
 
-    /// The tick the line belongs to.
+    /// The tick the line belongs to (the header: before the first).
     pub fn tick(&self) -> u64 {
         match self {
+            RelayLine::Header(_) => 0,
             RelayLine::Input { tick, .. } | RelayLine::Evict { tick, .. } | RelayLine::Through { tick } => *tick,
         }
     }
@@ -134,8 +152,11 @@ pub struct OriginLog {
 }
 
 impl OriginLog {
-    pub fn new(max_bytes: u64) -> Self {
-        OriginLog { lines: Vec::new(), bytes: 0, max_bytes, truncated: false, dropped: 0 }
+    /// A room's log, opening with its engine's configuration.
+    pub fn new(config: &EngineConfig, max_bytes: u64) -> Self {
+        let mut log = OriginLog { lines: Vec::new(), bytes: 0, max_bytes, truncated: false, dropped: 0 };
+        log.write(RelayLine::Header(Box::new(ScenarioHeader::new(config.clone()))));
+        log
     }
 
     /// An input the origin's engine took (with the time `Engine::push` kept and the tick it
@@ -208,6 +229,15 @@ pub struct Replica {
 }
 
 impl Replica {
+    /// A replica built from the stream's first line, the origin's header.
+    pub fn from_header(line: &RelayLine) -> Result<Self, RelayError> {
+        let RelayLine::Header(header) = line else {
+            return Err(RelayError::BadHeader("the stream must open with the scenario header".into()));
+        };
+        let engine = Engine::new(header.config.clone()).map_err(|e| RelayError::BadHeader(e.to_string()))?;
+        Ok(Self::new(engine))
+    }
+
     pub fn new(mut engine: Engine) -> Self {
         engine.set_replica();
         Replica { engine, inputs: BTreeMap::new(), orders: BTreeMap::new(), local: Vec::new(), through: None }
@@ -219,6 +249,13 @@ impl Replica {
 
     /// Takes one line of the origin's stream. Lines must come in the origin's order.
     pub fn line(&mut self, line: RelayLine) -> Result<(), RelayError> {
+        if let RelayLine::Header(header) = &line {
+            // Again at a resumption from the start: it must be the same room's.
+            return match header.config == *self.engine.config() {
+                true => Ok(()),
+                false => Err(RelayError::ConfigMismatch),
+            };
+        }
         let next = self.engine.next_tick();
         if line.tick() < next {
             return Err(RelayError::Stale { tick: line.tick(), next });
@@ -227,6 +264,7 @@ impl Replica {
             RelayLine::Input { at_us, tick, input } => self.inputs.entry(tick).or_default().push((at_us, input)),
             RelayLine::Evict { tick, order } => self.orders.entry(tick).or_default().push(order),
             RelayLine::Through { tick } => self.through = Some(self.through.map_or(tick, |t| t.max(tick))),
+            RelayLine::Header(_) => {}
         }
         Ok(())
     }
@@ -287,6 +325,7 @@ mod tests {
     #[test]
     fn lines_read_back_as_written() {
         let lines = [
+            RelayLine::Header(Box::new(ScenarioHeader::new(EngineConfig::default()))),
             RelayLine::Input {
                 at_us: 1000,
                 tick: 1,
@@ -299,12 +338,13 @@ mod tests {
             RelayLine::Through { tick: 700 },
         ];
         let texts: Vec<String> = lines.iter().map(RelayLine::to_line).collect();
-        assert_eq!(texts[0], r#"{"at_us":1000,"tick":1,"kind":"join","peer":"s01","roles":["speaker"]}"#);
+        assert!(texts[0].starts_with(r#"{"encore_scenario":1,"tick_ms":10,"config":{"#), "{}", texts[0]);
+        assert_eq!(texts[1], r#"{"at_us":1000,"tick":1,"kind":"join","peer":"s01","roles":["speaker"]}"#);
         assert_eq!(
-            texts[1],
+            texts[2],
             r#"{"kind":"evict","tick":700,"order":{"kind":"trim","utterance":"s01#4","audio":12,"video":0}}"#
         );
-        assert_eq!(texts[2], r#"{"kind":"through","tick":700}"#);
+        assert_eq!(texts[3], r#"{"kind":"through","tick":700}"#);
         for (line, text) in lines.iter().zip(&texts) {
             assert_eq!(&RelayLine::parse(text).unwrap(), line);
         }
@@ -326,7 +366,13 @@ mod tests {
 
     #[test]
     fn a_replica_ticks_only_as_far_as_its_origin_and_refuses_the_past_and_speakers() {
-        let mut replica = Replica::new(Engine::new(EngineConfig::default()).unwrap());
+        let header = RelayLine::Header(Box::new(ScenarioHeader::new(EngineConfig::default())));
+        let mut replica = Replica::from_header(&header).unwrap();
+        replica.line(header).unwrap();
+        let other = EngineConfig { seed: 99, ..EngineConfig::default() };
+        let other = RelayLine::Header(Box::new(ScenarioHeader::new(other)));
+        assert_eq!(replica.line(other).unwrap_err().code(), "relay-config-mismatch");
+        assert!(Replica::from_header(&RelayLine::Through { tick: 0 }).is_err());
         assert!(replica.tick().is_none(), "nothing from the origin yet");
         replica.line(RelayLine::Through { tick: 1 }).unwrap();
         assert!(replica.tick().is_some() && replica.tick().is_some() && replica.tick().is_none());
@@ -340,20 +386,23 @@ mod tests {
 
     #[test]
     fn the_log_serves_late_edges_until_it_passes_its_bound() {
-        let mut log = OriginLog::new(200);
+        let config = EngineConfig::default();
+        let header_bytes = ScenarioHeader::new(config.clone()).to_line().len() as u64 + 1;
+        let mut log = OriginLog::new(&config, header_bytes + 200);
+        assert_eq!(log.len(), 1, "the header opens the log");
         log.input(5, 1, &Input::Listen { peer: Name::new("l") });
-        assert!(log.is_empty(), "the listener side is not relayed");
+        assert_eq!(log.len(), 1, "the listener side is not relayed");
         log.input(5, 1, &Input::Leave { peer: Name::new("s01") });
         log.ticked(1, &[]);
-        assert_eq!(log.since(0).unwrap().len(), 2);
+        assert_eq!(log.since(0).unwrap().len(), 3);
         for tick in 2..10 {
             log.ticked(tick, &[]);
         }
-        assert!(log.bytes() > 200);
-        assert_eq!(log.since(0).unwrap().len(), 10, "kept until an edge has them all");
-        log.release(4);
+        assert!(log.bytes() > header_bytes + 200);
+        assert_eq!(log.since(0).unwrap().len(), 11, "kept until an edge has them all");
+        log.release(5);
         assert_eq!(log.since(0).unwrap_err().code(), "relay-log-truncated");
-        assert_eq!(log.since(4).unwrap().len(), 6);
-        assert_eq!(log.len(), 10);
+        assert_eq!(log.since(5).unwrap().len(), 6);
+        assert_eq!(log.len(), 11);
     }
 }

@@ -74,7 +74,7 @@ pub fn run(
     let mut out = Run {
         ticks: Vec::new(),
         records: Vec::new(),
-        log: OriginLog::new(u64::MAX),
+        log: OriginLog::new(engine.config(), u64::MAX),
         sent: 0,
         routes: 0,
         cap: engine.buffer_cap(),
@@ -131,17 +131,20 @@ fn run_edge(
     end_tick: u64,
     late: bool,
 ) -> Run {
-    let mut replica = Replica::new(Engine::new(config.clone()).expect("valid"));
-    let tick_us = replica.engine().tick_us();
     let lines: Vec<RelayLine> =
         log.since(0).expect("kept").iter().map(|text| RelayLine::parse(text).expect("a relay line")).collect();
     let mut lines = lines.into_iter().peekable();
+    // The edge's engine is built from the stream's header: the origin's configuration.
+    let header = lines.next().expect("a header");
+    let mut replica = Replica::from_header(&header).expect("a good header");
+    assert_eq!(replica.engine().config(), config);
+    let tick_us = replica.engine().tick_us();
     // Its audience arrives once it runs: their times move on by its start.
     let mut local = audience.iter().map(|(at_us, input)| (at_us + start * tick_us, input)).peekable();
     let mut out = Run {
         ticks: Vec::new(),
         records: Vec::new(),
-        log: OriginLog::new(u64::MAX),
+        log: OriginLog::new(config, 0),
         sent: 0,
         routes: 0,
         cap: replica.engine().buffer_cap(),

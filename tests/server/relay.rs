@@ -49,16 +49,20 @@ fn serve(origin: Arc<RelayOrigin>, log: Arc<OriginLog>) {
 async fn edge(
     addr: std::net::SocketAddr,
     cert: Vec<u8>,
-    config: &encore::components::config::EngineConfig,
     audience: Vec<(u64, Input)>,
     drop_at: Option<usize>,
 ) -> (Vec<(Vec<encore::components::output::Event>, u64)>, u64, usize) {
-    let mut replica = Replica::new(Engine::new(config.clone()).expect("valid"));
+    // The engine comes from the stream's first line, the origin's configuration.
+    let link = OriginLink::connect(addr, cert.clone()).await.expect("the origin is there");
+    let mut first = link.subscribe("hall", 0, SECRET).await.expect("a stream");
+    let header = first.next().await.expect("a good line").expect("a header");
+    let mut replica = Replica::from_header(&header).expect("a good header");
+    drop((first, link));
     let tick_us = replica.engine().tick_us();
     let mut local = audience.into_iter().peekable();
     let mut ticks = Vec::new();
     let mut sent = 0;
-    let mut position = 0;
+    let mut position = 1;
     let mut connections = 0;
     'connections: loop {
         connections += 1;
@@ -105,8 +109,8 @@ async fn two_edges_over_quic_make_the_origins_utterances_one_after_a_reconnectio
     assert_eq!(error.code(), "relay-refused", "{error}");
 
     let started = Instant::now();
-    let a = edge(addr, cert.clone(), &options.config, edge_audience(&options, 106, "a"), None);
-    let b = edge(addr, cert, &options.config, edge_audience(&options, 206, "b"), Some(log.len() / 2));
+    let a = edge(addr, cert.clone(), edge_audience(&options, 106, "a"), None);
+    let b = edge(addr, cert, edge_audience(&options, 206, "b"), Some(log.len() / 2));
     let (a, b) = tokio::time::timeout(Duration::from_secs(120), async { tokio::join!(a, b) }).await.expect("in time");
     println!(
         "relay over QUIC on loopback: {} lines, {} bytes to each of two edges in {:.2} s (both at once, one reconnecting)",
