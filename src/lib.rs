@@ -16,6 +16,7 @@ pub mod logging;
 pub mod media;
 pub mod metrics;
 pub mod protocol;
+pub mod relay;
 pub mod replay;
 pub mod scenario;
 pub mod server;

@@ -79,6 +79,34 @@ pub enum Input {
 }
 
 impl Input {
+    /// Whether a replica of the room (an edge node's engine) consumes this input too: what
+    /// decides voice, utterances and the buffer's cap. Every peer's presence and roles go
+    /// (a listener may be invited to speak and publish later, and an edge's own peers must
+    /// never take an origin peer's name); tracks, their packets and the buffer share go.
+    /// What a listener does (listening, pausing, preferences, feedback, NACKs, key frame
+    /// requests) stays on the node that serves it: it moves routes and streams, never an
+    /// utterance (eviction, which listeners do move, replicates as the origin's orders:
+    /// `replica::EvictOrder`).
+    pub fn is_speaker_side(&self) -> bool {
+        match self {
+            Input::Join { .. }
+            | Input::Roles { .. }
+            | Input::Leave { .. }
+            | Input::Publish { .. }
+            | Input::Unpublish { .. }
+            | Input::Rtp { .. }
+            | Input::BufferShare { .. } => true,
+            Input::Listen { .. }
+            | Input::Unlisten { .. }
+            | Input::Pause { .. }
+            | Input::Resume { .. }
+            | Input::Prefs { .. }
+            | Input::Feedback { .. }
+            | Input::Nack { .. }
+            | Input::KeyframeRequest { .. } => false,
+        }
+    }
+
     /// The name of the input's kind, as the scenario format spells it.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -19,6 +19,7 @@ pub mod learner;
 pub mod listener;
 pub mod output;
 pub mod peer;
+pub mod replica;
 pub mod resources;
 pub mod rng;
 pub mod track;

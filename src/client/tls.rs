@@ -45,15 +45,21 @@ impl ClientTls {
             .next()
             .ok_or_else(|| ClientError::Protocol(format!("no certificate in {}", cert_pem.display())))?
             .map_err(|e| ClientError::tls("reading the certificate PEM", e))?;
+        Ok(Self::pinned_der(cert.to_vec()))
+    }
+
+    /// [`ClientTls::pinned`] with the certificate as DER bytes (a relay origin's, which an
+    /// edge is given rather than reading a file).
+    pub fn pinned_der(der: Vec<u8>) -> Self {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = Arc::new(CertificateCheck { accept: Accept::Only(cert.to_vec()), provider: provider.clone() });
+        let verifier = Arc::new(CertificateCheck { accept: Accept::Only(der), provider: provider.clone() });
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .expect("ring supports the default protocol versions")
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_no_client_auth();
-        Ok(ClientTls { config: Arc::new(config) })
+        ClientTls { config: Arc::new(config) }
     }
 
     /// The public web roots (a server with a real certificate).

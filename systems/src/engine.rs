@@ -10,6 +10,7 @@ use encore_components::learner::Learner;
 use encore_components::listener::{ListenerSession, Route};
 use encore_components::output::TickOutput;
 use encore_components::peer::{Peer, Prefs};
+use encore_components::replica::{EvictOrder, Evictions};
 use encore_components::resources::{
     BufferLedger, ClosedUtterances, Counters, DecisionQueue, Decisions, Departures, Directory, Dominance, EngineClock,
     EngineRng, ListenOutcomes, NackQueue, NewUtterances, Outputs, PendingInputs, RecommenderCounts, SwitchesDue,
@@ -115,6 +116,7 @@ impl Engine {
         world.init_resource::<ListenOutcomes>();
         world.init_resource::<RecommenderCounts>();
         world.init_resource::<Learner>();
+        world.init_resource::<Evictions>();
         let mut schedule = build_schedule();
         schedule.initialize(&mut world).map_err(|e| EngineError::Schedule(e.to_string(schedule.graph(), &world)))?;
         Ok(Engine { world, schedule, next_tick: 0, tick_us, last_at_us: 0, spare: TickOutput::default(), quiet: None })
@@ -132,6 +134,23 @@ impl Engine {
     pub fn push(&mut self, at_us: u64, input: Input) -> u64 {
         let at_us = self.arrival_us(at_us);
         self.last_at_us = at_us;
+        self.quiet = Some(false);
+        let mut pending = self.world.resource_mut::<PendingInputs>();
+        let order = pending.next_order;
+        pending.next_order += 1;
+        pending.items.push(TimedInput { at_us, order, input });
+        at_us
+    }
+
+    /// Queues an origin's speaker-side input on a replica with the arrival time the origin's
+    /// engine kept for it, exactly (held only to the next tick's time). [`Engine::push`]
+    /// would hold it to the last input pushed, and an edge's own listener pushed a moment
+    /// before could then move a speaker's packet later than the origin saw it: its media
+    /// time and an utterance's start come from that arrival. The tick applies its inputs in
+    /// order of arrival time, so origin and replica apply the speaker side in the same order.
+    pub fn push_replicated(&mut self, at_us: u64, input: Input) -> u64 {
+        let at_us = at_us.min(self.next_tick_us());
+        self.last_at_us = self.last_at_us.max(at_us);
         self.quiet = Some(false);
         let mut pending = self.world.resource_mut::<PendingInputs>();
         let order = pending.next_order;
@@ -176,6 +195,41 @@ impl Engine {
     /// nothing reads the bytes, and sharing them costs a reference count per packet.
     pub fn set_payloads(&mut self, payloads: bool) {
         self.world.resource_mut::<Outputs>().payloads = payloads;
+    }
+
+    /// Makes this engine a replica of another (an edge node's copy of an origin's room): its
+    /// evict system applies the orders given to [`Engine::push_evict_orders`] instead of
+    /// choosing by its own listeners. Feed it the origin's speaker-side inputs
+    /// ([`Input::is_speaker_side`]) at the ticks the origin consumed them, and its own
+    /// listeners' inputs; its utterances and buffer are then the origin's (docs/scaling.md).
+    pub fn set_replica(&mut self) {
+        let mut evictions = self.world.resource_mut::<Evictions>();
+        if evictions.replica.is_none() {
+            evictions.replica = Some(Default::default());
+        }
+    }
+
+    pub fn is_replica(&self) -> bool {
+        self.world.resource::<Evictions>().replica.is_some()
+    }
+
+    /// Queues the origin's eviction orders of its tick `tick` (from its
+    /// [`Engine::evict_orders`] after that tick) for this replica's tick of the same number.
+    /// Ignored unless [`Engine::set_replica`] was called.
+    pub fn push_evict_orders(&mut self, tick: u64, orders: &[EvictOrder]) {
+        if orders.is_empty() {
+            return;
+        }
+        self.quiet = Some(false);
+        if let Some(replica) = self.world.resource_mut::<Evictions>().replica.as_mut() {
+            replica.entry(tick).or_default().extend_from_slice(orders);
+        }
+    }
+
+    /// What the last tick's eviction removed, in order: what a replica of this engine needs
+    /// besides its speaker-side inputs.
+    pub fn evict_orders(&self) -> &[EvictOrder] {
+        &self.world.resource::<Evictions>().made
     }
 
     /// The number of the tick the next call to [`Engine::tick`] runs.
@@ -279,6 +333,7 @@ impl Engine {
 
     fn compute_quiet(&mut self) -> bool {
         if !self.world.resource::<PendingInputs>().items.is_empty()
+            || self.world.resource::<Evictions>().replica.as_ref().is_some_and(|orders| !orders.is_empty())
             || !self.world.resource::<DecisionQueue>().needs.is_empty()
             || !self.world.resource::<NackQueue>().listeners.is_empty()
             || !self.world.resource::<Departures>().tracks.is_empty()
@@ -426,6 +481,22 @@ mod tests {
     fn the_schedule_builds_with_ambiguity_detection_as_an_error() {
         let engine = Engine::new(EngineConfig::default());
         assert!(engine.is_ok());
+    }
+
+    #[test]
+    fn a_replicated_input_keeps_its_arrival_time_after_a_later_local_one() {
+        let mut engine = Engine::new(EngineConfig::default()).unwrap();
+        let tick_us = engine.tick_us();
+        engine.tick();
+        engine.tick();
+        // A local listener's input stamped at the tick's time, then an origin's input that
+        // arrived earlier at the origin.
+        assert_eq!(engine.push(2 * tick_us, Input::Listen { peer: Name::new("edge.l") }), 2 * tick_us);
+        assert_eq!(engine.push_replicated(tick_us + 5, Input::Leave { peer: Name::new("s") }), tick_us + 5);
+        // Never later than the tick that applies it; and a local input after it is held
+        // to the latest time pushed, as always.
+        assert_eq!(engine.push_replicated(9 * tick_us, Input::Leave { peer: Name::new("t") }), 2 * tick_us);
+        assert_eq!(engine.push(0, Input::Listen { peer: Name::new("edge.m") }), 2 * tick_us);
     }
 
     #[test]

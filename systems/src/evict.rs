@@ -19,6 +19,13 @@
 //! tick; the others stop at the cap. A trimmed utterance gives back its vector's spare
 //! capacity only when three quarters of it are unused, so a steady trim does not reallocate
 //! every tick. Everything evicted is traced and counted.
+//!
+//! Every removal is also written down as an [`EvictOrder`] (`Evictions::made`). A replica
+//! (an edge's engine, docs/scaling.md) applies its origin's orders of the tick first and
+//! decides nothing itself: its listeners differ from the origin's, and choosing by them
+//! would give it another buffer and, through step 7, other utterances. Only if it were still
+//! over its cap after them (it cannot be while it follows its origin's inputs) does it fall
+//! back to its own choice, since a cap is a cap.
 
 use bevy_ecs::prelude::{Entity, World};
 
@@ -26,6 +33,7 @@ use encore_components::config::EngineConfig;
 use encore_components::ids::UtteranceOrd;
 use encore_components::listener::{ListenerSession, Route};
 use encore_components::output::{Event, RouteReason};
+use encore_components::replica::{EvictOrder, Evictions};
 use encore_components::resources::{BufferLedger, Counters, DecisionNeed, DecisionQueue, Directory, EngineClock};
 use encore_components::track::{PreRoll, Recording, Voice};
 use encore_components::utterance::{Audience, PacketBuffer, Utterance};
@@ -50,6 +58,8 @@ struct Candidate {
 }
 
 pub fn evict(world: &mut World) {
+    world.resource_mut::<Evictions>().made.clear();
+    apply_origin_orders(world);
     let ledger = *world.resource::<BufferLedger>();
     if ledger.bytes <= ledger.cap {
         return;
@@ -86,6 +96,50 @@ pub fn evict(world: &mut World) {
     }
     let all_open: Vec<&Candidate> = candidates.iter().filter(|c| c.open).collect();
     evict_whole_until(world, &all_open, ledger.cap);
+}
+
+/// On a replica, applies the origin's orders for this tick, in the origin's order. An order
+/// naming an utterance or track the replica does not hold is skipped (it cannot happen
+/// while the replica follows its origin; the trace then shows the divergence).
+fn apply_origin_orders(world: &mut World) {
+    let tick = world.resource::<EngineClock>().tick;
+    let orders = {
+        let mut evictions = world.resource_mut::<Evictions>();
+        let Some(replica) = evictions.replica.as_mut() else { return };
+        // Orders of ticks already run (none, unless the host skipped ticks) are stale.
+        let later = replica.split_off(&(tick + 1));
+        let mut due = std::mem::replace(replica, later);
+        due.remove(&tick).unwrap_or_default()
+    };
+    if orders.is_empty() {
+        return;
+    }
+    let clock = *world.resource::<EngineClock>();
+    for order in orders {
+        match order {
+            EvictOrder::Whole { utterance } => {
+                if let Some(entity) = utterance_entity(world, &utterance) {
+                    evict_whole(world, entity);
+                }
+            }
+            EvictOrder::Trim { utterance, audio, video } => {
+                if let Some(entity) = utterance_entity(world, &utterance) {
+                    cut(world, &clock, entity, audio as usize, video as usize);
+                }
+            }
+            EvictOrder::PreRoll { track } => {
+                if let Some(entity) = world.resource::<Directory>().tracks.get(&track).copied() {
+                    clear_preroll(world, entity);
+                }
+            }
+        }
+    }
+}
+
+fn utterance_entity(world: &World, id: &encore_components::ids::UtteranceId) -> Option<Entity> {
+    let directory = world.resource::<Directory>();
+    let ord = directory.utterance_ids.get(id)?;
+    directory.utterances.get(ord).copied()
 }
 
 /// Evicts the candidates in order until the buffer is at or under `target`; true when it is.
@@ -245,6 +299,7 @@ fn evict_whole(world: &mut World, entity: Entity) {
     let mut counters = world.resource_mut::<Counters>();
     counters.evicted_utterances += 1;
     counters.evicted_bytes += freed;
+    world.resource_mut::<Evictions>().made.push(EvictOrder::Whole { utterance: utterance.id.clone() });
     emit(
         world,
         Event::Evict {
@@ -263,11 +318,10 @@ fn evict_whole(world: &mut World, entity: Entity) {
 /// of audio and video packets, when given), and cuts its listeners over to the new first
 /// packet. Returns the packets removed.
 fn trim(world: &mut World, clock: &EngineClock, entity: Entity, need: u64, limits: Option<(usize, usize)>) -> u64 {
-    let Some(mut buffer) = world.get_mut::<PacketBuffer>(entity) else {
+    let Some(buffer) = world.get::<PacketBuffer>(entity) else {
         world_bug(world, "an utterance in the directory has no PacketBuffer");
         return 0;
     };
-    let before = buffer.bytes;
     let (audio_limit, video_limit) = limits.unwrap_or((usize::MAX, usize::MAX));
     let mut freed = 0;
     let mut audio_cut = 0;
@@ -285,6 +339,21 @@ fn trim(world: &mut World, clock: &EngineClock, entity: Entity, need: u64, limit
         }
     }
     let video_cut = video_cut.min(video_limit);
+    cut(world, clock, entity, audio_cut, video_cut)
+}
+
+/// Removes the first `audio_cut` audio and `video_cut` video packets of an utterance (what
+/// [`trim`] chose, or an origin's order on a replica) and cuts its listeners over to the new
+/// first packet. Returns the packets removed.
+fn cut(world: &mut World, clock: &EngineClock, entity: Entity, audio_cut: usize, video_cut: usize) -> u64 {
+    let Some(mut buffer) = world.get_mut::<PacketBuffer>(entity) else {
+        world_bug(world, "an utterance in the directory has no PacketBuffer");
+        return 0;
+    };
+    let before = buffer.bytes;
+    // An order from an origin is applied as far as this buffer goes.
+    let audio_cut = audio_cut.min(buffer.audio.packets.len());
+    let video_cut = video_cut.min(buffer.video.packets.len());
     let removed = (audio_cut + video_cut) as u64;
     if removed == 0 {
         return 0;
@@ -339,6 +408,11 @@ fn trim(world: &mut World, clock: &EngineClock, entity: Entity, need: u64, limit
     let buffer_bytes = ledger.bytes;
     world.resource_mut::<Counters>().trimmed_packets += removed;
     if let Some(id) = id {
+        world.resource_mut::<Evictions>().made.push(EvictOrder::Trim {
+            utterance: id.clone(),
+            audio: audio_cut as u32,
+            video: video_cut as u32,
+        });
         emit(
             world,
             Event::Evict {
@@ -375,6 +449,13 @@ fn clear_preroll(world: &mut World, track: Entity) {
     *ring = PreRoll::default();
     account(&mut world.resource_mut::<BufferLedger>(), freed, 0);
     world.resource_mut::<Counters>().trimmed_packets += packets;
+    if packets > 0 || freed > 0 {
+        let name = world.get::<encore_components::track::Track>(track).map(|t| t.name.clone());
+        match name {
+            Some(track) => world.resource_mut::<Evictions>().made.push(EvictOrder::PreRoll { track }),
+            None => world_bug(world, "a track in the directory has no Track"),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -422,5 +503,82 @@ mod tests {
         assert_eq!(ends.len(), 1);
         assert_eq!(ends[0].2, EndReason::Silence, "the utterance survives its trimming: {ends:?}");
         assert_eq!(room.engine.buffer_bytes(), room.engine.audit_buffer_bytes());
+    }
+
+    fn replica(cap: u64) -> Room {
+        let mut room = Room::new(small_cap(cap));
+        room.engine.set_replica();
+        room
+    }
+
+    #[test]
+    fn a_replica_applies_its_origins_orders_and_its_own_listeners_follow_them() {
+        let mut room = replica(1_000_000_000);
+        room.speaker("alice", "a1");
+        room.listener("lena");
+        room.talk("a1", 0, 3_000_000);
+        room.run_until(1_000_000);
+        let before = room.buffer_of("alice#1");
+        let tick = room.engine.next_tick();
+        let trim = EvictOrder::Trim { utterance: "alice#1".parse().unwrap(), audio: 10, video: 0 };
+        room.engine.push_evict_orders(tick, &[trim]);
+        room.run_until(1_100_000);
+        assert_eq!(room.buffer_of("alice#1").audio.packets[0].ext_seq, before.audio.packets[10].ext_seq);
+        let evicted = evictions(&room.trace);
+        assert_eq!(evicted.len(), 1, "the replica evicts what it is told, nothing else: {evicted:?}");
+        assert!(!evicted[0].1);
+
+        let tick = room.engine.next_tick();
+        room.engine.push_evict_orders(tick, &[EvictOrder::Whole { utterance: "alice#1".parse().unwrap() }]);
+        let trace = room.run_until(1_200_000);
+        assert!(evictions(&trace).iter().any(|(_, whole, _)| *whole));
+        let rerouted = crate::testkit::routes(&trace, "lena");
+        assert!(rerouted.iter().any(|route| route.3 == RouteReason::Evicted), "{rerouted:?}");
+        assert_eq!(room.engine.buffer_bytes(), room.engine.audit_buffer_bytes());
+    }
+
+    #[test]
+    fn orders_for_what_a_replica_does_not_hold_are_skipped() {
+        let mut room = replica(1_000_000_000);
+        room.speaker("alice", "a1");
+        room.talk("a1", 0, 500_000);
+        room.engine.push_evict_orders(
+            3,
+            &[
+                EvictOrder::Whole { utterance: "nobody#1".parse().unwrap() },
+                EvictOrder::Trim { utterance: "alice#9".parse().unwrap(), audio: 5, video: 5 },
+                EvictOrder::PreRoll { track: "x9".into() },
+            ],
+        );
+        let trace = room.run_until(1_000_000);
+        assert!(evictions(&trace).is_empty());
+        assert_eq!(room.engine.buffer_bytes(), room.engine.audit_buffer_bytes());
+    }
+
+    #[test]
+    fn a_replica_without_orders_still_holds_its_cap() {
+        // Cannot happen while it follows its origin; if it ever did, a cap is still a cap.
+        let mut room = replica(60_000);
+        room.speaker("bob", "b1");
+        room.talk("b1", 0, 10_000_000);
+        let trace = room.run_until(11_000_000);
+        assert!(room.max_buffer_bytes <= 60_000);
+        assert!(!evictions(&trace).is_empty());
+    }
+
+    #[test]
+    fn every_removal_is_written_down_as_an_order() {
+        let mut room = Room::new(small_cap(60_000));
+        room.speaker("bob", "b1");
+        room.talk("b1", 0, 10_000_000);
+        let mut orders = Vec::new();
+        while room.engine.next_tick_us() <= 10_000_000 {
+            let until = room.engine.next_tick_us();
+            room.run_until(until);
+            orders.extend(room.engine.evict_orders().iter().cloned());
+        }
+        let trims = evictions(&room.trace).iter().filter(|(_, whole, _)| !whole).count();
+        assert!(trims > 0);
+        assert_eq!(orders.iter().filter(|o| matches!(o, EvictOrder::Trim { .. })).count(), trims);
     }
 }

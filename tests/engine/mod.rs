@@ -6,6 +6,7 @@ mod determinism;
 mod eval;
 mod invariants;
 mod policies;
+pub mod replication;
 mod scenarios;
 mod snapshots;
 pub mod support;

@@ -14,6 +14,7 @@ mod media;
 mod metrics;
 mod moderation;
 mod protocol;
+mod relay;
 mod robustness;
 mod stage;
 pub mod support;
