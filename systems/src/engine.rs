@@ -134,6 +134,11 @@ impl Engine {
     pub fn push(&mut self, at_us: u64, input: Input) -> u64 {
         let at_us = self.arrival_us(at_us);
         self.last_at_us = at_us;
+        self.enqueue(at_us, input)
+    }
+
+    /// Puts an input, with the arrival time kept for it, in the next tick's queue.
+    fn enqueue(&mut self, at_us: u64, input: Input) -> u64 {
         self.quiet = Some(false);
         let mut pending = self.world.resource_mut::<PendingInputs>();
         let order = pending.next_order;
@@ -151,12 +156,7 @@ impl Engine {
     pub fn push_replicated(&mut self, at_us: u64, input: Input) -> u64 {
         let at_us = at_us.min(self.next_tick_us());
         self.last_at_us = self.last_at_us.max(at_us);
-        self.quiet = Some(false);
-        let mut pending = self.world.resource_mut::<PendingInputs>();
-        let order = pending.next_order;
-        pending.next_order += 1;
-        pending.items.push(TimedInput { at_us, order, input });
-        at_us
+        self.enqueue(at_us, input)
     }
 
     /// The arrival time [`Engine::push`] would give an input stamped `at_us` now (for a
