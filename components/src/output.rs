@@ -127,6 +127,31 @@ impl RouteReason {
     }
 }
 
+/// Why an utterance is in a listener's queue of what plays next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpNextReason {
+    /// A switch to it is decided and waits for a pause in what plays.
+    Switch,
+    /// A switch cut it: it plays on from the cut after what the listener switched to.
+    ResumeCut,
+    /// The recommender ranks it here for this listener now.
+    Recommended,
+}
+
+/// One utterance of a listener's queue of what plays next, best first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpNext {
+    pub id: UtteranceId,
+    pub uid: Option<String>,
+    /// Its speaker is still talking.
+    pub live: bool,
+    /// How long ago it started, engine time.
+    pub age_us: u64,
+    pub reason: UpNextReason,
+    pub score: i64,
+}
+
 /// The named terms of a score; the score is their sum. The first seven are every policy's
 /// (the `rules` policy uses only them); the others belong to one policy each and are written
 /// only when not zero: `age` (`fifo`), `dominant` (`loudest`), `taste`, `room` and `explore`

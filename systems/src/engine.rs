@@ -8,7 +8,7 @@ use encore_components::ids::{MediaKind, Name, PeerKey, UtteranceId, UtteranceOrd
 use encore_components::input::Input;
 use encore_components::learner::Learner;
 use encore_components::listener::{ListenerSession, Route};
-use encore_components::output::TickOutput;
+use encore_components::output::{TickOutput, UpNext};
 use encore_components::peer::{Peer, Prefs};
 use encore_components::replica::{EvictOrder, Evictions};
 use encore_components::resources::{
@@ -311,6 +311,21 @@ impl Engine {
         let session = self.world.get::<Peer>(*entity)?.session?;
         let route = self.world.get::<Route>(session)?;
         Some(route.playing.as_ref().map(|p| p.id.clone()))
+    }
+
+    /// What a listening peer will hear after what it hears now, best first and at most `n`,
+    /// as of the last tick: a waiting switch, the utterance a switch cut, then what the
+    /// recommender ranks highest for it now ([`crate::up_next`]). `None` when the peer is
+    /// not listening. A read: asking changes no decision.
+    pub fn up_next(&self, peer: &str, n: usize) -> Option<Vec<UpNext>> {
+        self.up_next_of(&[peer], n).pop().flatten()
+    }
+
+    /// [`Engine::up_next`] for several peers at once, in their order: the candidates are
+    /// gathered once for all of them.
+    pub fn up_next_of(&self, peers: &[&str], n: usize) -> Vec<Option<Vec<UpNext>>> {
+        let keys: Vec<Option<PeerKey>> = peers.iter().map(|peer| self.peer_key(peer)).collect();
+        crate::up_next::up_next(&self.world, &keys, n)
     }
 
     /// The key of a peer in the room.

@@ -114,6 +114,7 @@ pub mod schedule;
 pub mod segment;
 pub mod shared;
 pub mod stats;
+pub mod up_next;
 pub mod voice;
 
 #[cfg(test)]

@@ -150,6 +150,47 @@ pub fn pool_terms(
     }
 }
 
+/// An utterance as a candidate for the configured policy at `now_us`: `None` when the policy
+/// never offers it, or when it closed with nothing left in its buffer.
+pub fn candidate_of(
+    config: &RecommenderConfig,
+    dominance: &Dominance,
+    now_us: u64,
+    ord: UtteranceOrd,
+    entity: Entity,
+    (utterance, buffer): (&Utterance, &PacketBuffer),
+) -> Option<Candidate> {
+    if !utterance.is_open() && buffer.audio.packets.is_empty() {
+        return None;
+    }
+    let terms = pool_terms(config, dominance, utterance, now_us)?;
+    Some(Candidate::new(entity, ord, utterance, terms))
+}
+
+/// Every candidate of a full decision at the clock's time, sorted by [`sort_pool`]: the
+/// `max_candidates` newest utterances that started within the policy's window. `lookup`
+/// reads an utterance (a query in a system, the world in a read between ticks).
+pub fn candidate_pool<'u>(
+    config: &RecommenderConfig,
+    dominance: &Dominance,
+    clock: &EngineClock,
+    directory: &Directory,
+    lookup: impl Fn(Entity) -> Option<(&'u Utterance, &'u PacketBuffer)>,
+) -> Vec<Candidate> {
+    let oldest_us = clock.now_us.saturating_sub(window_us(config));
+    let mut pool: Vec<Candidate> = directory
+        .utterances
+        .iter()
+        .rev()
+        .filter_map(|(ord, entity)| Some((*ord, *entity, lookup(*entity)?)))
+        .filter(|(_, _, (utterance, _))| utterance.started_us >= oldest_us)
+        .filter_map(|(ord, entity, found)| candidate_of(config, dominance, clock.now_us, ord, entity, found))
+        .take(config.max_candidates)
+        .collect();
+    sort_pool(&mut pool);
+    pool
+}
+
 /// The margin a busy listener's new choice must beat what it plays by, or `None` when the
 /// policy never switches mid-utterance.
 pub fn switch_margin(config: &RecommenderConfig) -> Option<i64> {
@@ -250,6 +291,41 @@ pub fn best<S: Scorer>(scorer: &S, listener: &Listener, pool: &[Candidate], scor
         score,
         terms,
     })
+}
+
+/// The `n` best of `pool` (sorted by [`sort_pool`]) for a listener, best first, ties to the
+/// smaller utterance id, each scoring at least `accept_min`; never one of `skip`. The same
+/// candidates [`best`] weighs (the policy's limit of them, in pool order) without its early
+/// stop, so the first is [`best`]'s choice whenever `skip` is empty.
+pub fn ranked<S: Scorer>(
+    scorer: &S,
+    listener: &Listener,
+    pool: &[Candidate],
+    skip: &[UtteranceOrd],
+    n: usize,
+) -> Vec<Choice> {
+    let mut scored: Vec<Choice> = pool
+        .iter()
+        .enumerate()
+        .filter(|(_, candidate)| !listener.excludes(candidate))
+        .take(scorer.limit())
+        .filter(|(_, candidate)| !skip.contains(&candidate.ord))
+        .filter_map(|(index, candidate)| {
+            let mut terms = candidate.terms;
+            scorer.personal(listener, index, candidate, &mut terms);
+            let score = terms.total();
+            (score >= scorer.accept_min()).then(|| Choice {
+                utterance: candidate.entity,
+                ord: candidate.ord,
+                id: candidate.id.clone(),
+                score,
+                terms,
+            })
+        })
+        .collect();
+    scored.sort_by(|a, b| b.score.cmp(&a.score).then_with(|| a.id.cmp(&b.id)));
+    scored.truncate(n);
+    scored
 }
 
 pub type Sessions<'w, 's> = Query<'w, 's, (&'static ListenerSession, &'static Route, &'static History)>;
@@ -397,29 +473,14 @@ pub fn recommend(
         }
     }
 
+    let lookup = |entity: Entity| utterances.get(entity).ok();
     let candidate = |ord: &UtteranceOrd, entity: &Entity| -> Option<Candidate> {
-        let (utterance, buffer) = utterances.get(*entity).ok()?;
-        if !utterance.is_open() && buffer.audio.packets.is_empty() {
-            return None;
-        }
-        let terms = pool_terms(rules, &dominance, utterance, clock.now_us)?;
-        Some(Candidate::new(*entity, *ord, utterance, terms))
+        candidate_of(rules, &dominance, clock.now_us, *ord, *entity, lookup(*entity)?)
     };
 
     let needs = std::mem::take(&mut queue.needs);
-    let mut pool = Vec::new();
-    if !needs.is_empty() {
-        let oldest_us = clock.now_us.saturating_sub(window_us(rules));
-        pool = directory
-            .utterances
-            .iter()
-            .rev()
-            .filter(|(_, entity)| utterances.get(**entity).is_ok_and(|(u, _)| u.started_us >= oldest_us))
-            .filter_map(|(ord, entity)| candidate(ord, entity))
-            .take(rules.max_candidates)
-            .collect();
-        sort_pool(&mut pool);
-    }
+    let pool =
+        if needs.is_empty() { Vec::new() } else { candidate_pool(rules, &dominance, &clock, &directory, lookup) };
 
     // The utterances offered to everyone: those that opened, and under `loudest` the dominant
     // speaker's open ones when the dominant speaker changed.

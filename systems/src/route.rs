@@ -114,7 +114,7 @@ pub fn route(
                 .take()
                 .filter(|cut| {
                     let muted = prefs.get(listener.peer).is_ok_and(|p| p.mute.contains(&cut.speaker_name));
-                    !muted && resumable(&utterances, cut)
+                    !muted && resumable(utterances.get(cut.utterance).ok().map(|(u, b, _)| (u, b)), cut)
                 })
                 .map(Target::Cut),
             DecisionKind::Full(_) => {
@@ -190,9 +190,10 @@ pub fn route(
     }
 }
 
-/// A cut utterance can be played on: it is still there and has something left to play.
-fn resumable(utterances: &Utterances, cut: &CutPlace) -> bool {
-    let Ok((utterance, buffer, _)) = utterances.get(cut.utterance) else { return false };
+/// A cut utterance can be played on: it is still there (`found`, the entity it was cut in)
+/// and has something left to play.
+pub fn resumable(found: Option<(&Utterance, &PacketBuffer)>, cut: &CutPlace) -> bool {
+    let Some((utterance, buffer)) = found else { return false };
     utterance.ord == cut.ord
         && (utterance.is_open() || resume(&buffer.audio.packets, &cut.audio) < buffer.audio.packets.len())
 }

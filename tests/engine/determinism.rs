@@ -1,12 +1,15 @@
 //! Same scenario, same binary: the same trace, byte for byte, run after run and whatever
 //! thread runs it.
 
+use std::collections::BTreeSet;
 use std::thread;
 
-use encore::components::Policy;
+use encore::Engine;
+use encore::components::{Input, Policy, TickOutput};
 use encore::generate::GenerateOptions;
-
-use encore::replay::Ticking;
+use encore::replay::{DEFAULT_DRAIN_US, ReplayObserver, Ticking, replay_observed};
+use encore::scenario::{ScenarioEvent, ScenarioReader};
+use encore::trace::TraceWriter;
 
 use super::support::{generated, replay_bytes, replay_file, replay_ticking, scenario_files};
 
@@ -68,4 +71,54 @@ fn skipping_quiet_ticks_gives_the_trace_of_ticking_every_tick() {
         skipped_somewhere |= skip_ticks < every_ticks;
     }
     assert!(skipped_somewhere, "no scenario had a quiet stretch to skip");
+}
+
+/// Asks every listener's queue of what comes next after every tick, and writes the trace.
+struct AskingObserver {
+    trace: TraceWriter<Vec<u8>>,
+    listeners: BTreeSet<String>,
+    queued: usize,
+    heads: usize,
+}
+
+impl ReplayObserver for AskingObserver {
+    fn input(&mut self, event: &ScenarioEvent) {
+        if let Input::Listen { peer } = &event.input {
+            self.listeners.insert(peer.to_string());
+        }
+    }
+
+    fn tick(&mut self, engine: &Engine, output: &TickOutput) -> std::io::Result<()> {
+        for listener in &self.listeners {
+            if let Some(queue) = engine.up_next(listener, 5) {
+                self.queued += queue.len();
+                self.heads += usize::from(!queue.is_empty());
+            }
+        }
+        ReplayObserver::tick(&mut self.trace, engine, output)
+    }
+
+    fn finish(&mut self) -> std::io::Result<()> {
+        ReplayObserver::finish(&mut self.trace)
+    }
+}
+
+/// The queue of what a listener will hear next is a read: asking every listener's after every
+/// tick leaves the trace byte for byte as it was, under every policy.
+#[test]
+fn asking_what_comes_next_every_tick_changes_nothing() {
+    for policy in Policy::ALL {
+        let mut options = GenerateOptions { speakers: 4, listeners: 8, seconds: 30, seed: 5, ..Default::default() };
+        options.config.recommender.policy = policy;
+        let name = format!("generated ({policy})");
+        let bytes = generated(&options);
+        let (plain, _) = replay_ticking(&name, &bytes, Ticking::EveryTick);
+        let (header, mut reader) = ScenarioReader::new(name.clone().into(), &bytes[..]).expect("scenario");
+        let trace = TraceWriter::new(Vec::new(), &header, true).expect("writing to memory");
+        let mut asking = AskingObserver { trace, listeners: BTreeSet::new(), queued: 0, heads: 0 };
+        replay_observed(&header, &mut reader, &mut asking, DEFAULT_DRAIN_US, Ticking::EveryTick).expect("replay");
+        assert!(asking.heads > 1000 && asking.queued > asking.heads, "{name}: {} {}", asking.heads, asking.queued);
+        let asked = String::from_utf8(asking.trace.into_inner()).expect("UTF-8");
+        assert!(asked == plain, "{name}: asking what comes next changed the trace");
+    }
 }

@@ -10,7 +10,8 @@
 //!   the room's listeners.
 //! - `taste`: how the listener's own rewards from the speaker move that prediction (a
 //!   Bayesian average: its own mean weighs as much as the group's after three utterances).
-//! - `explore`: a draw from the engine's seeded source, up to `learn.explore` divided by the
+//! - `explore`: a draw from the engine's seeded source, one per listener, utterance and
+//!   number of the speaker's utterances the listener judged, up to `learn.explore` divided by the
 //!   square root of one plus the utterances of this speaker the listener has judged: a
 //!   perturbed-mean bandit over speakers, so that a speaker heard little is tried again.
 //! - `follow`: `learn.follow` for a followed speaker.
@@ -28,6 +29,9 @@ use encore_components::utterance::Utterance;
 use super::{Candidate, Listener, Scorer, per_second};
 use crate::learn::{REWARD_MAX, estimate, rate};
 
+/// Names the exploration draws among the engine's keyed draws.
+const EXPLORE_DRAW: u64 = 0x6578_706C_6F72_6500;
+
 /// Exploration caps are tabled for this many trials (beyond, computed).
 const CAPS: usize = 64;
 
@@ -44,7 +48,6 @@ pub struct Learned<'a> {
     config: &'a LearnConfig,
     learner: &'a Learner,
     rng: &'a EngineRng,
-    tick: u64,
     now_ms: u64,
     /// By pool index: the speaker's slot and the verdicts on the utterance so far.
     slots: Vec<Option<SpeakerSlot>>,
@@ -71,7 +74,6 @@ impl<'a> Learned<'a> {
             config,
             learner,
             rng,
-            tick: clock.tick,
             now_ms: clock.now_us / 1000,
             slots: pool.iter().map(|c| learner.slot(c.speaker)).collect(),
             verdicts: pool.iter().map(|c| learner.utterances.get(&c.ord)).collect(),
@@ -110,7 +112,11 @@ impl<'a> Learned<'a> {
         if cap <= 0 {
             return 0;
         }
-        let draw = self.rng.keyed([self.tick, listener.key.0 as u64, candidate.ord.0]);
+        // One draw per listener and utterance, drawn anew once the listener has judged
+        // another utterance of the speaker: a decision does not flip between near-equal
+        // candidates from one tick to the next, and what a listener will hear next can be
+        // told before the decision ([`crate::up_next`]).
+        let draw = self.rng.keyed([EXPLORE_DRAW ^ trials, listener.key.0 as u64, candidate.ord.0]);
         // Uniform in 0..=cap from the draw's top 32 bits, by a multiplication (no division).
         (((draw >> 32) * (cap as u64 + 1)) >> 32) as i64
     }
@@ -186,8 +192,8 @@ impl Scorer for Learned<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::recommend::best;
     use crate::recommend::tests::{Draws, full_scan};
+    use crate::recommend::{best, ranked};
     use encore_components::ids::PeerKey;
     use encore_components::learner::{ListenerTaste, Verdicts};
     use encore_components::peer::Prefs;
@@ -319,6 +325,9 @@ mod tests {
             assert!(pool.len() <= config.candidates);
             let fast = best(&scorer, &listener, &pool, &mut 0).map(|c| (c.score, c.id.to_string()));
             assert_eq!(fast, full_scan(&scorer, &listener, &pool), "round {round}");
+            // The head of the ranking (the listener's queue of what comes next) is that choice.
+            let head = ranked(&scorer, &listener, &pool, &[], 3).first().map(|c| (c.score, c.id.to_string()));
+            assert_eq!(head, fast, "round {round}");
             // The bound on one candidate holds what scoring it adds, within the general bound.
             for (index, candidate) in pool.iter().enumerate() {
                 let mut terms = candidate.terms;
