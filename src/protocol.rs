@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use encore_systems::components::ids::{Role, UtteranceId};
 use encore_systems::components::input::FeedbackSignal;
-use encore_systems::components::output::{EndReason, RouteReason};
+use encore_systems::components::output::{EndReason, RouteReason, UpNextReason};
 
 use crate::config::IceServer;
 
@@ -451,6 +451,23 @@ pub struct Reauthed {
     pub session_expires_at: i64,
 }
 
+/// How many utterances an `up_next` notice names at most.
+pub const UP_NEXT_LEN: usize = 5;
+
+/// One utterance of an `up_next` queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedUtterance {
+    pub utterance: UtteranceId,
+    pub speaker: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    /// The speaker is still talking.
+    pub live: bool,
+    /// How long ago it started.
+    pub age_ms: u64,
+    pub reason: UpNextReason,
+}
+
 /// What the server tells a client unasked. The `type` field names it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -525,6 +542,12 @@ pub enum Notice {
     Levels {
         levels: std::collections::BTreeMap<String, u8>,
     },
+    /// To a listener in a room of at most 200 peers: what it will hear after what it hears
+    /// now, best first (at most [`UP_NEXT_LEN`]); sent when it changes, looked at when the
+    /// listener's route changes, when an utterance opens or closes, and once a second.
+    UpNext {
+        queue: Vec<QueuedUtterance>,
+    },
     /// To a speaker: how many listeners hear its utterances now, live (within a second) and
     /// behind (time-shifted); sent when it changes, at most once a tick.
     Audience {
@@ -593,6 +616,7 @@ impl Notice {
             Notice::Removed { .. } => "removed",
             Notice::Muted { .. } => "muted",
             Notice::Levels { .. } => "levels",
+            Notice::UpNext { .. } => "up_next",
             Notice::Audience { .. } => "audience",
             Notice::Hands { .. } => "hands",
             Notice::Invited { .. } => "invited",
@@ -606,7 +630,7 @@ impl Notice {
     }
 
     /// Every notice type, for documentation checks.
-    pub const KINDS: [&'static str; 21] = [
+    pub const KINDS: [&'static str; 22] = [
         "welcome",
         "now_playing",
         "utterance_started",
@@ -619,6 +643,7 @@ impl Notice {
         "removed",
         "muted",
         "levels",
+        "up_next",
         "audience",
         "hands",
         "invited",

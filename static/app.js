@@ -541,6 +541,8 @@ const room = {
   recvPaused: false,
   removedBy: null, // set by a `removed` notification, before the server closes the socket
   nowPlaying: null, // the last now_playing notification
+  upNext: [], // what plays next, best first (the last up_next notification's queue)
+  upNextAt: 0, // when it came (Date.now()), to age its utterances
   dominant: null, // who dominates the room now (dominant_speaker notifications)
   hands: [], // peers whose hands are raised, in order (hands notifications)
   invitedBy: null, // the moderator whose invitation to speak waits for an answer
@@ -836,6 +838,7 @@ function cleanupRoom() {
   room.peer = null;
   room.peers.clear();
   room.nowPlaying = null;
+  room.upNext = [];
   room.dominant = null;
   room.hands = [];
   room.invitedBy = null;
@@ -866,7 +869,7 @@ function installHandlers(sig) {
     // What played before ends here: heard to the end, skipped, or cut for something else.
     const before = room.nowPlaying && room.nowPlaying.utterance;
     if (before && before !== m.utterance) {
-      const mark = { finished: 'heard', skip: 'skipped', switch: 'cut', evicted: 'cut', muted: 'skipped' }[m.reason];
+      const mark = { finished: 'heard', skip: 'skipped', switch: 'cut', switch_at_pause: 'cut', evicted: 'cut', muted: 'skipped' }[m.reason];
       if (mark) touchUtterance(before).mark = mark;
     }
     if (m.utterance) touchUtterance(m.utterance, m.speaker).played = true;
@@ -876,6 +879,11 @@ function installHandlers(sig) {
       u.live = !!m.live;
     }
     render();
+  });
+  sig.on('up_next', (m) => {
+    room.upNext = m.queue || [];
+    room.upNextAt = Date.now();
+    renderUpNext();
   });
   sig.on('dominant_speaker', (m) => {
     room.dominant = m.speaker || null;
@@ -1435,6 +1443,7 @@ function render() {
   $('pause-listen').textContent = room.recvPaused ? 'Resume' : 'Pause';
   $('pause-listen').setAttribute('aria-pressed', String(room.recvPaused));
   renderNowPlaying(listening);
+  renderUpNext();
 
   show('utterances-card', inRoom);
   renderUtterances();
@@ -1468,6 +1477,34 @@ function renderNowPlaying(listening) {
   $('like').disabled = !utterance;
   $('like').textContent = liked ? 'Liked' : 'Like';
   $('like').setAttribute('aria-pressed', String(liked));
+}
+
+// Why an utterance waits in the queue, in words.
+const UP_NEXT_WHY = {
+  switch: 'next, at a pause in this one',
+  resume_cut: 'then back to where this one interrupted it',
+  recommended: 'recommended for you',
+};
+
+// The queue of what plays next: "bob, live", "carol, started 4 s ago".
+function renderUpNext() {
+  const list = $('up-next');
+  const listening = !!room.recv;
+  const queue = listening ? room.upNext : [];
+  $('up-next-box').hidden = queue.length === 0;
+  list.replaceChildren(
+    ...queue.map((item) => {
+      const li = document.createElement('li');
+      li.dataset.utterance = item.utterance;
+      li.dataset.reason = item.reason;
+      const ago = Math.round(((item.age_ms || 0) + Date.now() - room.upNextAt) / 1000);
+      li.append(`${item.speaker}, ${item.live ? 'live' : `started ${ago} s ago`} `);
+      const why = document.createElement('small');
+      why.textContent = `(${UP_NEXT_WHY[item.reason] || reasonInWords(item.reason)})`;
+      li.append(why);
+      return li;
+    }),
+  );
 }
 
 // The publishers' meters move with every levels notice, without redrawing the peer list.

@@ -143,7 +143,6 @@ pub enum UpNextReason {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UpNext {
     pub id: UtteranceId,
-    pub uid: Option<String>,
     /// Its speaker is still talking.
     pub live: bool,
     /// How long ago it started, engine time.

@@ -73,7 +73,6 @@ fn queue<S: Scorer>(world: &World, scorer: &S, pool: &[Candidate], key: PeerKey,
         let (utterance, _) = lookup(world, entity)?;
         (utterance.ord == ord).then(|| UpNext {
             id: utterance.id.clone(),
-            uid: utterance.uid.clone(),
             live: utterance.is_open(),
             age_us: now_us.saturating_sub(utterance.started_us),
             reason,

@@ -209,10 +209,23 @@ async function main() {
     if (pressed !== 'true') fail(`B: the Follow toggle of ${peerA} is not pressed after the click`);
     // A pause of 1.5 s while A talks: B's position waits, and the stream resumes with the next
     // sequence number, so B's browser counts nothing lost (checked at the end).
+    // While paused, A's next sentence waits for B: the page's "Up next" names it (the server's
+    // up_next queue), in words.
     await clickAndCheck(b, '#pause-listen', 'Pause');
-    await sleep(1500);
+    const pausedAt = Date.now();
+    const upNext = await waitFor(b, `"Up next" to name an utterance of ${peerA}`, (peer) => {
+      const item = document.querySelector('#up-next li');
+      const box = document.getElementById('up-next-box');
+      return item && !box.hidden && item.dataset.utterance.startsWith(`${peer}#`)
+        ? { utterance: item.dataset.utterance, reason: item.dataset.reason, text: item.textContent }
+        : null;
+    }, peerA, 12000);
+    if (!upNext.text.startsWith(`${peerA}, `)) fail(`B: "Up next" reads "${upNext.text}", not "${peerA}, ..."`);
+    result.up_next = upNext;
+    await sleep(Math.max(0, 1500 - (Date.now() - pausedAt)));
+    const pausedFor = ((Date.now() - pausedAt) / 1000).toFixed(1);
     await clickAndCheck(b, '#pause-listen', 'Resume');
-    log('B: Like, Follow, Pause (1.5 s) and Resume answered ok');
+    log(`B: Like, Follow, Pause (${pausedFor} s; up next: "${upNext.text}") and Resume answered ok`);
 
     // Moderation from the page: B silences A's microphone; A's page disables its mic button and
     // says why; B lifts the mute from its page; A's button works again.

@@ -113,7 +113,7 @@ fn asking_what_comes_next_every_tick_changes_nothing() {
         let name = format!("generated ({policy})");
         let bytes = generated(&options);
         let (plain, _) = replay_ticking(&name, &bytes, Ticking::EveryTick);
-        let (header, mut reader) = ScenarioReader::new(name.clone().into(), &bytes[..]).expect("scenario");
+        let (header, mut reader) = ScenarioReader::new(name.clone(), &bytes[..]).expect("scenario");
         let trace = TraceWriter::new(Vec::new(), &header, true).expect("writing to memory");
         let mut asking = AskingObserver { trace, listeners: BTreeSet::new(), queued: 0, heads: 0 };
         replay_observed(&header, &mut reader, &mut asking, DEFAULT_DRAIN_US, Ticking::EveryTick).expect("replay");

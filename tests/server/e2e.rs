@@ -13,6 +13,7 @@ use encore_systems::rtp::{FIRST_SEQ_CYCLE, unwrap_seq};
 
 use encore::client::{Listener, Publisher, Received, Signaling};
 use encore::components::ids::MediaKind;
+use encore::components::output::UpNextReason;
 use encore::replay::{DEFAULT_DRAIN_US, replay};
 use encore::scenario::ScenarioReader;
 use encore::trace::TraceWriter;
@@ -267,6 +268,40 @@ async fn three_speakers_six_listeners_live_time_shifted_continuous_and_muted() {
     let sam_voiced: Vec<u32> = sam_sent.iter().filter(|(_, (_, voiced))| *voiced).map(|(c, _)| *c).collect();
     let missed = sam_voiced.iter().filter(|c| !liv_heard.contains(c)).count();
     assert_eq!(missed, 0, "liv missed {missed} of sam's {} voiced packets", sam_voiced.len());
+
+    // The queue of what comes next said so ahead: liv's first named sue's utterance as the
+    // switch waiting for sam's pause, then, once she switched, sam's cut utterance to resume;
+    // lea's (busy with sam, no follow) named sue's as recommended before she heard it.
+    let queues = |uid: &str| -> Vec<(Instant, Vec<(String, UpNextReason)>)> {
+        heard[uid]
+            .1
+            .iter()
+            .filter_map(|(at, n)| match n {
+                Notice::UpNext { queue } => {
+                    Some((*at, queue.iter().map(|q| (q.utterance.to_string(), q.reason)).collect()))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let liv_queues = queues("liv");
+    let waiting = liv_queues
+        .iter()
+        .position(|(_, q)| q.first() == Some(&("sue#1".to_owned(), UpNextReason::Switch)))
+        .unwrap_or_else(|| panic!("liv was never told sue#1 waits for a pause: {liv_queues:?}"));
+    assert!(liv_queues[waiting].0 < liv_first_sue, "liv was told of the switch after it happened");
+    assert!(
+        liv_queues[waiting..].iter().any(|(_, q)| q.first() == Some(&("sam#1".to_owned(), UpNextReason::ResumeCut))),
+        "liv was never told sam#1 resumes after sue: {liv_queues:?}"
+    );
+    let lea_queues = queues("lea");
+    assert!(
+        lea_queues
+            .iter()
+            .any(|(at, q)| *at < first_sue && q.first() == Some(&("sue#1".to_owned(), UpNextReason::Recommended))),
+        "lea was not told sue#1 comes next before she heard it: {lea_queues:?}"
+    );
+    assert!(lea_queues.last().is_some_and(|(_, q)| q.is_empty()), "lea's queue did not empty: {lea_queues:?}");
 
     // One continuous stream per listener, across every switch.
     for (uid, (packets, _)) in &heard {

@@ -23,7 +23,7 @@ use super::worker::{MAX_CATCH_UP_TICKS, Pacer};
 use super::{JoinedRoom, Moderation, RoomCommand, Stage};
 use crate::media::{self as m, RtcpFeedback};
 use crate::metrics::{DropCause, RoomMetrics};
-use crate::protocol::{ErrorBody, ErrorCode, Notice, PeerInfo, RoleChangeReason, Side};
+use crate::protocol::{ErrorBody, ErrorCode, Notice, PeerInfo, QueuedUtterance, RoleChangeReason, Side, UP_NEXT_LEN};
 use crate::server::media::{ConnKey, MediaEvent, MediaIo};
 use crate::server::recorder::Recorder;
 
@@ -31,9 +31,14 @@ use crate::server::recorder::Recorder;
 /// `encore_rtp_bytes_total` count: header and payload, before SRTP).
 const RTP_HEADER_BYTES: usize = 20;
 
-/// How often the room tells its peers its publishers' levels, and up to how many peers.
+/// How often the room tells its peers its publishers' levels.
 const LEVELS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
-const LEVELS_MAX_PEERS: usize = 200;
+/// How often the room looks at every listener's queue of what comes next (and, at once,
+/// at those whose route changed).
+const UP_NEXT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// The largest room whose peers get `levels` and `up_next`: a stage with a large audience
+/// does without, rather than send thousands of notices a second.
+const CHATTER_MAX_PEERS: usize = 200;
 
 /// Commands applied per room per tick at most (the rest wait for the next tick).
 const MAX_COMMANDS_PER_TICK: usize = 20_000;
@@ -125,6 +130,14 @@ pub struct Room {
     /// `levels` notice, and when the next may go.
     levels: BTreeMap<Name, u8>,
     levels_at: Option<Instant>,
+    /// The `up_next` queue each listener was last told (not kept while empty), the listeners
+    /// whose route changed this tick, and when every listener's queue is looked at next.
+    up_next_sent: BTreeMap<Name, Vec<QueuedUtterance>>,
+    up_next_due: BTreeSet<Name>,
+    up_next_at: Option<Instant>,
+    /// An utterance opened or closed this tick: every listener's queue may have moved (a
+    /// switch waiting for a pause is decided at an onset).
+    up_next_all: bool,
     /// Whose each connection is, and which side.
     conns: HashMap<ConnKey, (Name, Side)>,
     /// Published tracks by their connection and SSRC, and by engine name.
@@ -174,6 +187,10 @@ impl Room {
             audience_changed: BTreeSet::new(),
             levels: BTreeMap::new(),
             levels_at: None,
+            up_next_sent: BTreeMap::new(),
+            up_next_due: BTreeSet::new(),
+            up_next_at: None,
+            up_next_all: false,
             conns: HashMap::new(),
             tracks: HashMap::new(),
             track_names: BTreeMap::new(),
@@ -327,6 +344,7 @@ impl Room {
         self.tell_audiences();
         let now = Instant::now();
         self.send_levels(now);
+        self.send_up_next(now);
         for packet in output.packets.drain(..) {
             self.deliver(now, packet, media);
         }
@@ -424,6 +442,7 @@ impl Room {
                 if let Some((speaker, _)) = self.hearing.remove(&peer) {
                     self.audience_changed.insert(speaker);
                 }
+                self.up_next_sent.remove(&peer);
                 if let Some(i) = self.hands.iter().position(|p| *p == peer) {
                     self.hands.remove(i);
                     self.broadcast_hands();
@@ -812,7 +831,7 @@ impl Room {
     }
 
     /// Every [`LEVELS_EVERY`], the loudest level each publisher sent since, to everyone in the
-    /// room (the page's meters), while the room has at most [`LEVELS_MAX_PEERS`] peers: a
+    /// room (the page's meters), while the room has at most [`CHATTER_MAX_PEERS`] peers: a
     /// stage with a large audience does without, rather than send thousands of notices a second.
     fn send_levels(&mut self, now: Instant) {
         if self.levels.is_empty() || self.levels_at.is_some_and(|at| now < at) {
@@ -821,8 +840,64 @@ impl Room {
         self.levels_at = Some(now + LEVELS_EVERY);
         let levels: BTreeMap<String, u8> =
             std::mem::take(&mut self.levels).into_iter().map(|(peer, level)| (peer.to_string(), level)).collect();
-        if self.peers.len() <= LEVELS_MAX_PEERS {
+        if self.peers.len() <= CHATTER_MAX_PEERS {
             self.broadcast(Notice::Levels { levels });
+        }
+    }
+
+    /// Tells listeners what they will hear next when it changed: those whose route changed
+    /// this tick; every listener when an utterance opened or closed, and every
+    /// [`UP_NEXT_EVERY`] (a like or a skip elsewhere moves the ranking too), in rooms of at most
+    /// [`CHATTER_MAX_PEERS`]. A queue that differs only in how old its utterances are is not
+    /// sent again. A listener that stops listening is told an empty queue.
+    fn send_up_next(&mut self, now: Instant) {
+        let every = self.up_next_at.is_none_or(|at| now >= at);
+        let due = std::mem::take(&mut self.up_next_due);
+        let all = std::mem::take(&mut self.up_next_all) || every;
+        if self.peers.len() > CHATTER_MAX_PEERS {
+            return;
+        }
+        if every {
+            self.up_next_at = Some(now + UP_NEXT_EVERY);
+        }
+        let names: Vec<Name> = if all { self.peers.keys().cloned().collect() } else { due.into_iter().collect() };
+        if names.is_empty() {
+            return;
+        }
+        let asked: Vec<&str> = names.iter().map(|name| name.as_str()).collect();
+        let queues = self.engine.up_next_of(&asked, UP_NEXT_LEN);
+        for (name, queue) in names.into_iter().zip(queues) {
+            let queue: Vec<QueuedUtterance> = queue
+                .unwrap_or_default()
+                .into_iter()
+                .map(|item| QueuedUtterance {
+                    uid: self.peers.get(item.id.speaker.as_str()).and_then(|slot| slot.uid.clone()),
+                    speaker: item.id.speaker.to_string(),
+                    utterance: item.id,
+                    live: item.live,
+                    age_ms: item.age_us / 1000,
+                    reason: item.reason,
+                })
+                .collect();
+            let same = |sent: &[QueuedUtterance]| {
+                sent.len() == queue.len()
+                    && sent.iter().zip(&queue).all(|(a, b)| {
+                        (&a.utterance, a.live, a.reason, &a.uid) == (&b.utterance, b.live, b.reason, &b.uid)
+                    })
+            };
+            let unchanged = match self.up_next_sent.get(&name) {
+                Some(sent) => same(sent),
+                None => queue.is_empty(),
+            };
+            if unchanged {
+                continue;
+            }
+            if queue.is_empty() {
+                self.up_next_sent.remove(&name);
+            } else {
+                self.up_next_sent.insert(name.clone(), queue.clone());
+            }
+            self.tell(&name, Notice::UpNext { queue });
         }
     }
 
@@ -944,6 +1019,7 @@ impl Room {
                     uid: uid.clone(),
                 };
                 self.broadcast(notice);
+                self.up_next_all = true;
             }
             Event::UtteranceEnd { utterance, duration_us, reason, .. } => {
                 let notice = Notice::UtteranceEnded {
@@ -953,6 +1029,7 @@ impl Room {
                     reason: *reason,
                 };
                 self.broadcast(notice);
+                self.up_next_all = true;
             }
             Event::Route { listener, from, to, reason, lag_us, live, .. } => {
                 tracing::debug!(
@@ -983,6 +1060,7 @@ impl Room {
                     reason: *reason,
                 };
                 self.tell(listener, notice);
+                self.up_next_due.insert(listener.clone());
                 // Live: the listener is within a second of the speaker (as the page says it).
                 let now = to.as_ref().map(|id| (id.speaker.clone(), *live && lag_us.unwrap_or(0) < 1_000_000));
                 let before = match now {
