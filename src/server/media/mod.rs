@@ -22,6 +22,7 @@
 //! DTLS handshake that loses a datagram can stall forever (a connection not connected within
 //! `connect_timeout` is closed, and its client is told).
 
+pub mod dtls_srtp;
 pub mod stun;
 pub mod tcp;
 pub mod udp;
