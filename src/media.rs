@@ -170,6 +170,13 @@ const SENT_REPORTS: usize = 32;
 pub struct WireTap {
     read: VecDeque<TaggedPacket>,
     write: VecDeque<TaggedPacket>,
+    tally: RtcpTally,
+}
+
+/// What the metrics learn from a leg's RTCP, wherever it is read and written (`rtc`'s handler
+/// chain through [`WireTap`], or the worker's own SRTCP on a listener leg): one definition.
+#[derive(Default)]
+pub struct RtcpTally {
     /// Our sender reports: the middle 32 bits of their NTP time (what a receiver echoes as
     /// LSR), and when they left.
     sent_reports: VecDeque<(u32, Instant)>,
@@ -177,7 +184,49 @@ pub struct WireTap {
     clock_rates: HashMap<u32, u32>,
 }
 
-impl WireTap {
+impl RtcpTally {
+    /// A stream we send, and its clock rate.
+    pub fn bind_stream(&mut self, ssrc: u32, clock_rate: u32) {
+        self.clock_rates.insert(ssrc, clock_rate);
+    }
+
+    pub fn unbind_stream(&mut self, ssrc: u32) {
+        self.clock_rates.remove(&ssrc);
+    }
+
+    /// One RTCP packet the peer sent us.
+    pub fn inbound(&mut self, packet: &dyn rtc::rtcp::Packet, now: Instant) {
+        let any = packet.as_any();
+        if let Some(nack) = any.downcast_ref::<TransportLayerNack>() {
+            crate::metrics::nack_in(nack.nacks.iter().map(|pair| pair.packet_list().len()).sum());
+        } else if any.is::<PictureLossIndication>() {
+            crate::metrics::pli_in();
+        } else if any.is::<FullIntraRequest>() {
+            crate::metrics::fir_in();
+        } else if let Some(report) = any.downcast_ref::<ReceiverReport>() {
+            report.reports.iter().for_each(|block| self.report_block(block, now));
+        } else if let Some(report) = any.downcast_ref::<SenderReport>() {
+            report.reports.iter().for_each(|block| self.report_block(block, now));
+        }
+    }
+
+    /// One RTCP packet we send the peer.
+    pub fn outbound(&mut self, packet: &dyn rtc::rtcp::Packet, now: Instant) {
+        let any = packet.as_any();
+        if let Some(nack) = any.downcast_ref::<TransportLayerNack>() {
+            crate::metrics::nack_out(nack.nacks.iter().map(|pair| pair.packet_list().len()).sum());
+        } else if any.is::<PictureLossIndication>() {
+            crate::metrics::pli_out();
+        } else if any.is::<FullIntraRequest>() {
+            crate::metrics::fir_out();
+        } else if let Some(report) = any.downcast_ref::<SenderReport>() {
+            if self.sent_reports.len() == SENT_REPORTS {
+                self.sent_reports.pop_front();
+            }
+            self.sent_reports.push_back(((report.ntp_time >> 16) as u32, now));
+        }
+    }
+
     fn report_block(&self, block: &ReceptionReport, now: Instant) {
         let Some(&clock_rate) = self.clock_rates.get(&block.ssrc).filter(|rate| **rate > 0) else { return };
         let jitter = Duration::from_secs_f64(f64::from(block.jitter) / f64::from(clock_rate));
@@ -202,20 +251,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for WireTap {
 
     fn handle_read(&mut self, message: TaggedPacket) -> Result<(), Self::Error> {
         if let Packet::Rtcp(packets) = &message.message.packet {
-            for packet in packets {
-                let any = packet.as_any();
-                if let Some(nack) = any.downcast_ref::<TransportLayerNack>() {
-                    crate::metrics::nack_in(nack.nacks.iter().map(|pair| pair.packet_list().len()).sum());
-                } else if any.is::<PictureLossIndication>() {
-                    crate::metrics::pli_in();
-                } else if any.is::<FullIntraRequest>() {
-                    crate::metrics::fir_in();
-                } else if let Some(report) = any.downcast_ref::<ReceiverReport>() {
-                    report.reports.iter().for_each(|block| self.report_block(block, message.now));
-                } else if let Some(report) = any.downcast_ref::<SenderReport>() {
-                    report.reports.iter().for_each(|block| self.report_block(block, message.now));
-                }
-            }
+            packets.iter().for_each(|packet| self.tally.inbound(packet.as_ref(), message.now));
         }
         self.read.push_back(message);
         Ok(())
@@ -227,21 +263,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for WireTap {
 
     fn handle_write(&mut self, message: TaggedPacket) -> Result<(), Self::Error> {
         if let Packet::Rtcp(packets) = &message.message.packet {
-            for packet in packets {
-                let any = packet.as_any();
-                if let Some(nack) = any.downcast_ref::<TransportLayerNack>() {
-                    crate::metrics::nack_out(nack.nacks.iter().map(|pair| pair.packet_list().len()).sum());
-                } else if any.is::<PictureLossIndication>() {
-                    crate::metrics::pli_out();
-                } else if any.is::<FullIntraRequest>() {
-                    crate::metrics::fir_out();
-                } else if let Some(report) = any.downcast_ref::<SenderReport>() {
-                    if self.sent_reports.len() == SENT_REPORTS {
-                        self.sent_reports.pop_front();
-                    }
-                    self.sent_reports.push_back(((report.ntp_time >> 16) as u32, message.now));
-                }
-            }
+            packets.iter().for_each(|packet| self.tally.outbound(packet.as_ref(), message.now));
         }
         self.write.push_back(message);
         Ok(())
@@ -254,10 +276,10 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for WireTap {
 
 impl Interceptor for WireTap {
     fn bind_local_stream(&mut self, info: &StreamInfo) {
-        self.clock_rates.insert(info.ssrc, info.clock_rate);
+        self.tally.bind_stream(info.ssrc, info.clock_rate);
     }
     fn unbind_local_stream(&mut self, info: &StreamInfo) {
-        self.clock_rates.remove(&info.ssrc);
+        self.tally.unbind_stream(info.ssrc);
     }
     fn bind_remote_stream(&mut self, _: &StreamInfo) {}
     fn unbind_remote_stream(&mut self, _: &StreamInfo) {}
@@ -314,6 +336,34 @@ pub fn rtp_packet(payload_type: u8, seq: u16, ts: u32, ssrc: u32, marker: bool) 
     packet
 }
 
+/// The wire bytes of the packet [`rtp_packet`] describes, with the RFC 6464 level (one-byte
+/// extension `id`, RFC 8285) when given, appended to `out`: what the worker protects and sends
+/// on a listener leg without building a [`RtpPacket`]. A test holds it equal to `rtc`'s own
+/// marshalling of the same packet.
+#[allow(clippy::too_many_arguments)]
+pub fn write_rtp(
+    out: &mut Vec<u8>,
+    payload_type: u8,
+    seq: u16,
+    ts: u32,
+    ssrc: u32,
+    marker: bool,
+    level: Option<(u8, u8)>,
+    payload: &[u8],
+) {
+    let extension = level.filter(|(id, _)| (1..=14).contains(id));
+    out.push(0x80 | if extension.is_some() { 0x10 } else { 0 });
+    out.push(if marker { 0x80 } else { 0 } | (payload_type & 0x7f));
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(&ts.to_be_bytes());
+    out.extend_from_slice(&ssrc.to_be_bytes());
+    if let Some((id, value)) = extension {
+        // Profile 0xBEDE, one 32-bit word: the element (id, length 1) and two bytes of padding.
+        out.extend_from_slice(&[0xBE, 0xDE, 0, 1, id << 4, value, 0, 0]);
+    }
+    out.extend_from_slice(payload);
+}
+
 /// RFC 6464: (level 0..=127 in -dBov, V flag) from the negotiated extension id.
 pub fn audio_level(header: &rtc::rtp::header::Header, extension_id: u8) -> Option<(u8, bool)> {
     let value = *header.get_extension(extension_id)?.first()?;
@@ -354,6 +404,22 @@ pub fn vp8_keyframe_start(payload: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rtp_wire_bytes_are_rtcs_own_marshalling() {
+        use rtc::shared::marshal::Marshal;
+        for (level, marker) in [(None, false), (Some((1u8, 42u8)), true), (Some((14, 0x7f)), false)] {
+            let mut packet = rtp_packet(111, 65_535, 0xdead_beef, 0x0102_0304, marker);
+            if let Some((id, value)) = level {
+                packet.header.set_extension(id, bytes::Bytes::copy_from_slice(&[value])).expect("extension");
+            }
+            packet.payload = bytes::Bytes::from_static(b"opus frame");
+            let theirs = packet.marshal().expect("marshal");
+            let mut ours = Vec::new();
+            write_rtp(&mut ours, 111, 65_535, 0xdead_beef, 0x0102_0304, marker, level, b"opus frame");
+            assert_eq!(ours, theirs.to_vec(), "level {level:?}");
+        }
+    }
 
     #[test]
     fn vp8_key_frames_are_told_from_delta_frames() {

@@ -457,7 +457,7 @@ struct Registry {
     nack_refused: [Counter; 3],
     buffer_budget: Gauge,
     /// By [`MEDIA_DROP_CAUSES`].
-    media_dropped: [Counter; 8],
+    media_dropped: [Counter; 11],
     /// [per_ip_cap, accept_error, handshake]
     connections_refused: [Counter; 3],
     /// [sessions, rooms, tickets]
@@ -625,7 +625,7 @@ fn side_str(side: Side) -> &'static str {
 
 /// The causes of `encore_media_datagrams_dropped_total`, in the order of [`media_dropped`]'s
 /// counts.
-pub const MEDIA_DROP_CAUSES: [&str; 8] = [
+pub const MEDIA_DROP_CAUSES: [&str; 11] = [
     "unknown_source",
     "stun_no_username",
     "stun_unknown_ufrag",
@@ -634,11 +634,14 @@ pub const MEDIA_DROP_CAUSES: [&str; 8] = [
     "refused_by_rtc",
     "tcp_unbound",
     "tcp_overflow",
+    "dtls",
+    "srtcp",
+    "listener_rtp",
 ];
 
 /// What a worker's media path dropped since its last report, by [`MEDIA_DROP_CAUSES`] (a
 /// worker adds its counts once a turn, not once a datagram).
-pub fn media_dropped(counts: [u64; 8]) {
+pub fn media_dropped(counts: [u64; 11]) {
     let r = registry();
     for (counter, count) in r.media_dropped.iter().zip(counts) {
         if count > 0 {

@@ -9,7 +9,8 @@
 //! datagrams apart by their first byte, RFC 7983), so that the worker protects a tick's
 //! packets with the connection's own context straight into its `sendmmsg` batch. This module
 //! is that piece, tested on its own (a client and a server on loopback in memory, both
-//! profiles, a wrong fingerprint, garbage, a lost flight); the router does not use it yet.
+//! profiles, a wrong fingerprint, garbage, a lost flight); a listener leg uses it
+//! (`listener_leg.rs`).
 //!
 //! The rules it keeps, those of RFC 8827/8842 as browsers apply them: each side presents a
 //! self-signed certificate and checks the other's against the SHA-256 fingerprint its SDP
@@ -227,6 +228,12 @@ impl DtlsSrtp {
     /// The next datagram to send to the peer.
     pub fn poll_datagram(&mut self) -> Option<BytesMut> {
         self.endpoint.poll_transmit().map(|transmit| transmit.message)
+    }
+
+    /// Ends the association: a close_notify is queued ([`Self::poll_datagram`]) and the keys go.
+    pub fn close(&mut self, now: Instant) {
+        let _ = self.endpoint.close(now);
+        self.srtp = None;
     }
 
     pub fn is_connected(&self) -> bool {

@@ -23,6 +23,7 @@
 //! `connect_timeout` is closed, and its client is told).
 
 pub mod dtls_srtp;
+pub mod listener_leg;
 pub mod stun;
 pub mod tcp;
 pub mod udp;
@@ -45,8 +46,9 @@ use rtc::peer_connection::certificate::{CertificateParams, RTCCertificate};
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
 use rtc::peer_connection::event::{RTCPeerConnectionEvent, RTCTrackEvent};
-use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
+use rtc::peer_connection::message::RTCMessage;
 use rtc::peer_connection::sdp::RTCSessionDescription;
+use rtc::peer_connection::state::RTCIceConnectionState;
 use rtc::peer_connection::state::RTCPeerConnectionState;
 use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate, RTCIceCandidateInit};
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
@@ -61,6 +63,7 @@ use encore_systems::components::ids::MediaKind;
 
 use crate::media::{self as m, RtcpFeedback};
 use crate::protocol::ErrorCode;
+use listener_leg::{LegDrop, ListenerLeg};
 
 new_key_type! {
     /// A connection of a worker: a generational handle, so a key kept past its connection's end
@@ -82,6 +85,9 @@ const PENDING_CHECKS: usize = 16;
 /// ICE-TCP streams a worker keeps, and bytes queued per stream before media is dropped.
 const MAX_TCP_STREAMS: usize = 4096;
 const MAX_TCP_QUEUE: usize = 256 * 1024;
+/// DTLS datagrams of a listener leg kept while its answer is on its way (a browser may finish
+/// ICE and send its ClientHello before the answer reaches us over the WebSocket).
+const EARLY_DTLS: usize = 4;
 
 /// Why a connection could not be made or take what the client sent.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +100,8 @@ pub enum MediaError {
     AnsweredTwice,
     #[error("no such transport")]
     Gone,
+    #[error("the answer cannot key DTLS: {0}")]
+    Answer(#[from] listener_leg::AnswerError),
     #[error("WebRTC, {during}: {source}")]
     Rtc { during: &'static str, source: rtc::shared::error::Error },
 }
@@ -102,7 +110,7 @@ impl MediaError {
     /// The protocol's error code: the client's fault, a state conflict, or ours.
     pub fn code(&self) -> ErrorCode {
         match self {
-            MediaError::BadSdp(_) | MediaError::TooManyTracks { .. } => ErrorCode::BadRequest,
+            MediaError::BadSdp(_) | MediaError::TooManyTracks { .. } | MediaError::Answer(_) => ErrorCode::BadRequest,
             MediaError::AnsweredTwice | MediaError::Gone => ErrorCode::Conflict,
             MediaError::Rtc { .. } => ErrorCode::Internal,
         }
@@ -198,6 +206,11 @@ pub struct MediaStats {
     pub drop_rtc_error: u64,
     pub drop_tcp_unbound: u64,
     pub drop_tcp_overflow: u64,
+    /// Listener legs (their DTLS and SRTCP are the worker's): records that fail, SRTCP that
+    /// fails or comes before the keys, RTP on a receive-only leg.
+    pub drop_dtls: u64,
+    pub drop_srtcp: u64,
+    pub drop_listener_rtp: u64,
     pub tx_datagrams: u64,
     pub tx_bytes: u64,
     pub tx_syscalls: u64,
@@ -224,6 +237,9 @@ impl MediaStats {
             drop_rtc_error,
             drop_tcp_unbound,
             drop_tcp_overflow,
+            drop_dtls,
+            drop_srtcp,
+            drop_listener_rtp,
             tx_datagrams,
             tx_bytes,
             tx_syscalls,
@@ -244,6 +260,9 @@ impl MediaStats {
         self.drop_rtc_error += drop_rtc_error;
         self.drop_tcp_unbound += drop_tcp_unbound;
         self.drop_tcp_overflow += drop_tcp_overflow;
+        self.drop_dtls += drop_dtls;
+        self.drop_srtcp += drop_srtcp;
+        self.drop_listener_rtp += drop_listener_rtp;
         self.tx_datagrams += tx_datagrams;
         self.tx_bytes += tx_bytes;
         self.tx_syscalls += tx_syscalls;
@@ -261,6 +280,7 @@ impl MediaStats {
 struct OutLeg {
     ssrc: u32,
     payload_type: u8,
+    clock_rate: u32,
     level_id: Option<u8>,
 }
 
@@ -275,6 +295,14 @@ struct InTrack {
 struct Conn {
     pc: RTCPeerConnection,
     owner: Owner,
+    leg: Leg,
+    /// A listener leg's DTLS-SRTP and RTCP, run by the worker (`listener_leg.rs`), from its
+    /// answer on; DTLS records that came before it wait in `early_dtls`.
+    listener: Option<ListenerLeg>,
+    early_dtls: Vec<(Vec<u8>, Option<SocketAddr>)>,
+    /// The ICE-TCP stream (by its peer) the connection's own datagrams go on: set by a
+    /// nominating check or a DTLS record over TCP, cleared by one over UDP.
+    tcp_peer: Option<SocketAddr>,
     ufrag: String,
     pwd: String,
     created: Instant,
@@ -321,6 +349,14 @@ impl Conn {
         }
     }
 
+    /// Where the connection's own datagrams go now, if it has been heard from.
+    fn path(&self, now: Instant) -> Option<Path> {
+        match self.tcp_peer {
+            Some(peer) => Some(Path::Tcp(peer)),
+            None => self.destination(now).map(Path::Udp),
+        }
+    }
+
     fn heard(&mut self, from: SocketAddr, now: Instant) {
         match self.seen.iter_mut().find(|(a, _)| *a == from) {
             Some(entry) => entry.1 = now,
@@ -331,6 +367,13 @@ impl Conn {
     fn leg_of(&self, media: MediaKind) -> Option<OutLeg> {
         self.out[media as usize]
     }
+}
+
+/// A connection's path out: its ICE-TCP stream (by peer) or a UDP address.
+#[derive(Debug, Clone, Copy)]
+enum Path {
+    Tcp(SocketAddr),
+    Udp(SocketAddr),
 }
 
 /// An ICE-TCP stream handed over by the acceptor, with the first frame it read.
@@ -439,7 +482,7 @@ impl MediaIo {
     }
 
     /// ICE-lite, fixed credentials, the worker's certificate, host candidates.
-    fn new_pc(&mut self, now: Instant) -> Result<(RTCPeerConnection, String, String), MediaError> {
+    fn new_pc(&mut self, now: Instant, leg: Leg) -> Result<(RTCPeerConnection, String, String), MediaError> {
         let ufrag = format!("{:02x}{}", self.settings.worker % 256, random_string(&*self.crypto, 8)?);
         let pwd = random_string(&*self.crypto, 24)?;
         let setting_engine = SettingEngineBuilder::new()
@@ -456,6 +499,12 @@ impl MediaIo {
             .with_crypto_provider(self.crypto.clone())
             .build();
         let (media_engine, registry) = m::server_engine_and_registry().map_err(rtc_error("media engine"))?;
+        // A listener leg's packets never pass rtc's handler chain (listener_leg.rs): the same
+        // engine, so the same SDP, and no interceptors.
+        let registry = match leg {
+            Leg::Publish => registry,
+            Leg::Listen { .. } => rtc::interceptor::Registry::new(),
+        };
         let configuration = RTCConfigurationBuilder::new().with_certificates(vec![self.certificate.clone()]).build();
         let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(configuration)
@@ -490,6 +539,10 @@ impl MediaIo {
         let key = self.conns.insert(Conn {
             pc,
             owner,
+            leg,
+            listener: None,
+            early_dtls: Vec::new(),
+            tcp_peer: None,
             ufrag: ufrag.clone(),
             pwd,
             created: now,
@@ -523,7 +576,7 @@ impl MediaIo {
     /// A publisher's send transport: answers its offer (one audio m-line, at most one video).
     pub fn accept_offer(&mut self, now: Instant, owner: Owner, offer: &str) -> Result<(ConnKey, String), MediaError> {
         let description = RTCSessionDescription::offer(offer.to_owned()).map_err(MediaError::BadSdp)?;
-        let (mut pc, ufrag, pwd) = self.new_pc(now)?;
+        let (mut pc, ufrag, pwd) = self.new_pc(now, Leg::Publish)?;
         pc.set_remote_description(now, description).map_err(MediaError::BadSdp)?;
         // The protocol allows one audio m-line and at most one video: more would register
         // tracks nobody asked for.
@@ -548,7 +601,8 @@ impl MediaIo {
         audio_ssrc: u32,
         video_ssrc: Option<u32>,
     ) -> Result<(ConnKey, String), MediaError> {
-        let (mut pc, ufrag, pwd) = self.new_pc(now)?;
+        let leg = Leg::Listen { video: video_ssrc.is_some() };
+        let (mut pc, ufrag, pwd) = self.new_pc(now, leg)?;
         for (kind, ssrc) in [(RtpCodecKind::Audio, Some(audio_ssrc)), (RtpCodecKind::Video, video_ssrc)] {
             let Some(ssrc) = ssrc else { continue };
             let codec = if kind == RtpCodecKind::Audio { m::opus_codec() } else { m::vp8_codec() };
@@ -568,7 +622,7 @@ impl MediaIo {
         }
         let offer = pc.create_offer(None).map_err(rtc_error("creating the offer"))?;
         pc.set_local_description(now, offer.clone()).map_err(rtc_error("setting the offer"))?;
-        let key = self.insert(pc, ufrag, pwd, owner, Leg::Listen { video: video_ssrc.is_some() }, now);
+        let key = self.insert(pc, ufrag, pwd, owner, leg, now);
         if let Some(conn) = self.conns.get_mut(key) {
             conn.offered = [Some(audio_ssrc), video_ssrc];
         }
@@ -581,9 +635,13 @@ impl MediaIo {
         if conn.answered {
             return Err(MediaError::AnsweredTwice);
         }
-        let description = RTCSessionDescription::answer(answer.to_owned()).map_err(MediaError::BadSdp)?;
+        let dtls = listener_leg::answer_dtls(answer)?;
+        let description = RTCSessionDescription::answer(dtls.answer_for_rtc.clone()).map_err(MediaError::BadSdp)?;
         conn.pc.set_remote_description(now, description).map_err(MediaError::BadSdp)?;
         conn.answered = true;
+        let listener = ListenerLeg::new(self.crypto.clone(), &self.certificate, &dtls, now)
+            .map_err(|e| MediaError::Answer(listener_leg::AnswerError::Fingerprint(e)))?;
+        conn.listener = Some(listener);
         let transceivers: Vec<_> = conn.pc.get_transceivers().collect();
         let senders: Vec<_> = transceivers.into_iter().filter_map(|id| conn.pc.rtp_transceiver(id)?.sender()).collect();
         for sender in senders {
@@ -591,7 +649,9 @@ impl MediaIo {
             let media = kind_of(sender.track().kind());
             let parameters = sender.get_parameters();
             let Some(ssrc) = conn.offered[media as usize] else { continue };
-            let Some(payload_type) = parameters.rtp_parameters.codecs.first().map(|c| c.payload_type) else {
+            let Some((payload_type, clock_rate)) =
+                parameters.rtp_parameters.codecs.first().map(|c| (c.payload_type, c.rtp_codec.clock_rate))
+            else {
                 continue;
             };
             let level_id = parameters
@@ -600,7 +660,12 @@ impl MediaIo {
                 .iter()
                 .find(|e| e.uri == m::AUDIO_LEVEL_URI)
                 .and_then(|e| u8::try_from(e.id).ok());
-            conn.out[media as usize] = Some(OutLeg { ssrc, payload_type, level_id });
+            conn.out[media as usize] = Some(OutLeg { ssrc, payload_type, clock_rate, level_id });
+        }
+        // DTLS that came before the answer.
+        for (datagram, tcp_peer) in std::mem::take(&mut conn.early_dtls) {
+            let protocol = if tcp_peer.is_some() { TransportProtocol::TCP } else { TransportProtocol::UDP };
+            listener_input(key, conn, now, &datagram, protocol, tcp_peer, &mut self.events, &mut self.stats);
         }
         self.touch(key);
         Ok(())
@@ -629,18 +694,27 @@ impl MediaIo {
             self.stats.rtp_out_refused += 1;
             return false;
         };
-        let mut packet = m::rtp_packet(leg.payload_type, seq, ts, leg.ssrc, marker);
-        if let (Some(id), Some(level)) = (leg.level_id, level) {
-            let _ = packet.header.set_extension(id, Bytes::copy_from_slice(&[m::audio_level_byte(level, false)]));
-        }
-        packet.payload = payload;
-        let message = TaggedRTCMessage { now, message: RTCMessage::RtpPacket(String::new(), packet) };
-        if conn.pc.handle_write(message).is_err() {
+        let path = conn.path(now);
+        let Some(listener) = conn.listener.as_mut() else {
             self.stats.rtp_out_refused += 1;
             return false;
-        }
+        };
+        let level = leg.level_id.zip(level).map(|(id, level)| (id, m::audio_level_byte(level, false)));
+        let index = media as usize;
+        let Some(datagram) =
+            listener.rtp(now, index, leg.clock_rate, leg.payload_type, leg.ssrc, seq, ts, marker, level, &payload)
+        else {
+            self.stats.rtp_out_refused += 1;
+            return false;
+        };
+        transmit(key, path, datagram, &mut self.tx, &mut self.tcp, &mut self.stats);
         self.stats.rtp_out += 1;
-        self.touch(key);
+        // Nothing to drain after a packet: the connection is touched only when its first packet
+        // set a sender report due before anything else it waits for.
+        let report = listener.poll_timeout();
+        if report.is_some_and(|at| conn.deadline.is_none_or(|deadline| at < deadline)) {
+            self.touch(key);
+        }
         true
     }
 
@@ -657,10 +731,13 @@ impl MediaIo {
     }
 
     /// Closes a connection: DTLS close_notify goes out at the next flush, then its routes go.
-    pub fn close(&mut self, key: ConnKey) {
+    pub fn close(&mut self, now: Instant, key: ConnKey) {
         if let Some(conn) = self.conns.get_mut(key)
             && !conn.dead
         {
+            if let Some(listener) = conn.listener.as_mut() {
+                listener.close(now);
+            }
             let _ = conn.pc.close();
             conn.dead = true;
             self.touch(key);
@@ -757,6 +834,16 @@ impl MediaIo {
             _ => self.tag_udp,
         };
         let conn = self.conns.get_mut(key)?;
+        let tcp_from = (protocol == TransportProtocol::TCP).then_some(from);
+        if stun::is_stun(data) && stun::class(data) == 0 && stun::has_use_candidate(data) {
+            conn.tcp_peer = tcp_from;
+        }
+        if matches!(conn.leg, Leg::Listen { .. }) && !stun::is_stun(data) {
+            // Not rtc's: the worker runs this leg's DTLS and SRTCP.
+            listener_input(key, conn, now, data, protocol, tcp_from, &mut self.events, &mut self.stats);
+            self.touch(key);
+            return Some(key);
+        }
         let peer = match protocol {
             TransportProtocol::UDP => conn.rtc_peer.unwrap_or(from),
             _ => from,
@@ -849,7 +936,14 @@ impl MediaIo {
             } else if conn.deadline.is_some_and(|d| d <= now) {
                 // rtc stops at the first handler that fails; the others' timers still run at the
                 // next deadline.
-                let _ = conn.pc.handle_timeout(now);
+                if conn.pc.poll_timeout().is_some_and(|d| d <= now) {
+                    let _ = conn.pc.handle_timeout(now);
+                }
+                if let Some(listener) = conn.listener.as_mut()
+                    && listener.handle_timeout(now).is_err()
+                {
+                    self.stats.drop_dtls += 1;
+                }
             }
             self.touch(key);
         }
@@ -864,7 +958,8 @@ impl MediaIo {
             let Some(conn) = self.conns.get_mut(key) else { continue };
             conn.dirty = false;
             drain(key, conn, now, &mut self.events, &mut self.tx, &mut self.tcp, &mut self.stats);
-            let deadline = conn.pc.poll_timeout();
+            let listener = conn.listener.as_ref().and_then(ListenerLeg::poll_timeout);
+            let deadline = [conn.pc.poll_timeout(), listener].into_iter().flatten().min();
             if deadline != conn.deadline
                 && let Some(at) = deadline
             {
@@ -1004,8 +1099,24 @@ fn drain(
     for _ in 0..2 {
         while let Some(event) = conn.pc.poll_event() {
             match event {
+                RTCPeerConnectionEvent::OnIceConnectionStateChangeEvent(state) => {
+                    if let Some(listener) = conn.listener.as_mut() {
+                        listener.ice_connected =
+                            matches!(state, RTCIceConnectionState::Connected | RTCIceConnectionState::Completed)
+                                || (listener.ice_connected && state == RTCIceConnectionState::Disconnected);
+                    }
+                    if state == RTCIceConnectionState::Failed {
+                        conn.dead = true;
+                        conn.failed = true;
+                    }
+                }
                 RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => {
-                    conn.metric.connection_state(state);
+                    // A listener leg is connected when its own DTLS is (below); rtc, which never
+                    // sees that DTLS, says `connecting` until ICE fails or the leg closes.
+                    let own_dtls = matches!(conn.leg, Leg::Listen { .. });
+                    if !own_dtls || matches!(state, RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed) {
+                        conn.metric.connection_state(state);
+                    }
                     match state {
                         RTCPeerConnectionState::Connected if !conn.connected => {
                             conn.connected = true;
@@ -1090,6 +1201,11 @@ fn drain(
             }
         }
         while let Some(out) = conn.pc.poll_write() {
+            if conn.listener.is_some() && !stun::is_stun(&out.message) {
+                // rtc's own DTLS on a listener leg (it waits as a server, so never more than a
+                // close_notify): the listener talks to ours.
+                continue;
+            }
             match out.transport.transport_protocol {
                 TransportProtocol::UDP => {
                     let mut to = out.transport.peer_addr;
@@ -1129,6 +1245,132 @@ fn drain(
                 _ => stats.tx_errors += 1,
             }
         }
+        listener_output(key, conn, now, events, tx, tcp, stats);
+    }
+}
+
+/// What a listener leg's own DTLS and reports have to say: its handshake's datagrams (once the
+/// leg has somewhere to send them), `Connected` when ICE and DTLS both are, its sender reports.
+#[allow(clippy::too_many_arguments)]
+fn listener_output(
+    key: ConnKey,
+    conn: &mut Conn,
+    now: Instant,
+    events: &mut VecDeque<MediaEvent>,
+    tx: &mut Vec<(SocketAddr, BytesMut)>,
+    tcp: &mut [TcpConn],
+    stats: &mut MediaStats,
+) {
+    let path = conn.path(now);
+    let Some(listener) = conn.listener.as_mut() else { return };
+    if path.is_some() {
+        let mut datagrams = Vec::new();
+        while let Some(datagram) = listener.poll_dtls() {
+            datagrams.push(datagram);
+        }
+        if let Some(reports) = listener.reports(now) {
+            datagrams.push(reports);
+        }
+        let connected = listener.is_connected();
+        for datagram in datagrams {
+            transmit(key, path, datagram, tx, tcp, stats);
+        }
+        if connected && !conn.connected && !conn.dead {
+            conn.connected = true;
+            conn.metric.connection_state(RTCPeerConnectionState::Connected);
+            events.push_back(MediaEvent::Connected { conn: key, owner: conn.owner });
+        }
+    }
+}
+
+/// A datagram (or ICE-TCP frame) of a listener leg that is not STUN: DTLS to the leg's own
+/// association (kept for later if the answer has not come), SRTCP read into feedback events.
+#[allow(clippy::too_many_arguments)]
+fn listener_input(
+    key: ConnKey,
+    conn: &mut Conn,
+    now: Instant,
+    data: &[u8],
+    protocol: TransportProtocol,
+    tcp_from: Option<SocketAddr>,
+    events: &mut VecDeque<MediaEvent>,
+    stats: &mut MediaStats,
+) {
+    let Some(&first) = data.first() else {
+        stats.drop_truncated += 1;
+        return;
+    };
+    match first {
+        // RFC 7983: DTLS.
+        20..=63 => {
+            // The path DTLS takes is the selected one: our datagrams follow it.
+            conn.tcp_peer = if protocol == TransportProtocol::TCP { tcp_from } else { None };
+            let Some(listener) = conn.listener.as_mut() else {
+                if conn.early_dtls.len() < EARLY_DTLS {
+                    conn.early_dtls.push((data.to_vec(), tcp_from));
+                } else {
+                    stats.drop_dtls += 1;
+                }
+                return;
+            };
+            match listener.handle_dtls(now, data) {
+                Ok(()) => {}
+                Err(dtls_srtp::DtlsSrtpError::Closed) => conn.dead = true,
+                // A bad record or a failed handshake: counted; a handshake that never completes
+                // ends at the connect timeout, and the client is told.
+                Err(_) => stats.drop_dtls += 1,
+            }
+        }
+        // RFC 7983: RTP and RTCP.
+        128..=191 => {
+            let Some(listener) = conn.listener.as_mut() else {
+                stats.drop_srtcp += 1;
+                return;
+            };
+            match listener.read_rtcp(now, data) {
+                Ok(packets) => {
+                    for packet in &packets {
+                        let Some(feedback) = m::feedback(packet.as_ref()) else { continue };
+                        let ssrc = match &feedback {
+                            RtcpFeedback::Nack { media_ssrc, .. } | RtcpFeedback::KeyframeRequest { media_ssrc } => {
+                                *media_ssrc
+                            }
+                        };
+                        let media = [MediaKind::Audio, MediaKind::Video]
+                            .into_iter()
+                            .find(|media| conn.out[*media as usize].is_some_and(|leg| leg.ssrc == ssrc));
+                        if let Some(media) = media {
+                            events.push_back(MediaEvent::Feedback { conn: key, owner: conn.owner, media, feedback });
+                        }
+                    }
+                }
+                Err(LegDrop::Srtcp) => stats.drop_srtcp += 1,
+                Err(LegDrop::Rtp) => stats.drop_listener_rtp += 1,
+            }
+        }
+        _ => stats.drop_rtc_error += 1,
+    }
+}
+
+/// One datagram of a connection's own (a listener leg's DTLS, SRTP, SRTCP): on its ICE-TCP
+/// stream when that is its path, else to its UDP destination, in the tick's batch.
+fn transmit(
+    key: ConnKey,
+    path: Option<Path>,
+    datagram: BytesMut,
+    tx: &mut Vec<(SocketAddr, BytesMut)>,
+    tcp: &mut [TcpConn],
+    stats: &mut MediaStats,
+) {
+    match path {
+        Some(Path::Tcp(peer)) => match tcp.iter_mut().find(|t| t.conn == key && t.peer == peer) {
+            Some(stream) if stream.out.len() < MAX_TCP_QUEUE => stream.out.extend_from_slice(&frame_packet(&datagram)),
+            // A stream that cannot keep up loses media, never blocks the worker.
+            Some(_) => stats.drop_tcp_overflow += 1,
+            None => stats.tx_errors += 1,
+        },
+        Some(Path::Udp(to)) => tx.push((to, datagram)),
+        None => stats.tx_errors += 1,
     }
 }
 

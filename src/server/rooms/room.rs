@@ -609,8 +609,9 @@ impl Room {
 
     /// Closes a connection and takes what it carried out of the engine.
     fn forget_conn(&mut self, conn: ConnKey, media: &mut MediaIo) {
-        media.close(conn);
-        self.conn_gone(Instant::now(), conn, false);
+        let now = Instant::now();
+        media.close(now, conn);
+        self.conn_gone(now, conn, false);
     }
 
     /// A connection is gone (closed by us or the client, or failed): its tracks end, its
@@ -1126,8 +1127,9 @@ impl Room {
         }
         self.closed = true;
         self.share.close();
+        let now = Instant::now();
         for conn in self.conns.keys().copied().collect::<Vec<_>>() {
-            media.close(conn);
+            media.close(now, conn);
         }
         self.conns.clear();
         if let Some(recorder) = &mut self.recorder

@@ -232,7 +232,7 @@ fn trim_heap() {
 }
 
 /// What the media path dropped between two readings, by `metrics::MEDIA_DROP_CAUSES`.
-fn drop_counts(before: &MediaStats, now: &MediaStats) -> [u64; 8] {
+fn drop_counts(before: &MediaStats, now: &MediaStats) -> [u64; 11] {
     let delta = |a: u64, b: u64| b.saturating_sub(a);
     [
         delta(before.drop_unknown_source, now.drop_unknown_source),
@@ -243,6 +243,9 @@ fn drop_counts(before: &MediaStats, now: &MediaStats) -> [u64; 8] {
         delta(before.drop_rtc_error, now.drop_rtc_error),
         delta(before.drop_tcp_unbound, now.drop_tcp_unbound),
         delta(before.drop_tcp_overflow, now.drop_tcp_overflow),
+        delta(before.drop_dtls, now.drop_dtls),
+        delta(before.drop_srtcp, now.drop_srtcp),
+        delta(before.drop_listener_rtp, now.drop_listener_rtp),
     ]
 }
 
@@ -257,16 +260,22 @@ fn report_drops(worker: usize, before: &MediaStats, now: &MediaStats) {
         refused_by_rtc,
         tcp_unbound,
         tcp_overflow,
+        dtls,
+        srtcp,
+        listener_rtp,
     ] = drop_counts(before, now);
     let stun = stun_no_username + stun_unknown_ufrag + stun_bad_integrity;
     let tcp = tcp_unbound + tcp_overflow;
     let send_errors = now.tx_errors.saturating_sub(before.tx_errors);
-    if unknown_source + stun + refused_by_rtc + truncated + tcp + send_errors > 0 {
+    if unknown_source + stun + refused_by_rtc + truncated + tcp + dtls + srtcp + listener_rtp + send_errors > 0 {
         tracing::info!(
             worker,
             unknown_source,
             stun,
             refused_by_rtc,
+            dtls,
+            srtcp,
+            listener_rtp,
             truncated,
             tcp,
             send_errors,
