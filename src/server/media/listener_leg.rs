@@ -138,6 +138,11 @@ impl ListenerLeg {
         [self.dtls.poll_timeout(), self.next_report].into_iter().flatten().min()
     }
 
+    /// When the next sender report is due (cheap: read on every packet sent).
+    pub fn report_due(&self) -> Option<Instant> {
+        self.next_report
+    }
+
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), DtlsSrtpError> {
         self.dtls.handle_timeout(now)
     }

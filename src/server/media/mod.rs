@@ -711,7 +711,7 @@ impl MediaIo {
         self.stats.rtp_out += 1;
         // Nothing to drain after a packet: the connection is touched only when its first packet
         // set a sender report due before anything else it waits for.
-        let report = listener.poll_timeout();
+        let report = listener.report_due();
         if report.is_some_and(|at| conn.deadline.is_none_or(|deadline| at < deadline)) {
             self.touch(key);
         }
