@@ -38,6 +38,9 @@ pub enum ClientNetwork {
     /// TCP only (ICE-TCP active to the server's passive candidate): a client whose UDP is
     /// blocked.
     TcpOnly,
+    /// UDP, answering the server's offers as the DTLS client (`a=setup:active`), as browsers do.
+    /// (The `webrtc` crate otherwise answers an ICE-lite offer as the DTLS server, `passive`.)
+    UdpDtlsClient,
 }
 
 struct Handler {
@@ -76,11 +79,11 @@ async fn connection(network: ClientNetwork) -> Result<Connection, ClientError> {
     let builder = PeerConnectionBuilder::new()
         .with_configuration(RTCConfigurationBuilder::new().build())
         .with_media_engine(engine)
-        .with_setting_engine(setting_engine())
+        .with_setting_engine(setting_engine(network))
         .with_interceptor_registry(registry)
         .with_handler(Arc::new(handler));
     let builder = match network {
-        ClientNetwork::Udp => builder.with_udp_addrs(vec!["127.0.0.1:0".to_owned()]),
+        ClientNetwork::Udp | ClientNetwork::UdpDtlsClient => builder.with_udp_addrs(vec!["127.0.0.1:0".to_owned()]),
         ClientNetwork::TcpOnly => builder.with_tcp_addrs(vec!["127.0.0.1:0".to_owned()]),
     };
     let pc = builder.build().await.map_err(ClientError::webrtc("peer connection"))?;
@@ -106,8 +109,14 @@ async fn dial_tcp_candidates(pc: &Arc<dyn PeerConnection>, sdp: &str) -> Result<
 
 /// mDNS off: the client is on loopback with the server, and each connection would otherwise
 /// bind one more multicast socket.
-fn setting_engine() -> SettingEngine {
-    SettingEngineBuilder::new().with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled).build()
+fn setting_engine(network: ClientNetwork) -> SettingEngine {
+    let builder = SettingEngineBuilder::new().with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled);
+    match network {
+        ClientNetwork::UdpDtlsClient => {
+            builder.with_answering_dtls_role(rtc::peer_connection::transport::RTCDtlsRole::Client).build()
+        }
+        _ => builder.build(),
+    }
 }
 
 /// A track we send on: Opus or VP8, with the SSRC we choose (the stream id groups tracks in the

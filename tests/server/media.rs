@@ -1,5 +1,6 @@
 //! The media fast path seen from outside: every connection of a worker on one UDP port, ICE over
-//! the one TCP port for a client whose UDP is blocked, the public IP announced, a transport that
+//! the one TCP port for a client whose UDP is blocked, the worker's DTLS in either role, the
+//! public IP announced, a transport that
 //! never connects closed and its client told, and garbage at the shared port dropped and counted
 //! while a listener keeps hearing a speaker.
 
@@ -79,6 +80,30 @@ async fn a_client_whose_udp_is_blocked_talks_and_listens_over_ice_tcp() {
     assert!(heard > 100, "the TCP-only listener heard {heard} of ~150 packets");
     let stats = server.server.rooms().media_stats();
     assert_eq!(stats.connections, 2, "two connections, on TCP");
+    publisher.close().await;
+    counting.abort();
+    server.server.shutdown().await;
+}
+
+/// The worker's DTLS takes either role on a receive transport: the `webrtc` crate answers an
+/// ICE-lite offer `a=setup:passive` (the worker is the DTLS client: every other test here), a
+/// browser answers `active` (the worker is the server: this test, and the browser tests).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_listener_answering_as_the_dtls_client_hears_the_speaker() {
+    let server = start_server("media-passive", |c| c.server.workers = 1, None).await;
+    let sam = server.client("sam", "speaker").await;
+    sam.join("passive", "sam").await.unwrap();
+    let lea = server.client("lea", "listener").await;
+    lea.join("passive", "lea").await.unwrap();
+    let publisher = Publisher::start_on(&sam, false, 1, ClientNetwork::Udp).await.expect("the speaker connects");
+    let listener =
+        Listener::start_on(&lea, false, ClientNetwork::UdpDtlsClient).await.expect("the active listener connects");
+    let talking = talk(publisher, 3);
+    let (received, counting) = count(listener);
+    let publisher = talking.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let heard = received.lock().unwrap().len();
+    assert!(heard > 100, "the active listener heard {heard} of ~150 packets");
     publisher.close().await;
     counting.abort();
     server.server.shutdown().await;

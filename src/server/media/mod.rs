@@ -636,6 +636,7 @@ impl MediaIo {
             return Err(MediaError::AnsweredTwice);
         }
         let dtls = listener_leg::answer_dtls(answer)?;
+        tracing::debug!(conn = ?key, role = ?dtls.role, "a listener's answer");
         let description = RTCSessionDescription::answer(dtls.answer_for_rtc.clone()).map_err(MediaError::BadSdp)?;
         conn.pc.set_remote_description(now, description).map_err(MediaError::BadSdp)?;
         conn.answered = true;
