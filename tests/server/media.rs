@@ -1,8 +1,8 @@
 //! The media fast path seen from outside: every connection of a worker on one UDP port, ICE over
 //! the one TCP port for a client whose UDP is blocked, the worker's DTLS in either role, the
-//! public IP announced, a transport that
-//! never connects closed and its client told, and garbage at the shared port dropped and counted
-//! while a listener keeps hearing a speaker.
+//! public IP announced, a transport that never connects closed and its client told, and garbage
+//! (at the shared port from strangers, and on a listener leg's own validated path) dropped and
+//! counted by cause while a listener keeps hearing a speaker.
 
 use std::net::UdpSocket;
 use std::sync::Arc;
@@ -217,6 +217,101 @@ async fn garbage_at_the_shared_port_is_dropped_and_counted_while_a_listener_keep
     assert!(flood > 10_000, "the flood was read and dropped ({flood} datagrams)");
     assert_eq!(after.connect_timeouts, 0);
     // And lea heard sam all along: about 50 packets a second.
+    let heard = recent(&received, Duration::from_secs(2));
+    assert!(heard > 70, "lea heard {heard} packets in the last 2 s (~100 sent)");
+
+    let publisher = talking.await.unwrap();
+    publisher.close().await;
+    counting.abort();
+    server.server.shutdown().await;
+}
+
+/// An answer to `offer` as a real client would make it (the `rtc` core's), never run.
+fn answer_to(offer: &str) -> String {
+    use rtc::peer_connection::RTCPeerConnectionBuilder;
+    use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+    use rtc::peer_connection::sdp::RTCSessionDescription;
+    let now = Instant::now();
+    let (engine, registry) = encore::media::media_engine_and_registry().unwrap();
+    let mut pc = RTCPeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_media_engine(engine)
+        .with_interceptor_registry(registry)
+        .build(now)
+        .unwrap();
+    pc.set_remote_description(now, RTCSessionDescription::offer(offer.to_owned()).unwrap()).unwrap();
+    let answer = pc.create_answer(None).unwrap();
+    pc.set_local_description(now, answer.clone()).unwrap();
+    answer.sdp
+}
+
+/// One RFC 4571 frame.
+fn framed(datagram: &[u8]) -> Vec<u8> {
+    [&(datagram.len() as u16).to_be_bytes()[..], datagram].concat()
+}
+
+/// Junk that comes on a listener leg's own validated path (an ICE-TCP stream bound by a check
+/// with the leg's credentials) reaches the leg's DTLS and SRTCP, which the worker runs itself:
+/// dropped and counted by cause (`dtls`, `srtcp`, `listener_rtp`), while another listener keeps
+/// hearing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn junk_on_a_listener_legs_validated_path_is_dropped_by_cause_while_others_keep_hearing() {
+    use rtc::stun::attributes::ATTR_USERNAME;
+    use rtc::stun::fingerprint::FINGERPRINT;
+    use rtc::stun::integrity::MessageIntegrity;
+    use rtc::stun::message::{BINDING_REQUEST, Message, TransactionId};
+    use rtc::stun::textattrs::Username;
+    use std::io::Write;
+
+    let server = start_server("media-leg-junk", |c| c.server.workers = 1, None).await;
+    let (_sam, _lea, publisher, listener) = speaker_and_listener(&server, "leg-junk", ClientNetwork::Udp).await;
+    let talking = talk(publisher, 8);
+    let (received, counting) = count(listener);
+
+    // eve listens with credentials she holds, and answers like a client; her DTLS never starts.
+    let eve = server.client("eve", "listener").await;
+    eve.join("leg-junk", "eve").await.unwrap();
+    let Offered { offer } = eve.request(Request::Listen { video: false }).await.unwrap();
+    let attribute = |name: &str| {
+        offer.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_owned()).expect("in the offer")
+    };
+    let (ufrag, pwd) = (attribute("a=ice-ufrag:"), attribute("a=ice-pwd:"));
+    let _: encore::protocol::Done = eve.request(Request::Answer { answer: answer_to(&offer) }).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = server.server.rooms().media_stats().media;
+
+    // A check with her leg's credentials binds an ICE-TCP stream to it; then the junk.
+    let provider = rtc::crypto::default_provider().unwrap();
+    let mut check = Message::new();
+    check
+        .build(&[
+            Box::new(BINDING_REQUEST),
+            Box::new(TransactionId::new()),
+            Box::new(Username::new(ATTR_USERNAME, format!("{ufrag}:eve"))),
+            Box::new(MessageIntegrity::new_short_term_integrity_with_provider(pwd, provider.crypto())),
+            Box::new(FINGERPRINT),
+        ])
+        .unwrap();
+    let tcp = server.server.rooms().media_ports.tcp.expect("ICE-TCP is on");
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", tcp.port())).unwrap();
+    stream.write_all(&framed(&check.raw)).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let junk: Vec<Vec<u8>> = vec![
+        [&[0x16u8, 0xfe, 0xfd, 0, 0][..], &[0x42; 60][..]].concat(),
+        [&[0x81u8, 205, 0, 3][..], &[0; 12][..], &[0; 14][..]].concat(),
+        [&[0x80u8, 111, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1][..], &[0; 100][..]].concat(),
+    ];
+    for _ in 0..10 {
+        for datagram in &junk {
+            stream.write_all(&framed(datagram)).unwrap();
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = server.server.rooms().media_stats().media;
+    assert_eq!(after.drop_tcp_unbound, before.drop_tcp_unbound, "the check bound the stream: {after:?}");
+    assert!(after.drop_dtls - before.drop_dtls >= 10, "DTLS garbage: {after:?}");
+    assert!(after.drop_srtcp - before.drop_srtcp >= 10, "SRTCP before the keys: {after:?}");
+    assert!(after.drop_listener_rtp - before.drop_listener_rtp >= 10, "RTP on a receive-only leg: {after:?}");
     let heard = recent(&received, Duration::from_secs(2));
     assert!(heard > 70, "lea heard {heard} packets in the last 2 s (~100 sent)");
 

@@ -1165,40 +1165,22 @@ fn drain(
                 _ => {}
             }
         }
+        // A publisher's RTCP (its sender reports) is rtc's own business; a listener's is read by
+        // `listener_input`, never here: only RTP is taken.
         while let Some(message) = conn.pc.poll_read() {
-            match message.message {
-                RTCMessage::RtpPacket(track_id, packet) => {
-                    let Some(track) = conn.tracks.get(&track_id) else { continue };
-                    stats.rtp_in += 1;
-                    let level = track.level_id.and_then(|id| m::audio_level(&packet.header, id));
-                    events.push_back(MediaEvent::Rtp {
-                        conn: key,
-                        owner,
-                        media: track.media,
-                        ssrc: packet.header.ssrc,
-                        at: message.now,
-                        packet,
-                        level,
-                    });
-                }
-                RTCMessage::RtcpPacket(_, packets) => {
-                    for packet in &packets {
-                        let Some(feedback) = m::feedback(packet.as_ref()) else { continue };
-                        let ssrc = match &feedback {
-                            RtcpFeedback::Nack { media_ssrc, .. } | RtcpFeedback::KeyframeRequest { media_ssrc } => {
-                                *media_ssrc
-                            }
-                        };
-                        // Which of our streams it is about.
-                        let media = [MediaKind::Audio, MediaKind::Video]
-                            .into_iter()
-                            .find(|media| conn.out[*media as usize].is_some_and(|leg| leg.ssrc == ssrc));
-                        if let Some(media) = media {
-                            events.push_back(MediaEvent::Feedback { conn: key, owner, media, feedback });
-                        }
-                    }
-                }
-                _ => {}
+            if let RTCMessage::RtpPacket(track_id, packet) = message.message {
+                let Some(track) = conn.tracks.get(&track_id) else { continue };
+                stats.rtp_in += 1;
+                let level = track.level_id.and_then(|id| m::audio_level(&packet.header, id));
+                events.push_back(MediaEvent::Rtp {
+                    conn: key,
+                    owner,
+                    media: track.media,
+                    ssrc: packet.header.ssrc,
+                    at: message.now,
+                    packet,
+                    level,
+                });
             }
         }
         while let Some(out) = conn.pc.poll_write() {
@@ -1337,6 +1319,7 @@ fn listener_input(
                                 *media_ssrc
                             }
                         };
+                        // Which of our streams it is about.
                         let media = [MediaKind::Audio, MediaKind::Video]
                             .into_iter()
                             .find(|media| conn.out[*media as usize].is_some_and(|leg| leg.ssrc == ssrc));
