@@ -4,9 +4,10 @@
 //! This is the shape of mediasoup's `WebRtcServer` and str0m's `chat` example: the worker owns
 //! its socket; a datagram is routed to its connection (STUN by the USERNAME's local ufrag, once
 //! its MESSAGE-INTEGRITY checks with that connection's password; everything else by the source
-//! address such a check taught us) and fed to that connection's `RTCPeerConnection`; what the
-//! connections want to send after a tick goes out in one `sendmmsg`. Unknown sources are dropped
-//! and counted, and no state is allocated before a valid check. There is no task, channel or
+//! address such a check taught us) and fed to that connection's `RTCPeerConnection` (a listener
+//! leg's DTLS and SRTCP to the worker's own instead: `listener_leg.rs`); what the connections want
+//! to send after a tick goes out in one `sendmmsg`. Unknown sources are dropped and counted, and
+//! no state is allocated before a valid check. There is no task, channel or
 //! wake-up per packet: inbound RTP becomes an engine input on the same thread, and the engine's
 //! packets become SRTP datagrams on the same thread.
 //!
@@ -102,6 +103,8 @@ pub enum MediaError {
     Gone,
     #[error("the answer cannot key DTLS: {0}")]
     Answer(#[from] listener_leg::AnswerError),
+    #[error("DTLS for a listener leg: {0}")]
+    Dtls(#[source] dtls_srtp::DtlsSrtpError),
     #[error("WebRTC, {during}: {source}")]
     Rtc { during: &'static str, source: rtc::shared::error::Error },
 }
@@ -112,7 +115,7 @@ impl MediaError {
         match self {
             MediaError::BadSdp(_) | MediaError::TooManyTracks { .. } | MediaError::Answer(_) => ErrorCode::BadRequest,
             MediaError::AnsweredTwice | MediaError::Gone => ErrorCode::Conflict,
-            MediaError::Rtc { .. } => ErrorCode::Internal,
+            MediaError::Rtc { .. } | MediaError::Dtls(_) => ErrorCode::Internal,
         }
     }
 }
@@ -640,8 +643,8 @@ impl MediaIo {
         let description = RTCSessionDescription::answer(dtls.answer_for_rtc.clone()).map_err(MediaError::BadSdp)?;
         conn.pc.set_remote_description(now, description).map_err(MediaError::BadSdp)?;
         conn.answered = true;
-        let listener = ListenerLeg::new(self.crypto.clone(), &self.certificate, &dtls, now)
-            .map_err(|e| MediaError::Answer(listener_leg::AnswerError::Fingerprint(e)))?;
+        let listener =
+            ListenerLeg::new(self.crypto.clone(), &self.certificate, &dtls, now).map_err(MediaError::Dtls)?;
         conn.listener = Some(listener);
         let transceivers: Vec<_> = conn.pc.get_transceivers().collect();
         let senders: Vec<_> = transceivers.into_iter().filter_map(|id| conn.pc.rtp_transceiver(id)?.sender()).collect();
