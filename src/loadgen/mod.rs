@@ -79,7 +79,7 @@ impl LoadgenOptions {
             room: "loadgen".to_owned(),
             video: false,
             server_pid: None,
-            setup_concurrency: 16,
+            setup_concurrency: 64,
             drain: Duration::from_millis(1500),
             seed: 1,
             idle_rooms: 0,
