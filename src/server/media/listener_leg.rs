@@ -31,6 +31,17 @@ const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 const FIRST_REPORT: Duration = Duration::from_millis(500);
 /// Seconds from 1900 (NTP's epoch) to 1970 (Unix's).
 const NTP_UNIX_OFFSET: u64 = 2_208_988_800;
+/// Every byte value, so that a header's audio-level extension borrows its one byte instead of
+/// allocating it.
+static BYTE_VALUES: [u8; 256] = {
+    let mut values = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        values[i] = i as u8;
+        i += 1;
+    }
+    values
+};
 
 /// What the leg's answer says of its DTLS, and the answer as `rtc`'s agent is to see it.
 #[derive(Debug)]
@@ -97,6 +108,9 @@ pub struct ListenerLeg {
     sent: [Sent; 2],
     next_report: Option<Instant>,
     scratch: Vec<u8>,
+    /// The header `scratch` starts with, handed to SRTP so that it need not parse (and allocate)
+    /// it again; reused, its extension list keeps its one slot.
+    header: rtc::rtp::header::Header,
 }
 
 impl ListenerLeg {
@@ -115,6 +129,7 @@ impl ListenerLeg {
             sent: [Sent::default(); 2],
             next_report: None,
             scratch: Vec::with_capacity(1500),
+            header: rtc::rtp::header::Header::default(),
         })
     }
 
@@ -171,7 +186,23 @@ impl ListenerLeg {
         let srtp = self.dtls.srtp()?;
         self.scratch.clear();
         m::write_rtp(&mut self.scratch, payload_type, seq, ts, ssrc, marker, level, payload);
-        let protected = srtp.outbound.encrypt_rtp(&self.scratch).ok()?;
+        // The same header as a struct (what `write_rtp` wrote; a test decrypts and compares).
+        let header = &mut self.header;
+        header.version = 2;
+        header.marker = marker;
+        header.payload_type = payload_type & 0x7f;
+        header.sequence_number = seq;
+        header.timestamp = ts;
+        header.ssrc = ssrc;
+        header.extensions.clear();
+        header.extension = false;
+        if let Some((id, value)) = level.filter(|(id, _)| (1..=14).contains(id)) {
+            header.extension = true;
+            header.extension_profile = rtc::rtp::header::EXTENSION_PROFILE_ONE_BYTE;
+            let byte = Bytes::from_static(&BYTE_VALUES[value as usize..value as usize + 1]);
+            header.extensions.push(rtc::rtp::header::Extension { id, payload: byte });
+        }
+        let protected = srtp.outbound.encrypt_rtp_with_header(&self.scratch, header).ok()?;
         let sent = &mut self.sent[index];
         if sent.ssrc != ssrc || sent.last.is_none() {
             *sent = Sent { ssrc, clock_rate, ..Sent::default() };
@@ -314,8 +345,7 @@ mod tests {
     #[test]
     fn the_listener_opens_our_packets_and_reports_and_we_read_its_rtcp() {
         let (mut leg, mut listener, now) = connected();
-        let level = Some((1, m::audio_level_byte(30, false)));
-        for seq in 0..3u16 {
+        for (seq, level) in [(0u16, None), (1, Some((1, m::audio_level_byte(30, false)))), (2, Some((14, 0x7f)))] {
             let wire = leg.rtp(now, 0, 48_000, 111, 7, seq, 960 * u32::from(seq), false, level, b"frame").expect("rtp");
             let opened = listener.srtp().expect("keys").inbound.decrypt_rtp(&wire).expect("opens");
             let mut expected = Vec::new();
