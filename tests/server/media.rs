@@ -17,7 +17,7 @@ use encore::protocol::{ErrorCode, Notice, Offered, Request, Side};
 use super::support::{TestServer, start_server};
 
 /// A speaker talking for `seconds` from now (voiced, 50 packets a second).
-fn talk(mut publisher: Publisher, seconds: u64) -> tokio::task::JoinHandle<Publisher> {
+pub(super) fn talk(mut publisher: Publisher, seconds: u64) -> tokio::task::JoinHandle<Publisher> {
     tokio::spawn(async move {
         let start = Instant::now();
         let mut interval = tokio::time::interval(Duration::from_millis(20));

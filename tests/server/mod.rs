@@ -8,6 +8,7 @@ mod deploy;
 mod drain;
 mod e2e;
 mod feedback;
+mod interop;
 mod limits;
 mod loadgen;
 mod media;
