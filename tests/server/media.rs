@@ -169,6 +169,21 @@ fn stun_request(user: &str) -> Vec<u8> {
     message
 }
 
+/// A DTLS record header followed by junk.
+fn dtls_garbage() -> Vec<u8> {
+    [&[0x16u8, 0xfe, 0xfd, 0, 0][..], &[0x42; 60][..]].concat()
+}
+
+/// An RTP header (Opus's payload type) and zeros.
+fn rtp_looking() -> Vec<u8> {
+    [&[0x80u8, 111, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1][..], &[0; 100][..]].concat()
+}
+
+/// An RTCP receiver-report-sized packet of zeros, with `trailer` more bytes (an SRTCP tag's room).
+fn rtcp_looking(trailer: usize) -> Vec<u8> {
+    [&[0x81u8, 205, 0, 3][..], &vec![0; 12 + trailer][..]].concat()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn garbage_at_the_shared_port_is_dropped_and_counted_while_a_listener_keeps_hearing() {
     let server = start_server("media-garbage", |c| c.server.workers = 1, None).await;
@@ -190,9 +205,9 @@ async fn garbage_at_the_shared_port_is_dropped_and_counted_while_a_listener_keep
         ("STUN from an unknown ufrag", stun_request("zz000000:client")),
         ("STUN for a known worker but no such ufrag", stun_request("00aaaaaaaa:client")),
         ("STUN without USERNAME", stun_request("")[..20].to_vec()),
-        ("DTLS garbage", [&[0x16u8, 0xfe, 0xfd, 0, 0][..], &[0x42; 60][..]].concat()),
-        ("RTP-looking", [&[0x80u8, 111, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1][..], &[0; 100][..]].concat()),
-        ("RTCP-looking", [&[0x81u8, 205, 0, 3][..], &[0; 12][..]].concat()),
+        ("DTLS garbage", dtls_garbage()),
+        ("RTP-looking", rtp_looking()),
+        ("RTCP-looking", rtcp_looking(0)),
         ("oversized", vec![0x80; 4000]),
     ];
     for (_, datagram) in &cases {
@@ -296,11 +311,7 @@ async fn junk_on_a_listener_legs_validated_path_is_dropped_by_cause_while_others
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", tcp.port())).unwrap();
     stream.write_all(&framed(&check.raw)).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let junk: Vec<Vec<u8>> = vec![
-        [&[0x16u8, 0xfe, 0xfd, 0, 0][..], &[0x42; 60][..]].concat(),
-        [&[0x81u8, 205, 0, 3][..], &[0; 12][..], &[0; 14][..]].concat(),
-        [&[0x80u8, 111, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1][..], &[0; 100][..]].concat(),
-    ];
+    let junk: Vec<Vec<u8>> = vec![dtls_garbage(), rtcp_looking(14), rtp_looking()];
     for _ in 0..10 {
         for datagram in &junk {
             stream.write_all(&framed(datagram)).unwrap();
