@@ -88,8 +88,40 @@ pub struct NodeInfo {
     pub cpu_percent: u32,
     #[serde(default)]
     pub datagrams_per_s: u64,
+    /// Its origin→edge relay, when it has one: the address edges connect to, and its
+    /// certificate (DER, base64url), which they pin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelayAddress>,
     /// When it wrote this (Unix ms), for people reading Redis.
     pub at_ms: u64,
+}
+
+/// Where a node's relay listens, and the certificate its edges pin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayAddress {
+    pub addr: std::net::SocketAddr,
+    /// DER, base64url without padding.
+    pub cert: String,
+}
+
+impl RelayAddress {
+    pub fn new(addr: std::net::SocketAddr, cert_der: &[u8]) -> Self {
+        RelayAddress { addr, cert: URL_SAFE_NO_PAD.encode(cert_der) }
+    }
+
+    /// The certificate's DER; none when the entry's is not base64url.
+    pub fn cert_der(&self) -> Option<Vec<u8>> {
+        URL_SAFE_NO_PAD.decode(&self.cert).ok()
+    }
+}
+
+/// What a cluster ticket stands for (`encore:ticket:{ticket}`, JSON): the verified user and,
+/// when an origin sent the user to an edge, the room the redeeming node serves as its edge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TicketGrant {
+    pub user: AuthUser,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge_room: Option<String>,
 }
 
 /// What a node knows of its own load when it writes its entry or places a room.
@@ -118,6 +150,8 @@ pub struct Cluster {
     pub public_url: String,
     /// Its workers' media sockets, for its entry.
     pub media: Vec<String>,
+    /// Its relay, for its entry.
+    pub relay: Option<RelayAddress>,
     delete_if_owned: redis::Script,
 }
 
@@ -172,6 +206,7 @@ impl Cluster {
         redis_url: &str,
         own_url: &str,
         media: Vec<String>,
+        relay: Option<RelayAddress>,
     ) -> Result<Self, ClusterError> {
         let client = redis::Client::open(redis_url).map_err(ClusterError::Url)?;
         let manager_config = ConnectionManagerConfig::new()
@@ -190,6 +225,7 @@ impl Cluster {
                 .trim_end_matches('/')
                 .to_owned(),
             media,
+            relay,
             delete_if_owned: redis::Script::new(DELETE_IF_OWNED),
         })
     }
@@ -198,21 +234,60 @@ impl Cluster {
         self.redis.clone()
     }
 
+    /// This node's entry, with its load now.
+    fn own_entry(&self, load: Load) -> NodeInfo {
+        NodeInfo {
+            id: self.node_id.clone(),
+            url: self.public_url.clone(),
+            rooms: load.rooms,
+            peers: load.peers,
+            draining: load.draining,
+            media: self.media.clone(),
+            cpu_percent: load.cpu_percent,
+            datagrams_per_s: load.datagrams_per_s,
+            relay: self.relay.clone(),
+            at_ms: now_ms(),
+        }
+    }
+
+    /// The live entry of the node that owns `room`, if any (an edge looks its origin up).
+    pub async fn owner_entry(&self, room: &str) -> Result<Option<NodeInfo>, ClusterError> {
+        timed(async {
+            let mut redis = self.redis();
+            let owner: Option<String> = redis.get(room_key(room)).await?;
+            let Some(owner) = owner else { return Ok(None) };
+            let entry: Option<String> = redis.get(node_key(&owner)).await?;
+            Ok(match entry {
+                Some(entry) => Some(serde_json::from_str(&entry)?),
+                None => None,
+            })
+        })
+        .await
+    }
+
+    /// The node a listener of a large room that runs here should go to: a live node with a
+    /// relay, not this one, not draining, with the fewest peers (those this node sent it
+    /// since its entry was written counted in, `sent`), then the smaller id. None: there
+    /// is none, the listener stays here.
+    pub async fn edge_node(
+        &self,
+        sent: &std::collections::BTreeMap<String, usize>,
+    ) -> Result<Option<NodeInfo>, ClusterError> {
+        timed(async {
+            let nodes = self.nodes(&mut self.redis()).await?;
+            Ok(nodes
+                .into_iter()
+                .filter(|n| n.id != self.node_id && !n.draining && n.relay.is_some())
+                .min_by_key(|n| (n.peers + sent.get(&n.id).copied().unwrap_or(0), n.id.clone())))
+        })
+        .await
+    }
+
     /// Writes this node's entry and refreshes the keys of `rooms` (the rooms it runs), and
     /// deletes the keys of `closed` (rooms that closed since), all with [`ENTRY_TTL`].
     pub async fn heartbeat(&self, load: Load, rooms: &[String], closed: &[String]) -> Result<(), ClusterError> {
         timed(async {
-            let info = NodeInfo {
-                id: self.node_id.clone(),
-                url: self.public_url.clone(),
-                rooms: load.rooms,
-                peers: load.peers,
-                draining: load.draining,
-                media: self.media.clone(),
-                cpu_percent: load.cpu_percent,
-                datagrams_per_s: load.datagrams_per_s,
-                at_ms: now_ms(),
-            };
+            let info = self.own_entry(load);
             let ttl = millis(ENTRY_TTL);
             let mut pipe = redis::pipe();
             pipe.cmd("SET").arg(node_key(&self.node_id)).arg(serde_json::to_string(&info)?).arg("PX").arg(ttl).ignore();
@@ -293,17 +368,7 @@ impl Cluster {
         }
         let mut nodes = self.nodes(redis).await?;
         nodes.retain(|n| n.id != self.node_id);
-        nodes.push(NodeInfo {
-            id: self.node_id.clone(),
-            url: self.public_url.clone(),
-            rooms: own.rooms,
-            peers: own.peers,
-            draining: own.draining,
-            media: self.media.clone(),
-            cpu_percent: own.cpu_percent,
-            datagrams_per_s: own.datagrams_per_s,
-            at_ms: now_ms(),
-        });
+        nodes.push(self.own_entry(own));
         let chosen = nodes
             .into_iter()
             .filter(|n| !n.draining)
@@ -372,12 +437,12 @@ impl Cluster {
         timed(async { self.nodes(&mut self.redis()).await }).await
     }
 
-    /// A single-use ticket for `user` that any node of the cluster redeems (once) within `ttl`.
-    pub async fn issue_ticket(&self, user: &AuthUser, ttl: Duration) -> Result<String, ClusterError> {
+    /// A single-use ticket for a user (and maybe an edge's room) that any node of the cluster redeems (once) within `ttl`.
+    pub async fn issue_ticket(&self, grant: &TicketGrant, ttl: Duration) -> Result<String, ClusterError> {
         let mut bytes = [0u8; 32];
         getrandom::fill(&mut bytes).map_err(|_| ClusterError::Random)?;
         let ticket = format!("{TICKET_PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes));
-        let user = serde_json::to_string(user)?;
+        let user = serde_json::to_string(grant)?;
         timed(async {
             let mut redis = self.redis();
             redis::cmd("SET")
@@ -395,7 +460,7 @@ impl Cluster {
 
     /// Redeems a cluster ticket: the user it stands for, once; none when unknown, used or
     /// expired.
-    pub async fn redeem_ticket(&self, ticket: &str) -> Result<Option<AuthUser>, ClusterError> {
+    pub async fn redeem_ticket(&self, ticket: &str) -> Result<Option<TicketGrant>, ClusterError> {
         timed(async {
             let mut redis = self.redis();
             let user: Option<String> = redis::cmd("GETDEL").arg(ticket_key(ticket)).query_async(&mut redis).await?;

@@ -223,7 +223,7 @@ pub struct LogSection {
 
 /// Many nodes sharing one room directory in Redis (docs/scaling.md). Without `redis_url` the
 /// server runs alone, exactly as before.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterSection {
     /// `redis://HOST:PORT/DB` (with `user:password@` if need be); none: alone.
@@ -233,6 +233,39 @@ pub struct ClusterSection {
     /// The HTTPS base URL clients use to reach this node (redirects send them there); none:
     /// the server's own URL (`https://` and its listen address).
     pub public_url: Option<String>,
+    /// The UDP address of the origin→edge relay (QUIC); none: this node neither serves a
+    /// room's relay to edges nor serves as an edge (docs/scaling.md, "One room across nodes").
+    pub relay_listen: Option<SocketAddr>,
+    /// The address other nodes reach this node's relay at; none: `relay_listen`, with the
+    /// media's announced IP when it listens on a wildcard address.
+    pub relay_public: Option<SocketAddr>,
+    /// The cluster's relay secret, the same on every node: an edge's subscription names it.
+    /// Required with `relay_listen`; never logged.
+    pub relay_secret: Option<String>,
+    /// A listener's join of a room that has at least this many peers on its origin goes to an
+    /// edge node (one with a relay, not draining, fewest peers); 0: never.
+    pub edge_after_peers: usize,
+    /// The relay log an origin keeps of each room (from its start, so an edge that starts
+    /// late can replay it), in bytes; past it no new edge can start on that room.
+    pub relay_log_bytes: u64,
+}
+
+/// The relay log kept per room by default: about an hour of one talking speaker's audio.
+pub const DEFAULT_RELAY_LOG_BYTES: u64 = 32 * 1024 * 1024;
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            redis_url: None,
+            node_id: None,
+            public_url: None,
+            relay_listen: None,
+            relay_public: None,
+            relay_secret: None,
+            edge_after_peers: 0,
+            relay_log_bytes: DEFAULT_RELAY_LOG_BYTES,
+        }
+    }
 }
 
 /// The whole server configuration.
@@ -364,6 +397,18 @@ impl ServerConfig {
         if let Some(v) = env("ENCORE_PUBLIC_URL") {
             c.public_url = Some(v.trim().to_owned()).filter(|v| !v.is_empty());
         }
+        if let Some(v) = env("ENCORE_RELAY_LISTEN") {
+            c.relay_listen = Some(parse("cluster.relay_listen", "ENCORE_RELAY_LISTEN", v)?);
+        }
+        if let Some(v) = env("ENCORE_RELAY_PUBLIC") {
+            c.relay_public = Some(parse("cluster.relay_public", "ENCORE_RELAY_PUBLIC", v)?);
+        }
+        if let Some(v) = env("ENCORE_RELAY_SECRET") {
+            c.relay_secret = Some(v.trim().to_owned()).filter(|v| !v.is_empty());
+        }
+        if let Some(v) = env("ENCORE_EDGE_AFTER_PEERS") {
+            c.edge_after_peers = parse("cluster.edge_after_peers", "ENCORE_EDGE_AFTER_PEERS", v)?;
+        }
         self.auth.apply_env(env).map_err(|e| invalid_auth(&e))?;
         Ok(())
     }
@@ -472,6 +517,23 @@ impl ServerConfig {
             && !(url.starts_with("https://") || url.starts_with("http://"))
         {
             return Err(invalid("cluster.public_url", "must be an https:// base URL"));
+        }
+        if c.relay_listen.is_some() {
+            if c.redis_url.is_none() {
+                return Err(invalid(
+                    "cluster.relay_listen",
+                    "needs cluster.redis_url: edges find their origin in the directory",
+                ));
+            }
+            if c.relay_secret.as_ref().is_none_or(|s| s.len() < 16) {
+                return Err(invalid(
+                    "cluster.relay_secret",
+                    "must be set, at least 16 characters, with cluster.relay_listen",
+                ));
+            }
+        }
+        if c.relay_log_bytes < 64 * 1024 {
+            return Err(invalid("cluster.relay_log_bytes", "must be at least 65536"));
         }
         self.engine.validate().map_err(|e| invalid(&format!("engine.{}", e.key), e.problem))?;
         self.auth.validate().map_err(|e| invalid_auth(&e))?;

@@ -206,6 +206,11 @@ impl OriginLog {
         self.dropped + self.lines.len()
     }
 
+    /// The log passed its bound: it no longer serves new edges from the start.
+    pub fn truncated(&self) -> bool {
+        self.truncated
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -215,48 +220,29 @@ impl OriginLog {
     }
 }
 
-/// An edge's copy of a room: the engine as a replica, fed the origin's lines and its own
-/// listeners' inputs, ticking only as far as the origin has.
-pub struct Replica {
-    engine: Engine,
-    /// Replicated inputs and orders by tick, not yet applied.
+/// What an edge holds of its origin's stream and has not applied yet: the replicated inputs
+/// and eviction orders by tick, and how far the origin is. [`Replica`] drives an engine with
+/// it; the server's edge room does the same on its worker, between its own commands.
+#[derive(Debug, Default)]
+pub struct ReplicaQueue {
     inputs: BTreeMap<u64, Vec<(u64, Input)>>,
     orders: BTreeMap<u64, Vec<EvictOrder>>,
-    /// The edge's own listeners' inputs since the last tick, with their arrival times.
-    local: Vec<(u64, Input)>,
     /// The last tick the origin is known to be past.
     through: Option<u64>,
 }
 
-impl Replica {
-    /// A replica built from the stream's first line, the origin's header.
-    pub fn from_header(line: &RelayLine) -> Result<Self, RelayError> {
-        let RelayLine::Header(header) = line else {
-            return Err(RelayError::BadHeader("the stream must open with the scenario header".into()));
-        };
-        let engine = Engine::new(header.config.clone()).map_err(|e| RelayError::BadHeader(e.to_string()))?;
-        Ok(Self::new(engine))
-    }
-
-    pub fn new(mut engine: Engine) -> Self {
-        engine.set_replica();
-        Replica { engine, inputs: BTreeMap::new(), orders: BTreeMap::new(), local: Vec::new(), through: None }
-    }
-
-    pub fn engine(&self) -> &Engine {
-        &self.engine
-    }
-
-    /// Takes one line of the origin's stream. Lines must come in the origin's order.
-    pub fn line(&mut self, line: RelayLine) -> Result<(), RelayError> {
+impl ReplicaQueue {
+    /// Takes one line of the origin's stream for `engine` (the replica). Lines must come in
+    /// the origin's order.
+    pub fn line(&mut self, engine: &Engine, line: RelayLine) -> Result<(), RelayError> {
         if let RelayLine::Header(header) = &line {
             // Again at a resumption from the start: it must be the same room's.
-            return match header.config == *self.engine.config() {
+            return match header.config == *engine.config() {
                 true => Ok(()),
                 false => Err(RelayError::ConfigMismatch),
             };
         }
-        let next = self.engine.next_tick();
+        let next = engine.next_tick();
         if line.tick() < next {
             return Err(RelayError::Stale { tick: line.tick(), next });
         }
@@ -269,27 +255,88 @@ impl Replica {
         Ok(())
     }
 
-    /// An input of one of the edge's own listeners; it applies in the next tick run. The
-    /// edge's own peers are named `<name>@<edge>`: a room's peer names keep only letters,
-    /// digits, `-`, `_` and `.` (the room's `unique_name`), so no origin peer, present or
-    /// future, can take an edge peer's name (its replicated `join` would be dropped as a
-    /// duplicate, and the edge would lose a speaker).
+    /// Whether the origin is past tick `next`: a replica may run it.
+    pub fn ready(&self, next: u64) -> bool {
+        self.through.is_some_and(|through| through >= next)
+    }
+
+    /// The last tick the origin is known to be past.
+    pub fn through(&self) -> Option<u64> {
+        self.through
+    }
+
+    /// The origin's inputs of tick `tick`, with their arrival times, in the origin's order: a
+    /// replica pushes them first in the tick ([`Engine::push_replicated`]).
+    pub fn take_inputs(&mut self, tick: u64) -> Vec<(u64, Input)> {
+        self.inputs.remove(&tick).unwrap_or_default()
+    }
+
+    /// The origin's eviction orders of tick `tick`: a replica gives them to its engine last,
+    /// before running the tick ([`Engine::push_evict_orders`]).
+    pub fn take_orders(&mut self, tick: u64) -> Vec<EvictOrder> {
+        self.orders.remove(&tick).unwrap_or_default()
+    }
+}
+
+/// An edge's own peers are named `<name>@<edge>`: a room's peer names keep only letters,
+/// digits, `-`, `_` and `.` (the room's `unique_name`), so no origin peer, present or future,
+/// can take an edge peer's name (its replicated `join` would be dropped as a duplicate, and
+/// the edge would lose a speaker). And they cannot publish: a listener invited to speak goes
+/// to the origin. So an edge takes only its listeners' inputs, and its peers' `join` and
+/// `leave`.
+pub fn check_local(input: &Input) -> Result<(), RelayError> {
+    if input.is_speaker_side() && !matches!(input, Input::Join { .. } | Input::Leave { .. }) {
+        return Err(RelayError::SpeakerSideOnEdge(input.kind()));
+    }
+    if let Input::Join { peer, .. } = input
+        && !peer.contains('@')
+    {
+        return Err(RelayError::LocalName(peer.to_string()));
+    }
+    Ok(())
+}
+
+/// An edge's copy of a room: the engine as a replica, fed the origin's lines and its own
+/// listeners' inputs, ticking only as far as the origin has.
+pub struct Replica {
+    engine: Engine,
+    queue: ReplicaQueue,
+    /// The edge's own listeners' inputs since the last tick, with their arrival times.
+    local: Vec<(u64, Input)>,
+}
+
+impl Replica {
+    /// A replica built from the stream's first line, the origin's header.
+    pub fn from_header(line: &RelayLine) -> Result<Self, RelayError> {
+        let engine = engine_from_header(line)?;
+        Ok(Self::new(engine))
+    }
+
+    pub fn new(mut engine: Engine) -> Self {
+        engine.set_replica();
+        Replica { engine, queue: ReplicaQueue::default(), local: Vec::new() }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Takes one line of the origin's stream. Lines must come in the origin's order.
+    pub fn line(&mut self, line: RelayLine) -> Result<(), RelayError> {
+        self.queue.line(&self.engine, line)
+    }
+
+    /// An input of one of the edge's own listeners ([`check_local`]); it applies in the next
+    /// tick run.
     pub fn local(&mut self, at_us: u64, input: Input) -> Result<(), RelayError> {
-        if input.is_speaker_side() && !matches!(input, Input::Join { .. } | Input::Leave { .. }) {
-            return Err(RelayError::SpeakerSideOnEdge(input.kind()));
-        }
-        if let Input::Join { peer, .. } = &input
-            && !peer.contains('@')
-        {
-            return Err(RelayError::LocalName(peer.to_string()));
-        }
+        check_local(&input)?;
         self.local.push((at_us, input));
         Ok(())
     }
 
     /// Whether the origin is past the next tick: [`Replica::tick`] would run it.
     pub fn ready(&self) -> bool {
-        self.through.is_some_and(|through| through >= self.engine.next_tick())
+        self.queue.ready(self.engine.next_tick())
     }
 
     /// Runs the next tick if the origin is past it: the origin's inputs of the tick at their
@@ -299,21 +346,29 @@ impl Replica {
             return None;
         }
         let tick = self.engine.next_tick();
-        for (at_us, input) in self.inputs.remove(&tick).unwrap_or_default() {
+        for (at_us, input) in self.queue.take_inputs(tick) {
             self.engine.push_replicated(at_us, input);
         }
         for (at_us, input) in self.local.drain(..) {
             self.engine.push(at_us, input);
         }
-        if let Some(orders) = self.orders.remove(&tick) {
-            self.engine.push_evict_orders(tick, &orders);
-        }
+        self.engine.push_evict_orders(tick, &self.queue.take_orders(tick));
         Some(self.engine.tick())
     }
 
     pub fn recycle(&mut self, output: TickOutput) {
         self.engine.recycle(output);
     }
+}
+
+/// The engine a stream's first line (the origin's header) describes, as a replica.
+pub fn engine_from_header(line: &RelayLine) -> Result<Engine, RelayError> {
+    let RelayLine::Header(header) = line else {
+        return Err(RelayError::BadHeader("the stream must open with the scenario header".into()));
+    };
+    let mut engine = Engine::new(header.config.clone()).map_err(|e| RelayError::BadHeader(e.to_string()))?;
+    engine.set_replica();
+    Ok(engine)
 }
 
 #[cfg(test)]

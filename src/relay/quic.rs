@@ -63,6 +63,20 @@ impl QuicError {
     }
 }
 
+/// A relay connection's transport: both ends keep it alive every second, and a peer silent
+/// for [`IDLE_TIMEOUT`] is gone (a killed origin's edges notice within that, not after
+/// quinn's default 30 s: a UDP peer that dies sends nothing).
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(std::time::Duration::from_secs(1)));
+    // IDLE_TIMEOUT is a few seconds: always within QUIC's varint bound.
+    transport.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
+    Arc::new(transport)
+}
+
+/// How long a relay connection may hear nothing before it counts as broken.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
+
 /// What an edge asks of the origin on a room's stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -93,7 +107,8 @@ impl RelayOrigin {
             .map_err(|e| QuicError::Tls(e.to_string()))?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))?;
-        let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        config.transport_config(transport());
         let endpoint = quinn::Endpoint::server(config, addr)?;
         Ok(RelayOrigin { endpoint, cert_der })
     }
@@ -176,6 +191,13 @@ impl RoomStream {
     pub fn finish(mut self) {
         let _ = self.send.finish();
     }
+
+    /// Refuses the subscription (or ends it) with a reason the edge reads as `relay-refused`.
+    pub async fn refuse(mut self, why: &str) {
+        let line = serde_json::json!({ "refused": why }).to_string();
+        let _ = self.send.write_all(format!("{line}\n").as_bytes()).await;
+        let _ = self.send.finish();
+    }
 }
 
 /// An edge's connection to an origin.
@@ -198,7 +220,9 @@ impl OriginLink {
             (false, false) => Ipv6Addr::UNSPECIFIED.into(),
         };
         let mut endpoint = quinn::Endpoint::client(SocketAddr::new(ip, 0))?;
-        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(transport());
+        endpoint.set_default_client_config(config);
         let connection = endpoint.connect(origin, "encore-relay")?.await?;
         Ok(OriginLink { connection, _endpoint: endpoint })
     }

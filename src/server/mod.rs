@@ -9,6 +9,7 @@ pub mod accept;
 pub mod http;
 pub mod media;
 pub mod recorder;
+pub mod relay;
 pub mod rooms;
 pub mod sessions;
 pub mod signaling;
@@ -27,6 +28,7 @@ use crate::cluster::Cluster;
 use crate::config::ServerConfig;
 use crate::protocol::GoingAwayReason;
 use accept::{ConnectionLimits, LimitedAcceptor};
+use relay::RelayHub;
 use rooms::{MediaPlan, RoomLimits, Rooms};
 use sessions::Sessions;
 use tls::{TlsError, TlsMaterial};
@@ -35,6 +37,8 @@ use tls::{TlsError, TlsMaterial};
 pub enum ServerError {
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("the relay: {0}")]
+    Relay(#[from] crate::relay::quic::QuicError),
     #[error("binding {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("auth: {0}")]
@@ -177,6 +181,9 @@ impl Server {
         }
         let rooms = self.app.rooms.clone();
         let _ = tokio::task::spawn_blocking(move || rooms.shutdown()).await;
+        if let Some(relay) = self.app.rooms.relay() {
+            relay.close();
+        }
         if let Some(metrics) = self.metrics_task.take() {
             metrics.abort();
         }
@@ -263,8 +270,15 @@ pub async fn start(config: ServerConfig, options: StartOptions) -> Result<Server
     let cluster = match &config.cluster.redis_url {
         Some(redis_url) => {
             let media = rooms.media_ports.udp.iter().map(|a| a.to_string()).collect();
-            let cluster = Arc::new(Cluster::new(&config.cluster, redis_url, &url, media)?);
+            let announced = media_plan(&config.media).announced.first().copied();
+            let relay = RelayHub::bind(&config.cluster, announced)?;
+            let address = relay.as_ref().map(|hub| hub.address.clone());
+            let cluster = Arc::new(Cluster::new(&config.cluster, redis_url, &url, media, address)?);
             tracing::info!(node = %cluster.node_id, url = %cluster.public_url, "in a cluster (room directory in Redis)");
+            if let Some(hub) = relay {
+                hub.serve();
+                rooms.set_relay(hub, cluster.node_id.clone());
+            }
             Some(cluster)
         }
         None => None,

@@ -20,7 +20,7 @@ use super::AppState;
 use super::rooms::{Moderation, PEER_EVENTS, RoomCommand, RoomLink, Stage};
 use super::sessions::{SessionKey, Sessions};
 use crate::auth::{AuthError, AuthUser};
-use crate::cluster::Route;
+use crate::cluster::{Cluster, RelayAddress, Route, TicketGrant};
 use crate::metrics::{self, SessionMetric};
 use crate::protocol::{
     Answer, BURST_MESSAGES, Done, ErrorBody, ErrorCode, FLOOD_MESSAGES, GoingAwayReason, Joined, MAX_MESSAGE_BYTES,
@@ -47,13 +47,14 @@ pub async fn ws_upgrade(
 ) -> Response {
     let authenticated = match cluster_ticket(&app, query.ticket.as_deref()).await {
         Some(redeemed) => redeemed,
-        None => app.auth.authenticate_upgrade(&headers, query.ticket.as_deref()).await,
+        None => app.auth.authenticate_upgrade(&headers, query.ticket.as_deref()).await.map(|user| (user, None)),
     };
-    let user = match authenticated {
-        Ok(user) => user,
+    let (user, edge_room) = match authenticated {
+        Ok(granted) => granted,
         Err(error) => return upgrade_refused(error),
     };
-    let session = Session::new(app, user);
+    let mut session = Session::new(app, user);
+    session.edge_room = edge_room;
     // The session's place in the registry is taken now, under the user's quota, and given
     // back if the upgrade never completes.
     let limit = session.app.config.limits.sessions_per_user;
@@ -80,11 +81,11 @@ pub async fn ws_upgrade(
 /// [`crate::cluster::TICKET_PREFIX`]), redeemed once through Redis; none for any other
 /// credential. Redis out means the ticket cannot be checked: HTTP 503
 /// `ticket-store-unavailable`, try again.
-async fn cluster_ticket(app: &AppState, ticket: Option<&str>) -> Option<Result<AuthUser, AuthError>> {
+async fn cluster_ticket(app: &AppState, ticket: Option<&str>) -> Option<Result<(AuthUser, Option<String>), AuthError>> {
     let ticket = ticket.filter(|t| t.starts_with(crate::cluster::TICKET_PREFIX))?;
     let Some(cluster) = &app.cluster else { return Some(Err(AuthError::InvalidTicket)) };
     let result = match cluster.redeem_ticket(ticket).await {
-        Ok(Some(user)) => Ok(user),
+        Ok(Some(grant)) => Ok((grant.user, grant.edge_room)),
         Ok(None) => Err(AuthError::InvalidTicket),
         Err(error) => {
             tracing::warn!(node = %cluster.node_id, %error, code = error.code(), "a cluster ticket could not be redeemed");
@@ -182,6 +183,9 @@ struct Session {
     notices: mpsc::Receiver<Notice>,
     rate: RateLimit,
     expiry_warned: bool,
+    /// The room an origin sent this session here to hear, served here as its edge (from the
+    /// cluster ticket it came with).
+    edge_room: Option<String>,
 }
 
 /// How a session ended, for the close frame.
@@ -247,6 +251,7 @@ impl Session {
             notices,
             rate: RateLimit::new(Instant::now()),
             expiry_warned: false,
+            edge_room: None,
         }
     }
 
@@ -495,12 +500,24 @@ impl Session {
         if room.is_empty() || room.len() > 64 || !room.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
             return Err(bad("`room` must be 1 to 64 characters of A-Z, a-z, 0-9, _ . -"));
         }
-        self.route(&room).await?;
+        let edge = match self.route(&room).await? {
+            Some(origin) => {
+                self.app.rooms.open_edge(&room, origin).await.map_err(|e| refuse(e.code(), e.to_string()))?
+            }
+            None => None,
+        };
         let name = name.unwrap_or_else(|| self.user.uid.clone());
         let (link, joined) = self
             .app
             .rooms
-            .join(&room, &name, Some(self.user.uid.clone()), self.user.roles.clone(), self.notices_tx.clone())
+            .join_from(
+                &room,
+                &name,
+                Some(self.user.uid.clone()),
+                self.user.roles.clone(),
+                self.notices_tx.clone(),
+                edge,
+            )
             .await
             .map_err(|e| refuse(e.code(), e.to_string()))?;
         let peer = link.peer.to_string();
@@ -519,33 +536,92 @@ impl Session {
     /// In a cluster, a room that does not run here may live on another node: the join is then
     /// answered `redirect`, with that node's URL and a ticket valid there. When the directory
     /// cannot be reached, the room is made here (docs/scaling.md, "Failure modes").
-    async fn route(&self, room: &str) -> Result<(), ErrorBody> {
-        let Some(cluster) = &self.app.cluster else { return Ok(()) };
-        if self.app.rooms.contains(room) {
-            return Ok(());
+    ///
+    /// With relays (docs/scaling.md, "One room across nodes"): a listener's join of a room
+    /// that runs here with `cluster.edge_after_peers` peers or more is sent to an edge node;
+    /// a join that an origin sent here, or of a room served here as an edge, is served here:
+    /// the origin's relay address is returned when the edge's copy is still to be made.
+    async fn route(&self, room: &str) -> Result<Option<RelayAddress>, ErrorBody> {
+        let Some(cluster) = &self.app.cluster else { return Ok(None) };
+        let listener_only = !self.user.may_publish() && !self.user.may_moderate();
+        match self.app.rooms.kind(room) {
+            Some(false) => return self.to_edge(cluster, room, listener_only).await.map(|()| None),
+            Some(true) if listener_only => return Ok(None),
+            // A speaker or moderator reached an edge's copy: it goes to the origin below.
+            Some(true) => {}
+            None => {}
+        }
+        if listener_only && self.edge_room.as_deref() == Some(room) && self.app.rooms.relay().is_some() {
+            match cluster.owner_entry(room).await {
+                Ok(Some(origin)) if origin.id != cluster.node_id => {
+                    if let Some(relay) = origin.relay {
+                        return Ok(Some(relay));
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(room, node = %cluster.node_id, %error, code = error.code(),
+                        "the room directory is unreachable: the edge cannot find the room's origin");
+                    return Err(refuse(ErrorCode::Unavailable, "the room directory is unreachable; try again"));
+                }
+            }
         }
         let (_, load) = self.app.rooms.load();
         let node = match cluster.route(room, load).await {
-            Ok(Route::Local) => return Ok(()),
+            Ok(Route::Local) => return Ok(None),
             Ok(Route::Remote(node)) => node,
             Err(error) => {
                 tracing::warn!(room, node = %cluster.node_id, %error, code = error.code(),
                     "the room directory is unreachable: the room is placed here");
-                return Ok(());
+                return Ok(None);
             }
         };
-        let ticket = match cluster.issue_ticket(&self.user, crate::auth::WS_TICKET_TTL).await {
+        let grant = TicketGrant { user: self.user.clone(), edge_room: None };
+        let ticket = match cluster.issue_ticket(&grant, crate::auth::WS_TICKET_TTL).await {
             Ok(ticket) => ticket,
             Err(error) => {
                 tracing::warn!(room, node = %cluster.node_id, %error, code = error.code(),
                     "no ticket for a redirect: the room is placed here");
-                return Ok(());
+                return Ok(None);
             }
         };
         tracing::info!(uid = %self.user.uid, room, to = %node.id, "join redirected");
         Err(ErrorBody::redirect(
             format!("room {room} lives on node {}; join it there", node.id),
             Redirect { url: node.url, node: node.id, ticket, expires_in: crate::auth::WS_TICKET_TTL.as_secs() },
+        ))
+    }
+
+    /// A listener's join of a large room that runs here (its origin) goes to an edge node:
+    /// answered `redirect` with a ticket naming the room, so the edge serves it there. Any
+    /// failure keeps the listener here.
+    async fn to_edge(&self, cluster: &Cluster, room: &str, listener_only: bool) -> Result<(), ErrorBody> {
+        let Some(hub) = self.app.rooms.relay() else { return Ok(()) };
+        let threshold = hub.edge_after_peers;
+        if !listener_only || threshold == 0 || self.app.rooms.peers(room) < threshold {
+            return Ok(());
+        }
+        let edge = match cluster.edge_node(&hub.sent_to(None)).await {
+            Ok(Some(edge)) => edge,
+            Ok(None) => return Ok(()),
+            Err(error) => {
+                tracing::warn!(room, %error, code = error.code(), "no edge for a listener (directory unreachable): it stays");
+                return Ok(());
+            }
+        };
+        let grant = TicketGrant { user: self.user.clone(), edge_room: Some(room.to_owned()) };
+        let ticket = match cluster.issue_ticket(&grant, crate::auth::WS_TICKET_TTL).await {
+            Ok(ticket) => ticket,
+            Err(error) => {
+                tracing::warn!(room, %error, code = error.code(), "no ticket for an edge: the listener stays");
+                return Ok(());
+            }
+        };
+        hub.sent_to(Some(&edge.id));
+        tracing::info!(uid = %self.user.uid, room, to = %edge.id, "listener sent to an edge");
+        Err(ErrorBody::redirect(
+            format!("room {room} is large: node {} serves its listeners as an edge; join it there", edge.id),
+            Redirect { url: edge.url, node: edge.id, ticket, expires_in: crate::auth::WS_TICKET_TTL.as_secs() },
         ))
     }
 

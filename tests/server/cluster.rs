@@ -19,7 +19,7 @@ use super::support::{ServerProcess, free_port, temp_dir};
 
 /// A `redis-server` on a loopback port, without persistence (a restart loses everything, the
 /// worst case for the directory); killed when dropped.
-struct RedisServer {
+pub(super) struct RedisServer {
     child: Child,
     port: u16,
     dir: PathBuf,
@@ -35,7 +35,7 @@ impl RedisServer {
         BIN
     }
 
-    async fn start(port: u16, dir: PathBuf) -> RedisServer {
+    pub(super) async fn start(port: u16, dir: PathBuf) -> RedisServer {
         let child = Command::new(Self::binary())
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
@@ -54,7 +54,7 @@ impl RedisServer {
         redis
     }
 
-    fn url(&self) -> String {
+    pub(super) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
@@ -71,7 +71,7 @@ impl RedisServer {
     }
 
     /// A node's entry, as JSON.
-    async fn node(&self, id: &str) -> Option<serde_json::Value> {
+    pub(super) async fn node(&self, id: &str) -> Option<serde_json::Value> {
         serde_json::from_str(&self.get(&format!("encore:node:{id}")).await?).ok()
     }
 
@@ -95,7 +95,11 @@ impl Drop for RedisServer {
 }
 
 /// Waits until `check` holds, at most `within`; how long it took.
-async fn until<F: Future<Output = bool>>(what: &str, within: Duration, mut check: impl FnMut() -> F) -> Duration {
+pub(super) async fn until<F: Future<Output = bool>>(
+    what: &str,
+    within: Duration,
+    mut check: impl FnMut() -> F,
+) -> Duration {
     let start = Instant::now();
     while !check().await {
         assert!(start.elapsed() < within, "{what}: not within {within:?}");

@@ -7,6 +7,7 @@ mod cluster;
 mod deploy;
 mod drain;
 mod e2e;
+mod edge;
 mod feedback;
 mod interop;
 mod limits;

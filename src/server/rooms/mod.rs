@@ -37,9 +37,14 @@ use encore_systems::{Engine, RoomView};
 
 use super::media::{MediaIo, MediaSettings, MediaStats, tcp};
 use super::recorder::Recorder;
+use super::relay::{EdgeFeed, RelayHub};
+use crate::cluster::RelayAddress;
 use crate::metrics::{DropCause, RoomMetrics, WorkerMetrics};
 use crate::protocol::{ErrorBody, ErrorCode, Notice, PeerInfo, Side};
-use room::Room;
+use crate::relay::ReplicaQueue;
+use crate::relay::quic::RoomLines;
+pub use room::RoomRelay;
+use room::{Room, RoomParts};
 
 /// Commands a room's channel holds; most rooms see a few thousand a second.
 pub const ROOM_CHANNEL: usize = 8192;
@@ -69,6 +74,8 @@ pub enum RoomError {
     Closed,
     #[error("the server is draining: it takes no new rooms; join another server")]
     Draining,
+    #[error("the room's origin node cannot be reached to serve it here: {0}")]
+    Origin(String),
 }
 
 impl RoomError {
@@ -77,7 +84,7 @@ impl RoomError {
         match self {
             RoomError::Full(_) | RoomError::TooManyRooms(_) => ErrorCode::Conflict,
             RoomError::TooManyCreated(_) => ErrorCode::RateLimited,
-            RoomError::Closed | RoomError::Draining => ErrorCode::Unavailable,
+            RoomError::Closed | RoomError::Draining | RoomError::Origin(_) => ErrorCode::Unavailable,
         }
     }
 }
@@ -305,6 +312,8 @@ struct RoomEntry {
     serial: u64,
     created_unix_s: u64,
     dropped: Arc<AtomicU64>,
+    /// Served here as an edge of its origin node (the directory names the origin, not us).
+    edge: bool,
 }
 
 struct RoomsState {
@@ -356,6 +365,16 @@ pub struct Rooms {
     pub media_ports: MediaPorts,
     /// Each worker's media figures, as of its last turn.
     worker_stats: Arc<Vec<Mutex<WorkerStats>>>,
+    /// The node's relay (cluster only) and its node id.
+    relay: std::sync::OnceLock<(Arc<RelayHub>, String)>,
+}
+
+/// A room this node is to serve as an edge: its origin's relay, and the stream of the room
+/// opened there.
+pub struct EdgeSource {
+    pub origin: RelayAddress,
+    engine: Engine,
+    lines: RoomLines,
 }
 
 /// What a worker's media path did, as of its last turn.
@@ -476,7 +495,44 @@ impl Rooms {
             budget,
             media_ports,
             worker_stats,
+            relay: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// The node's relay: its rooms write their relay logs from now on, and it may serve rooms
+    /// as an edge. `node` is its id in the directory.
+    pub fn set_relay(&self, hub: Arc<RelayHub>, node: String) {
+        let _ = self.relay.set((hub, node));
+    }
+
+    pub fn relay(&self) -> Option<&Arc<RelayHub>> {
+        self.relay.get().map(|(hub, _)| hub)
+    }
+
+    /// Whether `room` runs here, and if so whether as an edge.
+    pub fn kind(&self, room: &str) -> Option<bool> {
+        self.state().rooms.get(room).map(|entry| entry.edge)
+    }
+
+    /// Peers in `room` here.
+    pub fn peers(&self, room: &str) -> usize {
+        self.state().rooms.get(room).map_or(0, |entry| entry.peers)
+    }
+
+    /// Opens `room`'s stream at its origin, for [`Rooms::join_edge`]; none needed when the
+    /// room runs here already.
+    pub async fn open_edge(&self, room: &str, origin: RelayAddress) -> Result<Option<EdgeSource>, RoomError> {
+        if self.contains(room) {
+            return Ok(None);
+        }
+        let Some((hub, _)) = self.relay.get() else {
+            return Err(RoomError::Origin("this node has no relay (cluster.relay_listen)".into()));
+        };
+        let (engine, lines) = hub.open_edge(room, &origin).await.map_err(|e| {
+            tracing::warn!(room, origin = %origin.addr, error = %e, code = e.code(), "cannot open the room's relay stream");
+            RoomError::Origin(e.to_string())
+        })?;
+        Ok(Some(EdgeSource { origin, engine, lines }))
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, RoomsState> {
@@ -492,6 +548,20 @@ impl Rooms {
         uid: Option<String>,
         roles: Vec<Role>,
         events: mpsc::Sender<Notice>,
+    ) -> Result<(RoomLink, JoinedRoom), RoomError> {
+        self.join_from(room, name, uid, roles, events, None).await
+    }
+
+    /// Joins `room` as [`Rooms::join`] does, making it, when it does not run here yet, as an
+    /// edge of its origin from `edge` ([`Rooms::open_edge`]).
+    pub async fn join_from(
+        &self,
+        room: &str,
+        name: &str,
+        uid: Option<String>,
+        roles: Vec<Role>,
+        events: mpsc::Sender<Notice>,
+        edge: Option<EdgeSource>,
     ) -> Result<(RoomLink, JoinedRoom), RoomError> {
         if self.stopping.load(Ordering::Relaxed) {
             return Err(RoomError::Closed);
@@ -513,11 +583,26 @@ impl Rooms {
                 state.next_worker += 1;
                 let (tx, rx) = mpsc::channel(ROOM_CHANNEL);
                 let tx = RoomSender { tx, wake: self.wakes[worker].clone() };
-                let engine = Engine::new(self.engine.clone()).map_err(|_| RoomError::Closed)?;
+                let is_edge = edge.is_some();
+                let (engine, relay) = match (edge, self.relay.get()) {
+                    (Some(source), Some((hub, node))) => {
+                        let (lines_tx, lines) = RelayHub::edge_channel();
+                        hub.pump(room.to_owned(), source.origin, source.lines, lines_tx, tx.wake.clone());
+                        let feed = EdgeFeed { lines, queue: ReplicaQueue::default(), node: node.clone(), ended: None };
+                        tracing::info!(room, "serving the room as an edge of its origin");
+                        (source.engine, RoomRelay::Edge(Box::new(feed)))
+                    }
+                    (_, Some((hub, _))) => {
+                        let engine = Engine::new(self.engine.clone()).map_err(|_| RoomError::Closed)?;
+                        (engine, RoomRelay::Origin(hub.feed(room, &self.engine)))
+                    }
+                    (_, None) => (Engine::new(self.engine.clone()).map_err(|_| RoomError::Closed)?, RoomRelay::None),
+                };
+                let config = engine.config().clone();
                 let created = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
                 let recorder = self.record_dir.as_ref().and_then(|dir| {
                     let stamp = format!("{}", created.as_millis());
-                    match Recorder::create(dir, room, &stamp, &self.engine) {
+                    match Recorder::create(dir, room, &stamp, &config) {
                         Ok(recorder) => {
                             tracing::info!(room, scenario = %recorder.scenario_path.display(), "recording the room");
                             Some(recorder)
@@ -533,14 +618,23 @@ impl Rooms {
                 state.next_serial += 1;
                 let share = self.budget.admit(serial);
                 let metrics = RoomMetrics::new(&self.worker_metrics[worker], share.granted());
-                let room_state = Room::new(room.to_owned(), serial, engine, rx, recorder, share.clone(), metrics);
+                let parts = RoomParts { rx, recorder, share: share.clone(), metrics, relay };
+                let room_state = Room::new(room.to_owned(), serial, engine, parts);
                 if self.workers[worker].send(room_state).is_err() {
                     share.close();
                     return Err(RoomError::Closed);
                 }
                 state.rooms.insert(
                     room.to_owned(),
-                    RoomEntry { tx, peers: 0, worker, serial, created_unix_s: created.as_secs(), dropped },
+                    RoomEntry {
+                        tx,
+                        peers: 0,
+                        worker,
+                        serial,
+                        created_unix_s: created.as_secs(),
+                        dropped,
+                        edge: is_edge,
+                    },
                 );
                 self.count.send_replace(state.rooms.len());
                 tracing::info!(room, worker, "room created");
@@ -681,7 +775,7 @@ impl Rooms {
         self.state().rooms.contains_key(room)
     }
 
-    /// The rooms running here, the peers in them, and whether the server drains: what the
+    /// The rooms running here (their origin), the peers in all, and whether the server drains: what the
     /// cluster's directory knows of this node.
     pub fn load(&self) -> (Vec<String>, crate::cluster::Load) {
         let state = self.state();
@@ -691,7 +785,8 @@ impl Rooms {
             draining: self.draining(),
             ..Default::default()
         };
-        (state.rooms.keys().cloned().collect(), load)
+        // The rooms served here as edges are their origins' in the directory: not claimed.
+        (state.rooms.iter().filter(|(_, entry)| !entry.edge).map(|(id, _)| id.clone()).collect(), load)
     }
 
     /// Rooms open now.

@@ -26,6 +26,7 @@ use crate::metrics::{DropCause, RoomMetrics};
 use crate::protocol::{ErrorBody, ErrorCode, Notice, PeerInfo, QueuedUtterance, RoleChangeReason, Side, UP_NEXT_LEN};
 use crate::server::media::{ConnKey, MediaEvent, MediaIo};
 use crate::server::recorder::Recorder;
+use crate::server::relay::{EdgeFeed, RoomFeed, THROUGH_EVERY_TICKS};
 
 /// An RTP header with the audio-level extension, as the listener's packets carry it (the
 /// `encore_rtp_bytes_total` count: header and payload, before SRTP).
@@ -42,6 +43,20 @@ const CHATTER_MAX_PEERS: usize = 200;
 
 /// Commands applied per room per tick at most (the rest wait for the next tick).
 const MAX_COMMANDS_PER_TICK: usize = 20_000;
+
+/// Edge ticks a room runs in one wake-up at most (an edge catching up on its origin's log
+/// runs its ticks back to back; the worker's other rooms wait no longer than this).
+const MAX_EDGE_TICKS_PER_WAKE: usize = 2000;
+
+/// A room's part in the origin → edge relay (docs/scaling.md, "One room across nodes").
+pub enum RoomRelay {
+    /// The node has no relay.
+    None,
+    /// The room runs here, its origin: it writes its relay log for edges.
+    Origin(Arc<RoomFeed>),
+    /// The room's copy on an edge: its engine is a replica, run on its origin's lines.
+    Edge(Box<EdgeFeed>),
+}
 
 /// A listener's receive transport.
 struct RecvLeg {
@@ -156,22 +171,26 @@ pub struct Room {
     /// engine changes (an input, a tick).
     due_at: Option<Instant>,
     metrics: RoomMetrics,
+    relay: RoomRelay,
     closed: bool,
     skipped_ticks: u64,
     dropped_media: u64,
     dropped_events: u64,
 }
 
+/// What a room is made of besides its engine: where its commands come from, what it writes,
+/// and its place in the server's budget and metrics.
+pub struct RoomParts {
+    pub rx: mpsc::Receiver<RoomCommand>,
+    pub recorder: Option<Recorder>,
+    pub share: Arc<RoomShare>,
+    pub metrics: RoomMetrics,
+    pub relay: RoomRelay,
+}
+
 impl Room {
-    pub fn new(
-        id: String,
-        serial: u64,
-        engine: Engine,
-        rx: mpsc::Receiver<RoomCommand>,
-        recorder: Option<Recorder>,
-        share: Arc<RoomShare>,
-        metrics: RoomMetrics,
-    ) -> Self {
+    pub fn new(id: String, serial: u64, engine: Engine, parts: RoomParts) -> Self {
+        let RoomParts { rx, recorder, share, metrics, relay } = parts;
         let pacer = Pacer::new(Instant::now(), engine.tick_us());
         let cap = engine.buffer_cap();
         let mut room = Room {
@@ -201,6 +220,7 @@ impl Room {
             cap,
             due_at: None,
             metrics,
+            relay,
             closed: false,
             skipped_ticks: 0,
             dropped_media: 0,
@@ -214,6 +234,11 @@ impl Room {
     /// Gives the engine the share the budget grants now, if it changed (an engine input: the
     /// recording has it).
     fn apply_share(&mut self, at: Instant) {
+        if self.is_edge() {
+            // An edge's cap is its origin's (its `buffer_share` inputs are replicated): a
+            // share of its own would make it evict otherwise.
+            return;
+        }
         let granted = self.share.granted();
         if granted != self.cap {
             self.cap = granted;
@@ -238,20 +263,36 @@ impl Room {
     /// waiting; for a quiet room, the next tick anything is due at (its next stats line), or
     /// an input, whichever comes first. An idle room costs nothing between.
     pub fn next_deadline(&mut self) -> Instant {
+        if let RoomRelay::Edge(feed) = &self.relay {
+            // An edge runs when its origin's lines come (they raise the worker's flag).
+            let ready = feed.pending() || feed.queue.ready(self.engine.next_tick()) || feed.ended.is_some();
+            return if ready { Instant::now() } else { Instant::now() + std::time::Duration::from_secs(1) };
+        }
         if self.waiting() {
             return self.pacer.deadline(self.engine.next_tick());
         }
         if let Some(due) = self.due_at {
             return due;
         }
-        let due = self.pacer.deadline(self.engine.next_due_tick());
+        let mut due = self.pacer.deadline(self.engine.next_due_tick());
+        if let RoomRelay::Origin(feed) = &self.relay
+            && feed.has_edges()
+        {
+            // Its edges run only as far as its `through`: a sleeping room still says how far
+            // it got, every few ticks.
+            due = due.min(self.pacer.deadline(self.engine.next_tick() + THROUGH_EVERY_TICKS));
+        }
         self.due_at = Some(due);
         due
     }
 
     /// A command or a new buffer share waits: the room runs its next tick.
     fn waiting(&self) -> bool {
-        !self.rx.is_empty() || self.share.granted() != self.cap
+        !self.rx.is_empty() || (!self.is_edge() && self.share.granted() != self.cap)
+    }
+
+    fn is_edge(&self) -> bool {
+        matches!(self.relay, RoomRelay::Edge(_))
     }
 
     /// Passes over the ticks up to now where a quiet engine has nothing due (the decisions
@@ -277,6 +318,10 @@ impl Room {
     /// Runs the ticks whose time has come; a quiet room passes over those with nothing due.
     /// Returns the ticks skipped for being too far behind.
     pub fn run_due(&mut self, now: Instant, media: &mut MediaIo) -> u64 {
+        if self.is_edge() {
+            self.run_edge(media);
+            return 0;
+        }
         // A worker visits every room at every wake-up: a room with nothing due before its
         // known deadline costs two atomic loads, not a look into its engine (1 000 idle
         // rooms cost 64 % of a core without this).
@@ -300,28 +345,91 @@ impl Room {
             }
             self.tick_once(media);
         }
+        if let RoomRelay::Origin(feed) = &self.relay
+            && let Some(passed) = self.engine.next_tick().checked_sub(1)
+        {
+            feed.passed(passed);
+        }
         skipped
     }
 
+    /// An edge's turn: takes its origin's lines, and runs every tick the origin is past (up
+    /// to [`MAX_EDGE_TICKS_PER_WAKE`]). When the origin's stream ended for good, its peers are
+    /// told and the room closes.
+    fn run_edge(&mut self, media: &mut MediaIo) {
+        for _ in 0..MAX_EDGE_TICKS_PER_WAKE {
+            let RoomRelay::Edge(feed) = &mut self.relay else { return };
+            feed.take_lines(&self.engine);
+            if self.closed || !feed.queue.ready(self.engine.next_tick()) {
+                break;
+            }
+            self.tick_once(media);
+        }
+        let RoomRelay::Edge(feed) = &self.relay else { return };
+        if let Some(why) = feed.ended.clone()
+            && !feed.pending()
+            && !feed.queue.ready(self.engine.next_tick())
+            && !self.closed
+        {
+            tracing::info!(room = %self.id, why, "the edge's copy of the room ends");
+            self.broadcast(Notice::Error {
+                code: ErrorCode::Unavailable,
+                message: format!("{why}: leave, then join the room again"),
+                transport: None,
+            });
+            self.close(media);
+        }
+    }
     fn push(&mut self, at: Instant, input: Input) {
         self.due_at = None;
         // The engine keeps arrival times monotonic and within the tick that applies them;
         // the recording gets the time the engine keeps.
         let at_us = self.engine.arrival_us(self.pacer.engine_us(at));
+        if self.is_edge()
+            && let Err(error) = crate::relay::check_local(&input)
+        {
+            // Refused before it gets here (publish, stage and moderation are the origin's);
+            // what is left is a role change of an account, which the origin's copy applies.
+            tracing::debug!(room = %self.id, %error, code = error.code(), "an input the edge leaves to its origin");
+            return;
+        }
+        self.record(at_us, &input);
+        if let RoomRelay::Origin(feed) = &self.relay {
+            feed.input(at_us, self.engine.next_tick(), &input);
+        }
+        self.engine.push(at_us, input);
+    }
+
+    fn record(&mut self, at_us: u64, input: &Input) {
         if let Some(recorder) = &mut self.recorder
-            && let Err(error) = recorder.input(at_us, self.engine.next_tick(), &input)
+            && let Err(error) = recorder.input(at_us, self.engine.next_tick(), input)
         {
             tracing::error!(room = %self.id, %error, "recording failed; recording stops");
             self.recorder = None;
         }
-        self.engine.push(at_us, input);
     }
 
     fn tick_once(&mut self, media: &mut MediaIo) {
         self.due_at = None;
         let started = Instant::now();
         self.apply_share(started);
-        for _ in 0..MAX_COMMANDS_PER_TICK {
+        let tick = self.engine.next_tick();
+        // An edge's tick: its origin's inputs first, at the origin's arrival times; its own
+        // peers' commands only once it has caught up with the origin (an edge that starts
+        // late replays the room's log first, and its first peer joins the room as it is now);
+        // then the origin's eviction orders.
+        let mut orders = Vec::new();
+        let mut commands = true;
+        if let RoomRelay::Edge(feed) = &mut self.relay {
+            let inputs = feed.queue.take_inputs(tick);
+            orders = feed.queue.take_orders(tick);
+            commands = feed.queue.through() == Some(tick) && !feed.pending();
+            for (at_us, input) in inputs {
+                self.record(at_us, &input);
+                self.engine.push_replicated(at_us, input);
+            }
+        }
+        for _ in 0..if commands { MAX_COMMANDS_PER_TICK } else { 0 } {
             match self.rx.try_recv() {
                 Ok(command) => self.apply(command, media),
                 Err(_) => break,
@@ -330,7 +438,11 @@ impl Room {
                 return;
             }
         }
+        self.engine.push_evict_orders(tick, &orders);
         let mut output = self.engine.tick();
+        if let RoomRelay::Origin(feed) = &self.relay {
+            feed.ticked(tick, self.engine.evict_orders());
+        }
         self.share.report(self.cap, self.engine.buffer_bytes(), self.engine.buffer_added_bytes());
         if let Some(recorder) = &mut self.recorder
             && let Err(error) = recorder.tick(&self.engine, &output)
@@ -356,12 +468,15 @@ impl Room {
         let base: String =
             wanted.chars().filter(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.')).take(32).collect();
         let base = if base.is_empty() { "peer".to_owned() } else { base };
-        if !self.peers.contains_key(base.as_str()) && self.engine.peer_key(&base).is_none() {
-            return Name::from(base);
-        }
-        (2..)
-            .map(|n| format!("{base}-{n}"))
-            .find(|name| !self.peers.contains_key(name.as_str()) && self.engine.peer_key(name).is_none())
+        // An edge's own peers are `<name>@<node>`: no origin peer can take such a name.
+        let suffix = match &self.relay {
+            RoomRelay::Edge(feed) => format!("@{}", feed.node),
+            _ => String::new(),
+        };
+        let free = |name: &str| !self.peers.contains_key(name) && self.engine.peer_key(name).is_none();
+        std::iter::once(format!("{base}{suffix}"))
+            .chain((2..).map(|n| format!("{base}-{n}{suffix}")))
+            .find(|name| free(name))
             .map(Name::from)
             .unwrap_or_else(|| Name::new("peer"))
     }
@@ -463,7 +578,10 @@ impl Room {
                 let _ = reply.send(verdict);
             }
             RoomCommand::Publish { peer, offer, reply } => {
-                let _ = reply.send(self.publish(&peer, &offer, media));
+                let _ = reply.send(match self.is_edge() {
+                    true => Err(edge_refusal("publish")),
+                    false => self.publish(&peer, &offer, media),
+                });
             }
             RoomCommand::Listen { peer, video, reply } => {
                 let _ = reply.send(self.listen(&peer, video, media));
@@ -538,10 +656,16 @@ impl Room {
                 let _ = reply.send(result);
             }
             RoomCommand::Moderate { action, peer, by, reply } => {
-                let _ = reply.send(self.moderate(action, &peer, &by));
+                let _ = reply.send(match self.is_edge() {
+                    true => Err(edge_refusal("moderate")),
+                    false => self.moderate(action, &peer, &by),
+                });
             }
             RoomCommand::Stage { at, peer, action, reply } => {
-                let _ = reply.send(self.stage(at, &peer, action, media));
+                let _ = reply.send(match self.is_edge() {
+                    true => Err(edge_refusal("use the stage")),
+                    false => self.stage(at, &peer, action, media),
+                });
             }
             RoomCommand::AccountRoles { at, uid, roles } => {
                 let peers: Vec<Name> = self
@@ -1127,6 +1251,9 @@ impl Room {
         }
         self.closed = true;
         self.share.close();
+        if let RoomRelay::Origin(feed) = &self.relay {
+            feed.close();
+        }
         let now = Instant::now();
         for conn in self.conns.keys().copied().collect::<Vec<_>>() {
             media.close(now, conn);
@@ -1146,6 +1273,16 @@ impl Room {
             "room closed"
         );
     }
+}
+
+/// What an edge's peer cannot do there: the room's speakers and its stage are its origin's.
+fn edge_refusal(what: &str) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::Conflict,
+        format!(
+            "this node serves the room to listeners as an edge of its origin: to {what}, leave and join the room with a speaker's role (the origin node takes it)"
+        ),
+    )
 }
 
 /// Whom a moderator's mute holds: the user (its uid) when it has one, else the peer's name.
