@@ -631,6 +631,33 @@ mod tests {
     }
 
     #[test]
+    fn a_relay_needs_the_directory_and_a_long_secret() {
+        let relay = |secret: Option<&'static str>, redis: bool| {
+            move |key: &str| match key {
+                "ENCORE_REDIS_URL" if redis => Some("redis://127.0.0.1:6399/0".to_owned()),
+                "ENCORE_RELAY_LISTEN" => Some("127.0.0.1:7700".to_owned()),
+                "ENCORE_RELAY_SECRET" => secret.map(str::to_owned),
+                "ENCORE_EDGE_AFTER_PEERS" => Some("500".to_owned()),
+                _ => None,
+            }
+        };
+        let config = ServerConfig::load(None, relay(Some("sixteen-chars-ok"), true), &Overrides::default()).unwrap();
+        let c = &config.cluster;
+        assert_eq!(c.relay_listen, Some("127.0.0.1:7700".parse().unwrap()));
+        assert_eq!((c.relay_secret.as_deref(), c.edge_after_peers), (Some("sixteen-chars-ok"), 500));
+        assert_eq!(c.relay_log_bytes, DEFAULT_RELAY_LOG_BYTES);
+        for (secret, redis, named) in [
+            (Some("short"), true, "cluster.relay_secret"),
+            (None, true, "cluster.relay_secret"),
+            (Some("sixteen-chars-ok"), false, "cluster.relay_listen"),
+        ] {
+            let err = ServerConfig::load(None, relay(secret, redis), &Overrides::default()).unwrap_err().to_string();
+            assert!(err.contains(named), "{err}");
+            assert!(!err.contains("sixteen-chars-ok"), "never the secret: {err}");
+        }
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let cases: Vec<(&str, &str)> = vec![
             ("[server]\nlisten = \"nowhere\"\n", "listen"),

@@ -142,6 +142,10 @@ const BUFFER_BUDGET: &str = "encore_buffer_budget_bytes";
 const MEDIA_DATAGRAMS_DROPPED: &str = "encore_media_datagrams_dropped_total";
 const HTTP_CONNECTIONS_REFUSED: &str = "encore_http_connections_refused_total";
 const QUOTA_REFUSALS: &str = "encore_quota_refusals_total";
+const RELAY_STREAMS: &str = "encore_relay_streams";
+const RELAY_BYTES: &str = "encore_relay_bytes_total";
+const EDGE_ROOMS: &str = "encore_relay_edge_rooms";
+const EDGE_REDIRECTS: &str = "encore_relay_listeners_sent_total";
 
 /// Every family the recorder exports, with its help text. `/metrics` shows each of them from
 /// the start (at zero), so a dashboard or an alert never meets a missing series.
@@ -222,6 +226,10 @@ pub const FAMILIES: &[Family] = &[
         "HTTPS connections turned away before HTTP: over the per-address cap, failed accepts, failed or slow TLS handshakes.",
     ),
     counter(QUOTA_REFUSALS, "Requests refused for a user's quota (sessions, rooms made a minute, tickets)."),
+    gauge(RELAY_STREAMS, "Room relay streams this node serves to edge nodes now (as the rooms' origin)."),
+    counter(RELAY_BYTES, "Relay stream bytes written to edges (sent) and read from origins (received)."),
+    gauge(EDGE_ROOMS, "Rooms this node serves as an edge of their origin node."),
+    counter(EDGE_REDIRECTS, "Listeners this node, the room's origin, sent to an edge node."),
 ];
 
 /// The process families `/metrics` appends (the names of Prometheus's client libraries, so
@@ -462,6 +470,11 @@ struct Registry {
     connections_refused: [Counter; 3],
     /// [sessions, rooms, tickets]
     quota_refusals: [Counter; 3],
+    relay_streams: Gauge,
+    /// [sent, received]
+    relay_bytes: [Counter; 2],
+    edge_rooms: Gauge,
+    edge_redirects: Counter,
     /// Notices sent and requests answered `ok`, by type: registered in advance, read without
     /// a lock (every session sends them).
     notices: HashMap<&'static str, Counter>,
@@ -564,6 +577,10 @@ impl Registry {
             connections_refused: ["per_ip_cap", "accept_error", "handshake"]
                 .map(|cause| c(HTTP_CONNECTIONS_REFUSED, &[("cause", cause)])),
             quota_refusals: ["sessions", "rooms", "tickets"].map(|quota| c(QUOTA_REFUSALS, &[("quota", quota)])),
+            relay_streams: g(RELAY_STREAMS, &[]),
+            relay_bytes: ["sent", "received"].map(|direction| c(RELAY_BYTES, &[("direction", direction)])),
+            edge_rooms: g(EDGE_ROOMS, &[]),
+            edge_redirects: c(EDGE_REDIRECTS, &[]),
             notices: Notice::KINDS.iter().map(|kind| (*kind, c(SIGNALING_NOTICES, &[("type", kind)]))).collect(),
             requests_ok: Request::KINDS
                 .iter()
@@ -672,6 +689,28 @@ pub enum Quota {
 
 pub fn quota_refused(quota: Quota) {
     registry().quota_refusals[quota as usize].increment(1);
+}
+
+/// A relay stream to an edge started (`true`) or ended.
+pub fn relay_stream(open: bool) {
+    let gauge = &registry().relay_streams;
+    if open { gauge.increment(1.0) } else { gauge.decrement(1.0) }
+}
+
+/// Relay bytes written to an edge (`sent`) or read from an origin.
+pub fn relay_bytes(sent: bool, bytes: u64) {
+    registry().relay_bytes[usize::from(!sent)].increment(bytes);
+}
+
+/// A room served here as an edge opened (`true`) or closed.
+pub fn edge_room(open: bool) {
+    let gauge = &registry().edge_rooms;
+    if open { gauge.increment(1.0) } else { gauge.decrement(1.0) }
+}
+
+/// A listener sent to an edge node.
+pub fn listener_sent_to_edge() {
+    registry().edge_redirects.increment(1);
 }
 
 /// The server's buffer budget.

@@ -164,7 +164,7 @@ impl EdgeLink {
                 let _ = send.finish();
                 continue;
             }
-            return Ok(RoomStream { request, send });
+            return Ok(RoomStream { request, send, reader });
         }
     }
 }
@@ -173,6 +173,17 @@ impl EdgeLink {
 pub struct RoomStream {
     pub request: Subscribe,
     send: quinn::SendStream,
+    /// What the edge asks after its subscription ([`Upstream`] lines).
+    reader: LineReader,
+}
+
+/// What an edge asks its origin on a room's stream after subscribing, one JSON line each.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Upstream {
+    /// A listener of the edge asked for a key frame of a track (the origin's engine asks its
+    /// publisher; its key frame then reaches the edge as any packet does).
+    Keyframe(String),
 }
 
 impl RoomStream {
@@ -185,6 +196,12 @@ impl RoomStream {
         }
         self.send.write_all(&chunk).await?;
         Ok(())
+    }
+
+    /// The edge's next request on the stream; none when it finished its side.
+    pub async fn next_upstream(&mut self) -> Result<Option<Upstream>, QuicError> {
+        let Some(text) = self.reader.next_text().await? else { return Ok(None) };
+        serde_json::from_str(&text).map(Some).map_err(|e| QuicError::Line(RelayError::BadLine(e.to_string())))
     }
 
     /// Ends the stream: the room closed.
@@ -234,19 +251,32 @@ impl OriginLink {
         let mut text = serde_json::to_string(&request).map_err(|e| QuicError::Refused(e.to_string()))?;
         text.push('\n');
         send.write_all(text.as_bytes()).await?;
-        Ok(RoomLines { reader: LineReader::new(recv), _send: send, received: from })
+        Ok(RoomLines { reader: LineReader::new(recv), send, received: from })
     }
 }
 
 /// A room's lines as an edge receives them.
 pub struct RoomLines {
     reader: LineReader,
-    /// Kept open: finishing it would tell the origin nothing more; dropping it resets it.
-    _send: quinn::SendStream,
+    /// Kept open for [`Upstream`] requests; dropping it resets it.
+    send: quinn::SendStream,
     received: usize,
 }
 
 impl RoomLines {
+    /// Asks the origin something about the room ([`Upstream`]).
+    pub async fn upstream(&mut self, request: &Upstream) -> Result<(), QuicError> {
+        let mut text = serde_json::to_string(request).map_err(|e| QuicError::Refused(e.to_string()))?;
+        text.push('\n');
+        self.send.write_all(text.as_bytes()).await?;
+        Ok(())
+    }
+
+    /// Bytes read off the stream since the last call (for the relay's metrics).
+    pub fn take_bytes(&mut self) -> u64 {
+        std::mem::take(&mut self.reader.bytes)
+    }
+
     /// The next line; `None` when the origin ended the room's stream.
     pub async fn next(&mut self) -> Result<Option<RelayLine>, QuicError> {
         let Some(text) = self.reader.next_text().await? else { return Ok(None) };
@@ -268,11 +298,13 @@ struct LineReader {
     recv: quinn::RecvStream,
     buf: Vec<u8>,
     start: usize,
+    /// Bytes read, for the caller to take.
+    bytes: u64,
 }
 
 impl LineReader {
     fn new(recv: quinn::RecvStream) -> Self {
-        LineReader { recv, buf: Vec::new(), start: 0 }
+        LineReader { recv, buf: Vec::new(), start: 0, bytes: 0 }
     }
 
     async fn next_text(&mut self) -> Result<Option<String>, QuicError> {
@@ -292,7 +324,10 @@ impl LineReader {
             }
             let mut chunk = [0u8; 16 * 1024];
             match self.recv.read(&mut chunk).await? {
-                Some(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Some(n) => {
+                    self.bytes += n as u64;
+                    self.buf.extend_from_slice(&chunk[..n]);
+                }
                 None => return Ok(None),
             }
         }

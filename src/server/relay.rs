@@ -29,7 +29,7 @@ use encore_systems::components::replica::EvictOrder;
 
 use crate::cluster::RelayAddress;
 use crate::config::ClusterSection;
-use crate::relay::quic::{EdgeLink, OriginLink, QuicError, RelayOrigin, RoomLines, RoomStream};
+use crate::relay::quic::{EdgeLink, OriginLink, QuicError, RelayOrigin, RoomLines, RoomStream, Upstream};
 use crate::relay::{OriginLog, RelayError, RelayLine, ReplicaQueue, engine_from_header};
 
 /// Lines an edge room's channel holds: a worker busy catching up slows the stream (QUIC's
@@ -49,6 +49,11 @@ pub struct RoomFeed {
     state: Mutex<FeedState>,
     /// The log's length in lines: a serving task waits for it to change.
     len: watch::Sender<usize>,
+    /// Tracks whose key frame an edge asked for, for the room's worker to pass on.
+    keyframes: Mutex<Vec<String>>,
+    asked: AtomicBool,
+    /// The room's worker's flag.
+    wake: Arc<AtomicBool>,
 }
 
 struct FeedState {
@@ -64,7 +69,7 @@ struct FeedState {
 }
 
 impl RoomFeed {
-    pub fn new(config: &EngineConfig, max_bytes: u64) -> Arc<Self> {
+    pub fn new(config: &EngineConfig, max_bytes: u64, wake: Arc<AtomicBool>) -> Arc<Self> {
         let log = OriginLog::new(config, max_bytes);
         let len = watch::channel(log.len()).0;
         let state = FeedState {
@@ -75,7 +80,28 @@ impl RoomFeed {
             through: None,
             closed: false,
         };
-        Arc::new(RoomFeed { state: Mutex::new(state), len })
+        Arc::new(RoomFeed {
+            state: Mutex::new(state),
+            len,
+            keyframes: Mutex::new(Vec::new()),
+            asked: AtomicBool::new(false),
+            wake,
+        })
+    }
+
+    /// An edge's listener asked for a key frame of `track`: the room's worker passes it on.
+    fn keyframe(&self, track: String) {
+        self.keyframes.lock().unwrap_or_else(|p| p.into_inner()).push(track);
+        self.asked.store(true, Ordering::Release);
+        self.wake.store(true, Ordering::Release);
+    }
+
+    /// The tracks edges asked key frames of since the last call.
+    pub fn take_keyframes(&self) -> Vec<String> {
+        if !self.asked.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        std::mem::take(&mut *self.keyframes.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, FeedState> {
@@ -175,6 +201,8 @@ pub struct EdgeFeed {
     pub queue: ReplicaQueue,
     /// This node's id: the edge's own peers are named `<name>@<node>`.
     pub node: String,
+    /// Requests for the origin (a listener's key frame request), sent up the room's stream.
+    pub upstream: mpsc::Sender<Upstream>,
     /// Why the room cannot go on (the origin's stream ended or broke for good).
     pub ended: Option<String>,
 }
@@ -258,9 +286,9 @@ impl RelayHub {
         })))
     }
 
-    /// A new origin room's feed.
-    pub fn feed(&self, room: &str, config: &EngineConfig) -> Arc<RoomFeed> {
-        let feed = RoomFeed::new(config, self.log_bytes);
+    /// A new origin room's feed; `wake` is its worker's flag.
+    pub fn feed(&self, room: &str, config: &EngineConfig, wake: Arc<AtomicBool>) -> Arc<RoomFeed> {
+        let feed = RoomFeed::new(config, self.log_bytes, wake);
         let mut feeds = self.feeds.lock().unwrap_or_else(|p| p.into_inner());
         feeds.retain(|_, feed| feed.strong_count() > 0);
         feeds.insert(room.to_owned(), Arc::downgrade(&feed));
@@ -317,6 +345,7 @@ impl RelayHub {
             }
         };
         tracing::info!(%edge, room, from = position, "an edge streams the room");
+        crate::metrics::relay_stream(true);
         let mut changed = feed.len.subscribe();
         let ended = loop {
             changed.mark_unchanged();
@@ -328,8 +357,17 @@ impl RelayHub {
                 if closed {
                     break None;
                 }
-                if changed.changed().await.is_err() {
-                    break None;
+                tokio::select! {
+                    changed = changed.changed() => if changed.is_err() { break None },
+                    upstream = stream.next_upstream() => match upstream {
+                        Ok(Some(Upstream::Keyframe(track))) => feed.keyframe(track),
+                        // The edge finished its side: it goes on reading.
+                        Ok(None) => {}
+                        Err(error) => {
+                            tracing::info!(%edge, room, %error, code = error.code(), "an edge's request was not understood");
+                            break Some(error.to_string());
+                        }
+                    },
                 }
                 continue;
             }
@@ -338,12 +376,15 @@ impl RelayHub {
                 if let Err(error) = stream.write_lines(chunk).await {
                     tracing::info!(%edge, room, %error, "an edge's room stream ended");
                     feed.unsubscribe(id);
+                    crate::metrics::relay_stream(false);
                     return;
                 }
                 position += chunk.len();
+                crate::metrics::relay_bytes(true, chunk.iter().map(|line| line.len() as u64 + 1).sum());
             }
         };
         feed.unsubscribe(id);
+        crate::metrics::relay_stream(false);
         match ended {
             None => stream.finish(),
             Some(why) => stream.refuse(&why).await,
@@ -389,13 +430,23 @@ impl RelayHub {
         origin: RelayAddress,
         mut lines: RoomLines,
         tx: mpsc::Sender<RelayLine>,
+        mut upstream: mpsc::Receiver<Upstream>,
         wake: Arc<AtomicBool>,
     ) {
         let hub = self.clone();
         tokio::spawn(async move {
             loop {
-                match lines.next().await {
+                let next = tokio::select! {
+                    next = lines.next() => next,
+                    Some(request) = upstream.recv() => {
+                        // Lost with a broken stream: a listener asks again.
+                        let _ = lines.upstream(&request).await;
+                        continue;
+                    }
+                };
+                match next {
                     Ok(Some(line)) => {
+                        crate::metrics::relay_bytes(false, lines.take_bytes());
                         if tx.send(line).await.is_err() {
                             return;
                         }
@@ -444,6 +495,12 @@ impl RelayHub {
         mpsc::channel(EDGE_CHANNEL)
     }
 
+    /// A new edge room's channel of requests for its origin (a few a second at most; more are
+    /// dropped: a listener asks again).
+    pub fn upstream_channel() -> (mpsc::Sender<Upstream>, mpsc::Receiver<Upstream>) {
+        mpsc::channel(64)
+    }
+
     /// Counts a listener sent to `edge`; the listeners sent to each edge lately.
     pub fn sent_to(&self, edge: Option<&str>) -> BTreeMap<String, usize> {
         let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
@@ -463,4 +520,69 @@ impl RelayHub {
     pub fn close(&self) {
         self.origin.close();
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use encore_systems::components::ids::{Name, Role};
+
+    fn join(peer: &str) -> Input {
+        Input::Join { peer: Name::new(peer), uid: None, roles: vec![Role::Speaker] }
+    }
+
+    fn lines(feed: &RoomFeed) -> Vec<String> {
+        feed.state().log.since(0).unwrap().iter().map(|l| l.to_string()).collect()
+    }
+
+    #[test]
+    fn a_quiet_room_without_edges_writes_no_through_and_one_with_edges_says_how_far_it_got() {
+        let feed = RoomFeed::new(&EngineConfig::default(), DEFAULT_LOG, Arc::default());
+        feed.ticked(0, &[]);
+        feed.passed(5);
+        assert_eq!(lines(&feed).len(), 1, "the header alone: {:?}", lines(&feed));
+        feed.input(15_000, 1, &join("s01"));
+        feed.input(15_000, 1, &Input::Listen { peer: Name::new("s01") });
+        feed.ticked(1, &[]);
+        feed.ticked(2, &[]);
+        let written = lines(&feed);
+        assert_eq!(written.len(), 3, "{written:?}");
+        assert!(written[1].contains(r#""kind":"join""#) && written[2] == r#"{"kind":"through","tick":1}"#);
+        // An edge streams: every tick and every quiet stretch says how far the room got.
+        let id = feed.subscribe(3).unwrap();
+        assert!(feed.has_edges());
+        feed.ticked(3, &[]);
+        feed.passed(9);
+        feed.passed(9);
+        assert_eq!(
+            feed.since(id, 3).unwrap().0.iter().map(|l| l.to_string()).collect::<Vec<_>>(),
+            [r#"{"kind":"through","tick":3}"#, r#"{"kind":"through","tick":9}"#]
+        );
+        feed.unsubscribe(id);
+        assert!(!feed.has_edges());
+        feed.close();
+        assert!(feed.since(id, 5).unwrap().1, "closed");
+    }
+
+    #[test]
+    fn past_its_bound_the_log_keeps_only_what_streaming_edges_still_need() {
+        let config = EngineConfig::default();
+        let header = crate::scenario::ScenarioHeader::new(config.clone()).to_line().len() as u64;
+        let feed = RoomFeed::new(&config, header + 300, Arc::default());
+        let id = feed.subscribe(1).unwrap();
+        for tick in 1..40 {
+            feed.input(tick * 10_000, tick, &join(&format!("s{tick}")));
+            feed.ticked(tick, &[]);
+        }
+        assert_eq!(feed.subscribe(0).unwrap_err().code(), "relay-log-truncated", "no new edge from the start");
+        let (kept, _) = feed.since(id, 1).unwrap();
+        assert_eq!(kept.len(), 78, "the streaming edge still gets all it has not had");
+        // Once the edge has them, and when it goes, nothing is kept.
+        let (_, _) = feed.since(id, 79).unwrap();
+        feed.unsubscribe(id);
+        feed.input(400_000, 40, &join("late"));
+        assert!(feed.state().log.bytes() < 300, "{} bytes kept", feed.state().log.bytes());
+    }
+
+    const DEFAULT_LOG: u64 = crate::config::DEFAULT_RELAY_LOG_BYTES;
 }

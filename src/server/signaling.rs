@@ -618,6 +618,7 @@ impl Session {
             }
         };
         hub.sent_to(Some(&edge.id));
+        crate::metrics::listener_sent_to_edge();
         tracing::info!(uid = %self.user.uid, room, to = %edge.id, "listener sent to an edge");
         Err(ErrorBody::redirect(
             format!("room {room} is large: node {} serves its listeners as an edge; join it there", edge.id),

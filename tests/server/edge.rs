@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use encore::client::{ClientTls, Listener, Publisher, Received, Signaling};
+use encore::components::ids::MediaKind;
 use encore::protocol::{ErrorCode, Notice};
 
 use super::cluster::{RedisServer, until};
@@ -41,6 +42,15 @@ fn utterance_events(trace: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A series' value in a scrape (its whole name, with its labels as written).
+fn sample(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in the scrape"))
+}
+
 /// The one trace a node recorded of room `hall`.
 fn trace_of(record_dir: &Path) -> std::path::PathBuf {
     let traces: Vec<_> = std::fs::read_dir(record_dir)
@@ -54,6 +64,7 @@ fn trace_of(record_dir: &Path) -> std::path::PathBuf {
 
 /// Received audio: one SSRC, sequence numbers without a gap.
 fn assert_continuous(name: &str, packets: &[Received]) {
+    let packets: Vec<&Received> = packets.iter().filter(|p| p.media == MediaKind::Audio).collect();
     assert!(packets.len() > 100, "{name} heard {} packets", packets.len());
     let ssrcs: BTreeSet<u32> = packets.iter().map(|p| p.ssrc).collect();
     assert_eq!(ssrcs.len(), 1, "{name}: one stream: {ssrcs:?}");
@@ -64,20 +75,40 @@ fn assert_continuous(name: &str, packets: &[Received]) {
     }
 }
 
-/// Talks in three bursts with pauses between (three utterances), then stays silent.
-async fn speak(mut publisher: Publisher, start: Instant) -> Publisher {
+/// When an edge's listener asks for a key frame: inside the first utterance, after its onset's
+/// own request.
+const KEYFRAME_ASKED_AT: f64 = 1.2;
+
+/// Talks in three bursts with pauses between (three utterances), with video (a frame every
+/// 60 ms), then stays silent. Returns the key frame requests it had before the edge's
+/// listener asked for one, and by the end of the first utterance.
+async fn speak(mut publisher: Publisher, start: Instant) -> (Publisher, u32, u32) {
     let talks = [(0.5, 2.0), (3.0, 4.5), (5.5, 7.0)];
     let mut interval = tokio::time::interval(Duration::from_millis(20));
+    let (mut before, mut after, mut n, mut answered) = (None, None, 0u32, 0);
     loop {
         interval.tick().await;
         let t = start.elapsed().as_secs_f64();
         if t >= 9.0 {
-            return publisher;
+            return (publisher, before.expect("counted"), after.expect("counted"));
+        }
+        if t >= KEYFRAME_ASKED_AT - 0.1 && before.is_none() {
+            before = Some(publisher.keyframe_requests());
+        }
+        if t >= 1.95 && after.is_none() {
+            after = Some(publisher.keyframe_requests());
         }
         let voiced = talks.iter().any(|(from, to)| t >= *from && t < *to);
         let level = if voiced { 30 } else { 100 };
         let payload = Bytes::from(vec![0x5a; 60]);
         publisher.send_audio(start.elapsed(), payload, level, voiced).await.expect("sending audio");
+        if n % 3 == 0 {
+            // A key frame first and whenever asked (as an encoder does on a PLI).
+            let asked = publisher.keyframe_requests();
+            publisher.send_video(start.elapsed(), n == 0 || asked != answered, 300).await.expect("sending video");
+            answered = asked;
+        }
+        n += 1;
     }
 }
 
@@ -144,7 +175,7 @@ async fn a_large_rooms_listeners_hear_it_from_two_edges_that_replicate_the_origi
     let (sam, _) = sam.join_anywhere("hall", "sam").await.expect("sam joins");
     assert_eq!(which(&sam), 0);
     let sam = Arc::new(sam);
-    let publisher = Publisher::start(&sam, false, 7).await.expect("sam publishes");
+    let publisher = Publisher::start(&sam, true, 7).await.expect("sam publishes");
 
     // Two listeners, asking node b and node a: both go to the origin, which sends each to an
     // edge, the least loaded: b, then c (it counts whom it sent where).
@@ -161,11 +192,20 @@ async fn a_large_rooms_listeners_hear_it_from_two_edges_that_replicate_the_origi
         );
         assert_eq!(joined.peer, format!("{uid}@{}", ["a", "b", "c"][node]), "an edge's own peer name");
         let session = Arc::new(session);
-        let listener = Listener::start(&session, false).await.expect("the listener connects to its edge");
+        let listener = Listener::start(&session, true).await.expect("the listener connects to its edge");
         listeners.push((uid, node, session, listener));
     }
     let served: BTreeSet<usize> = listeners.iter().map(|l| l.1).collect();
     assert_eq!(served, BTreeSet::from([1, 2]), "one listener on each edge");
+    // What operators see: the origin streams the room to two edges, each serves one copy.
+    let origin_scrape = nodes[0].scrape().await;
+    assert_eq!(sample(&origin_scrape, "encore_relay_streams"), 2.0, "{origin_scrape}");
+    assert_eq!(sample(&origin_scrape, "encore_relay_listeners_sent_total"), 2.0);
+    for edge in &nodes[1..] {
+        let scrape = edge.scrape().await;
+        assert_eq!(sample(&scrape, "encore_relay_edge_rooms"), 1.0);
+        assert!(sample(&scrape, "encore_relay_bytes_total{direction=\"received\"}") > 0.0);
+    }
 
     let start = Instant::now();
     let talking = tokio::spawn(speak(publisher, start));
@@ -173,18 +213,31 @@ async fn a_large_rooms_listeners_hear_it_from_two_edges_that_replicate_the_origi
     let mut heard = Vec::new();
     for (uid, node, session, listener) in listeners {
         heard.push(tokio::spawn(async move {
+            if uid == "lena" {
+                tokio::time::sleep_until((start + Duration::from_secs_f64(KEYFRAME_ASKED_AT)).into()).await;
+                listener.request_keyframe().await.expect("lena asks for a key frame");
+            }
             let packets = tokio::spawn(collect(listener, end));
             let told = notices(&session, end).await;
             let (listener, packets) = packets.await.expect("collected");
             (uid, node, session, listener, packets, told)
         }));
     }
-    let publisher = talking.await.expect("sam spoke");
+    let (publisher, keyframes_before, keyframes_after) = talking.await.expect("sam spoke");
+    assert!(
+        keyframes_after > keyframes_before,
+        "the edge's listener's key frame request reached the publisher on the origin ({keyframes_before} -> {keyframes_after})"
+    );
     let mut told_all = Vec::new();
     let mut sessions = Vec::new();
     for task in heard {
         let (uid, node, session, listener, packets, (started, ended, errors)) = task.await.expect("a listener");
-        eprintln!("figures: {uid} on node {node} heard {} packets; utterances {started:?}", packets.len());
+        let video = packets.iter().filter(|p| p.media == MediaKind::Video).count();
+        eprintln!(
+            "figures: {uid} on node {node} heard {} packets ({video} video); utterances {started:?}",
+            packets.len()
+        );
+        assert!(video > 0, "{uid} saw the speaker's video");
         assert!(errors.is_empty(), "{uid}: {errors:?}");
         assert_eq!(started.len(), 3, "{uid} was told of three utterances: {started:?}");
         assert_eq!(started, ended, "{uid}: each one ended");

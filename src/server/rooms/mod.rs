@@ -587,14 +587,16 @@ impl Rooms {
                 let (engine, relay) = match (edge, self.relay.get()) {
                     (Some(source), Some((hub, node))) => {
                         let (lines_tx, lines) = RelayHub::edge_channel();
-                        hub.pump(room.to_owned(), source.origin, source.lines, lines_tx, tx.wake.clone());
-                        let feed = EdgeFeed { lines, queue: ReplicaQueue::default(), node: node.clone(), ended: None };
+                        let (upstream, upstream_rx) = RelayHub::upstream_channel();
+                        hub.pump(room.to_owned(), source.origin, source.lines, lines_tx, upstream_rx, tx.wake.clone());
+                        let queue = ReplicaQueue::default();
+                        let feed = EdgeFeed { lines, queue, node: node.clone(), upstream, ended: None };
                         tracing::info!(room, "serving the room as an edge of its origin");
                         (source.engine, RoomRelay::Edge(Box::new(feed)))
                     }
                     (_, Some((hub, _))) => {
                         let engine = Engine::new(self.engine.clone()).map_err(|_| RoomError::Closed)?;
-                        (engine, RoomRelay::Origin(hub.feed(room, &self.engine)))
+                        (engine, RoomRelay::Origin(hub.feed(room, &self.engine, tx.wake.clone())))
                     }
                     (_, None) => (Engine::new(self.engine.clone()).map_err(|_| RoomError::Closed)?, RoomRelay::None),
                 };

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use encore_systems::components::ids::{MediaKind, Name, PeerKey, Role};
 use encore_systems::components::input::{Input, RtpIn};
-use encore_systems::components::output::{Event, SendPacket};
+use encore_systems::components::output::{Event, KeyframeReason, SendPacket};
 use encore_systems::playout::catchup_bound_us;
 use encore_systems::{Engine, RoomView};
 
@@ -24,6 +24,7 @@ use super::{JoinedRoom, Moderation, RoomCommand, Stage};
 use crate::media::{self as m, RtcpFeedback};
 use crate::metrics::{DropCause, RoomMetrics};
 use crate::protocol::{ErrorBody, ErrorCode, Notice, PeerInfo, QueuedUtterance, RoleChangeReason, Side, UP_NEXT_LEN};
+use crate::relay::quic::Upstream;
 use crate::server::media::{ConnKey, MediaEvent, MediaIo};
 use crate::server::recorder::Recorder;
 use crate::server::relay::{EdgeFeed, RoomFeed, THROUGH_EVERY_TICKS};
@@ -226,6 +227,9 @@ impl Room {
             dropped_media: 0,
             dropped_events: 0,
         };
+        if room.is_edge() {
+            crate::metrics::edge_room(true);
+        }
         // The room's first input: its share of the budget, before anything can fill it.
         room.apply_share(Instant::now());
         room
@@ -321,6 +325,14 @@ impl Room {
         if self.is_edge() {
             self.run_edge(media);
             return 0;
+        }
+        if let RoomRelay::Origin(feed) = &self.relay {
+            // Key frames an edge's listeners asked for: the publisher is here.
+            for track in feed.take_keyframes() {
+                if let Some(track) = self.track_names.get(track.as_str()) {
+                    media.request_keyframe(now, track.conn, track.ssrc);
+                }
+            }
         }
         // A worker visits every room at every wake-up: a room with nothing due before its
         // known deadline costs two atomic loads, not a look into its engine (1 000 idle
@@ -440,8 +452,11 @@ impl Room {
         }
         self.engine.push_evict_orders(tick, &orders);
         let mut output = self.engine.tick();
-        if let RoomRelay::Origin(feed) = &self.relay {
-            feed.ticked(tick, self.engine.evict_orders());
+        match &self.relay {
+            RoomRelay::Origin(feed) => feed.ticked(tick, self.engine.evict_orders()),
+            // The cap is the origin's (replicated): the budget hears of the one the room holds.
+            RoomRelay::Edge(_) => self.cap = self.engine.buffer_cap(),
+            RoomRelay::None => {}
         }
         self.share.report(self.cap, self.engine.buffer_bytes(), self.engine.buffer_added_bytes());
         if let Some(recorder) = &mut self.recorder
@@ -1195,9 +1210,14 @@ impl Room {
                 self.audience_changed.extend(before.map(|(speaker, _)| speaker));
                 self.audience_changed.extend(to.as_ref().map(|id| id.speaker.clone()));
             }
-            Event::KeyframeRequest { track, .. } => {
+            Event::KeyframeRequest { track, reason } => {
                 if let Some(track) = self.track_names.get(track) {
                     media.request_keyframe(Instant::now(), track.conn, track.ssrc);
+                } else if let RoomRelay::Edge(feed) = &self.relay
+                    && *reason == KeyframeReason::Listener
+                {
+                    // The publisher is on the origin. Its own engine asks at an onset.
+                    let _ = feed.upstream.try_send(Upstream::Keyframe(track.to_string()));
                 }
             }
             Event::DominantSpeaker { speaker, .. } => {
@@ -1251,6 +1271,9 @@ impl Room {
         }
         self.closed = true;
         self.share.close();
+        if self.is_edge() {
+            crate::metrics::edge_room(false);
+        }
         if let RoomRelay::Origin(feed) = &self.relay {
             feed.close();
         }
