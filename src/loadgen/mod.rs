@@ -450,9 +450,11 @@ async fn connect(
     room: &str,
 ) -> Result<Arc<Signaling>, ClientError> {
     let token = dev_token(tls, base, uid, role).await?;
-    let signaling = Arc::new(Signaling::connect(tls, base, Some(&token), None).await?);
-    signaling.join(room, uid).await?;
-    Ok(signaling)
+    let signaling = Signaling::connect(tls, base, Some(&token), None).await?;
+    // In a cluster the room (or, for a listener of a large room, an edge) may be another
+    // node's: the client follows the redirects, as the page does.
+    let (signaling, _) = signaling.join_anywhere(room, uid).await?;
+    Ok(Arc::new(signaling))
 }
 
 /// Reads a client's notices until `until`: a listener's now_playing sets its live flag; a
