@@ -31,6 +31,7 @@ use crate::cluster::RelayAddress;
 use crate::config::ClusterSection;
 use crate::relay::quic::{EdgeLink, OriginLink, QuicError, RelayOrigin, RoomLines, RoomStream, Upstream};
 use crate::relay::{OriginLog, RelayError, RelayLine, ReplicaQueue, engine_from_header};
+use crate::server::rooms::worker::Wake;
 
 /// Lines an edge room's channel holds: a worker busy catching up slows the stream (QUIC's
 /// flow control then slows the origin's writes to it), nothing is dropped.
@@ -52,8 +53,8 @@ pub struct RoomFeed {
     /// Tracks whose key frame an edge asked for, for the room's worker to pass on.
     keyframes: Mutex<Vec<String>>,
     asked: AtomicBool,
-    /// The room's worker's flag.
-    wake: Arc<AtomicBool>,
+    /// The room's worker's wake-up call.
+    wake: Arc<Wake>,
 }
 
 struct FeedState {
@@ -69,7 +70,7 @@ struct FeedState {
 }
 
 impl RoomFeed {
-    pub fn new(config: &EngineConfig, max_bytes: u64, wake: Arc<AtomicBool>) -> Arc<Self> {
+    pub fn new(config: &EngineConfig, max_bytes: u64, wake: Arc<Wake>) -> Arc<Self> {
         let log = OriginLog::new(config, max_bytes);
         let len = watch::channel(log.len()).0;
         let state = FeedState {
@@ -93,7 +94,7 @@ impl RoomFeed {
     fn keyframe(&self, track: String) {
         self.keyframes.lock().unwrap_or_else(|p| p.into_inner()).push(track);
         self.asked.store(true, Ordering::Release);
-        self.wake.store(true, Ordering::Release);
+        self.wake.raise();
     }
 
     /// The tracks edges asked key frames of since the last call.
@@ -287,7 +288,7 @@ impl RelayHub {
     }
 
     /// A new origin room's feed; `wake` is its worker's flag.
-    pub fn feed(&self, room: &str, config: &EngineConfig, wake: Arc<AtomicBool>) -> Arc<RoomFeed> {
+    pub fn feed(&self, room: &str, config: &EngineConfig, wake: Arc<Wake>) -> Arc<RoomFeed> {
         let feed = RoomFeed::new(config, self.log_bytes, wake);
         let mut feeds = self.feeds.lock().unwrap_or_else(|p| p.into_inner());
         feeds.retain(|_, feed| feed.strong_count() > 0);
@@ -431,7 +432,7 @@ impl RelayHub {
         mut lines: RoomLines,
         tx: mpsc::Sender<RelayLine>,
         mut upstream: mpsc::Receiver<Upstream>,
-        wake: Arc<AtomicBool>,
+        wake: Arc<Wake>,
     ) {
         let hub = self.clone();
         tokio::spawn(async move {
@@ -450,7 +451,7 @@ impl RelayHub {
                         if tx.send(line).await.is_err() {
                             return;
                         }
-                        wake.store(true, Ordering::Release);
+                        wake.raise();
                     }
                     Ok(None) => {
                         tracing::info!(room, "the origin ended the room's relay stream");
@@ -465,7 +466,7 @@ impl RelayHub {
                     }
                 }
             }
-            wake.store(true, Ordering::Release);
+            wake.raise();
         });
     }
 
@@ -537,7 +538,7 @@ mod tests {
 
     #[test]
     fn a_quiet_room_without_edges_writes_no_through_and_one_with_edges_says_how_far_it_got() {
-        let feed = RoomFeed::new(&EngineConfig::default(), DEFAULT_LOG, Arc::default());
+        let feed = RoomFeed::new(&EngineConfig::default(), DEFAULT_LOG, Arc::new(Wake::new().unwrap()));
         feed.ticked(0, &[]);
         feed.passed(5);
         assert_eq!(lines(&feed).len(), 1, "the header alone: {:?}", lines(&feed));
@@ -568,7 +569,7 @@ mod tests {
     fn past_its_bound_the_log_keeps_only_what_streaming_edges_still_need() {
         let config = EngineConfig::default();
         let header = crate::scenario::ScenarioHeader::new(config.clone()).to_line().len() as u64;
-        let feed = RoomFeed::new(&config, header + 300, Arc::default());
+        let feed = RoomFeed::new(&config, header + 300, Arc::new(Wake::new().unwrap()));
         let id = feed.subscribe(1).unwrap();
         for tick in 1..40 {
             feed.input(tick * 10_000, tick, &join(&format!("s{tick}")));

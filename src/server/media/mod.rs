@@ -767,9 +767,10 @@ impl MediaIo {
     }
 
     /// Waits until a datagram or a TCP frame may be read, or `timeout` passes.
-    pub fn wait(&self, timeout: Duration) -> io::Result<()> {
-        let mut fds = Vec::with_capacity(1 + self.tcp.len());
+    pub fn wait(&self, timeout: Duration, wake: std::os::fd::RawFd) -> io::Result<()> {
+        let mut fds = Vec::with_capacity(2 + self.tcp.len());
         fds.push(self.socket.as_raw_fd());
+        fds.push(wake);
         fds.extend(self.tcp.iter().map(|t| t.stream.as_raw_fd()));
         udp::wait_any(&fds, timeout)
     }

@@ -216,19 +216,19 @@ pub enum RoomCommand {
 #[derive(Clone)]
 struct RoomSender {
     tx: mpsc::Sender<RoomCommand>,
-    wake: Arc<AtomicBool>,
+    wake: Arc<worker::Wake>,
 }
 
 impl RoomSender {
     fn try_send(&self, command: RoomCommand) -> Result<(), mpsc::error::TrySendError<RoomCommand>> {
         self.tx.try_send(command)?;
-        self.wake.store(true, Ordering::Release);
+        self.wake.raise();
         Ok(())
     }
 
     async fn send(&self, command: RoomCommand) -> Result<(), mpsc::error::SendError<RoomCommand>> {
         self.tx.send(command).await?;
-        self.wake.store(true, Ordering::Release);
+        self.wake.raise();
         Ok(())
     }
 }
@@ -350,7 +350,7 @@ pub struct Rooms {
     state: Mutex<RoomsState>,
     workers: Vec<std::sync::mpsc::Sender<Room>>,
     /// Each worker's flag: a command was queued for one of its rooms.
-    wakes: Vec<Arc<AtomicBool>>,
+    wakes: Vec<Arc<worker::Wake>>,
     worker_metrics: Vec<WorkerMetrics>,
     handles: Mutex<Vec<JoinHandle<()>>>,
     stopping: Arc<AtomicBool>,
@@ -451,7 +451,7 @@ impl Rooms {
         let mut wakes = Vec::new();
         for (index, io) in ios.into_iter().enumerate() {
             let (tx, rx) = std::sync::mpsc::channel::<Room>();
-            let wake = Arc::new(AtomicBool::new(false));
+            let wake = Arc::new(worker::Wake::new()?);
             wakes.push(wake.clone());
             let stopping = stopping.clone();
             let stats = worker_stats.clone();

@@ -69,6 +69,55 @@ impl Pacer {
     }
 }
 
+/// A worker's wake-up call: raised by whatever has work for one of its rooms (a command in a
+/// room's queue, an edge room's relay lines, a key frame an edge asked of an origin room).
+/// The first raise since the worker last looked also writes an eventfd the worker's poll
+/// waits on, so the worker wakes at once rather than at its next timeout.
+pub struct Wake {
+    flag: AtomicBool,
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Wake {
+    pub fn new() -> std::io::Result<Self> {
+        // SAFETY: eventfd takes no pointers; its result is checked before it is owned.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor that nothing else owns.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        Ok(Wake { flag: AtomicBool::new(false), fd })
+    }
+
+    /// There is work: the worker looks at every room at its next turn, which comes now.
+    pub fn raise(&self) {
+        if !self.flag.swap(true, Ordering::AcqRel) {
+            let one: u64 = 1;
+            // SAFETY: an 8-byte write from a u64 to our own eventfd. It cannot fail but by an
+            // overflowing count, which a reader drains long before.
+            unsafe { libc::write(std::os::fd::AsRawFd::as_raw_fd(&self.fd), (&one as *const u64).cast(), 8) };
+        }
+    }
+
+    /// Whether it was raised since the last call (and the eventfd drained). The eventfd is
+    /// drained before the flag is taken: a raise between the two finds the flag still up and
+    /// writes nothing, and its work is taken with the flag now.
+    pub fn take(&self) -> bool {
+        if !self.flag.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut count: u64 = 0;
+        // SAFETY: an 8-byte read into a u64 from our own non-blocking eventfd.
+        unsafe { libc::read(std::os::fd::AsRawFd::as_raw_fd(&self.fd), (&mut count as *mut u64).cast(), 8) };
+        self.flag.swap(false, Ordering::AcqRel)
+    }
+
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.fd)
+    }
+}
+
 /// Longest a worker sleeps with nothing due: it also picks up new rooms when it wakes.
 const IDLE_WAIT: Duration = Duration::from_millis(20);
 /// How often a worker looks at every room even without a flag: a room's new buffer share
@@ -86,7 +135,7 @@ pub fn run(
     index: usize,
     control: std::sync::mpsc::Receiver<Room>,
     stopping: Arc<AtomicBool>,
-    wake: Arc<AtomicBool>,
+    wake: Arc<Wake>,
     mut media: MediaIo,
     stats: Arc<Vec<Mutex<WorkerStats>>>,
     metrics: WorkerMetrics,
@@ -127,7 +176,7 @@ pub fn run(
         let stop = stopping.load(Ordering::Relaxed);
         // A command for some room (its queue raised the flag), the stop, or now and then (a
         // new buffer share raises no flag): every room is looked at.
-        let all = wake.swap(false, Ordering::AcqRel) || stop || now >= look_all_at;
+        let all = wake.take() || stop || now >= look_all_at;
         if all {
             look_all_at = now + LOOK_ALL_EVERY;
             visit.extend(rooms.keys().copied());
@@ -210,7 +259,7 @@ pub fn run(
         let next = schedule.first().map(|(at, _)| *at).into_iter().chain(media.next_deadline()).min();
         let wait = next.map_or(IDLE_WAIT, |at| at.saturating_duration_since(now)).min(IDLE_WAIT);
         if !wait.is_zero()
-            && let Err(error) = media.wait(wait)
+            && let Err(error) = media.wait(wait, wake.fd())
         {
             io_errors += 1;
             if io_errors.is_power_of_two() {
