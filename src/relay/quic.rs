@@ -158,7 +158,7 @@ impl EdgeLink {
                     continue;
                 }
             };
-            if request.secret != secret {
+            if !same_secret(request.secret.as_bytes(), secret.as_bytes()) {
                 tracing::warn!(edge = %self.remote_address(), room = %request.room, "relay subscription with a wrong secret");
                 let _ = send.write_all(b"{\"refused\":\"wrong secret\"}\n").await;
                 let _ = send.finish();
@@ -167,6 +167,12 @@ impl EdgeLink {
             return Ok(RoomStream { request, send, reader });
         }
     }
+}
+
+/// Compares secrets in a time that does not depend on where they differ (only on their
+/// lengths), so a stranger cannot find the relay secret a byte at a time by timing refusals.
+fn same_secret(given: &[u8], secret: &[u8]) -> bool {
+    given.len() == secret.len() && given.iter().zip(secret).fold(0u8, |diff, (a, b)| diff | (a ^ b)) == 0
 }
 
 /// A room's stream to one edge, at the origin.

@@ -237,6 +237,8 @@ impl RoomSender {
 #[derive(Clone)]
 pub struct RoomLink {
     pub room: String,
+    /// Which room of that name (a name may be made again after its room closed).
+    serial: u64,
     pub peer: Name,
     tx: RoomSender,
     dropped: Arc<AtomicU64>,
@@ -566,8 +568,14 @@ impl Rooms {
         if self.stopping.load(Ordering::Relaxed) {
             return Err(RoomError::Closed);
         }
-        let (tx, dropped, metrics) = {
+        let (tx, dropped, metrics, serial) = {
             let mut state = self.state();
+            // An edge's copy that ended by itself (its origin ended the room) while peers are
+            // still in it: a new join makes a new copy; the old peers' leaves find it gone.
+            if state.rooms.get(room).is_some_and(|entry| entry.edge && entry.tx.tx.is_closed()) {
+                state.rooms.remove(room);
+                self.count.send_replace(state.rooms.len());
+            }
             let count = state.rooms.len();
             if !state.rooms.contains_key(room) {
                 if self.draining.load(Ordering::Relaxed) {
@@ -646,21 +654,21 @@ impl Rooms {
                 return Err(RoomError::Full(self.limits.max_peers_per_room));
             }
             entry.peers += 1;
-            (entry.tx.clone(), entry.dropped.clone(), self.worker_metrics[entry.worker].clone())
+            (entry.tx.clone(), entry.dropped.clone(), self.worker_metrics[entry.worker].clone(), entry.serial)
         };
         let (reply, answer) = oneshot::channel();
         let command = RoomCommand::Join { at: Instant::now(), name: name.to_owned(), uid, roles, events, reply };
         if tx.send(command).await.is_err() {
-            self.release(room);
+            self.release(room, serial);
             return Err(RoomError::Closed);
         }
         match answer.await {
             Ok(joined) => {
-                let link = RoomLink { room: room.to_owned(), peer: joined.peer.clone(), tx, dropped, metrics };
+                let link = RoomLink { room: room.to_owned(), serial, peer: joined.peer.clone(), tx, dropped, metrics };
                 Ok((link, joined))
             }
             Err(_) => {
-                self.release(room);
+                self.release(room, serial);
                 Err(RoomError::Closed)
             }
         }
@@ -692,17 +700,18 @@ impl Rooms {
     /// The peer leaves; the room closes with its last peer.
     pub fn leave(&self, link: &RoomLink) {
         link.command(RoomCommand::Leave { at: Instant::now(), peer: link.peer.clone() });
-        self.release(&link.room);
+        self.release(&link.room, link.serial);
     }
 
-    fn release(&self, room: &str) {
+    /// One peer fewer in `room` (the copy numbered `serial`: not a newer one of the same name).
+    fn release(&self, room: &str, serial: u64) {
         let mut state = self.state();
         let empty = match state.rooms.get_mut(room) {
-            Some(entry) => {
+            Some(entry) if entry.serial == serial => {
                 entry.peers = entry.peers.saturating_sub(1);
                 entry.peers == 0
             }
-            None => false,
+            _ => false,
         };
         if empty && let Some(entry) = state.rooms.remove(room) {
             self.count.send_replace(state.rooms.len());
