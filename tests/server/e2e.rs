@@ -74,7 +74,7 @@ fn counter(packet: &Received) -> u32 {
     u32::from_be_bytes(packet.payload[1..5].try_into().expect("a 5-byte prefix"))
 }
 
-async fn collect(mut listener: Listener, until: Instant) -> (Listener, Vec<Received>) {
+pub(super) async fn collect(mut listener: Listener, until: Instant) -> (Listener, Vec<Received>) {
     let mut got = Vec::new();
     while let Ok(Some(packet)) =
         tokio::time::timeout(until.saturating_duration_since(Instant::now()), listener.packets.recv()).await
@@ -97,7 +97,7 @@ fn speakers_of(packets: &[Received]) -> BTreeSet<u8> {
 }
 
 /// Received audio sequence numbers form one run without a gap, on one SSRC.
-fn assert_continuous(name: &str, packets: &[Received]) {
+pub(super) fn assert_continuous(name: &str, packets: &[Received]) {
     let audio: Vec<&Received> = packets.iter().filter(|p| p.media == MediaKind::Audio).collect();
     assert!(!audio.is_empty(), "{name} received no audio");
     let ssrcs: BTreeSet<u32> = audio.iter().map(|p| p.ssrc).collect();

@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use encore::client::{ClientTls, Listener, Publisher, Received, Signaling};
+use encore::client::{ClientTls, Listener, Publisher, Signaling};
 use encore::components::ids::MediaKind;
 use encore::protocol::{ErrorCode, Notice};
 
 use super::cluster::{RedisServer, until};
+use super::e2e::{assert_continuous, collect};
 use super::support::{ServerProcess, free_port, temp_dir};
 
 const SECRET: &str = "edge-test-relay-secret";
@@ -60,19 +61,6 @@ fn trace_of(record_dir: &Path) -> std::path::PathBuf {
         .collect();
     assert_eq!(traces.len(), 1, "one recording of the room in {}: {traces:?}", record_dir.display());
     traces[0].clone()
-}
-
-/// Received audio: one SSRC, sequence numbers without a gap.
-fn assert_continuous(name: &str, packets: &[Received]) {
-    let packets: Vec<&Received> = packets.iter().filter(|p| p.media == MediaKind::Audio).collect();
-    assert!(packets.len() > 100, "{name} heard {} packets", packets.len());
-    let ssrcs: BTreeSet<u32> = packets.iter().map(|p| p.ssrc).collect();
-    assert_eq!(ssrcs.len(), 1, "{name}: one stream: {ssrcs:?}");
-    let mut seqs: Vec<u16> = packets.iter().map(|p| p.seq).collect();
-    seqs.sort_unstable_by_key(|s| s.wrapping_sub(packets[0].seq));
-    for pair in seqs.windows(2) {
-        assert_eq!(pair[1], pair[0].wrapping_add(1), "{name}: a hole after {}", pair[0]);
-    }
 }
 
 /// When an edge's listener asks for a key frame: inside the first utterance, after its onset's
@@ -124,16 +112,6 @@ async fn notices(client: &Signaling, until: Instant) -> (Vec<String>, Vec<String
         }
     }
     (started, ended, errors)
-}
-
-async fn collect(mut listener: Listener, until: Instant) -> (Listener, Vec<Received>) {
-    let mut got = Vec::new();
-    while let Ok(Some(packet)) =
-        tokio::time::timeout(until.saturating_duration_since(Instant::now()), listener.packets.recv()).await
-    {
-        got.push(packet);
-    }
-    (listener, got)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -241,6 +219,7 @@ async fn a_large_rooms_listeners_hear_it_from_two_edges_that_replicate_the_origi
         assert!(errors.is_empty(), "{uid}: {errors:?}");
         assert_eq!(started.len(), 3, "{uid} was told of three utterances: {started:?}");
         assert_eq!(started, ended, "{uid}: each one ended");
+        assert!(packets.len() > 100, "{uid} heard {} packets", packets.len());
         assert_continuous(uid, &packets);
         told_all.push(started);
         sessions.push((session, listener));
